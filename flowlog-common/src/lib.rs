@@ -1,0 +1,215 @@
+//! Memory layouts shared by flowlog's kernel programs (`flowlog-ebpf`) and its agent
+//! (`flowlog-sidecar`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding: the kernel writes these bytes and user
+//! space reads them back, so both sides must agree on every offset. Keep the types small; the
+//! ring buffer carries one [`FlowEvent`] per flow end and per interim report.
+#![no_std]
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+}
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP`.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Which side opened the connection.
+pub mod direction {
+    /// This host sent the SYN (`connect()`).
+    pub const OUTBOUND: u8 = 1;
+    /// This host accepted the SYN (a listening socket's child).
+    pub const INBOUND: u8 = 2;
+}
+
+/// What a [`FlowEvent`] reports.
+pub mod event_kind {
+    /// The socket reached `TCP_CLOSE`: counters are final.
+    pub const END: u8 = 1;
+    /// Periodic report of a flow that is still open; counters are cumulative.
+    pub const INTERIM: u8 = 2;
+    /// Report of a flow still open when the agent stops (flush on shutdown).
+    pub const FLUSH: u8 = 3;
+    /// A reset sent on a socket after it reached `TCP_CLOSE` (`SO_LINGER` 0, close with unread
+    /// data): the kernel moves to `TCP_CLOSE` *before* it sends that RST, so the reset amends the
+    /// `END` event of the same `flow_id`. Only `flow_id` and `resets_sent` are meaningful.
+    pub const RESET_AFTER_END: u8 = 4;
+}
+
+/// Bits of [`FlowEvent::flags`] and [`FlowState::flags`].
+pub mod flow_flag {
+    /// The handshake completed (`ESTABLISHED` was reached).
+    pub const ESTABLISHED: u8 = 1 << 0;
+    /// This side queued its FIN (it entered `FIN_WAIT1` or `LAST_ACK`).
+    pub const FIN_SENT: u8 = 1 << 1;
+    /// This side's FIN was acknowledged (`snd_una == write_seq` after a FIN was queued).
+    pub const FIN_ACKED: u8 = 1 << 2;
+    /// The peer's FIN was received in order (`SOCK_DONE` in `sk_flags`).
+    pub const PEER_FIN: u8 = 1 << 3;
+    /// `pid`, `comm` and `cgroup_id` were taken in the context of the socket's process.
+    pub const PROCESS_KNOWN: u8 = 1 << 4;
+}
+
+/// Indexes of the per-CPU `COUNTERS` array: places where the kernel side loses or skips data.
+pub mod counter {
+    /// A record could not be reserved in the ring buffer (user space too slow): lost.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// A new socket could not be inserted in the flow map: its flow is not tracked.
+    pub const MAP_FULL: u32 = 1;
+    /// A socket closed that the flow map did not know (opened before the agent started, or evicted
+    /// from the LRU map): no record.
+    pub const UNTRACKED_CLOSE: u32 = 2;
+    /// Number of counters.
+    pub const COUNT: u32 = 4;
+}
+
+/// Indexes of the `STATS` array (single values written by the sweep program).
+pub mod stat {
+    /// Sockets in the flow map at the last sweep.
+    pub const TRACKED: u32 = 0;
+    pub const COUNT: u32 = 2;
+}
+
+/// Offsets of everything the programs read from the running kernel, found at start-up from BTF and
+/// tracefs `format` files, and handed to the programs as a read-only global. Every offset is in
+/// bytes; a tracepoint offset is relative to the start of its record, a socket offset to the
+/// start of `struct sock` (which `struct tcp_sock` begins with).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    // sock:inet_sock_set_state
+    pub state_skaddr: u32,
+    pub state_oldstate: u32,
+    pub state_newstate: u32,
+    pub state_sport: u32,
+    pub state_dport: u32,
+    pub state_family: u32,
+    pub state_protocol: u32,
+    /// 1 before Linux 5.6, 2 after.
+    pub state_protocol_size: u32,
+    pub state_saddr: u32,
+    pub state_daddr: u32,
+    pub state_saddr_v6: u32,
+    pub state_daddr_v6: u32,
+    // tcp:tcp_send_reset and tcp:tcp_receive_reset
+    pub send_reset_skaddr: u32,
+    pub receive_reset_skaddr: u32,
+    // struct tcp_sock / struct sock
+    pub bytes_acked: u32,
+    pub bytes_received: u32,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    pub total_retrans: u32,
+    /// `srtt_us` holds the smoothed RTT in µs shifted left by 3.
+    pub srtt_us: u32,
+    /// `rtt_min.s[0].v`: the windowed minimum RTT in µs.
+    pub min_rtt_us: u32,
+    pub snd_una: u32,
+    pub write_seq: u32,
+    pub sk_flags: u32,
+    /// Bit number of `SOCK_DONE` in `sk_flags` (set when the peer's FIN is processed).
+    pub sock_done_bit: u32,
+    pub _pad: u32,
+}
+
+/// Run-time settings for the kernel programs, passed as a read-only global with the layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub layout: KernelLayout,
+    /// A flow open this long since its last report gets an interim report at the next sweep.
+    pub interim_ns: u64,
+    /// Wake user space as soon as this many bytes wait in the ring buffer; below it, records wait
+    /// for the agent's periodic drain (batching keeps the agent's CPU cost low).
+    pub wakeup_bytes: u64,
+}
+
+/// Per-socket state kept in the kernel's LRU flow map, keyed by the socket's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    pub flow_id: u64,
+    /// `CLOCK_MONOTONIC` ns when the flow started (SYN sent, or child socket created).
+    pub start_ns: u64,
+    /// `CLOCK_MONOTONIC` ns of the last report (starts at `start_ns`).
+    pub last_report_ns: u64,
+    pub cgroup_id: u64,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub pid: u32,
+    pub resets_sent: u16,
+    pub resets_received: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// `AF_INET` or `AF_INET6` (as u8).
+    pub family: u8,
+    pub direction: u8,
+    pub flags: u8,
+    pub _pad: u8,
+    pub comm: [u8; 16],
+}
+
+/// One ring-buffer record: a snapshot of a flow's cumulative counters since its start.
+/// User space turns consecutive snapshots of one flow into records carrying deltas.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub flow_id: u64,
+    /// `CLOCK_MONOTONIC` ns.
+    pub start_ns: u64,
+    /// `CLOCK_MONOTONIC` ns when this snapshot was taken.
+    pub report_ns: u64,
+    pub cgroup_id: u64,
+    /// `tcp_sock.bytes_acked`: payload acked by the peer, plus our SYN and FIN once acked.
+    pub bytes_acked: u64,
+    /// `tcp_sock.bytes_received`: payload received in order, plus the peer's FIN.
+    pub bytes_received: u64,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub segs_out: u32,
+    pub segs_in: u32,
+    pub total_retrans: u32,
+    pub srtt_us: u32,
+    pub min_rtt_us: u32,
+    pub pid: u32,
+    pub comm: [u8; 16],
+    pub resets_sent: u16,
+    pub resets_received: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// One of [`event_kind`].
+    pub kind: u8,
+    /// `AF_INET` or `AF_INET6` (as u8).
+    pub family: u8,
+    pub direction: u8,
+    /// [`flow_flag`] bits.
+    pub flags: u8,
+    /// The TCP state the socket left when it closed (`END` only): tells a failed connect.
+    pub end_state: u8,
+    pub _pad: [u8; 3],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are repr(C), Copy, and valid for every bit pattern (integers and arrays).
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+}
+
+// The kernel and user space must agree on these sizes; a change here is a layout change.
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 136);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 96);

@@ -1,0 +1,28 @@
+//! Builds the kernel programs (`flowlog-ebpf`) for the BPF target with the nightly toolchain, so
+//! a plain `cargo build` of the agent embeds an up-to-date object. `AYA_BUILD_SKIP=1` skips it.
+use anyhow::{Context as _, anyhow};
+use aya_build::{Package, Toolchain};
+
+fn main() -> anyhow::Result<()> {
+    let metadata = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("reading the workspace metadata")?;
+    let ebpf = metadata
+        .packages
+        .into_iter()
+        .find(|p| p.name.as_str() == "flowlog-ebpf")
+        .ok_or_else(|| anyhow!("package flowlog-ebpf not found in the workspace"))?;
+    let root_dir = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("flowlog-ebpf manifest has no parent directory"))?;
+    aya_build::build_ebpf(
+        [Package {
+            name: ebpf.name.as_str(),
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
+        Toolchain::default(),
+    )
+}

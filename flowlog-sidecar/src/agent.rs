@@ -1,0 +1,225 @@
+//! The agent's event loop: drains the kernel ring buffer, runs the interim sweep, hands records
+//! to the sink, exports metrics, and on shutdown flushes every open flow as an `open` record.
+//!
+//! Reading is batched: the kernel wakes us only when the ring buffer fills past a threshold, and
+//! otherwise we drain it every `drain_interval`. That bounds the agent's wake-ups (and so its
+//! CPU cost) however many connections the host makes, at the price of up to `drain_interval`
+//! of latency.
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use flowlog_common::{FlowEvent, counter, event_kind};
+use metrics::{counter, gauge};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    time::{MissedTickBehavior, interval},
+};
+use tracing::{info, warn};
+
+use crate::{
+    flows::{Assembler, AssemblyStats, Clock},
+    metrics as m,
+    probe::Probe,
+    record::FlowRecord,
+    sink::RecordSink,
+};
+
+/// Settings of the event loop.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub host: String,
+    pub interim: Duration,
+    pub drain_interval: Duration,
+}
+
+impl AgentSettings {
+    /// The sweep runs often enough that an interim record is at most a quarter interval late,
+    /// but never more than ten times a second nor less than once a second.
+    fn sweep_period(&self) -> Duration {
+        (self.interim / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+}
+
+/// Runs until `shutdown` completes, then flushes. Errors only for conditions the agent cannot
+/// survive (the ring buffer's descriptor failing).
+pub async fn run<S: RecordSink>(
+    mut probe: Probe,
+    mut sink: S,
+    settings: AgentSettings,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let ring = probe.take_ring_buffer()?;
+    // SAFETY: the RingBuf owns its map's file descriptor, which stays open and unchanged until
+    // the RingBuf is dropped together with this AsyncFd.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("registering the ring buffer with the event loop")?;
+    let mut assembler = Assembler::new(settings.host.clone(), Clock::now(), Instant::now());
+    let mut reporter = Reporter::default();
+    let mut out: Vec<FlowRecord> = Vec::new();
+
+    let mut drain_tick = interval(settings.drain_interval);
+    let mut sweep_tick = interval(settings.sweep_period());
+    let mut stats_tick = interval(Duration::from_secs(1));
+    for tick in [&mut drain_tick, &mut sweep_tick, &mut stats_tick] {
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    }
+    tokio::pin!(shutdown);
+    info!(host = %settings.host, interim = ?settings.interim, "capturing TCP flows");
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                drain(guard.get_inner_mut(), &mut assembler, &mut out);
+                guard.clear_ready();
+            }
+            _ = drain_tick.tick() => drain(ring.get_mut(), &mut assembler, &mut out),
+            _ = sweep_tick.tick() => {
+                if let Err(e) = probe.sweep(false) {
+                    reporter.sweep_failed(&e);
+                }
+                drain(ring.get_mut(), &mut assembler, &mut out);
+            }
+            _ = stats_tick.tick() => {
+                assembler.set_clock(Clock::now());
+                reporter.export(&probe, assembler.stats());
+            }
+        }
+        assembler.release_due(Instant::now(), &mut out);
+        emit(&mut sink, &mut out, &mut reporter).await;
+    }
+
+    info!("shutting down: reporting open flows");
+    if let Err(e) = probe.sweep(true) {
+        warn!(error = %e, "could not report open flows at shutdown");
+    }
+    drain(ring.get_mut(), &mut assembler, &mut out);
+    assembler.release_all(&mut out);
+    emit(&mut sink, &mut out, &mut reporter).await;
+    reporter.export(&probe, assembler.stats());
+    info!("stopped");
+    Ok(())
+}
+
+/// Reads every event waiting in the ring buffer.
+fn drain(ring: &mut RingBuf<MapData>, assembler: &mut Assembler, out: &mut Vec<FlowRecord>) {
+    let now = Instant::now();
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<FlowEvent>() {
+            assembler.note_malformed();
+            continue;
+        }
+        // SAFETY: the kernel wrote a FlowEvent (repr(C), valid for any bytes) of this size.
+        let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        counter!(m::EVENTS, "kind" => kind_label(ev.kind)).increment(1);
+        assembler.on_event(&ev, now, out);
+    }
+}
+
+fn kind_label(kind: u8) -> &'static str {
+    match kind {
+        event_kind::END => "end",
+        event_kind::INTERIM => "interim",
+        event_kind::FLUSH => "flush",
+        event_kind::RESET_AFTER_END => "reset_after_end",
+        _ => "unknown",
+    }
+}
+
+/// Writes and flushes a batch; a failed write is counted and logged, and the agent carries on.
+async fn emit<S: RecordSink>(sink: &mut S, out: &mut Vec<FlowRecord>, reporter: &mut Reporter) {
+    if out.is_empty() {
+        return;
+    }
+    for record in out.iter() {
+        counter!(m::RECORDS, "outcome" => record.outcome.as_str()).increment(1);
+    }
+    let result = match sink.write(out).await {
+        Ok(()) => sink.flush().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        counter!(m::SINK_ERRORS).increment(1);
+        reporter.sink_failed(&e, out.len());
+    }
+    out.clear();
+}
+
+/// Exports gauges and counters, and logs each kind of trouble once (then at most once a minute)
+/// with its running count, so a persistent problem does not flood the log.
+#[derive(Default)]
+struct Reporter {
+    last_warned: [Option<Instant>; 4],
+    ringbuf_full: u64,
+    map_full: u64,
+}
+
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+impl Reporter {
+    fn should_warn(&mut self, slot: usize) -> bool {
+        let now = Instant::now();
+        match self.last_warned[slot] {
+            Some(t) if now.duration_since(t) < WARN_EVERY => false,
+            _ => {
+                self.last_warned[slot] = Some(now);
+                true
+            }
+        }
+    }
+
+    fn export(&mut self, probe: &Probe, stats: AssemblyStats) {
+        match probe.counters() {
+            Ok(c) => {
+                let ringbuf_full = c[counter::RINGBUF_FULL as usize];
+                let map_full = c[counter::MAP_FULL as usize];
+                counter!(m::KERNEL_DROPS, "reason" => "ringbuf_full").absolute(ringbuf_full);
+                counter!(m::KERNEL_DROPS, "reason" => "map_full").absolute(map_full);
+                counter!(m::UNTRACKED_CLOSES).absolute(c[counter::UNTRACKED_CLOSE as usize]);
+                if ringbuf_full > self.ringbuf_full && self.should_warn(0) {
+                    warn!(
+                        lost_records = ringbuf_full,
+                        "kernel ring buffer overflowed: flow records were lost; raise \
+                         --ring-buffer-bytes or lower --drain-interval"
+                    );
+                }
+                if map_full > self.map_full && self.should_warn(1) {
+                    warn!(
+                        untracked_flows = map_full,
+                        "kernel flow map full: new flows were not tracked; raise --max-flows"
+                    );
+                }
+                self.ringbuf_full = ringbuf_full;
+                self.map_full = map_full;
+            }
+            Err(e) => warn!(error = %e, "reading kernel counters"),
+        }
+        if let Ok(tracked) = probe.tracked() {
+            gauge!(m::SOCKETS_TRACKED).set(tracked as f64);
+        }
+        gauge!(m::CPU_SECONDS).set(m::process_cpu_seconds());
+        gauge!(m::RESIDENT_BYTES).set(m::resident_bytes() as f64);
+        counter!(m::STALE_SNAPSHOTS).absolute(stats.stale_snapshots);
+        counter!(m::LATE_RESETS).absolute(stats.late_resets);
+        counter!(m::COUNTER_REGRESSIONS).absolute(stats.counter_regressions);
+        counter!(m::UNKNOWN_EVENTS).absolute(stats.unknown_events);
+    }
+
+    fn sweep_failed(&mut self, e: &crate::probe::ProbeError) {
+        if self.should_warn(2) {
+            warn!(error = %e, "interim sweep failed; long-lived flows get no interim record");
+        }
+    }
+
+    fn sink_failed(&mut self, e: &crate::sink::SinkError, records: usize) {
+        if self.should_warn(3) {
+            warn!(error = %e, records, "writing flow records failed");
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! `flowlog-sidecar`: records every TCP flow of this host from kernel tracepoints.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, str::FromStr, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use flowlog_sidecar::{
+    agent::{self, AgentSettings},
+    metrics,
+    probe::{Probe, ProbeSettings},
+    sink::JsonLines,
+};
+use tracing::error;
+
+/// Where records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Output {
+    /// JSON lines on stdout.
+    Jsonl,
+    /// JSON lines appended to a file.
+    File(PathBuf),
+}
+
+impl FromStr for Output {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "jsonl" => Ok(Output::Jsonl),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(Output::File(PathBuf::from(path))),
+                _ => Err(format!(
+                    "`{s}` is not an output: use `jsonl` or `file:PATH`"
+                )),
+            },
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".to_string());
+    }
+    Ok(d)
+}
+
+fn parse_ring_bytes(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("`{s}`: {e}"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} must be a power of two of at least 4096"));
+    }
+    Ok(n)
+}
+
+/// Records every TCP connection of this host, exact to the byte, from kernel tracepoints.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Where flow records go: `jsonl` (stdout) or `file:PATH` (JSON lines appended to PATH).
+    #[arg(long, env = "FLOWLOG_OUTPUT", default_value = "jsonl")]
+    output: Output,
+    /// A flow open this long gets an interim record (with deltas) each interval.
+    #[arg(long, env = "FLOWLOG_INTERIM", default_value = "60s", value_parser = parse_duration)]
+    interim: Duration,
+    /// Prometheus metrics listener (serves /metrics).
+    #[arg(long, env = "FLOWLOG_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
+    /// Name of this host in records (default: the kernel's hostname).
+    #[arg(long, env = "FLOWLOG_HOST")]
+    host: Option<String>,
+    /// Open sockets tracked at once (kernel LRU map size).
+    #[arg(long, env = "FLOWLOG_MAX_FLOWS", default_value_t = 131_072)]
+    max_flows: u32,
+    /// Kernel ring buffer size in bytes (power of two).
+    #[arg(long, env = "FLOWLOG_RING_BUFFER_BYTES", default_value = "4194304", value_parser = parse_ring_bytes)]
+    ring_buffer_bytes: u32,
+    /// How often the ring buffer is drained when the kernel has not woken the agent.
+    #[arg(long, env = "FLOWLOG_DRAIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    drain_interval: Duration,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    metrics::install(args.metrics_addr)?;
+    let probe = Probe::start(ProbeSettings {
+        interim: args.interim,
+        max_flows: args.max_flows,
+        ring_buffer_bytes: args.ring_buffer_bytes,
+    })
+    .context("starting the kernel probe")?;
+    let settings = AgentSettings {
+        host: args.host.unwrap_or_else(hostname),
+        interim: args.interim,
+        drain_interval: args.drain_interval,
+    };
+    match args.output {
+        Output::Jsonl => agent::run(probe, JsonLines::stdout(), settings, shutdown_signal()).await,
+        Output::File(path) => {
+            let sink = JsonLines::file(&path)?;
+            agent::run(probe, sink, settings, shutdown_signal()).await
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLOWLOG_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "starting the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The agent's Prometheus metrics: names, help texts and the exporter. Names follow
+//! `flowlog_sidecar_<what>_<unit>`; README lists them.
+use std::net::SocketAddr;
+
+use metrics::{describe_counter, describe_gauge};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+pub const RECORDS: &str = "flowlog_sidecar_records_total";
+pub const EVENTS: &str = "flowlog_sidecar_events_total";
+pub const KERNEL_DROPS: &str = "flowlog_sidecar_kernel_drops_total";
+pub const UNTRACKED_CLOSES: &str = "flowlog_sidecar_untracked_closes_total";
+pub const SOCKETS_TRACKED: &str = "flowlog_sidecar_sockets_tracked";
+pub const CPU_SECONDS: &str = "flowlog_sidecar_cpu_seconds_total";
+pub const RESIDENT_BYTES: &str = "flowlog_sidecar_resident_memory_bytes";
+pub const STALE_SNAPSHOTS: &str = "flowlog_sidecar_stale_snapshots_total";
+pub const LATE_RESETS: &str = "flowlog_sidecar_late_resets_total";
+pub const COUNTER_REGRESSIONS: &str = "flowlog_sidecar_counter_regressions_total";
+pub const UNKNOWN_EVENTS: &str = "flowlog_sidecar_unknown_events_total";
+pub const SINK_ERRORS: &str = "flowlog_sidecar_sink_errors_total";
+
+/// Starts the exporter's HTTP listener on `addr` (serves `/metrics`) and describes every metric.
+pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| anyhow::anyhow!("starting the metrics listener on {addr}: {e}"))?;
+    describe_counter!(RECORDS, "Flow records written, by outcome.");
+    describe_counter!(EVENTS, "Events read from the kernel ring buffer, by kind.");
+    describe_counter!(
+        KERNEL_DROPS,
+        "Data lost in the kernel, by reason (ringbuf_full: records lost; map_full: flows not tracked)."
+    );
+    describe_counter!(
+        UNTRACKED_CLOSES,
+        "Sockets that closed without having been tracked (opened before the agent started, or evicted)."
+    );
+    describe_gauge!(
+        SOCKETS_TRACKED,
+        "Open sockets in the kernel flow map at the last sweep."
+    );
+    describe_counter!(
+        CPU_SECONDS,
+        "CPU time used by the agent process (user + system)."
+    );
+    describe_gauge!(RESIDENT_BYTES, "Resident memory of the agent process.");
+    describe_counter!(
+        STALE_SNAPSHOTS,
+        "Interim snapshots that arrived after their flow's end record (ignored; nothing lost)."
+    );
+    describe_counter!(
+        LATE_RESETS,
+        "Resets sent after a flow's end record was released (not in any record)."
+    );
+    describe_counter!(
+        COUNTER_REGRESSIONS,
+        "Snapshots whose counters went backwards (snapshot raced a state change)."
+    );
+    describe_counter!(
+        UNKNOWN_EVENTS,
+        "Ring buffer events of an unknown kind or size."
+    );
+    describe_counter!(SINK_ERRORS, "Failed writes to the output.");
+    Ok(())
+}
+
+/// CPU seconds (user + system) used by this process so far.
+pub fn process_cpu_seconds() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we own.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// Resident set size of this process in bytes.
+pub fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    pages * page
+}

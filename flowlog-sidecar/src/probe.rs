@@ -1,0 +1,226 @@
+//! Loads flowlog's kernel programs with the running kernel's layout, attaches them to their
+//! tracepoints, and gives the agent what it needs from them: the ring buffer, the interim sweep,
+//! and the kernel-side counters.
+use std::{path::Path, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint},
+};
+use flowlog_common::{Config, counter, stat};
+
+use crate::layout::{self, LayoutError};
+
+/// The compiled kernel programs (built by build.rs with aya-build).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowlog"));
+
+/// Why the probe could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "flowlog-sidecar needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) to load and attach \
+         eBPF programs; this process has {have}. Run it as root or grant those capabilities"
+    )]
+    Privileges { have: String },
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("loading the eBPF programs into kernel {kernel} failed: {source}")]
+    Load {
+        kernel: String,
+        source: aya::EbpfError,
+    },
+    #[error("eBPF program `{0}` is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("eBPF map `{0}` is missing from the object")]
+    MissingMap(&'static str),
+    #[error("program `{program}` on kernel {kernel}: {source}")]
+    Program {
+        program: &'static str,
+        kernel: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map `{map}`: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+/// Settings for the kernel side.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeSettings {
+    /// Interval between interim records of a long-lived flow.
+    pub interim: Duration,
+    /// Capacity of the flow map (open sockets tracked at once).
+    pub max_flows: u32,
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_buffer_bytes: u32,
+}
+
+/// (program name in the object, tracepoint category, tracepoint name)
+const ATTACHMENTS: [(&str, &str, &str); 3] = [
+    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("tcp_send_reset", "tcp", "tcp_send_reset"),
+    ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+];
+const SWEEP: &str = "flowlog_sweep";
+
+/// The loaded, attached programs. Dropping it detaches them.
+pub struct Probe {
+    ebpf: Ebpf,
+    kernel: String,
+}
+
+impl Probe {
+    /// Checks privileges, discovers the kernel layout, loads and attaches the programs.
+    pub fn start(settings: ProbeSettings) -> Result<Self, ProbeError> {
+        check_privileges()?;
+        let kernel = layout::kernel_release();
+        let tracefs = layout::tracefs_root()?;
+        let layout = layout::discover(&tracefs, Path::new("/sys/kernel/btf/vmlinux"))?;
+        let config = Config {
+            layout,
+            interim_ns: settings.interim.as_nanos() as u64,
+            // Wake the agent early once an eighth of the ring buffer is in use.
+            wakeup_bytes: u64::from(settings.ring_buffer_bytes / 8),
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("FLOWS", settings.max_flows)
+            .map_max_entries("EVENTS", settings.ring_buffer_bytes)
+            .load(OBJECT)
+            .map_err(|source| ProbeError::Load {
+                kernel: kernel.clone(),
+                source,
+            })?;
+        for (program, category, name) in ATTACHMENTS {
+            let err = |source| ProbeError::Program {
+                program,
+                kernel: kernel.clone(),
+                source,
+            };
+            let prog: &mut TracePoint = ebpf
+                .program_mut(program)
+                .ok_or(ProbeError::MissingProgram(program))?
+                .try_into()
+                .map_err(err)?;
+            prog.load().map_err(err)?;
+            prog.attach(category, name).map_err(err)?;
+        }
+        let sweep: &mut RawTracePoint = ebpf
+            .program_mut(SWEEP)
+            .ok_or(ProbeError::MissingProgram(SWEEP))?
+            .try_into()
+            .map_err(|source| ProbeError::Program {
+                program: SWEEP,
+                kernel: kernel.clone(),
+                source,
+            })?;
+        sweep.load().map_err(|source| ProbeError::Program {
+            program: SWEEP,
+            kernel: kernel.clone(),
+            source,
+        })?;
+        Ok(Self { ebpf, kernel })
+    }
+
+    /// Takes the ring buffer out of the probe (call once).
+    pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(ProbeError::MissingMap("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            map: "EVENTS",
+            source,
+        })
+    }
+
+    /// Runs the sweep: interim snapshots of flows due for one, or of every open flow (`flush`).
+    pub fn sweep(&self, flush: bool) -> Result<(), ProbeError> {
+        let err = |source| ProbeError::Program {
+            program: SWEEP,
+            kernel: self.kernel.clone(),
+            source,
+        };
+        let prog: &RawTracePoint = self
+            .ebpf
+            .program(SWEEP)
+            .ok_or(ProbeError::MissingProgram(SWEEP))?
+            .try_into()
+            .map_err(err)?;
+        let mut args = [0u64; 12];
+        args[0] = u64::from(flush);
+        prog.test_run(RawTracePointRunOptions { args, cpu: None })
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Kernel-side counters summed over CPUs, indexed by `flowlog_common::counter`.
+    pub fn counters(&self) -> Result<[u64; counter::COUNT as usize], ProbeError> {
+        let map_err = |source| ProbeError::Map {
+            map: "COUNTERS",
+            source,
+        };
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("COUNTERS")
+                .ok_or(ProbeError::MissingMap("COUNTERS"))?,
+        )
+        .map_err(map_err)?;
+        let mut out = [0u64; counter::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = map.get(&(i as u32), 0).map_err(map_err)?.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Sockets in the flow map at the last sweep.
+    pub fn tracked(&self) -> Result<u64, ProbeError> {
+        let map_err = |source| ProbeError::Map {
+            map: "STATS",
+            source,
+        };
+        let map: Array<_, u64> = Array::try_from(
+            self.ebpf
+                .map("STATS")
+                .ok_or(ProbeError::MissingMap("STATS"))?,
+        )
+        .map_err(map_err)?;
+        map.get(&stat::TRACKED, 0).map_err(map_err)
+    }
+}
+
+/// Capability bits (include/uapi/linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Fails early with a clear message when the process lacks the capabilities to load programs;
+/// otherwise the kernel's answer would be a bare EPERM from deep inside the loader.
+fn check_privileges() -> Result<(), ProbeError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |bit: u32| cap_eff & (1u64 << bit) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    let mut have: Vec<&str> = Vec::new();
+    if has(CAP_BPF) {
+        have.push("CAP_BPF");
+    }
+    if has(CAP_PERFMON) {
+        have.push("CAP_PERFMON");
+    }
+    let have = if have.is_empty() {
+        format!("neither (effective capabilities {cap_eff:#x})")
+    } else {
+        format!("only {}", have.join(" and "))
+    };
+    Err(ProbeError::Privileges { have })
+}

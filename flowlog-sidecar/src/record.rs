@@ -1,0 +1,95 @@
+//! The flow record: what the agent emits for each flow end and each interim report. Field names
+//! are part of the product's interface (JSON lines today, the Avro schema later); keep them.
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Address family of the flow. IPv4-mapped IPv6 sockets (`::ffff:a.b.c.d`) report `ipv4`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+/// Which side opened the connection.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// This host connected.
+    Outbound,
+    /// This host accepted.
+    Inbound,
+}
+
+/// How the flow ended (or that it has not).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Ended without a reset (FIN exchange, or timeout after the handshake).
+    Closed,
+    /// A reset was sent or received during the flow.
+    Reset,
+    /// The handshake never completed: refused or timed out.
+    Failed,
+    /// Still open: an interim record, or a flow open when the agent stopped.
+    Open,
+}
+
+impl Outcome {
+    /// Label used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Closed => "closed",
+            Outcome::Reset => "reset",
+            Outcome::Failed => "failed",
+            Outcome::Open => "open",
+        }
+    }
+}
+
+/// One flow record. Counters are deltas since the previous record of the same flow, so summing
+/// them over all records of a `flow_id` gives the flow's totals exactly.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FlowRecord {
+    /// Random 64-bit id, the same on every record of one flow on this host.
+    pub flow_id: u64,
+    /// The reporting host.
+    pub host: String,
+    /// 0, 1, 2… over the records of one flow. `(host, flow_id, seq)` is unique.
+    pub seq: u32,
+    /// When the flow started (SYN sent; for inbound flows, when the handshake completed), ns
+    /// since the Unix epoch.
+    pub start_ns: u64,
+    /// When the flow ended, or for an `open` record when it was reported, ns since the epoch.
+    pub end_ns: u64,
+    pub family: Family,
+    pub local_addr: IpAddr,
+    pub local_port: u16,
+    pub remote_addr: IpAddr,
+    pub remote_port: u16,
+    pub direction: Direction,
+    pub outcome: Outcome,
+    /// Payload bytes this host sent that the peer acknowledged (SYN and FIN excluded).
+    pub bytes_sent: u64,
+    /// Payload bytes this host received in order (SYN and FIN excluded).
+    pub bytes_received: u64,
+    /// Segments sent, all kinds (the kernel's `segs_out`).
+    pub segs_sent: u64,
+    /// Segments received, all kinds (the kernel's `segs_in`).
+    pub segs_received: u64,
+    /// Retransmitted segments (the kernel's `total_retrans`, as in `tcpi_total_retrans`).
+    pub retransmits: u64,
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    /// Smoothed RTT at report time, µs.
+    pub srtt_us: u32,
+    /// Minimum RTT seen (windowed), µs.
+    pub min_rtt_us: u32,
+    /// Process that owned the socket when known: the connecting process for outbound flows; for
+    /// inbound flows the process that closed or shut the socket down.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// cgroup v2 id of that process (identifies its container).
+    pub cgroup_id: Option<u64>,
+}
