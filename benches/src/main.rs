@@ -1,0 +1,2 @@
+//! Placeholder: the churn benchmark harness lands here.
+fn main() {}
