@@ -125,6 +125,23 @@ pub struct KernelLayout {
     pub _pad: u32,
 }
 
+/// Where to find the socket behind a file descriptor returned by `accept()`: the
+/// `syscalls:sys_exit_accept{,4}` record's return value, then `task_struct.files → fdt → fd[ret]
+/// → file.private_data (struct socket) → sk`. It gives inbound flows their owning process at
+/// accept time; without it (kernels without syscall tracepoints) they get it at close.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcceptLayout {
+    pub ret: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub _pad: u32,
+}
+
 /// Run-time settings for the kernel programs, passed as a read-only global with the layout.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -206,6 +223,7 @@ pub struct FlowEvent {
 mod pod {
     // SAFETY: all types are repr(C), Copy, and valid for every bit pattern (integers and arrays).
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::AcceptLayout {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::FlowEvent {}
 }

@@ -6,6 +6,7 @@
 //!   inbound), completes it (`ESTABLISHED`, `FIN_WAIT1`/`LAST_ACK`), and ends it (`→CLOSE`),
 //!   reading the socket's counters from `struct tcp_sock` at that moment.
 //! - `tcp:tcp_send_reset` / `tcp:tcp_receive_reset` count resets per flow.
+//! - `syscalls:sys_exit_accept{,4}` give an inbound flow its owning process (the accepting one).
 //! - `flowlog_sweep` is never attached: user space runs it with `BPF_PROG_TEST_RUN` once a second
 //!   to emit interim snapshots of long-lived flows (and all open flows at shutdown).
 //!
@@ -28,13 +29,18 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use flowlog_common::{
-    AF_INET6, Config, FlowEvent, FlowState, IPPROTO_TCP, counter, direction, event_kind, flow_flag,
-    stat, tcp_state,
+    AF_INET6, AcceptLayout, Config, FlowEvent, FlowState, IPPROTO_TCP, counter, direction,
+    event_kind, flow_flag, stat, tcp_state,
 };
 
 /// Layout and settings, overridden by the agent at load time (`EbpfLoader::override_global`).
 #[unsafe(no_mangle)]
 static CONFIG: Global<Config> = Global::new(unsafe { core::mem::zeroed() });
+
+/// How to reach the socket behind an accepted file descriptor; zero when the agent found no
+/// syscall tracepoints (the accept program is then not attached).
+#[unsafe(no_mangle)]
+static ACCEPT: Global<AcceptLayout> = Global::new(unsafe { core::mem::zeroed() });
 
 /// Open flows, keyed by the kernel address of their socket. The agent sets its size.
 #[map]
@@ -91,6 +97,52 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
         unsafe { (*state).resets_received = (*state).resets_received.saturating_add(1) };
     }
     0
+}
+
+/// On return from `accept()`/`accept4()` (in the accepting process): finds the socket of the new
+/// descriptor and records this process as the inbound flow's owner.
+#[tracepoint]
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
+    let _ = on_accept_exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_accept_exit(ctx: &TracePointContext) -> Result<(), i32> {
+    let l = ACCEPT.load();
+    let fd = unsafe { ctx.read_at::<i64>(l.ret as usize)? };
+    if fd < 0 {
+        return Ok(());
+    }
+    let task = unsafe { helper::bpf_get_current_task() } as *const u8;
+    unsafe {
+        let files: *const u8 = read_field(task, l.task_files)?;
+        let fdt: *const u8 = read_field(files, l.files_fdt)?;
+        let max_fds: u32 = read_field(fdt, l.fdtable_max_fds)?;
+        if fd as u64 >= u64::from(max_fds) {
+            return Ok(());
+        }
+        let fds: *const *const u8 = read_field(fdt, l.fdtable_fd)?;
+        let file = bpf_probe_read_kernel(fds.add(fd as usize))?;
+        let socket: *const u8 = read_field(file, l.file_private_data)?;
+        let sk: u64 = read_field(socket, l.socket_sk)?;
+        if let Some(state) = FLOWS.get_ptr_mut(&sk) {
+            let state = &mut *state;
+            if state.flags & flow_flag::PROCESS_KNOWN == 0 {
+                take_process(state);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a `T` at `base + offset` in kernel memory.
+#[inline(always)]
+unsafe fn read_field<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    if base.is_null() {
+        return Err(-1);
+    }
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
 }
 
 /// What the sweep callback needs; lives on the sweep program's stack.
@@ -177,8 +229,8 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             }
             Ok(())
         }
-        // Both come from close()/shutdown() in the socket owner's context: for an inbound flow
-        // this is the first moment the owning process is known without hooking accept().
+        // Both come from close()/shutdown() in the socket owner's context: an inbound flow whose
+        // accept() was not seen (io_uring, no syscall tracepoints) gets its process here.
         tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => {
             if let Some(state) = FLOWS.get_ptr_mut(&sk) {
                 let state = unsafe { &mut *state };

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use flowlog_common::KernelLayout;
+use flowlog_common::{AcceptLayout, KernelLayout};
 
 use crate::btf::{Btf, BtfError};
 
@@ -207,6 +207,49 @@ pub fn discover(tracefs: &Path, btf_path: &Path) -> Result<KernelLayout, LayoutE
     layout.sk_flags = sock_start + sock_flags;
     layout.sock_done_bit = btf.enum_value("SOCK_DONE").map_err(btf_err)? as u32;
     Ok(layout)
+}
+
+/// The syscall tracepoints that report accepted sockets, as `category/name`.
+pub const ACCEPT_TRACEPOINTS: [&str; 2] = ["syscalls/sys_exit_accept4", "syscalls/sys_exit_accept"];
+
+/// Discovers how to reach an accepted socket (see [`AcceptLayout`]). Optional: a kernel without
+/// syscall tracepoints still works, with inbound flows getting their process at close.
+pub fn discover_accept(tracefs: &Path, btf_path: &Path) -> Result<AcceptLayout, LayoutError> {
+    let kernel = kernel_release();
+    let mut ret = None;
+    for tp in ACCEPT_TRACEPOINTS {
+        let offset = tracepoint_fields(tracefs, tp, &kernel)?.offset("ret")?;
+        if ret.is_some_and(|r| r != offset) {
+            return Err(LayoutError::MissingField {
+                kernel,
+                tracepoint: tp.replace('/', ":"),
+                field: "ret (at the same offset in both accept tracepoints)".to_string(),
+            });
+        }
+        ret = Some(offset);
+    }
+    let btf = Btf::from_file(btf_path).map_err(|source| LayoutError::NoBtf {
+        kernel: kernel.clone(),
+        path: btf_path.to_path_buf(),
+        source,
+    })?;
+    let off = |structure: &str, member: &str| {
+        btf.member_offset(structure, member)
+            .map_err(|source| LayoutError::Btf {
+                kernel: kernel.clone(),
+                source,
+            })
+    };
+    Ok(AcceptLayout {
+        ret: ret.unwrap_or_default(),
+        task_files: off("task_struct", "files")?,
+        files_fdt: off("files_struct", "fdt")?,
+        fdtable_max_fds: off("fdtable", "max_fds")?,
+        fdtable_fd: off("fdtable", "fd")?,
+        file_private_data: off("file", "private_data")?,
+        socket_sk: off("socket", "sk")?,
+        _pad: 0,
+    })
 }
 
 #[cfg(test)]

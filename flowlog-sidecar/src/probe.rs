@@ -10,6 +10,8 @@ use aya::{
 };
 use flowlog_common::{Config, counter, stat};
 
+use tracing::warn;
+
 use crate::layout::{self, LayoutError};
 
 /// The compiled kernel programs (built by build.rs with aya-build).
@@ -65,6 +67,7 @@ const ATTACHMENTS: [(&str, &str, &str); 3] = [
     ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
 ];
 const SWEEP: &str = "flowlog_sweep";
+const ACCEPT_PROGRAM: &str = "accept_exit";
 
 /// The loaded, attached programs. Dropping it detaches them.
 pub struct Probe {
@@ -85,8 +88,21 @@ impl Probe {
             // Wake the agent early once an eighth of the ring buffer is in use.
             wakeup_bytes: u64::from(settings.ring_buffer_bytes / 8),
         };
+        let btf_path = Path::new("/sys/kernel/btf/vmlinux");
+        let accept = match layout::discover_accept(&tracefs, btf_path) {
+            Ok(accept) => Some(accept),
+            Err(e) => {
+                warn!(
+                    error = %e,
+                    "accepted sockets cannot be traced on this kernel: inbound flows get their \
+                     process when they close instead of when they are accepted"
+                );
+                None
+            }
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
+            .override_global("ACCEPT", &accept.unwrap_or_default(), true)
             .map_max_entries("FLOWS", settings.max_flows)
             .map_max_entries("EVENTS", settings.ring_buffer_bytes)
             .load(OBJECT)
@@ -107,6 +123,25 @@ impl Probe {
                 .map_err(err)?;
             prog.load().map_err(err)?;
             prog.attach(category, name).map_err(err)?;
+        }
+        if accept.is_some() {
+            let err = |source| ProbeError::Program {
+                program: ACCEPT_PROGRAM,
+                kernel: kernel.clone(),
+                source,
+            };
+            let prog: &mut TracePoint = ebpf
+                .program_mut(ACCEPT_PROGRAM)
+                .ok_or(ProbeError::MissingProgram(ACCEPT_PROGRAM))?
+                .try_into()
+                .map_err(err)?;
+            prog.load().map_err(err)?;
+            for tracepoint in layout::ACCEPT_TRACEPOINTS {
+                let (category, name) = tracepoint
+                    .split_once('/')
+                    .unwrap_or(("syscalls", tracepoint));
+                prog.attach(category, name).map_err(err)?;
+            }
         }
         let sweep: &mut RawTracePoint = ebpf
             .program_mut(SWEEP)
