@@ -78,9 +78,9 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     if sk == 0 {
         return 0; // a reset for a packet that matched no socket: no flow to charge
     }
-    if let Some(state) = FLOWS.get_ptr_mut(&sk) {
+    if let Some(state) = FLOWS.get_ptr_mut(sk) {
         unsafe { (*state).resets_sent = (*state).resets_sent.saturating_add(1) };
-    } else if let Some(flow_id) = unsafe { CLOSED.get(&sk) } {
+    } else if let Some(flow_id) = unsafe { CLOSED.get(sk) } {
         let flow_id = *flow_id;
         emit_reset_after_end(flow_id);
     }
@@ -93,7 +93,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let Ok(sk) = (unsafe { ctx.read_at::<u64>(offset) }) else {
         return 0;
     };
-    if let Some(state) = FLOWS.get_ptr_mut(&sk) {
+    if let Some(state) = FLOWS.get_ptr_mut(sk) {
         unsafe { (*state).resets_received = (*state).resets_received.saturating_add(1) };
     }
     0
@@ -126,7 +126,7 @@ fn on_accept_exit(ctx: &TracePointContext) -> Result<(), i32> {
         let file = bpf_probe_read_kernel(fds.add(fd as usize))?;
         let socket: *const u8 = read_field(file, l.file_private_data)?;
         let sk: u64 = read_field(socket, l.socket_sk)?;
-        if let Some(state) = FLOWS.get_ptr_mut(&sk) {
+        if let Some(state) = FLOWS.get_ptr_mut(sk) {
             let state = &mut *state;
             if state.flags & flow_flag::PROCESS_KNOWN == 0 {
                 take_process(state);
@@ -222,7 +222,7 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             start_flow(ctx, sk, direction::INBOUND)
         }
         tcp_state::ESTABLISHED => {
-            if let Some(state) = FLOWS.get_ptr_mut(&sk) {
+            if let Some(state) = FLOWS.get_ptr_mut(sk) {
                 let state = unsafe { &mut *state };
                 state.flags |= flow_flag::ESTABLISHED;
                 read_tuple(ctx, state)?;
@@ -232,7 +232,7 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         // Both come from close()/shutdown() in the socket owner's context: an inbound flow whose
         // accept() was not seen (io_uring, no syscall tracepoints) gets its process here.
         tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => {
-            if let Some(state) = FLOWS.get_ptr_mut(&sk) {
+            if let Some(state) = FLOWS.get_ptr_mut(sk) {
                 let state = unsafe { &mut *state };
                 state.flags |= flow_flag::FIN_SENT;
                 if state.flags & flow_flag::PROCESS_KNOWN == 0 {
@@ -260,16 +260,16 @@ fn start_flow(ctx: &TracePointContext, sk: u64, dir: u8) -> Result<(), i32> {
         take_process(&mut state);
     }
     read_tuple(ctx, &mut state)?;
-    if FLOWS.insert(&sk, &state, 0).is_err() {
+    if FLOWS.insert(sk, state, 0).is_err() {
         count(counter::MAP_FULL);
     }
-    let _ = CLOSED.remove(&sk);
+    let _ = CLOSED.remove(sk);
     Ok(())
 }
 
 #[inline(always)]
 fn end_flow(ctx: &TracePointContext, sk: u64, oldstate: u8) -> Result<(), i32> {
-    let Some(state) = FLOWS.get_ptr_mut(&sk) else {
+    let Some(state) = FLOWS.get_ptr_mut(sk) else {
         count(counter::UNTRACKED_CLOSE);
         return Ok(());
     };
@@ -278,8 +278,8 @@ fn end_flow(ctx: &TracePointContext, sk: u64, oldstate: u8) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     emit_snapshot(sk, state, event_kind::END, oldstate, now);
     let flow_id = state.flow_id;
-    let _ = FLOWS.remove(&sk);
-    let _ = CLOSED.insert(&sk, &flow_id, 0);
+    let _ = FLOWS.remove(sk);
+    let _ = CLOSED.insert(sk, flow_id, 0);
     Ok(())
 }
 

@@ -30,7 +30,7 @@ pub enum ProbeError {
     #[error("loading the eBPF programs into kernel {kernel} failed: {source}")]
     Load {
         kernel: String,
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("eBPF program `{0}` is missing from the object")]
     MissingProgram(&'static str),
@@ -108,7 +108,7 @@ impl Probe {
             .load(OBJECT)
             .map_err(|source| ProbeError::Load {
                 kernel: kernel.clone(),
-                source,
+                source: Box::new(source),
             })?;
         for (program, category, name) in ATTACHMENTS {
             let err = |source| ProbeError::Program {
