@@ -97,7 +97,10 @@ pub async fn run<S: RecordSink>(
 
     info!("shutting down: reporting open flows");
     if let Err(e) = probe.sweep(true) {
-        warn!(error = %e, "could not report open flows at shutdown");
+        warn!(
+            error = crate::error_chain(&e),
+            "could not report open flows at shutdown"
+        );
     }
     drain(ring.get_mut(), &mut assembler, &mut out);
     assembler.release_all(&mut out);
@@ -198,7 +201,7 @@ impl Reporter {
                 self.ringbuf_full = ringbuf_full;
                 self.map_full = map_full;
             }
-            Err(e) => warn!(error = %e, "reading kernel counters"),
+            Err(e) => warn!(error = crate::error_chain(&e), "reading kernel counters"),
         }
         if let Ok(tracked) = probe.tracked() {
             gauge!(m::SOCKETS_TRACKED).set(tracked as f64);
@@ -213,13 +216,19 @@ impl Reporter {
 
     fn sweep_failed(&mut self, e: &crate::probe::ProbeError) {
         if self.should_warn(2) {
-            warn!(error = %e, "interim sweep failed; long-lived flows get no interim record");
+            warn!(
+                error = crate::error_chain(e),
+                "interim sweep failed; long-lived flows get no interim record"
+            );
         }
     }
 
     fn sink_failed(&mut self, e: &crate::sink::SinkError, records: usize) {
         if self.should_warn(3) {
-            warn!(error = %e, records, "writing flow records failed");
+            warn!(
+                error = crate::error_chain(e),
+                records, "writing flow records failed"
+            );
         }
     }
 }

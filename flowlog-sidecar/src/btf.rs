@@ -10,7 +10,7 @@ use std::path::Path;
 /// Errors while reading BTF or resolving a name in it.
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("cannot read BTF from {path}: {source}")]
+    #[error("cannot read BTF from {path}")]
     Read {
         path: String,
         source: std::io::Error,

@@ -21,7 +21,7 @@ pub enum LayoutError {
          mount it with `mount -t tracefs tracefs /sys/kernel/tracing`"
     )]
     NoTracefs,
-    #[error("kernel {kernel} has no tracepoint {tracepoint} ({path}: {source})")]
+    #[error("kernel {kernel} has no tracepoint {tracepoint} ({path})")]
     MissingTracepoint {
         kernel: String,
         tracepoint: String,
@@ -35,14 +35,14 @@ pub enum LayoutError {
         field: String,
     },
     #[error(
-        "kernel {kernel} exposes no BTF at {path} (flowlog needs CONFIG_DEBUG_INFO_BTF): {source}"
+        "kernel {kernel} exposes no usable BTF at {path} (flowlog needs CONFIG_DEBUG_INFO_BTF)"
     )]
     NoBtf {
         kernel: String,
         path: PathBuf,
         source: BtfError,
     },
-    #[error("kernel {kernel}: {source}")]
+    #[error("reading kernel {kernel}'s BTF")]
     Btf { kernel: String, source: BtfError },
 }
 

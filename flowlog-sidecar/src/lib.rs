@@ -12,3 +12,16 @@ pub mod metrics;
 pub mod probe;
 pub mod record;
 pub mod sink;
+
+/// Formats an error with its chain of causes (`outer: cause: root cause`), for log fields:
+/// library errors keep their causes as `source()` rather than repeating them in the message.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}

@@ -1,5 +1,8 @@
 //! `flowlog-sidecar`: records every TCP flow of this host from kernel tracepoints.
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, str::FromStr, time::Duration};
+use std::{
+    io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, str::FromStr,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -73,6 +76,12 @@ struct Args {
     /// Kernel ring buffer size in bytes (power of two).
     #[arg(long, env = "FLOWLOG_RING_BUFFER_BYTES", default_value = "4194304", value_parser = parse_ring_bytes)]
     ring_buffer_bytes: u32,
+    /// Where tracefs is mounted (default: /sys/kernel/tracing or /sys/kernel/debug/tracing).
+    #[arg(long, env = "FLOWLOG_TRACEFS")]
+    tracefs: Option<PathBuf>,
+    /// The running kernel's BTF, for `struct tcp_sock` offsets.
+    #[arg(long, env = "FLOWLOG_BTF", default_value = "/sys/kernel/btf/vmlinux")]
+    btf: PathBuf,
     /// How often the ring buffer is drained when the kernel has not woken the agent.
     #[arg(long, env = "FLOWLOG_DRAIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     drain_interval: Duration,
@@ -95,7 +104,9 @@ async fn shutdown_signal() {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     metrics::install(args.metrics_addr)?;
-    let probe = Probe::start(ProbeSettings {
+    let probe = Probe::start(&ProbeSettings {
+        tracefs: args.tracefs,
+        btf: args.btf,
         interim: args.interim,
         max_flows: args.max_flows,
         ring_buffer_bytes: args.ring_buffer_bytes,
@@ -119,6 +130,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FLOWLOG_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -1,7 +1,7 @@
 //! Loads flowlog's kernel programs with the running kernel's layout, attaches them to their
 //! tracepoints, and gives the agent what it needs from them: the ring buffer, the interim sweep,
 //! and the kernel-side counters.
-use std::{path::Path, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -27,7 +27,7 @@ pub enum ProbeError {
     Privileges { have: String },
     #[error(transparent)]
     Layout(#[from] LayoutError),
-    #[error("loading the eBPF programs into kernel {kernel} failed: {source}")]
+    #[error("loading the eBPF programs into kernel {kernel} failed")]
     Load {
         kernel: String,
         source: Box<aya::EbpfError>,
@@ -36,13 +36,13 @@ pub enum ProbeError {
     MissingProgram(&'static str),
     #[error("eBPF map `{0}` is missing from the object")]
     MissingMap(&'static str),
-    #[error("program `{program}` on kernel {kernel}: {source}")]
+    #[error("eBPF program `{program}` on kernel {kernel}")]
     Program {
         program: &'static str,
         kernel: String,
         source: aya::programs::ProgramError,
     },
-    #[error("map `{map}`: {source}")]
+    #[error("eBPF map `{map}`")]
     Map {
         map: &'static str,
         source: aya::maps::MapError,
@@ -50,8 +50,12 @@ pub enum ProbeError {
 }
 
 /// Settings for the kernel side.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ProbeSettings {
+    /// Where tracefs is mounted (`None`: the usual places).
+    pub tracefs: Option<PathBuf>,
+    /// The kernel's BTF (`/sys/kernel/btf/vmlinux`).
+    pub btf: PathBuf,
     /// Interval between interim records of a long-lived flow.
     pub interim: Duration,
     /// Capacity of the flow map (open sockets tracked at once).
@@ -77,23 +81,26 @@ pub struct Probe {
 
 impl Probe {
     /// Checks privileges, discovers the kernel layout, loads and attaches the programs.
-    pub fn start(settings: ProbeSettings) -> Result<Self, ProbeError> {
+    pub fn start(settings: &ProbeSettings) -> Result<Self, ProbeError> {
         check_privileges()?;
         let kernel = layout::kernel_release();
-        let tracefs = layout::tracefs_root()?;
-        let layout = layout::discover(&tracefs, Path::new("/sys/kernel/btf/vmlinux"))?;
+        let tracefs = match &settings.tracefs {
+            Some(path) => path.clone(),
+            None => layout::tracefs_root()?,
+        };
+        let btf_path = settings.btf.as_path();
+        let layout = layout::discover(&tracefs, btf_path)?;
         let config = Config {
             layout,
             interim_ns: settings.interim.as_nanos() as u64,
             // Wake the agent early once an eighth of the ring buffer is in use.
             wakeup_bytes: u64::from(settings.ring_buffer_bytes / 8),
         };
-        let btf_path = Path::new("/sys/kernel/btf/vmlinux");
         let accept = match layout::discover_accept(&tracefs, btf_path) {
             Ok(accept) => Some(accept),
             Err(e) => {
                 warn!(
-                    error = %e,
+                    error = crate::error_chain(&e),
                     "accepted sockets cannot be traced on this kernel: inbound flows get their \
                      process when they close instead of when they are accepted"
                 );

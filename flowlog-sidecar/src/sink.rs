@@ -11,12 +11,12 @@ use crate::record::FlowRecord;
 /// Why a sink could not take records.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("opening {path} for flow records: {source}")]
+    #[error("opening {path} for flow records")]
     Open {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("writing flow records to {target}: {source}")]
+    #[error("writing flow records to {target}")]
     Write {
         target: String,
         source: std::io::Error,
