@@ -1,0 +1,302 @@
+//! Bad conditions: a kernel (or a view of one) without what the agent needs, a process without
+//! the capabilities to load programs, and a burst that overflows the kernel ring buffer. Each must
+//! end in a clear error or a counted, logged condition, never a crash or a silent loss.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use flowlog_sidecar::record::FlowRecord;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowlog-sidecar");
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flowlog-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs the agent to completion with `args`; returns (exit code, stderr).
+fn run_to_exit(prefix: &[&str], args: &[&str]) -> (i32, String) {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (program, rest) = match prefix.split_first() {
+        Some((p, rest)) => (*p, rest.to_vec()),
+        None => (BIN, Vec::new()),
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(rest);
+    if !prefix.is_empty() {
+        cmd.arg(BIN);
+    }
+    let out = cmd
+        .args(["--metrics-addr", &metrics])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running flowlog-sidecar");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn missing_btf_is_a_clear_start_up_error() {
+    let (code, stderr) = run_to_exit(&[], &["--btf", "/etc/hostname"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("exposes no usable BTF at /etc/hostname") && stderr.contains("bad magic"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_tracepoint_is_named() {
+    let dir = temp_dir("no-tracepoint");
+    std::fs::create_dir_all(dir.join("events")).unwrap();
+    let (code, stderr) = run_to_exit(&[], &["--tracefs", dir.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("has no tracepoint sock:inet_sock_set_state"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A tracefs copy of the real formats where one tracepoint lacks a field the programs read.
+#[test]
+fn missing_tracepoint_field_is_named() {
+    let real = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.join("events/sock").is_dir())
+        .expect("tracefs is mounted (scripts/bootstrap mounts it)");
+    let dir = temp_dir("no-field");
+    for tp in [
+        "sock/inet_sock_set_state",
+        "tcp/tcp_send_reset",
+        "tcp/tcp_receive_reset",
+    ] {
+        let format = std::fs::read_to_string(real.join("events").join(tp).join("format")).unwrap();
+        let format: String = format
+            .lines()
+            .filter(|l| !l.contains(" newstate;"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::create_dir_all(dir.join("events").join(tp)).unwrap();
+        std::fs::write(dir.join("events").join(tp).join("format"), format).unwrap();
+    }
+    let (code, stderr) = run_to_exit(&[], &["--tracefs", dir.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("tracepoint sock:inet_sock_set_state on kernel")
+            && stderr.contains("has no field `newstate`"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn missing_capabilities_are_named() {
+    // Root, but without the capabilities that loading eBPF needs.
+    let (code, stderr) = run_to_exit(
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-bpf,-perfmon,-sys_admin",
+            "--inh-caps",
+            "-all",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)")
+            && stderr.contains("this process has neither"),
+        "{stderr}"
+    );
+}
+
+/// An agent whose stderr lines are collected in the background.
+struct Agent {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+    log: Vec<String>,
+    output: PathBuf,
+    metrics: String,
+}
+
+impl Agent {
+    fn start(tag: &str, args: &[&str]) -> Agent {
+        let dir = temp_dir(tag);
+        let output = dir.join("flows.jsonl");
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(BIN)
+            .args(["--output", &format!("file:{}", output.display())])
+            .args(["--metrics-addr", &metrics])
+            .args(args)
+            .env("FLOWLOG_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting flowlog-sidecar");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut agent = Agent {
+            child,
+            stderr: rx,
+            log: Vec::new(),
+            output,
+            metrics,
+        };
+        agent.wait_for_log("capturing TCP flows", Duration::from_secs(30));
+        agent
+    }
+
+    fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log.iter().any(|l| l.contains(needle)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                Err(_) => panic!(
+                    "agent never logged `{needle}`; log:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// Value of one metric sample from the agent's /metrics page.
+    fn metric(&self, series: &str) -> f64 {
+        let mut stream = TcpStream::connect(&self.metrics).unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut page = String::new();
+        stream.read_to_string(&mut page).unwrap();
+        page.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no sample `{series}` in:\n{page}"))
+    }
+
+    /// SIGTERM, wait for a clean exit, return the records and the whole log.
+    fn stop(mut self) -> (Vec<FlowRecord>, Vec<String>) {
+        self.signal(libc::SIGTERM);
+        let status = self.child.wait().unwrap();
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(2)) {
+            self.log.push(line);
+        }
+        assert!(
+            status.success(),
+            "agent exited {status}; log:\n{}",
+            self.log.join("\n")
+        );
+        let text = std::fs::read_to_string(&self.output).unwrap_or_default();
+        let records = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a flow record"))
+            .collect();
+        (records, self.log)
+    }
+}
+
+/// One request/response connection on loopback; returns the client's port.
+fn exchange(port: u16) -> u16 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).unwrap();
+    s.local_addr().unwrap().port()
+}
+
+fn serve(listener: TcpListener, connections: usize) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for _ in 0..connections {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(b"pong").unwrap();
+        }
+    })
+}
+
+/// The agent is stopped (SIGSTOP) while 100 connections close, so the 4 KiB ring buffer (room
+/// for 28 records) overflows. The loss is counted and logged once, the agent carries on and
+/// records the next connection.
+#[test]
+fn ring_buffer_overflow_is_counted_logged_once_and_survived() {
+    let mut agent = Agent::start(
+        "overflow",
+        &["--ring-buffer-bytes", "4096", "--drain-interval", "50ms"],
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = serve(listener, 101);
+
+    agent.signal(libc::SIGSTOP);
+    for _ in 0..100 {
+        exchange(port);
+    }
+    agent.signal(libc::SIGCONT);
+    agent.wait_for_log("kernel ring buffer overflowed", Duration::from_secs(10));
+    let drops = agent.metric("flowlog_sidecar_kernel_drops_total{reason=\"ringbuf_full\"}");
+
+    let after = exchange(port);
+    server.join().unwrap();
+    std::thread::sleep(Duration::from_millis(800)); // drain + reset grace
+    let (records, log) = agent.stop();
+
+    let ours: Vec<&FlowRecord> = records
+        .iter()
+        .filter(|r| r.local_port == port || r.remote_port == port)
+        .collect();
+    // 101 connections = 202 flows. A record is 136 bytes + an 8-byte header: 28 fit in 4 KiB.
+    let burst = ours.len() - 2;
+    assert!(burst <= 28, "{burst} burst records survived a 4 KiB ring");
+    assert!(
+        drops >= (200 - burst) as f64,
+        "{drops} drops counted for {} lost records",
+        200 - burst
+    );
+    let overflow_warnings = log
+        .iter()
+        .filter(|l| l.contains("kernel ring buffer overflowed"))
+        .count();
+    assert_eq!(overflow_warnings, 1, "log:\n{}", log.join("\n"));
+    // The connection after the overflow is recorded on both ends, exactly.
+    let outbound: Vec<_> = ours.iter().filter(|r| r.local_port == after).collect();
+    let inbound: Vec<_> = ours.iter().filter(|r| r.remote_port == after).collect();
+    assert_eq!((outbound.len(), inbound.len()), (1, 1), "{ours:#?}");
+    assert_eq!((outbound[0].bytes_sent, outbound[0].bytes_received), (4, 4));
+    assert_eq!((inbound[0].bytes_sent, inbound[0].bytes_received), (4, 4));
+}
