@@ -1,0 +1,823 @@
+//! Fixtures for the capture tests: two network namespaces joined by a veth pair, threads that run
+//! socket code inside one of them, the agent as a child process, and socket facts read back from
+//! the kernel (TCP_INFO, the send queue) to compare the agent's records with.
+//!
+//! The agent sees every TCP flow of the host, and tests run in parallel, each with its own agent
+//! and its own namespaces: every test has its own index, which gives it its own addresses
+//! (198.51.100.4n/30, 2001:db8:n::/64) and namespace names (with the process id in them).
+#![allow(dead_code)] // each test binary uses a different part of the support module
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, Once, mpsc},
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use flowlog_sidecar::record::FlowRecord;
+
+/// How long a fixture waits for something that should happen (agent start, records, peers).
+/// Generous: the machine has two cores and the tests run in parallel.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Read/write timeout on every test socket, so a test whose peer died fails instead of hanging.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The agent's binary, built by cargo for these tests.
+pub const AGENT: &str = env!("CARGO_BIN_EXE_flowlog-sidecar");
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(program: &str, args: &[&str]) {
+    run_with_stdin(program, args, None);
+}
+
+/// Runs a command with `stdin` as its standard input, panicking with its output if it fails.
+pub fn run_with_stdin(program: &str, args: &[&str], stdin: Option<&str>) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(text.as_bytes())
+            .expect("writing the command's stdin");
+    }
+    let out = child.wait_with_output().expect("waiting for the command");
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed ({}): {}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `ip` commands that create namespaces race each other on the first mount of /run/netns, so
+/// this process makes them one at a time.
+static NETNS_SETUP: Mutex<()> = Mutex::new(());
+
+const NETNS_DIR: &str = "/var/run/netns";
+const NETNS_PREFIX: &str = "flt";
+
+/// Deletes namespaces left behind by an earlier run of these tests that was killed (names carry
+/// the process id; a namespace whose process is gone is stale).
+fn remove_stale_namespaces() {
+    let Ok(dir) = std::fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split(['c', 's'])
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !PathBuf::from(format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A client and a server namespace joined by a veth pair, with IPv4 and IPv6 addresses.
+/// Dropping it deletes both namespaces (and with them the veth pair and any nftables rules).
+pub struct NetnsPair {
+    pub client_ns: String,
+    pub server_ns: String,
+    pub client_v4: IpAddr,
+    pub server_v4: IpAddr,
+    pub client_v6: IpAddr,
+    pub server_v6: IpAddr,
+}
+
+impl NetnsPair {
+    /// Namespaces for the test with index `n` (1..=63, unique per test in this file).
+    pub fn new(n: u8) -> Self {
+        assert!((1..64).contains(&n), "test index {n} out of range");
+        static CLEAN: Once = Once::new();
+        let _guard = NETNS_SETUP.lock().unwrap_or_else(|e| e.into_inner());
+        CLEAN.call_once(remove_stale_namespaces);
+        let pid = std::process::id();
+        let pair = Self {
+            client_ns: format!("{NETNS_PREFIX}{pid}c{n}"),
+            server_ns: format!("{NETNS_PREFIX}{pid}s{n}"),
+            client_v4: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 4 * n + 1)),
+            server_v4: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 4 * n + 2)),
+            client_v6: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, u16::from(n), 0, 0, 0, 0, 1)),
+            server_v6: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, u16::from(n), 0, 0, 0, 0, 2)),
+        };
+        // From here on, Drop removes whatever was created, even if a later step fails.
+        run("ip", &["netns", "add", &pair.client_ns]);
+        run("ip", &["netns", "add", &pair.server_ns]);
+        // No duplicate address detection, on the link-local addresses either: while the
+        // link-local address is tentative, the first IPv6 neighbour solicitation goes nowhere and
+        // the first SYN is lost (a one-second connect).
+        for ns in [&pair.client_ns, &pair.server_ns] {
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                ],
+            );
+        }
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "name",
+                "veth0",
+                "netns",
+                &pair.client_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "veth0",
+                "netns",
+                &pair.server_ns,
+            ],
+        );
+        for (ns, v4, v6) in [
+            (&pair.client_ns, pair.client_v4, pair.client_v6),
+            (&pair.server_ns, pair.server_v4, pair.server_v6),
+        ] {
+            run(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{v4}/30"), "dev", "veth0"],
+            );
+            run(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{v6}/64"),
+                    "dev",
+                    "veth0",
+                    "nodad",
+                ],
+            );
+            run("ip", &["-n", ns, "link", "set", "lo", "up"]);
+            run("ip", &["-n", ns, "link", "set", "veth0", "up"]);
+        }
+        for ns in [&pair.client_ns, &pair.server_ns] {
+            wait_link_ready(ns);
+        }
+        pair
+    }
+
+    /// The client's and the server's address of one family.
+    pub fn addrs(&self, v6: bool) -> (IpAddr, IpAddr) {
+        if v6 {
+            (self.client_v6, self.server_v6)
+        } else {
+            (self.client_v4, self.server_v4)
+        }
+    }
+
+    /// Runs `f` on a new thread named `name` inside the client namespace.
+    pub fn client<T: Send + 'static>(
+        &self,
+        name: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        spawn_in(&self.client_ns, name, f)
+    }
+
+    /// Runs `f` on a new thread named `name` inside the server namespace.
+    pub fn server<T: Send + 'static>(
+        &self,
+        name: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        spawn_in(&self.server_ns, name, f)
+    }
+
+    /// A listening socket in the server namespace (sockets keep their namespace, so it can be
+    /// used from any thread).
+    pub fn listen(&self, addr: SocketAddr) -> TcpListener {
+        join(self.server("listen", move || {
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"))
+        }))
+    }
+
+    /// Drops `percent`% of the packets the server namespace receives, at random (nftables).
+    pub fn add_random_loss_on_server(&self, percent: u8) {
+        self.add_server_input_rule(&format!("numgen random mod 100 < {percent} drop"));
+    }
+
+    /// Adds an nftables rule to the input hook of the server namespace.
+    pub fn add_server_input_rule(&self, rule: &str) {
+        let rules = format!(
+            "table inet t {{\n  chain c {{\n    type filter hook input priority 0; policy accept;\n    {rule}\n  }}\n}}\n"
+        );
+        run_with_stdin(
+            "ip",
+            &["netns", "exec", &self.server_ns, "nft", "-f", "-"],
+            Some(&rules),
+        );
+    }
+}
+
+/// Waits until the kernel has activated `veth0` in `ns`: the carrier change is applied by the
+/// kernel's link watcher, which batches events (up to a second apart when many links change, as
+/// when tests run in parallel); until then the device's queue is `noop` and drops every packet,
+/// which would cost the first connection a SYN (or ARP/ND) retransmit.
+fn wait_link_ready(ns: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-o", "link", "show", "dev", "veth0"])
+            .output()
+            .expect("running ip");
+        let line = String::from_utf8_lossy(&out.stdout);
+        if line.contains("LOWER_UP") && line.contains("qdisc noqueue state UP") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "veth0 in {ns} not up within {PATIENCE:?}: {line}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        let _guard = NETNS_SETUP.lock().unwrap_or_else(|e| e.into_inner());
+        for ns in [&self.client_ns, &self.server_ns] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Spawns a thread named `name` that enters network namespace `ns` and runs `f`. Thread names are
+/// the kernel's `comm` of the thread (at most 15 bytes).
+pub fn spawn_in<T: Send + 'static>(
+    ns: &str,
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    assert!(name.len() <= 15, "thread name `{name}` is longer than comm");
+    let path = format!("{NETNS_DIR}/{ns}");
+    thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+            // SAFETY: setns on a namespace descriptor we own; it moves only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            f()
+        })
+        .expect("spawning a thread")
+}
+
+/// Joins a thread, passing its panic on.
+pub fn join<T>(handle: JoinHandle<T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// Joins two threads (a client and a server); if either panicked, panics with both messages, so
+/// that the peer's error does not hide the cause.
+pub fn join_both<A, B>(a: JoinHandle<A>, b: JoinHandle<B>) -> (A, B) {
+    let message = |e: Box<dyn std::any::Any + Send>| -> String {
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "(non-string panic)".to_string())
+    };
+    match (a.join(), b.join()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (a, b) => {
+            let a = a.err().map(message);
+            let b = b.err().map(message);
+            panic!("thread panicked: first: {a:?}; second: {b:?}")
+        }
+    }
+}
+
+/// Accepts one connection, failing after [`PATIENCE`]. The accepted socket gets [`IO_TIMEOUT`].
+pub fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    let mut fds = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that we own.
+    let rc = unsafe { libc::poll(&mut fds, 1, PATIENCE.as_millis() as libc::c_int) };
+    assert!(
+        rc > 0,
+        "no connection to accept within {PATIENCE:?} (poll: {rc})"
+    );
+    let (stream, peer) = listener.accept().expect("accept");
+    with_timeouts(&stream);
+    (stream, peer)
+}
+
+/// Connects (from the calling thread, so inside its namespace) with [`IO_TIMEOUT`] set.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, PATIENCE)
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    with_timeouts(&stream);
+    stream
+}
+
+fn with_timeouts(stream: &TcpStream) {
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+}
+
+/// Reads exactly `n` bytes.
+pub fn read_exact(stream: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    stream
+        .read_exact(&mut buf)
+        .unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
+    buf
+}
+
+/// Reads until the peer's FIN; returns what was read.
+pub fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    stream
+        .read_to_end(&mut buf)
+        .unwrap_or_else(|e| panic!("reading to the end: {e}"));
+    buf
+}
+
+/// `TCP_INFO` of a socket, as the kernel reports it.
+pub fn tcp_info(socket: &impl AsRawFd) -> libc::tcp_info {
+    // SAFETY: tcp_info is plain integers; zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info
+}
+
+/// A new, unconnected IPv4 TCP socket, held as a `TcpStream` (std has no unconnected sockets)
+/// so that `local_addr`, `take_error` and `set_nonblocking` work on it.
+pub fn ipv4_socket() -> TcpStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket() has no preconditions.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor that nothing else owns.
+    unsafe { TcpStream::from_raw_fd(fd) }
+}
+
+fn sockaddr_in(addr: SocketAddr) -> libc::sockaddr_in {
+    let SocketAddr::V4(addr) = addr else {
+        panic!("{addr} is not an IPv4 address")
+    };
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// `bind()` of an [`ipv4_socket`].
+pub fn bind_v4(socket: &TcpStream, addr: SocketAddr) {
+    let sa = sockaddr_in(addr);
+    // SAFETY: bind reads one sockaddr_in that we own.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "bind {addr}: {}", std::io::Error::last_os_error());
+}
+
+/// `connect()` of an [`ipv4_socket`] (blocking or not, as the socket is).
+pub fn connect_v4(socket: &TcpStream, addr: SocketAddr) -> std::io::Result<()> {
+    let sa = sockaddr_in(addr);
+    // SAFETY: connect reads one sockaddr_in that we own.
+    let rc = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Sets `TCP_SYNCNT`: how many times the kernel retransmits a SYN before a connect times out.
+pub fn set_syn_count(socket: &impl AsRawFd, count: libc::c_int) {
+    // SAFETY: setsockopt reads one int that we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SYNCNT,
+            (&count as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_SYNCNT: {}", std::io::Error::last_os_error());
+}
+
+/// Waits until a socket is writable (a non-blocking connect has finished, one way or the other).
+pub fn wait_writable(socket: &impl AsRawFd) {
+    let mut fds = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that we own.
+    let rc = unsafe { libc::poll(&mut fds, 1, PATIENCE.as_millis() as libc::c_int) };
+    assert!(
+        rc > 0,
+        "socket not writable within {PATIENCE:?} (poll: {rc})"
+    );
+}
+
+/// Bytes written to the socket that the peer has not acknowledged yet (`SIOCOUTQ`).
+pub fn unacked_bytes(stream: &TcpStream) -> i32 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    assert_eq!(rc, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+    n
+}
+
+/// Waits until the peer has acknowledged everything written so far, so that `bytes_sent`
+/// (acknowledged payload) in a record taken now is the number of bytes written.
+pub fn wait_acked(stream: &TcpStream) {
+    let deadline = Instant::now() + PATIENCE;
+    while unacked_bytes(stream) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "peer did not acknowledge {} bytes within {PATIENCE:?}",
+            unacked_bytes(stream)
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Closes with `SO_LINGER {on, 0}`: the kernel discards the connection with a reset.
+pub fn abort(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads one linger struct that we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    drop(stream);
+}
+
+/// The cgroup v2 id of this process (the inode number of its cgroup directory), if cgroup v2 is
+/// mounted; this is what `bpf_get_current_cgroup_id` reports.
+pub fn own_cgroup_id() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mounts.lines().find_map(|l| {
+        let (before, after) = l.split_once(" - ")?;
+        (after.split_whitespace().next() == Some("cgroup2"))
+            .then(|| before.split_whitespace().nth(4).map(str::to_string))?
+    })?;
+    let dir = format!("{mount}{path}");
+    std::fs::metadata(dir).ok().map(|m| m.ino())
+}
+
+/// A port nobody else on the machine is likely to use for these tests' servers (tests run in
+/// their own namespaces, but another run of the agent's tests may share the addresses).
+pub fn server_port() -> u16 {
+    20_000 + (std::process::id() % 20_000) as u16
+}
+
+/// A free TCP port on loopback, for the agent's metrics listener.
+fn free_loopback_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral loopback port")
+        .port()
+}
+
+/// The agent running as a child process, writing JSON lines to a file of its own.
+pub struct Agent {
+    child: Option<Child>,
+    pub output: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub host: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    /// Starts the agent with `--interim interim` and waits until it has attached.
+    pub fn start(test: &str, interim: &str) -> Self {
+        Self::start_with(test, &["--interim", interim])
+    }
+
+    /// Starts the agent with extra arguments and waits until it logs that it is capturing.
+    pub fn start_with(test: &str, extra: &[&str]) -> Self {
+        let pid = std::process::id();
+        let output = std::env::temp_dir().join(format!("flowlog-test-{pid}-{test}.jsonl"));
+        let _ = std::fs::remove_file(&output);
+        let metrics_addr: SocketAddr = ([127, 0, 0, 1], free_loopback_port()).into();
+        let host = format!("test-{test}");
+        let mut child = Command::new(AGENT)
+            .arg("--output")
+            .arg(format!("file:{}", output.display()))
+            .args(["--metrics-addr", &metrics_addr.to_string()])
+            .args(["--host", &host])
+            .args(extra)
+            .env_remove("FLOWLOG_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {AGENT}: {e}"));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        {
+            let pipe = child.stderr.take().expect("stderr is piped");
+            let stderr = Arc::clone(&stderr);
+            thread::Builder::new()
+                .name("agent-stderr".into())
+                .spawn(move || {
+                    for line in BufReader::new(pipe).lines() {
+                        let Ok(line) = line else { break };
+                        let ready = line.contains("capturing TCP flows");
+                        {
+                            let mut s = stderr.lock().unwrap_or_else(|e| e.into_inner());
+                            s.push_str(&line);
+                            s.push('\n');
+                        }
+                        if ready {
+                            let _ = ready_tx.send(());
+                        }
+                    }
+                })
+                .expect("spawning the stderr reader");
+        }
+        let mut agent = Self {
+            child: Some(child),
+            output,
+            metrics_addr,
+            host,
+            stderr,
+        };
+        if let Err(e) = ready_rx.recv_timeout(PATIENCE) {
+            let status = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            panic!(
+                "the agent did not log `capturing TCP flows` ({e}; exit status {status:?}); \
+                 stderr:\n{}",
+                agent.stderr()
+            );
+        }
+        agent
+    }
+
+    /// What the agent has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records written so far (complete lines only).
+    pub fn records(&self) -> Vec<FlowRecord> {
+        let text = std::fs::read_to_string(&self.output).unwrap_or_default();
+        let complete = match text.rfind('\n') {
+            Some(end) => &text[..=end],
+            None => "",
+        };
+        complete
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("record `{line}` does not parse: {e}"))
+            })
+            .collect()
+    }
+
+    /// Polls the output until `done` holds for the records selected by `select`; returns them.
+    pub fn wait_for(
+        &self,
+        select: impl Fn(&FlowRecord) -> bool,
+        done: impl Fn(&[FlowRecord]) -> bool,
+    ) -> Vec<FlowRecord> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let records: Vec<FlowRecord> = self.records().into_iter().filter(&select).collect();
+            if done(&records) {
+                return records;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "records did not arrive within {PATIENCE:?}; have {}: {records:#?}\nagent \
+                     stderr:\n{}\nkernel drops:\n{}",
+                    records.len(),
+                    self.stderr(),
+                    self.drops()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's Prometheus metrics page.
+    pub fn metrics(&self) -> String {
+        self.try_metrics()
+            .unwrap_or_else(|e| panic!("reading the agent's metrics: {e}"))
+    }
+
+    fn try_metrics(&self) -> Result<String, String> {
+        let mut stream = TcpStream::connect_timeout(&self.metrics_addr, PATIENCE)
+            .map_err(|e| format!("connecting to {}: {e}", self.metrics_addr))?;
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.metrics_addr
+        )
+        .map_err(|e| format!("sending the request: {e}"))?;
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .map_err(|e| format!("reading the response: {e}"))?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("malformed HTTP response: {response}"))?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("request failed: {head}"));
+        }
+        Ok(body.to_string())
+    }
+
+    /// The agent's kernel drop counters, for failure messages: the agent sees every flow of the
+    /// host, so another process making connections very fast (a benchmark) can overflow it.
+    fn drops(&self) -> String {
+        match self.try_metrics() {
+            Ok(page) => page
+                .lines()
+                .filter(|l| l.starts_with("flowlog_sidecar_kernel_drops_total"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Err(e) => format!("(metrics unavailable: {e})"),
+        }
+    }
+
+    /// Value of one sample (`name{labels}` exactly as exposed) on the metrics page, if present.
+    pub fn metric(page: &str, sample: &str) -> Option<f64> {
+        page.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
+    /// Sends SIGTERM, waits for a clean exit (status 0) and returns every record written.
+    pub fn stop(mut self) -> Vec<FlowRecord> {
+        let status = self.terminate();
+        assert!(
+            status.success(),
+            "the agent exited with {status} after SIGTERM; stderr:\n{}",
+            self.stderr()
+        );
+        let stderr = self.stderr();
+        if stderr.contains("ring buffer overflowed") || stderr.contains("flow map full") {
+            eprintln!(
+                "NOTE: agent `{}` lost data in the kernel while this test ran (it sees every \
+                 flow of the host: is something else making connections very fast?); a failure \
+                 below may come from that. Its stderr:\n{stderr}",
+                self.host
+            );
+        }
+        self.records()
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL after [`PATIENCE`]).
+    fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the agent runs");
+        // SAFETY: kill on the pid of our own child, which we have not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for the agent") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the agent did not exit within {PATIENCE:?} of SIGTERM; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if thread::panicking() {
+            eprintln!(
+                "agent output kept at {}; agent stderr:\n{}",
+                self.output.display(),
+                self.stderr()
+            );
+        } else {
+            let _ = std::fs::remove_file(&self.output);
+        }
+    }
+}
+
+impl NetnsPair {
+    /// Selects the records of this pair's traffic: both addresses are the pair's, and one end is
+    /// `server_port` (the server's listening port, or the closed port a client tried).
+    pub fn flows(&self, server_port: u16) -> impl Fn(&FlowRecord) -> bool + Clone + use<> {
+        let ours = [
+            self.client_v4,
+            self.server_v4,
+            self.client_v6,
+            self.server_v6,
+        ];
+        move |r: &FlowRecord| {
+            ours.contains(&r.local_addr)
+                && ours.contains(&r.remote_addr)
+                && (r.local_port == server_port || r.remote_port == server_port)
+        }
+    }
+}
