@@ -792,13 +792,19 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Kept for a failed test, unless it is huge (every flow of a busy host).
+        const KEEP_AT_MOST: u64 = 16 << 20;
+        let size = std::fs::metadata(&self.output).map_or(0, |m| m.len());
+        let keep = thread::panicking() && size <= KEEP_AT_MOST;
         if thread::panicking() {
             eprintln!(
-                "agent output kept at {}; agent stderr:\n{}",
+                "agent output ({size} bytes) {} {}; agent stderr:\n{}",
+                if keep { "kept at" } else { "deleted:" },
                 self.output.display(),
                 self.stderr()
             );
-        } else {
+        }
+        if !keep {
             let _ = std::fs::remove_file(&self.output);
         }
     }
