@@ -122,7 +122,12 @@ pub struct KernelLayout {
     pub sk_flags: u32,
     /// Bit number of `SOCK_DONE` in `sk_flags` (set when the peer's FIN is processed).
     pub sock_done_bit: u32,
-    pub _pad: u32,
+    /// `skc_num`, `skc_rcv_saddr`, `skc_v6_rcv_saddr`: the local port and address, read from the
+    /// socket for a flow still in `SYN_SENT` (its tracepoint came before `connect()` bound them).
+    pub sk_num: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub _pad: [u32; 2],
 }
 
 /// Where to find the socket behind a file descriptor returned by `accept()`: the

@@ -196,6 +196,9 @@ extern "C" fn sweep_one(
             event_kind::INTERIM
         };
         let sk = unsafe { *key };
+        if state.local_port == 0 {
+            read_local_from_socket(sk, state);
+        }
         emit_snapshot(sk, state, kind, 0, sweep.now);
         state.last_report_ns = sweep.now;
     }
@@ -322,6 +325,23 @@ fn read_tuple(ctx: &TracePointContext, state: &mut FlowState) -> Result<(), i32>
         state.remote_addr[..4].copy_from_slice(&daddr);
     }
     Ok(())
+}
+
+/// Fills the local port and address from the socket itself: a connect still in `SYN_SENT` was
+/// reported by its tracepoint before the kernel bound them.
+#[inline(always)]
+fn read_local_from_socket(sk: u64, state: &mut FlowState) {
+    let l = CONFIG.load().layout;
+    let base = sk as *const u8;
+    unsafe {
+        state.local_port = read_sock::<u16>(base, l.sk_num);
+        if u16::from(state.family) == AF_INET6 {
+            state.local_addr = read_sock::<[u8; 16]>(base, l.sk_v6_rcv_saddr);
+        } else {
+            let v4 = read_sock::<[u8; 4]>(base, l.sk_rcv_saddr);
+            state.local_addr[..4].copy_from_slice(&v4);
+        }
+    }
 }
 
 /// Writes one snapshot of `state` and of the socket's counters into the ring buffer.

@@ -187,6 +187,9 @@ impl Tombstones {
 struct Reported {
     next_seq: u32,
     baseline: Counters,
+    /// `start_ns` as first reported, so every record of the flow carries the same value even
+    /// if the clock offset is re-measured in between.
+    start_ns: u64,
 }
 
 /// An end record held back for [`RESET_GRACE`].
@@ -233,8 +236,13 @@ impl Assembler {
         self.stats.unknown_events += 1;
     }
 
+    /// Adopts a new measurement of the clock offset if it moved by more than a millisecond (the
+    /// realtime clock was stepped); smaller differences are measurement noise and would only
+    /// make timestamps jitter.
     pub fn set_clock(&mut self, clock: Clock) {
-        self.clock = clock;
+        if (clock.offset_ns - self.clock.offset_ns).abs() > 1_000_000 {
+            self.clock = clock;
+        }
     }
 
     /// Processes one kernel event; records that are ready are pushed to `out`.
@@ -303,6 +311,7 @@ impl Assembler {
 
     fn record(&mut self, ev: &FlowEvent, outcome: Outcome) -> FlowRecord {
         let now_cum = cumulative(ev);
+        let mut start_ns = self.clock.to_epoch_ns(ev.start_ns);
         let (seq, delta) = match self.reported.get_mut(&ev.flow_id) {
             Some(r) => {
                 let (delta, regressed) = now_cum.since(&r.baseline);
@@ -311,6 +320,7 @@ impl Assembler {
                 }
                 let seq = r.next_seq;
                 r.next_seq += 1;
+                start_ns = r.start_ns;
                 r.baseline = now_cum.max(&r.baseline);
                 (seq, delta)
             }
@@ -321,6 +331,7 @@ impl Assembler {
                         Reported {
                             next_seq: 1,
                             baseline: now_cum,
+                            start_ns,
                         },
                     );
                 }
@@ -333,7 +344,7 @@ impl Assembler {
             flow_id: ev.flow_id,
             host: self.host.clone(),
             seq,
-            start_ns: self.clock.to_epoch_ns(ev.start_ns),
+            start_ns,
             end_ns: self.clock.to_epoch_ns(ev.report_ns),
             family,
             local_addr,

@@ -205,6 +205,14 @@ pub fn discover(tracefs: &Path, btf_path: &Path) -> Result<KernelLayout, LayoutE
     layout.snd_una = tcp("snd_una")?;
     layout.write_seq = tcp("write_seq")?;
     layout.sk_flags = sock_start + sock_flags;
+    let sock = |member: &str| {
+        btf.member_offset("sock", member)
+            .map(|o| sock_start + o)
+            .map_err(btf_err)
+    };
+    layout.sk_num = sock("__sk_common.skc_num")?;
+    layout.sk_rcv_saddr = sock("__sk_common.skc_rcv_saddr")?;
+    layout.sk_v6_rcv_saddr = sock("__sk_common.skc_v6_rcv_saddr")?;
     layout.sock_done_bit = btf.enum_value("SOCK_DONE").map_err(btf_err)? as u32;
     Ok(layout)
 }

@@ -87,7 +87,8 @@ pub struct FlowRecord {
     /// Minimum RTT seen (windowed), µs.
     pub min_rtt_us: u32,
     /// Process that owned the socket when known: the connecting process for outbound flows; for
-    /// inbound flows the process that closed or shut the socket down.
+    /// inbound flows the accepting process (or, if its `accept()` was not seen, the process that
+    /// closed or shut the socket down).
     pub pid: Option<u32>,
     pub comm: Option<String>,
     /// cgroup v2 id of that process (identifies its container).

@@ -1,2 +1,0 @@
-//! Placeholder: the churn benchmark harness lands here.
-fn main() {}
