@@ -24,7 +24,7 @@ use crate::{
     flows::{Assembler, AssemblyStats, Clock},
     metrics as m,
     probe::Probe,
-    record::FlowRecord,
+    record::{FlowRecord, Outcome},
     sink::RecordSink,
 };
 
@@ -111,9 +111,20 @@ pub async fn run<S: RecordSink>(
     Ok(())
 }
 
+/// Event kinds by their metric label; events are counted per drain, not per event, to keep the
+/// metrics registry off the per-event path.
+const EVENT_KINDS: [(u8, &str); 5] = [
+    (event_kind::END, "end"),
+    (event_kind::INTERIM, "interim"),
+    (event_kind::FLUSH, "flush"),
+    (event_kind::RESET_AFTER_END, "reset_after_end"),
+    (0, "unknown"),
+];
+
 /// Reads every event waiting in the ring buffer.
 fn drain(ring: &mut RingBuf<MapData>, assembler: &mut Assembler, out: &mut Vec<FlowRecord>) {
     let now = Instant::now();
+    let mut counts = [0u64; EVENT_KINDS.len()];
     while let Some(item) = ring.next() {
         if item.len() < size_of::<FlowEvent>() {
             assembler.note_malformed();
@@ -121,18 +132,17 @@ fn drain(ring: &mut RingBuf<MapData>, assembler: &mut Assembler, out: &mut Vec<F
         }
         // SAFETY: the kernel wrote a FlowEvent (repr(C), valid for any bytes) of this size.
         let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-        counter!(m::EVENTS, "kind" => kind_label(ev.kind)).increment(1);
+        let slot = EVENT_KINDS
+            .iter()
+            .position(|(kind, _)| *kind == ev.kind)
+            .unwrap_or(EVENT_KINDS.len() - 1);
+        counts[slot] += 1;
         assembler.on_event(&ev, now, out);
     }
-}
-
-fn kind_label(kind: u8) -> &'static str {
-    match kind {
-        event_kind::END => "end",
-        event_kind::INTERIM => "interim",
-        event_kind::FLUSH => "flush",
-        event_kind::RESET_AFTER_END => "reset_after_end",
-        _ => "unknown",
+    for ((_, label), n) in EVENT_KINDS.iter().zip(counts) {
+        if n > 0 {
+            counter!(m::EVENTS, "kind" => *label).increment(n);
+        }
     }
 }
 
@@ -141,8 +151,14 @@ async fn emit<S: RecordSink>(sink: &mut S, out: &mut Vec<FlowRecord>, reporter: 
     if out.is_empty() {
         return;
     }
+    let mut by_outcome = [0u64; Outcome::ALL.len()];
     for record in out.iter() {
-        counter!(m::RECORDS, "outcome" => record.outcome.as_str()).increment(1);
+        by_outcome[record.outcome as usize] += 1;
+    }
+    for (outcome, n) in Outcome::ALL.iter().zip(by_outcome) {
+        if n > 0 {
+            counter!(m::RECORDS, "outcome" => outcome.as_str()).increment(n);
+        }
     }
     let result = match sink.write(out).await {
         Ok(()) => sink.flush().await,

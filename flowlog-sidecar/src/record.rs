@@ -37,6 +37,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in declaration order (`outcome as usize` indexes it).
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Closed,
+        Outcome::Reset,
+        Outcome::Failed,
+        Outcome::Open,
+    ];
+
     /// Label used in metrics.
     pub fn as_str(self) -> &'static str {
         match self {
