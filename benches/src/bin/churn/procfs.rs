@@ -1,0 +1,237 @@
+//! What the kernel says about a process we started: CPU time, peak memory, and the run time of
+//! the BPF programs it holds.
+use std::{collections::HashMap, fs, os::fd::FromRawFd as _, os::fd::OwnedFd};
+
+use anyhow::{Context as _, anyhow, bail};
+
+/// Clock ticks per second, the unit of `utime`/`stime` in `/proc/<pid>/stat`.
+pub fn clock_ticks_per_second() -> anyhow::Result<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks <= 0 {
+        bail!("sysconf(_SC_CLK_TCK) failed");
+    }
+    Ok(ticks as u64)
+}
+
+/// User + system CPU time of a process (all its threads), in clock ticks.
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) is in parentheses and may hold spaces; count from after it.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow!("{path}: no `)` after the command name"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 3 (state) is fields[0], so utime (14) and stime (15) are fields[11] and fields[12].
+    let field = |i: usize, name: &str| -> anyhow::Result<u64> {
+        fields
+            .get(i)
+            .ok_or_else(|| anyhow!("{path}: no {name} field"))?
+            .parse()
+            .with_context(|| format!("{path}: parsing {name}"))
+    };
+    Ok(field(11, "utime")? + field(12, "stime")?)
+}
+
+/// Peak resident set size (`VmHWM`) of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .ok_or_else(|| anyhow!("{path}: no VmHWM line"))?;
+    line.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("{path}: parsing VmHWM `{line}`"))
+}
+
+/// While alive, the kernel accounts the run time of every BPF program (`run_time_ns`,
+/// `run_cnt`). Taken through `BPF_ENABLE_STATS` rather than the `kernel.bpf_stats_enabled`
+/// sysctl so that it switches itself off when dropped or when the harness dies. Accounting
+/// costs two clock reads per program run, so it is on only in the fixed-rate phase, never in the
+/// throughput trials.
+pub struct BpfStats(#[allow(dead_code)] OwnedFd);
+
+impl BpfStats {
+    pub fn enable() -> anyhow::Result<Self> {
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        const BPF_STATS_RUN_TIME: u32 = 0;
+        // `union bpf_attr` for this command is `struct { __u32 type; }`.
+        let attr: u32 = BPF_STATS_RUN_TIME;
+        // SAFETY: the kernel reads `size_of::<u32>()` bytes from a pointer to a live u32.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                &attr as *const u32,
+                size_of::<u32>(),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("bpf(BPF_ENABLE_STATS)");
+        }
+        // SAFETY: the syscall returned a new descriptor that nothing else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    }
+}
+
+/// Run time and run count summed over the BPF programs a process holds open.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProgRuns {
+    pub programs: usize,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+}
+
+impl ProgRuns {
+    /// Counts since `before`.
+    pub fn since(self, before: ProgRuns) -> ProgRuns {
+        ProgRuns {
+            programs: self.programs,
+            run_time_ns: self.run_time_ns.saturating_sub(before.run_time_ns),
+            run_count: self.run_count.saturating_sub(before.run_count),
+        }
+    }
+}
+
+/// Reads `/proc/<pid>/fdinfo/*` for BPF program descriptors (those with `prog_type:`), counting
+/// each program once however many descriptors point at it.
+pub fn bpf_prog_runs(pid: u32) -> anyhow::Result<ProgRuns> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut programs: HashMap<u64, (u64, u64)> = HashMap::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+        let entry = entry.with_context(|| format!("listing {dir}"))?;
+        // A descriptor can close between listing and reading: skip it.
+        let Ok(info) = fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        if !info.contains("prog_type:") {
+            continue;
+        }
+        let value = |key: &str| -> Option<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        if let (Some(id), Some(time), Some(count)) =
+            (value("prog_id:"), value("run_time_ns:"), value("run_cnt:"))
+        {
+            programs.insert(id, (time, count));
+        }
+    }
+    Ok(ProgRuns {
+        programs: programs.len(),
+        run_time_ns: programs.values().map(|p| p.0).sum(),
+        run_count: programs.values().map(|p| p.1).sum(),
+    })
+}
+
+/// Host-wide CPU time from the first line of `/proc/stat`, in clock ticks: what the whole
+/// machine spent (load, tracer, kernel, BPF programs), and what the hypervisor took from it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostCpu {
+    /// user + nice + system + irq + softirq.
+    pub busy: u64,
+    /// user + nice + system: time charged to tasks (busy without interrupt time).
+    pub task: u64,
+    /// idle + iowait.
+    pub idle: u64,
+    /// Time the hypervisor ran something else while this VM wanted to run.
+    pub steal: u64,
+}
+
+impl HostCpu {
+    pub fn read() -> anyhow::Result<Self> {
+        let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let line = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .ok_or_else(|| anyhow!("/proc/stat: no `cpu ` line"))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().context("/proc/stat: parsing the `cpu ` line"))
+            .collect::<anyhow::Result<_>>()?;
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal (guest time is already in user).
+        Ok(Self {
+            busy: at(0) + at(1) + at(2) + at(5) + at(6),
+            task: at(0) + at(1) + at(2),
+            idle: at(3) + at(4),
+            steal: at(7),
+        })
+    }
+
+    /// Ticks since `before`.
+    pub fn since(self, before: HostCpu) -> HostCpu {
+        HostCpu {
+            busy: self.busy.saturating_sub(before.busy),
+            task: self.task.saturating_sub(before.task),
+            idle: self.idle.saturating_sub(before.idle),
+            steal: self.steal.saturating_sub(before.steal),
+        }
+    }
+
+    /// Share of the VM's CPU time that the hypervisor stole, in percent.
+    pub fn steal_pct(&self) -> f64 {
+        self.pct(self.steal)
+    }
+
+    /// `ticks` as a share of all the VM's CPU time in this interval, in percent.
+    pub fn pct(&self, ticks: u64) -> f64 {
+        let total = self.busy + self.idle + self.steal;
+        if total == 0 {
+            0.0
+        } else {
+            ticks as f64 / total as f64 * 100.0
+        }
+    }
+}
+
+/// BPF program types that hook tracepoints or kernel functions (kprobe, tracepoint, perf_event,
+/// raw_tracepoint, raw_tracepoint_writable, tracing): what another tracer would attach with.
+const TRACING_PROG_TYPES: [u32; 6] = [2, 5, 7, 17, 24, 26];
+
+/// Processes other than this one and `ours` that hold a tracing BPF program, as "pid (comm)".
+/// Another flowlog-sidecar (say, an integration test running on the same machine) taxes every
+/// connection of the load as much as ours does, so a trial that overlaps one is not clean.
+pub fn foreign_tracers(ours: Option<u32>) -> Vec<String> {
+    let me = std::process::id();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me || Some(pid) == ours {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(entry.path().join("fdinfo")) else {
+            continue;
+        };
+        let holds_tracer = fds.flatten().any(|fd| {
+            fs::read_to_string(fd.path()).is_ok_and(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("prog_type:"))
+                    .and_then(|t| t.trim().parse::<u32>().ok())
+                    .is_some_and(|t| TRACING_PROG_TYPES.contains(&t))
+            })
+        });
+        if holds_tracer {
+            let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            found.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    found
+}
