@@ -61,6 +61,11 @@ pub mod flow_flag {
     pub const PEER_FIN: u8 = 1 << 3;
     /// `pid`, `comm` and `cgroup_id` were taken in the context of the socket's process.
     pub const PROCESS_KNOWN: u8 = 1 << 4;
+    /// The 4-tuple was read from the socket once its ports were bound.
+    pub const TUPLE_KNOWN: u8 = 1 << 5;
+    /// The close may be followed by a reset of this socket (`tcp_disconnect` sends it after the
+    /// move to `TCP_CLOSE`): the agent holds the end record briefly to fold that reset in.
+    pub const MAY_RESET: u8 = 1 << 6;
 }
 
 /// Indexes of the per-CPU `COUNTERS` array: places where the kernel side loses or skips data.
@@ -83,31 +88,31 @@ pub mod stat {
     pub const COUNT: u32 = 2;
 }
 
-/// Offsets of everything the programs read from the running kernel, found at start-up from BTF and
-/// tracefs `format` files, and handed to the programs as a read-only global. Every offset is in
-/// bytes; a tracepoint offset is relative to the start of its record, a socket offset to the
-/// start of `struct sock` (which `struct tcp_sock` begins with).
+/// Offsets of everything the programs read from the running kernel, found at start-up from its
+/// BTF and handed to the programs as a read-only global. Offsets are in bytes from the socket
+/// address the tracepoints pass (`struct tcp_sock` begins with `struct sock`, which begins with
+/// `struct sock_common`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelLayout {
-    // sock:inet_sock_set_state
-    pub state_skaddr: u32,
-    pub state_oldstate: u32,
-    pub state_newstate: u32,
-    pub state_sport: u32,
-    pub state_dport: u32,
-    pub state_family: u32,
-    pub state_protocol: u32,
-    /// 1 before Linux 5.6, 2 after.
-    pub state_protocol_size: u32,
-    pub state_saddr: u32,
-    pub state_daddr: u32,
-    pub state_saddr_v6: u32,
-    pub state_daddr_v6: u32,
-    // tcp:tcp_send_reset and tcp:tcp_receive_reset
-    pub send_reset_skaddr: u32,
-    pub receive_reset_skaddr: u32,
-    // struct tcp_sock / struct sock
+    /// `skc_daddr`: start of the block read at once for the IPv4 addresses, remote port and
+    /// family. The agent checks that `skc_rcv_saddr`, `skc_dport` and `skc_family` follow at the
+    /// offsets in [`tuple_block`].
+    pub sk_daddr: u32,
+    /// `skc_v6_daddr`; `skc_v6_rcv_saddr` follows it (checked by the agent).
+    pub sk_v6_daddr: u32,
+    /// `inet_sock.inet_sport` (network order): the local port. `skc_num` is not enough: the
+    /// kernel releases an ephemeral port (zeroing `skc_num`) before it reports `TCP_CLOSE`.
+    pub inet_sport: u32,
+    /// The 32-bit word that holds `sk_protocol`, and where in it (it was a bitfield before 5.6).
+    pub sk_protocol_word: u32,
+    pub sk_protocol_shift: u32,
+    pub sk_protocol_mask: u32,
+    /// `sk_flags` (`__sk_common.skc_flags` since 6.x).
+    pub sk_flags: u32,
+    /// Bit number of `SOCK_DONE` in `sk_flags` (set when the peer's FIN is processed).
+    pub sock_done_bit: u32,
+    // struct tcp_sock
     pub bytes_acked: u32,
     pub bytes_received: u32,
     pub segs_in: u32,
@@ -119,15 +124,18 @@ pub struct KernelLayout {
     pub min_rtt_us: u32,
     pub snd_una: u32,
     pub write_seq: u32,
-    pub sk_flags: u32,
-    /// Bit number of `SOCK_DONE` in `sk_flags` (set when the peer's FIN is processed).
-    pub sock_done_bit: u32,
-    /// `skc_num`, `skc_rcv_saddr`, `skc_v6_rcv_saddr`: the local port and address, read from the
-    /// socket for a flow still in `SYN_SENT` (its tracepoint came before `connect()` bound them).
-    pub sk_num: u32,
-    pub sk_rcv_saddr: u32,
-    pub sk_v6_rcv_saddr: u32,
-    pub _pad: [u32; 2],
+    pub _pad: u32,
+}
+
+/// Layout of the block of `struct sock_common` that starts at `skc_daddr`, the same on every
+/// kernel since 2.6 (the agent checks it against BTF at start-up).
+pub mod tuple_block {
+    pub const DADDR: usize = 0;
+    pub const RCV_SADDR: usize = 4;
+    pub const DPORT: usize = 12;
+    pub const FAMILY: usize = 16;
+    /// Bytes read at once.
+    pub const SIZE: usize = 20;
 }
 
 /// Where to find the socket behind a file descriptor returned by `accept()`: the

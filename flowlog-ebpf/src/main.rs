@@ -2,23 +2,24 @@
 //! `TCP_CLOSE` and emit one [`FlowEvent`] per flow end (and per interim report) through a ring
 //! buffer.
 //!
-//! - `sock:inet_sock_set_state` starts a flow (`CLOSE→SYN_SENT` outbound, `LISTEN→SYN_RECV`
-//!   inbound), completes it (`ESTABLISHED`, `FIN_WAIT1`/`LAST_ACK`), and ends it (`→CLOSE`),
-//!   reading the socket's counters from `struct tcp_sock` at that moment.
-//! - `tcp:tcp_send_reset` / `tcp:tcp_receive_reset` count resets per flow.
+//! - `sock:inet_sock_set_state` (raw tracepoint: the socket and both states come as arguments,
+//!   without the cost of formatting a trace record) starts a flow (`CLOSE→SYN_SENT` outbound,
+//!   `LISTEN→SYN_RECV` inbound), completes it (`ESTABLISHED`, `FIN_WAIT1`/`LAST_ACK`), and ends it
+//!   (`→CLOSE`), reading the socket's counters from `struct tcp_sock` at that moment.
+//! - `tcp:tcp_send_reset` / `tcp:tcp_receive_reset` (raw) count resets per flow.
 //! - `syscalls:sys_exit_accept{,4}` give an inbound flow its owning process (the accepting one).
-//! - `flowlog_sweep` is never attached: user space runs it with `BPF_PROG_TEST_RUN` once a second
-//!   to emit interim snapshots of long-lived flows (and all open flows at shutdown).
+//! - `flowlog_sweep` is never attached: user space runs it with `BPF_PROG_TEST_RUN` to emit
+//!   interim snapshots of long-lived flows (and of all open flows at shutdown).
 //!
-//! No offsets are compiled in: the agent finds them in the running kernel's BTF and tracefs
-//! `format` files and overrides the `CONFIG` global at load time.
+//! No offsets are compiled in: the agent finds them in the running kernel's BTF and overrides the
+//! `CONFIG` and `ACCEPT` globals at load time. The hot path is kept short: state changes that do
+//! not concern a tracked flow return after one map lookup, and the socket's 4-tuple is read once.
 #![no_std]
 #![no_main]
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -30,24 +31,38 @@ use aya_ebpf::{
 };
 use flowlog_common::{
     AF_INET6, AcceptLayout, Config, FlowEvent, FlowState, IPPROTO_TCP, counter, direction,
-    event_kind, flow_flag, stat, tcp_state,
+    event_kind, flow_flag, stat, tcp_state, tuple_block,
 };
 
 /// Layout and settings, overridden by the agent at load time (`EbpfLoader::override_global`).
 #[unsafe(no_mangle)]
-static CONFIG: Global<Config> = Global::new(unsafe { core::mem::zeroed() });
+static CONFIG: Config = unsafe { core::mem::zeroed() };
 
 /// How to reach the socket behind an accepted file descriptor; zero when the agent found no
 /// syscall tracepoints (the accept program is then not attached).
 #[unsafe(no_mangle)]
-static ACCEPT: Global<AcceptLayout> = Global::new(unsafe { core::mem::zeroed() });
+static ACCEPT: AcceptLayout = unsafe { core::mem::zeroed() };
+
+/// Reads one field of a load-time global. Volatile, so the compiler cannot fold the zero it was
+/// compiled with; one load instruction, where copying the whole struct would cost dozens.
+macro_rules! global {
+    ($($field:tt)+) => {
+        load_global(&raw const $($field)+)
+    };
+}
+
+#[inline(always)]
+fn load_global<T: Copy>(field: *const T) -> T {
+    // SAFETY: `field` points into one of the immutable globals above.
+    unsafe { core::ptr::read_volatile(field) }
+}
 
 /// Open flows, keyed by the kernel address of their socket. The agent sets its size.
 #[map]
 static FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(131_072, 0);
 
-/// Flows that reached `TCP_CLOSE` recently (socket address → flow id), so that a reset sent just
-/// after the close (the kernel's order for `SO_LINGER` 0) is attributed to its flow.
+/// Flows whose close may be followed by a reset (socket address → flow id), so that the reset,
+/// which the kernel sends after moving to `TCP_CLOSE` in `tcp_disconnect`, is charged to its flow.
 #[map]
 static CLOSED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16_384, 0);
 
@@ -63,18 +78,43 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 #[map]
 static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
 
-#[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let _ = on_set_state(&ctx);
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+    let sk: u64 = ctx.arg(0);
+    let oldstate = ctx.arg::<u64>(1) as u8;
+    let newstate = ctx.arg::<u64>(2) as u8;
+    match newstate {
+        tcp_state::SYN_SENT => start_flow(sk, direction::OUTBOUND),
+        tcp_state::SYN_RECV if oldstate == tcp_state::LISTEN => start_flow(sk, direction::INBOUND),
+        tcp_state::ESTABLISHED => {
+            if let Some(state) = FLOWS.get_ptr_mut(sk) {
+                let state = unsafe { &mut *state };
+                state.flags |= flow_flag::ESTABLISHED;
+                read_tuple(sk, state);
+            }
+        }
+        // Both come from close()/shutdown() in the socket owner's context: an inbound flow whose
+        // accept() was not seen (io_uring, no syscall tracepoints) gets its process here.
+        tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => {
+            if let Some(state) = FLOWS.get_ptr_mut(sk) {
+                let state = unsafe { &mut *state };
+                state.flags |= flow_flag::FIN_SENT;
+                if state.flags & flow_flag::PROCESS_KNOWN == 0 {
+                    take_process(state);
+                }
+            }
+        }
+        tcp_state::CLOSE if oldstate != tcp_state::LISTEN => end_flow(sk, oldstate),
+        _ => {}
+    }
     0
 }
 
-#[tracepoint]
-pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    let offset = CONFIG.load().layout.send_reset_skaddr as usize;
-    let Ok(sk) = (unsafe { ctx.read_at::<u64>(offset) }) else {
-        return 0;
-    };
+#[raw_tracepoint(tracepoint = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const struct sk_buff *skb[, reason])
+    let sk: u64 = ctx.arg(0);
     if sk == 0 {
         return 0; // a reset for a packet that matched no socket: no flow to charge
     }
@@ -87,12 +127,10 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let offset = CONFIG.load().layout.receive_reset_skaddr as usize;
-    let Ok(sk) = (unsafe { ctx.read_at::<u64>(offset) }) else {
-        return 0;
-    };
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct sock *sk)
+    let sk: u64 = ctx.arg(0);
     if let Some(state) = FLOWS.get_ptr_mut(sk) {
         unsafe { (*state).resets_received = (*state).resets_received.saturating_add(1) };
     }
@@ -109,23 +147,22 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_accept_exit(ctx: &TracePointContext) -> Result<(), i32> {
-    let l = ACCEPT.load();
-    let fd = unsafe { ctx.read_at::<i64>(l.ret as usize)? };
+    let fd = unsafe { ctx.read_at::<i64>(global!(ACCEPT.ret) as usize)? };
     if fd < 0 {
         return Ok(());
     }
     let task = unsafe { helper::bpf_get_current_task() } as *const u8;
     unsafe {
-        let files: *const u8 = read_field(task, l.task_files)?;
-        let fdt: *const u8 = read_field(files, l.files_fdt)?;
-        let max_fds: u32 = read_field(fdt, l.fdtable_max_fds)?;
+        let files: *const u8 = read_field(task, global!(ACCEPT.task_files))?;
+        let fdt: *const u8 = read_field(files, global!(ACCEPT.files_fdt))?;
+        let max_fds: u32 = read_field(fdt, global!(ACCEPT.fdtable_max_fds))?;
         if fd as u64 >= u64::from(max_fds) {
             return Ok(());
         }
-        let fds: *const *const u8 = read_field(fdt, l.fdtable_fd)?;
+        let fds: *const *const u8 = read_field(fdt, global!(ACCEPT.fdtable_fd))?;
         let file = bpf_probe_read_kernel(fds.add(fd as usize))?;
-        let socket: *const u8 = read_field(file, l.file_private_data)?;
-        let sk: u64 = read_field(socket, l.socket_sk)?;
+        let socket: *const u8 = read_field(file, global!(ACCEPT.file_private_data))?;
+        let sk: u64 = read_field(socket, global!(ACCEPT.socket_sk))?;
         if let Some(state) = FLOWS.get_ptr_mut(sk) {
             let state = &mut *state;
             if state.flags & flow_flag::PROCESS_KNOWN == 0 {
@@ -134,15 +171,6 @@ fn on_accept_exit(ctx: &TracePointContext) -> Result<(), i32> {
         }
     }
     Ok(())
-}
-
-/// Reads a `T` at `base + offset` in kernel memory.
-#[inline(always)]
-unsafe fn read_field<T>(base: *const u8, offset: u32) -> Result<T, i32> {
-    if base.is_null() {
-        return Err(-1);
-    }
-    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
 }
 
 /// What the sweep callback needs; lives on the sweep program's stack.
@@ -162,7 +190,7 @@ pub fn flowlog_sweep(ctx: RawTracePointContext) -> i32 {
     let flush: u64 = ctx.arg(0);
     let mut sweep = SweepContext {
         now: unsafe { bpf_ktime_get_ns() },
-        interim_ns: CONFIG.load().interim_ns,
+        interim_ns: global!(CONFIG.interim_ns),
         flush,
         visited: 0,
     };
@@ -196,8 +224,8 @@ extern "C" fn sweep_one(
             event_kind::INTERIM
         };
         let sk = unsafe { *key };
-        if state.local_port == 0 {
-            read_local_from_socket(sk, state);
+        if state.flags & flow_flag::TUPLE_KNOWN == 0 {
+            read_tuple(sk, state);
         }
         emit_snapshot(sk, state, kind, 0, sweep.now);
         state.last_report_ns = sweep.now;
@@ -206,51 +234,10 @@ extern "C" fn sweep_one(
 }
 
 #[inline(always)]
-fn on_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let l = CONFIG.load().layout;
-    let protocol = if l.state_protocol_size == 1 {
-        u16::from(unsafe { ctx.read_at::<u8>(l.state_protocol as usize)? })
-    } else {
-        unsafe { ctx.read_at::<u16>(l.state_protocol as usize)? }
-    };
-    if protocol != IPPROTO_TCP {
-        return Ok(());
+fn start_flow(sk: u64, dir: u8) {
+    if protocol(sk) != IPPROTO_TCP {
+        return;
     }
-    let newstate = unsafe { ctx.read_at::<i32>(l.state_newstate as usize)? } as u8;
-    let oldstate = unsafe { ctx.read_at::<i32>(l.state_oldstate as usize)? } as u8;
-    let sk = unsafe { ctx.read_at::<u64>(l.state_skaddr as usize)? };
-    match newstate {
-        tcp_state::SYN_SENT => start_flow(ctx, sk, direction::OUTBOUND),
-        tcp_state::SYN_RECV if oldstate == tcp_state::LISTEN => {
-            start_flow(ctx, sk, direction::INBOUND)
-        }
-        tcp_state::ESTABLISHED => {
-            if let Some(state) = FLOWS.get_ptr_mut(sk) {
-                let state = unsafe { &mut *state };
-                state.flags |= flow_flag::ESTABLISHED;
-                read_tuple(ctx, state)?;
-            }
-            Ok(())
-        }
-        // Both come from close()/shutdown() in the socket owner's context: an inbound flow whose
-        // accept() was not seen (io_uring, no syscall tracepoints) gets its process here.
-        tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => {
-            if let Some(state) = FLOWS.get_ptr_mut(sk) {
-                let state = unsafe { &mut *state };
-                state.flags |= flow_flag::FIN_SENT;
-                if state.flags & flow_flag::PROCESS_KNOWN == 0 {
-                    take_process(state);
-                }
-            }
-            Ok(())
-        }
-        tcp_state::CLOSE if oldstate != tcp_state::LISTEN => end_flow(ctx, sk, oldstate),
-        _ => Ok(()),
-    }
-}
-
-#[inline(always)]
-fn start_flow(ctx: &TracePointContext, sk: u64, dir: u8) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let mut state = FlowState {
         flow_id: random_flow_id(),
@@ -262,32 +249,43 @@ fn start_flow(ctx: &TracePointContext, sk: u64, dir: u8) -> Result<(), i32> {
     if dir == direction::OUTBOUND {
         take_process(&mut state);
     }
-    read_tuple(ctx, &mut state)?;
     if FLOWS.insert(sk, state, 0).is_err() {
         count(counter::MAP_FULL);
     }
     let _ = CLOSED.remove(sk);
-    Ok(())
 }
 
 #[inline(always)]
-fn end_flow(ctx: &TracePointContext, sk: u64, oldstate: u8) -> Result<(), i32> {
+fn end_flow(sk: u64, oldstate: u8) {
     let Some(state) = FLOWS.get_ptr_mut(sk) else {
         count(counter::UNTRACKED_CLOSE);
-        return Ok(());
+        return;
     };
     let state = unsafe { &mut *state };
-    read_tuple(ctx, state)?;
+    // A connect that failed or never got far enough had its tuple read nowhere yet; now the
+    // kernel has bound its local port.
+    if state.flags & flow_flag::TUPLE_KNOWN == 0 {
+        read_tuple(sk, state);
+    }
     let now = unsafe { bpf_ktime_get_ns() };
-    emit_snapshot(sk, state, event_kind::END, oldstate, now);
+    let flags = emit_snapshot(sk, state, event_kind::END, oldstate, now);
     let flow_id = state.flow_id;
     let _ = FLOWS.remove(sk);
-    let _ = CLOSED.insert(sk, flow_id, 0);
-    Ok(())
+    if flags & flow_flag::MAY_RESET != 0 {
+        let _ = CLOSED.insert(sk, flow_id, 0);
+    }
+}
+
+/// `sk_protocol` of the socket (a bitfield before Linux 5.6, hence the word, shift and mask).
+#[inline(always)]
+fn protocol(sk: u64) -> u16 {
+    let word: u32 = unsafe { read_sock(sk as *const u8, global!(CONFIG.layout.sk_protocol_word)) };
+    ((word >> global!(CONFIG.layout.sk_protocol_shift)) & global!(CONFIG.layout.sk_protocol_mask))
+        as u16
 }
 
 /// Records the task on the CPU as the flow's process. Only called where the kernel runs in the
-/// socket owner's context (connect, close, shutdown).
+/// socket owner's context (connect, accept, close, shutdown).
 #[inline(always)]
 fn take_process(state: &mut FlowState) {
     state.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -298,76 +296,73 @@ fn take_process(state: &mut FlowState) {
     state.flags |= flow_flag::PROCESS_KNOWN;
 }
 
-/// Copies the 4-tuple from the tracepoint record. Ports are 0 until the kernel picks them (the
-/// `SYN_SENT` event of a `connect()` comes before the local port is bound), so a tuple without
-/// ports never overwrites one with ports.
+/// Reads the 4-tuple and family from the socket. Until the kernel binds the local port
+/// (a `connect()` enters `SYN_SENT` before it picks one) the tuple is incomplete, so it is marked
+/// known only once the local port is set.
 #[inline(always)]
-fn read_tuple(ctx: &TracePointContext, state: &mut FlowState) -> Result<(), i32> {
-    let l = CONFIG.load().layout;
-    let sport = unsafe { ctx.read_at::<u16>(l.state_sport as usize)? };
-    let dport = unsafe { ctx.read_at::<u16>(l.state_dport as usize)? };
-    if sport == 0 && state.local_port != 0 {
-        return Ok(());
-    }
-    let family = unsafe { ctx.read_at::<u16>(l.state_family as usize)? };
-    state.family = family as u8;
-    state.local_port = sport;
-    state.remote_port = dport;
-    if family == AF_INET6 {
-        state.local_addr = unsafe { ctx.read_at::<[u8; 16]>(l.state_saddr_v6 as usize)? };
-        state.remote_addr = unsafe { ctx.read_at::<[u8; 16]>(l.state_daddr_v6 as usize)? };
-    } else {
-        let saddr = unsafe { ctx.read_at::<[u8; 4]>(l.state_saddr as usize)? };
-        let daddr = unsafe { ctx.read_at::<[u8; 4]>(l.state_daddr as usize)? };
-        state.local_addr = [0; 16];
-        state.remote_addr = [0; 16];
-        state.local_addr[..4].copy_from_slice(&saddr);
-        state.remote_addr[..4].copy_from_slice(&daddr);
-    }
-    Ok(())
-}
-
-/// Fills the local port and address from the socket itself: a connect still in `SYN_SENT` was
-/// reported by its tracepoint before the kernel bound them.
-#[inline(always)]
-fn read_local_from_socket(sk: u64, state: &mut FlowState) {
-    let l = CONFIG.load().layout;
+fn read_tuple(sk: u64, state: &mut FlowState) {
     let base = sk as *const u8;
-    unsafe {
-        state.local_port = read_sock::<u16>(base, l.sk_num);
-        if u16::from(state.family) == AF_INET6 {
-            state.local_addr = read_sock::<[u8; 16]>(base, l.sk_v6_rcv_saddr);
-        } else {
-            let v4 = read_sock::<[u8; 4]>(base, l.sk_rcv_saddr);
-            state.local_addr[..4].copy_from_slice(&v4);
-        }
+    let block: [u8; tuple_block::SIZE] =
+        unsafe { read_sock(base, global!(CONFIG.layout.sk_daddr)) };
+    let u16_at = |at: usize| u16::from_ne_bytes([block[at], block[at + 1]]);
+    let family = u16_at(tuple_block::FAMILY);
+    state.family = family as u8;
+    state.local_port =
+        u16::from_be(unsafe { read_sock::<u16>(base, global!(CONFIG.layout.inet_sport)) });
+    state.remote_port = u16::from_be(u16_at(tuple_block::DPORT));
+    if family == AF_INET6 {
+        let addrs: [u8; 32] = unsafe { read_sock(base, global!(CONFIG.layout.sk_v6_daddr)) };
+        state.remote_addr.copy_from_slice(&addrs[..16]);
+        state.local_addr.copy_from_slice(&addrs[16..]);
+    } else {
+        state.remote_addr = [0; 16];
+        state.local_addr = [0; 16];
+        state.remote_addr[..4].copy_from_slice(&block[tuple_block::DADDR..tuple_block::DADDR + 4]);
+        state.local_addr[..4]
+            .copy_from_slice(&block[tuple_block::RCV_SADDR..tuple_block::RCV_SADDR + 4]);
+    }
+    if state.local_port != 0 {
+        state.flags |= flow_flag::TUPLE_KNOWN;
     }
 }
 
-/// Writes one snapshot of `state` and of the socket's counters into the ring buffer.
+/// Writes one snapshot of `state` and of the socket's counters into the ring buffer. Returns the
+/// flags it reported.
 #[inline(always)]
-fn emit_snapshot(sk: u64, state: &FlowState, kind: u8, end_state: u8, now: u64) {
+fn emit_snapshot(sk: u64, state: &FlowState, kind: u8, end_state: u8, now: u64) -> u8 {
+    let base = sk as *const u8;
+    let mut flags = state.flags;
+    let peer_fin = unsafe {
+        (read_sock::<u64>(base, global!(CONFIG.layout.sk_flags))
+            >> global!(CONFIG.layout.sock_done_bit))
+            & 1
+            != 0
+    };
+    if peer_fin {
+        flags |= flow_flag::PEER_FIN;
+    }
+    if kind == event_kind::END && may_reset(end_state, peer_fin) {
+        flags |= flow_flag::MAY_RESET;
+    }
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
         count(counter::RINGBUF_FULL);
-        return;
+        return flags;
     };
-    let l = CONFIG.load().layout;
-    let base = sk as *const u8;
     let ev = entry.as_mut_ptr();
     unsafe {
         (*ev).flow_id = state.flow_id;
         (*ev).start_ns = state.start_ns;
         (*ev).report_ns = now;
         (*ev).cgroup_id = state.cgroup_id;
-        (*ev).bytes_acked = read_sock::<u64>(base, l.bytes_acked);
-        (*ev).bytes_received = read_sock::<u64>(base, l.bytes_received);
+        (*ev).bytes_acked = read_sock::<u64>(base, global!(CONFIG.layout.bytes_acked));
+        (*ev).bytes_received = read_sock::<u64>(base, global!(CONFIG.layout.bytes_received));
         (*ev).local_addr = state.local_addr;
         (*ev).remote_addr = state.remote_addr;
-        (*ev).segs_out = read_sock::<u32>(base, l.segs_out);
-        (*ev).segs_in = read_sock::<u32>(base, l.segs_in);
-        (*ev).total_retrans = read_sock::<u32>(base, l.total_retrans);
-        (*ev).srtt_us = read_sock::<u32>(base, l.srtt_us) >> 3;
-        (*ev).min_rtt_us = read_sock::<u32>(base, l.min_rtt_us);
+        (*ev).segs_out = read_sock::<u32>(base, global!(CONFIG.layout.segs_out));
+        (*ev).segs_in = read_sock::<u32>(base, global!(CONFIG.layout.segs_in));
+        (*ev).total_retrans = read_sock::<u32>(base, global!(CONFIG.layout.total_retrans));
+        (*ev).srtt_us = read_sock::<u32>(base, global!(CONFIG.layout.srtt_us)) >> 3;
+        (*ev).min_rtt_us = read_sock::<u32>(base, global!(CONFIG.layout.min_rtt_us));
         (*ev).pid = state.pid;
         (*ev).comm = state.comm;
         (*ev).resets_sent = state.resets_sent;
@@ -377,20 +372,34 @@ fn emit_snapshot(sk: u64, state: &FlowState, kind: u8, end_state: u8, now: u64) 
         (*ev).kind = kind;
         (*ev).family = state.family;
         (*ev).direction = state.direction;
-        let mut flags = state.flags;
         if flags & flow_flag::FIN_SENT != 0
-            && read_sock::<u32>(base, l.snd_una) == read_sock::<u32>(base, l.write_seq)
+            && read_sock::<u32>(base, global!(CONFIG.layout.snd_una))
+                == read_sock::<u32>(base, global!(CONFIG.layout.write_seq))
         {
             flags |= flow_flag::FIN_ACKED;
-        }
-        if (read_sock::<u64>(base, l.sk_flags) >> l.sock_done_bit) & 1 != 0 {
-            flags |= flow_flag::PEER_FIN;
         }
         (*ev).flags = flags;
         (*ev).end_state = end_state;
         (*ev)._pad = [0; 3];
     }
-    entry.submit(wakeup_flag());
+    submit(entry);
+    flags
+}
+
+/// Whether a close from `oldstate` can be followed by a reset of the same socket: the kernel's
+/// `tcp_disconnect` (abortive close, close with unread data) moves to `TCP_CLOSE` first and sends
+/// the reset from the states of `tcp_need_reset`. The ordinary ends — `LAST_ACK→CLOSE`, and
+/// `FIN_WAIT2→CLOSE` after the peer's FIN (time-wait) — cannot, and are not held.
+#[inline(always)]
+fn may_reset(oldstate: u8, peer_fin: bool) -> bool {
+    match oldstate {
+        tcp_state::ESTABLISHED
+        | tcp_state::CLOSE_WAIT
+        | tcp_state::FIN_WAIT1
+        | tcp_state::SYN_RECV => true,
+        tcp_state::FIN_WAIT2 => !peer_fin,
+        _ => false,
+    }
 }
 
 #[inline(always)]
@@ -405,24 +414,39 @@ fn emit_reset_after_end(flow_id: u64) {
         kind: event_kind::RESET_AFTER_END,
         ..FlowEvent::default()
     });
-    entry.submit(wakeup_flag());
+    submit(entry);
 }
 
-/// Wakes user space only when enough data is waiting; otherwise the agent's periodic drain picks
-/// the record up. One wake-up per record would cost the host more CPU than the tracing itself.
+/// Submits a record, waking user space only when this record takes the ring buffer across the
+/// wake-up threshold. Below it, records wait for the agent's periodic drain; above it, the agent
+/// has been woken already, and waking it again for every record would only interrupt the CPU.
 #[inline(always)]
-fn wakeup_flag() -> u64 {
-    let threshold = CONFIG.load().wakeup_bytes;
-    if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= threshold {
-        BPF_RB_FORCE_WAKEUP.into()
+fn submit(entry: aya_ebpf::maps::ring_buf::RingBufEntry<FlowEvent>) {
+    let threshold = global!(CONFIG.wakeup_bytes);
+    // Includes this record: reserved space counts as produced.
+    let waiting = EVENTS.query(BPF_RB_AVAIL_DATA.into());
+    let record = (size_of::<FlowEvent>() + 8) as u64;
+    let flag = if waiting >= threshold && waiting < threshold + record {
+        BPF_RB_FORCE_WAKEUP
     } else {
-        BPF_RB_NO_WAKEUP.into()
-    }
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flag.into());
 }
 
+/// Reads a `T` at `base + offset` in kernel memory; zero if it cannot be read.
 #[inline(always)]
 unsafe fn read_sock<T: Default>(base: *const u8, offset: u32) -> T {
     unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }.unwrap_or_default()
+}
+
+/// Reads a `T` at `base + offset` in kernel memory.
+#[inline(always)]
+unsafe fn read_field<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    if base.is_null() {
+        return Err(-1);
+    }
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
 }
 
 #[inline(always)]

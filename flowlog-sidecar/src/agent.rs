@@ -59,7 +59,12 @@ pub async fn run<S: RecordSink>(
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
         .context("registering the ring buffer with the event loop")?;
-    let mut assembler = Assembler::new(settings.host.clone(), Clock::now(), Instant::now());
+    let mut assembler = Assembler::new(
+        settings.host.clone(),
+        Clock::now(),
+        settings.interim,
+        Instant::now(),
+    );
     let mut reporter = Reporter::default();
     let mut out: Vec<FlowRecord> = Vec::new();
 
@@ -97,6 +102,8 @@ pub async fn run<S: RecordSink>(
     }
 
     info!("shutting down: reporting open flows");
+    drain(ring.get_mut(), &mut assembler, &mut out);
+    assembler.start_flush();
     if let Err(e) = probe.sweep(true) {
         warn!(
             error = crate::error_chain(&e),

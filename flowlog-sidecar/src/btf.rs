@@ -65,7 +65,10 @@ enum Type {
         members: Vec<Member>,
     },
     /// typedef, const, volatile, restrict, type tag: points at another type.
-    Alias(u32),
+    Alias {
+        name_off: u32,
+        target: u32,
+    },
     Array {
         elem: u32,
     },
@@ -142,7 +145,10 @@ impl Btf {
                 }
                 KIND_PTR | KIND_FWD | KIND_FUNC | KIND_FLOAT => Type::Other,
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    Type::Alias(size_or_type)
+                    Type::Alias {
+                        name_off,
+                        target: size_or_type,
+                    }
                 }
                 KIND_ARRAY => {
                     let elem = r.u32()?;
@@ -217,7 +223,7 @@ impl Btf {
     fn resolve(&self, mut id: u32) -> Option<&Type> {
         for _ in 0..64 {
             match self.types.get(id as usize)? {
-                Type::Alias(next) | Type::Array { elem: next } => id = *next,
+                Type::Alias { target: next, .. } | Type::Array { elem: next } => id = *next,
                 other => return Some(other),
             }
         }
@@ -250,10 +256,21 @@ impl Btf {
     /// Byte offset of `path` (members separated by `.`; an array member means its element 0)
     /// from the start of `struct structure`.
     pub fn member_offset(&self, structure: &str, path: &str) -> Result<u32, BtfError> {
+        let (bits, bitfield_size) = self.member_bits(structure, path)?;
+        if bitfield_size != 0 || bits % 8 != 0 {
+            return Err(BtfError::Bitfield(format!("{structure}.{path}")));
+        }
+        Ok(bits / 8)
+    }
+
+    /// Bit offset of `path` from the start of `struct structure`, and its size in bits if it is
+    /// a bitfield (0 otherwise).
+    pub fn member_bits(&self, structure: &str, path: &str) -> Result<(u32, u32), BtfError> {
         let mut id = self
             .struct_id(structure)
             .ok_or_else(|| BtfError::NoStruct(structure.to_string()))?;
         let mut bits = 0u32;
+        let mut bitfield_size = 0;
         let mut current = structure.to_string();
         for part in path.split('.') {
             let no_member = || BtfError::NoMember {
@@ -264,14 +281,20 @@ impl Btf {
                 return Err(no_member());
             };
             let (member, offset) = self.find_member(members, part).ok_or_else(no_member)?;
-            if member.bitfield_size != 0 || offset % 8 != 0 {
-                return Err(BtfError::Bitfield(format!("{structure}.{path}")));
-            }
             bits += offset;
+            bitfield_size = member.bitfield_size;
             id = member.type_id;
             current = format!("{current}.{part}");
         }
-        Ok(bits / 8)
+        Ok((bits, bitfield_size))
+    }
+
+    /// Whether a typedef named `name` exists (the kernel declares `btf_trace_<tracepoint>` for
+    /// every tracepoint, which is how raw tracepoints are found).
+    pub fn has_typedef(&self, name: &str) -> bool {
+        self.types.iter().any(
+            |t| matches!(t, Type::Alias { name_off, .. } if *name_off != 0 && self.name(*name_off) == name),
+        )
     }
 
     /// Like [`Btf::member_offset`], trying each path in turn: members move between kernels
@@ -394,6 +417,8 @@ mod tests {
         assert_eq!(btf.member_offset("outer", "y").unwrap(), 32);
         assert_eq!(btf.member_offset("inner", "b").unwrap(), 4);
         assert_eq!(btf.enum_value("F_TWO").unwrap(), 2);
+        assert_eq!(btf.member_bits("outer", "arr.b").unwrap(), (96, 0));
+        assert!(!btf.has_typedef("btf_trace_inet_sock_set_state"));
     }
 
     #[test]
@@ -442,6 +467,8 @@ mod tests {
             in_sock
         );
         assert_eq!(btf.enum_value("SOCK_DONE").unwrap(), 1);
+        assert!(btf.has_typedef("btf_trace_inet_sock_set_state"));
+        assert!(!btf.has_typedef("btf_trace_no_such_tracepoint"));
         let min_rtt = btf.member_offset("tcp_sock", "rtt_min.s.v").unwrap();
         assert_eq!(
             min_rtt,

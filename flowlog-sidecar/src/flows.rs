@@ -6,18 +6,21 @@
 //!   SYN, each side's FIN once acknowledged, and the peer's FIN once received are in them. The
 //!   flags in each snapshot say which were, and [`payload`] takes them out.
 //! - The interim sweep and the socket's close can run at once on two CPUs, so an interim snapshot
-//!   can reach us after the flow's end. Ended flows are remembered for a while ([`Tombstones`])
-//!   and late snapshots of them are ignored (their counters are already in the end record).
+//!   can reach us after the flow's end. Ended flows that were old enough to be swept are
+//!   remembered for a while ([`Tombstones`]) and late snapshots of them are ignored (their
+//!   counters are already in the end record).
 //! - The kernel moves a socket to `TCP_CLOSE` *before* it sends the reset of an abortive close,
-//!   so an end record waits [`RESET_GRACE`] for a `RESET_AFTER_END` amendment before it is
-//!   released.
+//!   so an end record that the kernel marks `MAY_RESET` waits [`RESET_GRACE`] for a
+//!   `RESET_AFTER_END` amendment before it is released. Ordinary closes are released at once.
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::VecDeque,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
 use flowlog_common::{AF_INET6, FlowEvent, direction, event_kind, flow_flag, tcp_state};
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::record::{Direction, Family, FlowRecord, Outcome};
 
@@ -164,8 +167,8 @@ struct Tombstones {
 impl Tombstones {
     fn new(now: Instant) -> Self {
         Self {
-            current: HashSet::new(),
-            previous: HashSet::new(),
+            current: HashSet::default(),
+            previous: HashSet::default(),
             rotated_at: now,
         }
     }
@@ -202,6 +205,11 @@ struct PendingEnd {
 pub struct Assembler {
     host: String,
     clock: Clock,
+    /// Flows younger than this at their end cannot have raced an interim sweep.
+    interim_ns: u64,
+    /// Set before the shutdown flush: every end is then remembered, since the flush snapshots
+    /// flows of any age.
+    flushing: bool,
     reported: HashMap<u64, Reported>,
     ended: Tombstones,
     pending: HashMap<u64, PendingEnd>,
@@ -210,13 +218,15 @@ pub struct Assembler {
 }
 
 impl Assembler {
-    pub fn new(host: String, clock: Clock, now: Instant) -> Self {
+    pub fn new(host: String, clock: Clock, interim: Duration, now: Instant) -> Self {
         Self {
             host,
             clock,
-            reported: HashMap::new(),
+            interim_ns: interim.as_nanos() as u64,
+            flushing: false,
+            reported: HashMap::default(),
             ended: Tombstones::new(now),
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             pending_order: VecDeque::new(),
             stats: AssemblyStats::default(),
         }
@@ -229,6 +239,11 @@ impl Assembler {
     /// Flows with at least one interim record (what the agent keeps per open flow).
     pub fn open_reported(&self) -> usize {
         self.reported.len()
+    }
+
+    /// Call before running the shutdown flush sweep.
+    pub fn start_flush(&mut self) {
+        self.flushing = true;
     }
 
     /// Counts an event that could not be decoded (shorter than a [`FlowEvent`]).
@@ -263,15 +278,22 @@ impl Assembler {
                 let outcome = end_outcome(ev);
                 let record = self.record(ev, outcome);
                 self.reported.remove(&ev.flow_id);
-                self.ended.insert(ev.flow_id, now);
-                self.pending_order.push_back(ev.flow_id);
-                self.pending.insert(
-                    ev.flow_id,
-                    PendingEnd {
-                        record,
-                        release_at: now + RESET_GRACE,
-                    },
-                );
+                let age = ev.report_ns.saturating_sub(ev.start_ns);
+                if self.flushing || age >= self.interim_ns {
+                    self.ended.insert(ev.flow_id, now);
+                }
+                if ev.flags & flow_flag::MAY_RESET != 0 {
+                    self.pending_order.push_back(ev.flow_id);
+                    self.pending.insert(
+                        ev.flow_id,
+                        PendingEnd {
+                            record,
+                            release_at: now + RESET_GRACE,
+                        },
+                    );
+                } else {
+                    out.push(record);
+                }
             }
             event_kind::RESET_AFTER_END => match self.pending.get_mut(&ev.flow_id) {
                 Some(p) => {
@@ -412,6 +434,8 @@ mod tests {
     use super::*;
     use flowlog_common::AF_INET;
 
+    const INTERIM: Duration = Duration::from_nanos(1_000);
+
     fn event(kind: u8, bytes_acked: u64, bytes_received: u64, flags: u8) -> FlowEvent {
         let mut local_addr = [0u8; 16];
         local_addr[..4].copy_from_slice(&[198, 51, 100, 1]);
@@ -466,7 +490,7 @@ mod tests {
     #[test]
     fn interim_deltas_sum_to_the_end_totals() {
         let t0 = Instant::now();
-        let mut a = Assembler::new("h".into(), Clock::with_offset(10), t0);
+        let mut a = Assembler::new("h".into(), Clock::with_offset(10), INTERIM, t0);
         let mut out = Vec::new();
         a.on_event(&event(event_kind::INTERIM, 1 + 1000, 300, 0), t0, &mut out);
         a.on_event(&event(event_kind::INTERIM, 1 + 2500, 300, 0), t0, &mut out);
@@ -477,8 +501,7 @@ mod tests {
             flow_flag::FIN_SENT | flow_flag::FIN_ACKED | flow_flag::PEER_FIN,
         );
         a.on_event(&end, t0, &mut out);
-        assert_eq!(out.len(), 2, "the end record waits for the reset grace");
-        a.release_due(t0 + RESET_GRACE, &mut out);
+        assert_eq!(out.len(), 3, "an ordinary close is released at once");
         let seqs: Vec<u32> = out.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, [0, 1, 2]);
         let sent: Vec<u64> = out.iter().map(|r| r.bytes_sent).collect();
@@ -495,7 +518,7 @@ mod tests {
     #[test]
     fn late_interim_after_end_is_ignored() {
         let t0 = Instant::now();
-        let mut a = Assembler::new("h".into(), Clock::with_offset(0), t0);
+        let mut a = Assembler::new("h".into(), Clock::with_offset(0), INTERIM, t0);
         let mut out = Vec::new();
         a.on_event(&event(event_kind::END, 11, 5, 0), t0, &mut out);
         a.on_event(&event(event_kind::INTERIM, 6, 5, 0), t0, &mut out);
@@ -508,9 +531,17 @@ mod tests {
     #[test]
     fn reset_after_end_amends_the_held_record() {
         let t0 = Instant::now();
-        let mut a = Assembler::new("h".into(), Clock::with_offset(0), t0);
+        let mut a = Assembler::new("h".into(), Clock::with_offset(0), INTERIM, t0);
         let mut out = Vec::new();
-        a.on_event(&event(event_kind::END, 11, 5, 0), t0, &mut out);
+        a.on_event(
+            &event(event_kind::END, 11, 5, flow_flag::MAY_RESET),
+            t0,
+            &mut out,
+        );
+        assert!(
+            out.is_empty(),
+            "a close that may be followed by a reset is held"
+        );
         let rst = FlowEvent {
             flow_id: 42,
             resets_sent: 1,
@@ -530,7 +561,7 @@ mod tests {
     #[test]
     fn failed_connect_and_mapped_addresses() {
         let t0 = Instant::now();
-        let mut a = Assembler::new("h".into(), Clock::with_offset(0), t0);
+        let mut a = Assembler::new("h".into(), Clock::with_offset(0), INTERIM, t0);
         let mut ev = event(event_kind::END, 0, 0, 0);
         ev.flags &= !flow_flag::ESTABLISHED;
         ev.end_state = tcp_state::SYN_SENT;

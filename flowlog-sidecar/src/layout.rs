@@ -1,15 +1,17 @@
-//! Discovers the running kernel's layout: where each tracepoint argument sits in its record
-//! (tracefs `format` files) and where each `struct tcp_sock` counter sits (BTF).
+//! Discovers the running kernel's layout: which tracepoints exist and where each `struct sock` /
+//! `struct tcp_sock` field sits (BTF), and where the accept tracepoints keep their return value
+//! (tracefs `format` files).
 //!
-//! Layouts differ between kernels (`protocol` was one byte before 5.6; `tcp_send_reset` gained
-//! fields in 6.x; `tcp_sock` is reordered often), so nothing is compiled in: one agent binary runs
-//! on every kernel that has BTF, and a kernel that lacks something is a start-up error naming it.
+//! Layouts differ between kernels (`sk_protocol` was a bitfield before 5.6, `sk_flags` moved into
+//! `sock_common` in 6.x, `tcp_sock` is reordered often), so nothing is compiled in: one agent
+//! binary runs on every kernel that has BTF, and a kernel that lacks something is a start-up
+//! error naming it.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
 };
 
-use flowlog_common::{AcceptLayout, KernelLayout};
+use flowlog_common::{AcceptLayout, KernelLayout, tuple_block};
 
 use crate::btf::{Btf, BtfError};
 
@@ -21,6 +23,14 @@ pub enum LayoutError {
          mount it with `mount -t tracefs tracefs /sys/kernel/tracing`"
     )]
     NoTracefs,
+    #[error("kernel {kernel} has no tracepoint {tracepoint} (its BTF has no `btf_trace_{name}`)")]
+    MissingRawTracepoint {
+        kernel: String,
+        tracepoint: String,
+        name: String,
+    },
+    #[error("kernel {kernel}: struct sock_common is not laid out as expected ({detail})")]
+    UnexpectedSockLayout { kernel: String, detail: String },
     #[error("kernel {kernel} has no tracepoint {tracepoint} ({path})")]
     MissingTracepoint {
         kernel: String,
@@ -147,43 +157,32 @@ impl TracepointFields {
     }
 }
 
-/// The tracepoints the agent attaches to, as `category/name`.
-pub const TRACEPOINTS: [&str; 3] = [
-    "sock/inet_sock_set_state",
-    "tcp/tcp_send_reset",
-    "tcp/tcp_receive_reset",
+/// The tracepoints the agent attaches to as raw tracepoints, as `category:name`.
+pub const RAW_TRACEPOINTS: [&str; 3] = [
+    "sock:inet_sock_set_state",
+    "tcp:tcp_send_reset",
+    "tcp:tcp_receive_reset",
 ];
 
-/// Discovers the full layout from tracefs and the BTF file at `btf_path`.
-pub fn discover(tracefs: &Path, btf_path: &Path) -> Result<KernelLayout, LayoutError> {
+/// Discovers the layout of sockets from the BTF file at `btf_path`, and checks that the raw
+/// tracepoints exist.
+pub fn discover(btf_path: &Path) -> Result<KernelLayout, LayoutError> {
     let kernel = kernel_release();
-    let state = tracepoint_fields(tracefs, TRACEPOINTS[0], &kernel)?;
-    let send_reset = tracepoint_fields(tracefs, TRACEPOINTS[1], &kernel)?;
-    let receive_reset = tracepoint_fields(tracefs, TRACEPOINTS[2], &kernel)?;
-    // Tracepoint fields first: they need no BTF, and a missing one is the likelier error.
-    let protocol = state.get("protocol")?;
-    let mut layout = KernelLayout {
-        state_skaddr: state.offset("skaddr")?,
-        state_oldstate: state.offset("oldstate")?,
-        state_newstate: state.offset("newstate")?,
-        state_sport: state.offset("sport")?,
-        state_dport: state.offset("dport")?,
-        state_family: state.offset("family")?,
-        state_protocol: protocol.offset,
-        state_protocol_size: protocol.size,
-        state_saddr: state.offset("saddr")?,
-        state_daddr: state.offset("daddr")?,
-        state_saddr_v6: state.offset("saddr_v6")?,
-        state_daddr_v6: state.offset("daddr_v6")?,
-        send_reset_skaddr: send_reset.offset("skaddr")?,
-        receive_reset_skaddr: receive_reset.offset("skaddr")?,
-        ..KernelLayout::default()
-    };
     let btf = Btf::from_file(btf_path).map_err(|source| LayoutError::NoBtf {
         kernel: kernel.clone(),
         path: btf_path.to_path_buf(),
         source,
     })?;
+    for tracepoint in RAW_TRACEPOINTS {
+        let name = tracepoint.split_once(':').map_or(tracepoint, |(_, n)| n);
+        if !btf.has_typedef(&format!("btf_trace_{name}")) {
+            return Err(LayoutError::MissingRawTracepoint {
+                kernel,
+                tracepoint: tracepoint.to_string(),
+                name: name.to_string(),
+            });
+        }
+    }
     let btf_err = |source| LayoutError::Btf {
         kernel: kernel.clone(),
         source,
@@ -192,29 +191,63 @@ pub fn discover(tracefs: &Path, btf_path: &Path) -> Result<KernelLayout, LayoutE
     // struct tcp_sock starts with struct sock (inet_conn.icsk_inet.sk), so an offset inside
     // struct sock plus that start is an offset from the socket address the tracepoints report.
     let sock_start = tcp("inet_conn.icsk_inet.sk")?;
-    let sock_flags = btf
-        .member_offset_any("sock", &["sk_flags", "__sk_common.skc_flags"])
-        .map_err(btf_err)?;
-    layout.bytes_acked = tcp("bytes_acked")?;
-    layout.bytes_received = tcp("bytes_received")?;
-    layout.segs_in = tcp("segs_in")?;
-    layout.segs_out = tcp("segs_out")?;
-    layout.total_retrans = tcp("total_retrans")?;
-    layout.srtt_us = tcp("srtt_us")?;
-    layout.min_rtt_us = tcp("rtt_min.s.v")?;
-    layout.snd_una = tcp("snd_una")?;
-    layout.write_seq = tcp("write_seq")?;
-    layout.sk_flags = sock_start + sock_flags;
-    let sock = |member: &str| {
-        btf.member_offset("sock", member)
+    let sock_any = |paths: &[&str]| {
+        btf.member_offset_any("sock", paths)
             .map(|o| sock_start + o)
             .map_err(btf_err)
     };
-    layout.sk_num = sock("__sk_common.skc_num")?;
-    layout.sk_rcv_saddr = sock("__sk_common.skc_rcv_saddr")?;
-    layout.sk_v6_rcv_saddr = sock("__sk_common.skc_v6_rcv_saddr")?;
-    layout.sock_done_bit = btf.enum_value("SOCK_DONE").map_err(btf_err)? as u32;
-    Ok(layout)
+    let sock = |member: &str| sock_any(&[member]);
+
+    // The 4-tuple block is read at once; check that this kernel lays it out as the programs
+    // expect (it has not changed since 2.6).
+    let daddr = sock("__sk_common.skc_daddr")?;
+    for (member, expected) in [
+        ("__sk_common.skc_rcv_saddr", tuple_block::RCV_SADDR),
+        ("__sk_common.skc_dport", tuple_block::DPORT),
+        ("__sk_common.skc_family", tuple_block::FAMILY),
+    ] {
+        let at = (sock(member)? - daddr) as usize;
+        if at != expected {
+            return Err(LayoutError::UnexpectedSockLayout {
+                kernel,
+                detail: format!("{member} is {at} bytes after skc_daddr, not {expected}"),
+            });
+        }
+    }
+    let v6_daddr = sock("__sk_common.skc_v6_daddr")?;
+    if sock("__sk_common.skc_v6_rcv_saddr")? != v6_daddr + 16 {
+        return Err(LayoutError::UnexpectedSockLayout {
+            kernel,
+            detail: "skc_v6_rcv_saddr does not follow skc_v6_daddr".to_string(),
+        });
+    }
+
+    // sk_protocol: u16 since 5.6, an 8-bit field of a 32-bit bitfield word before.
+    let (bits, bitfield) = btf.member_bits("sock", "sk_protocol").map_err(btf_err)?;
+    let bits = bits + sock_start * 8;
+    let width = if bitfield == 0 { 16 } else { bitfield };
+    let word = bits / 32 * 4;
+
+    Ok(KernelLayout {
+        sk_daddr: daddr,
+        sk_v6_daddr: v6_daddr,
+        inet_sport: tcp("inet_conn.icsk_inet.inet_sport")?,
+        sk_protocol_word: word,
+        sk_protocol_shift: bits - word * 8,
+        sk_protocol_mask: (1u32 << width) - 1,
+        sk_flags: sock_any(&["sk_flags", "__sk_common.skc_flags"])?,
+        sock_done_bit: btf.enum_value("SOCK_DONE").map_err(btf_err)? as u32,
+        bytes_acked: tcp("bytes_acked")?,
+        bytes_received: tcp("bytes_received")?,
+        segs_in: tcp("segs_in")?,
+        segs_out: tcp("segs_out")?,
+        total_retrans: tcp("total_retrans")?,
+        srtt_us: tcp("srtt_us")?,
+        min_rtt_us: tcp("rtt_min.s.v")?,
+        snd_una: tcp("snd_una")?,
+        write_seq: tcp("write_seq")?,
+        _pad: 0,
+    })
 }
 
 /// The syscall tracepoints that report accepted sockets, as `category/name`.
@@ -305,13 +338,13 @@ print fmt: \"family=%s\", REC->family
     }
 
     #[test]
-    fn missing_tracepoint_names_it_and_the_kernel() {
+    fn missing_accept_tracepoint_names_it_and_the_kernel() {
         let dir = std::env::temp_dir().join(format!("flowlog-layout-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("events")).unwrap();
-        let err = discover(&dir, Path::new("/nonexistent")).unwrap_err();
+        let err = discover_accept(&dir, Path::new("/nonexistent")).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("has no tracepoint sock:inet_sock_set_state"),
+            msg.contains("has no tracepoint syscalls:sys_exit_accept4"),
             "{msg}"
         );
         assert!(msg.contains(&kernel_release()), "{msg}");
@@ -321,18 +354,34 @@ print fmt: \"family=%s\", REC->family
     #[test]
     fn missing_field_is_named() {
         let dir = std::env::temp_dir().join(format!("flowlog-layout-f-{}", std::process::id()));
-        for tp in TRACEPOINTS {
+        for tp in ACCEPT_TRACEPOINTS {
             std::fs::create_dir_all(dir.join("events").join(tp)).unwrap();
             std::fs::write(dir.join("events").join(tp).join("format"), FORMAT_5_4).unwrap();
         }
-        let err = discover(&dir, Path::new("/nonexistent")).unwrap_err();
+        let err = discover_accept(&dir, Path::new("/nonexistent")).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
-                "tracepoint sock:inet_sock_set_state on kernel {} has no field `newstate`",
+                "tracepoint syscalls:sys_exit_accept4 on kernel {} has no field `ret`",
                 kernel_release()
             )
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn running_kernel_layout() {
+        let btf = Path::new("/sys/kernel/btf/vmlinux");
+        if !btf.exists() {
+            return; // nothing to read: the agent's start-up tests cover a kernel without BTF
+        }
+        let layout = discover(btf).unwrap();
+        // sock_common begins the socket: the IPv4 destination address is its first field.
+        assert_eq!(layout.sk_daddr, 0);
+        assert!(layout.sk_v6_daddr > layout.sk_daddr);
+        if kernel_release().as_str() >= "5.6" {
+            assert_eq!(layout.sk_protocol_mask, 0xffff);
+        }
+        assert!(layout.bytes_acked > layout.sk_flags);
     }
 }

@@ -65,11 +65,8 @@ pub struct ProbeSettings {
 }
 
 /// (program name in the object, tracepoint category, tracepoint name)
-const ATTACHMENTS: [(&str, &str, &str); 3] = [
-    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("tcp_send_reset", "tcp", "tcp_send_reset"),
-    ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
-];
+/// Raw tracepoint programs: the program's name in the object is the tracepoint's name.
+const RAW_PROGRAMS: [&str; 3] = ["inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset"];
 const SWEEP: &str = "flowlog_sweep";
 const ACCEPT_PROGRAM: &str = "accept_exit";
 
@@ -84,19 +81,19 @@ impl Probe {
     pub fn start(settings: &ProbeSettings) -> Result<Self, ProbeError> {
         check_privileges()?;
         let kernel = layout::kernel_release();
-        let tracefs = match &settings.tracefs {
-            Some(path) => path.clone(),
-            None => layout::tracefs_root()?,
-        };
         let btf_path = settings.btf.as_path();
-        let layout = layout::discover(&tracefs, btf_path)?;
+        let layout = layout::discover(btf_path)?;
         let config = Config {
             layout,
             interim_ns: settings.interim.as_nanos() as u64,
             // Wake the agent early once an eighth of the ring buffer is in use.
             wakeup_bytes: u64::from(settings.ring_buffer_bytes / 8),
         };
-        let accept = match layout::discover_accept(&tracefs, btf_path) {
+        let tracefs = match &settings.tracefs {
+            Some(path) => Ok(path.clone()),
+            None => layout::tracefs_root(),
+        };
+        let accept = match tracefs.and_then(|t| layout::discover_accept(&t, btf_path)) {
             Ok(accept) => Some(accept),
             Err(e) => {
                 warn!(
@@ -117,19 +114,19 @@ impl Probe {
                 kernel: kernel.clone(),
                 source: Box::new(source),
             })?;
-        for (program, category, name) in ATTACHMENTS {
+        for program in RAW_PROGRAMS {
             let err = |source| ProbeError::Program {
                 program,
                 kernel: kernel.clone(),
                 source,
             };
-            let prog: &mut TracePoint = ebpf
+            let prog: &mut RawTracePoint = ebpf
                 .program_mut(program)
                 .ok_or(ProbeError::MissingProgram(program))?
                 .try_into()
                 .map_err(err)?;
             prog.load().map_err(err)?;
-            prog.attach(category, name).map_err(err)?;
+            prog.attach(program).map_err(err)?;
         }
         if accept.is_some() {
             let err = |source| ProbeError::Program {

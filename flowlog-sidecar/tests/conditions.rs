@@ -64,49 +64,97 @@ fn missing_btf_is_a_clear_start_up_error() {
     );
 }
 
+/// A BTF blob that parses but describes almost nothing: one `int`.
+fn minimal_btf() -> Vec<u8> {
+    let strings = b"\0int\0";
+    // struct btf_type { name_off, info (kind INT = 1 << 24), size } + the INT's encoding word.
+    let types: Vec<u8> = [1u32, 1 << 24, 4, 32]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    let mut blob = Vec::new();
+    blob.extend(0xeb9fu16.to_ne_bytes()); // magic
+    blob.extend([1u8, 0]); // version, flags
+    for v in [
+        24u32,
+        0,
+        types.len() as u32,
+        types.len() as u32,
+        strings.len() as u32,
+    ] {
+        blob.extend(v.to_ne_bytes()); // hdr_len, type_off, type_len, str_off, str_len
+    }
+    blob.extend(types);
+    blob.extend(strings);
+    blob
+}
+
 #[test]
 fn missing_tracepoint_is_named() {
     let dir = temp_dir("no-tracepoint");
-    std::fs::create_dir_all(dir.join("events")).unwrap();
-    let (code, stderr) = run_to_exit(&[], &["--tracefs", dir.to_str().unwrap()]);
+    let btf = dir.join("vmlinux");
+    std::fs::write(&btf, minimal_btf()).unwrap();
+    let (code, stderr) = run_to_exit(&[], &["--btf", btf.to_str().unwrap()]);
     assert_eq!(code, 1, "{stderr}");
     assert!(
-        stderr.contains("has no tracepoint sock:inet_sock_set_state"),
+        stderr.contains(
+            "has no tracepoint sock:inet_sock_set_state (its BTF has no \
+             `btf_trace_inet_sock_set_state`)"
+        ),
         "{stderr}"
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// A tracefs copy of the real formats where one tracepoint lacks a field the programs read.
+/// Without the accept tracepoints (a tracefs copy whose accept formats lack `ret`), the agent
+/// says so once and runs on; an inbound flow then gets its process when it is closed.
 #[test]
-fn missing_tracepoint_field_is_named() {
+fn missing_accept_tracepoint_field_degrades_to_process_at_close() {
     let real = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .into_iter()
         .map(Path::new)
-        .find(|p| p.join("events/sock").is_dir())
+        .find(|p| p.join("events/syscalls").is_dir())
         .expect("tracefs is mounted (scripts/bootstrap mounts it)");
     let dir = temp_dir("no-field");
-    for tp in [
-        "sock/inet_sock_set_state",
-        "tcp/tcp_send_reset",
-        "tcp/tcp_receive_reset",
-    ] {
+    for tp in ["syscalls/sys_exit_accept4", "syscalls/sys_exit_accept"] {
         let format = std::fs::read_to_string(real.join("events").join(tp).join("format")).unwrap();
         let format: String = format
             .lines()
-            .filter(|l| !l.contains(" newstate;"))
+            .filter(|l| !l.contains(" ret;"))
             .map(|l| format!("{l}\n"))
             .collect();
         std::fs::create_dir_all(dir.join("events").join(tp)).unwrap();
         std::fs::write(dir.join("events").join(tp).join("format"), format).unwrap();
     }
-    let (code, stderr) = run_to_exit(&[], &["--tracefs", dir.to_str().unwrap()]);
-    assert_eq!(code, 1, "{stderr}");
+    let tracefs = dir.to_str().unwrap().to_string();
+    let mut agent = Agent::start("no-accept", &["--tracefs", &tracefs]);
+    agent.wait_for_log("accepted sockets cannot be traced", Duration::from_secs(5));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = serve(listener, 1);
+    let client_port = exchange(port);
+    server.join().unwrap();
+    let (records, log) = agent.stop();
+    let warning = log
+        .iter()
+        .find(|l| l.contains("accepted sockets cannot be traced"))
+        .unwrap();
     assert!(
-        stderr.contains("tracepoint sock:inet_sock_set_state on kernel")
-            && stderr.contains("has no field `newstate`"),
-        "{stderr}"
+        warning.contains("has no field `ret`") && warning.contains("sys_exit_accept4"),
+        "{warning}"
     );
+    let inbound: Vec<_> = records
+        .iter()
+        .filter(|r| r.local_port == port && r.remote_port == client_port)
+        .collect();
+    assert_eq!(inbound.len(), 1, "{records:#?}");
+    assert_eq!(
+        inbound[0].pid,
+        Some(std::process::id()),
+        "{:#?}",
+        inbound[0]
+    );
+    assert_eq!((inbound[0].bytes_sent, inbound[0].bytes_received), (4, 4));
     std::fs::remove_dir_all(dir).unwrap();
 }
 
