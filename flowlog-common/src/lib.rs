@@ -51,9 +51,9 @@ pub mod event_kind {
 
 /// Bits of [`FlowEvent::flags`] and [`FlowState::flags`].
 pub mod flow_flag {
-    /// The handshake completed (`ESTABLISHED` was reached).
+    /// The handshake completed (the snapshot's state is past `SYN_SENT`/`SYN_RECV`).
     pub const ESTABLISHED: u8 = 1 << 0;
-    /// This side queued its FIN (it entered `FIN_WAIT1` or `LAST_ACK`).
+    /// This side queued its FIN (the snapshot's state is one that follows it).
     pub const FIN_SENT: u8 = 1 << 1;
     /// This side's FIN was acknowledged (`snd_una == write_seq` after a FIN was queued).
     pub const FIN_ACKED: u8 = 1 << 2;
@@ -134,6 +134,8 @@ pub mod tuple_block {
     pub const RCV_SADDR: usize = 4;
     pub const DPORT: usize = 12;
     pub const FAMILY: usize = 16;
+    /// `skc_state` (one byte).
+    pub const STATE: usize = 18;
     /// Bytes read at once.
     pub const SIZE: usize = 20;
 }

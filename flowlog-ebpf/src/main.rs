@@ -87,24 +87,18 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     match newstate {
         tcp_state::SYN_SENT => start_flow(sk, direction::OUTBOUND),
         tcp_state::SYN_RECV if oldstate == tcp_state::LISTEN => start_flow(sk, direction::INBOUND),
-        tcp_state::ESTABLISHED => {
-            if let Some(state) = FLOWS.get_ptr_mut(sk) {
-                let state = unsafe { &mut *state };
-                state.flags |= flow_flag::ESTABLISHED;
-                read_tuple(sk, state);
-            }
-        }
         // Both come from close()/shutdown() in the socket owner's context: an inbound flow whose
         // accept() was not seen (io_uring, no syscall tracepoints) gets its process here.
         tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => {
             if let Some(state) = FLOWS.get_ptr_mut(sk) {
                 let state = unsafe { &mut *state };
-                state.flags |= flow_flag::FIN_SENT;
                 if state.flags & flow_flag::PROCESS_KNOWN == 0 {
                     take_process(state);
                 }
             }
         }
+        // Nothing to do on the other changes (ESTABLISHED included): whether the handshake
+        // completed and whether a FIN was sent follow from the state a snapshot is taken in.
         tcp_state::CLOSE if oldstate != tcp_state::LISTEN => end_flow(sk, oldstate),
         _ => {}
     }
@@ -227,7 +221,13 @@ extern "C" fn sweep_one(
         if state.flags & flow_flag::TUPLE_KNOWN == 0 {
             read_tuple(sk, state);
         }
-        emit_snapshot(sk, state, kind, 0, sweep.now);
+        let tcp_state: u8 = unsafe {
+            read_sock(
+                sk as *const u8,
+                global!(CONFIG.layout.sk_daddr) + tuple_block::STATE as u32,
+            )
+        };
+        emit_snapshot(sk, state, kind, tcp_state, sweep.now);
         state.last_report_ns = sweep.now;
     }
     0
@@ -252,7 +252,8 @@ fn start_flow(sk: u64, dir: u8) {
     if FLOWS.insert(sk, state, 0).is_err() {
         count(counter::MAP_FULL);
     }
-    let _ = CLOSED.remove(sk);
+    // A CLOSED entry left by an earlier socket at this address is harmless: resets are charged
+    // to the live flow first, and a reset of this socket after its own close replaces the entry.
 }
 
 #[inline(always)]
@@ -262,8 +263,8 @@ fn end_flow(sk: u64, oldstate: u8) {
         return;
     };
     let state = unsafe { &mut *state };
-    // A connect that failed or never got far enough had its tuple read nowhere yet; now the
-    // kernel has bound its local port.
+    // The tuple is read here, once, unless a sweep needed it earlier: by now the kernel has
+    // bound the local port, and it clears the addresses only after this state change.
     if state.flags & flow_flag::TUPLE_KNOWN == 0 {
         read_tuple(sk, state);
     }
@@ -326,12 +327,26 @@ fn read_tuple(sk: u64, state: &mut FlowState) {
     }
 }
 
-/// Writes one snapshot of `state` and of the socket's counters into the ring buffer. Returns the
-/// flags it reported.
+/// Writes one snapshot of `state` and of the socket's counters into the ring buffer.
+/// `tcp_state` is the state the socket is in (or, for an end, the one it left). Returns the flags
+/// it reported.
 #[inline(always)]
-fn emit_snapshot(sk: u64, state: &FlowState, kind: u8, end_state: u8, now: u64) -> u8 {
+fn emit_snapshot(sk: u64, state: &FlowState, kind: u8, tcp_state: u8, now: u64) -> u8 {
     let base = sk as *const u8;
     let mut flags = state.flags;
+    if tcp_state != tcp_state::SYN_SENT && tcp_state != tcp_state::SYN_RECV && tcp_state != 0 {
+        flags |= flow_flag::ESTABLISHED;
+    }
+    if matches!(
+        tcp_state,
+        tcp_state::FIN_WAIT1
+            | tcp_state::FIN_WAIT2
+            | tcp_state::CLOSING
+            | tcp_state::LAST_ACK
+            | tcp_state::TIME_WAIT
+    ) {
+        flags |= flow_flag::FIN_SENT;
+    }
     let peer_fin = unsafe {
         (read_sock::<u64>(base, global!(CONFIG.layout.sk_flags))
             >> global!(CONFIG.layout.sock_done_bit))
@@ -341,7 +356,7 @@ fn emit_snapshot(sk: u64, state: &FlowState, kind: u8, end_state: u8, now: u64) 
     if peer_fin {
         flags |= flow_flag::PEER_FIN;
     }
-    if kind == event_kind::END && may_reset(end_state, peer_fin) {
+    if kind == event_kind::END && may_reset(tcp_state, peer_fin) {
         flags |= flow_flag::MAY_RESET;
     }
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
@@ -379,7 +394,11 @@ fn emit_snapshot(sk: u64, state: &FlowState, kind: u8, end_state: u8, now: u64) 
             flags |= flow_flag::FIN_ACKED;
         }
         (*ev).flags = flags;
-        (*ev).end_state = end_state;
+        (*ev).end_state = if kind == event_kind::END {
+            tcp_state
+        } else {
+            0
+        };
         (*ev)._pad = [0; 3];
     }
     submit(entry);

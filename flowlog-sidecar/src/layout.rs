@@ -205,6 +205,7 @@ pub fn discover(btf_path: &Path) -> Result<KernelLayout, LayoutError> {
         ("__sk_common.skc_rcv_saddr", tuple_block::RCV_SADDR),
         ("__sk_common.skc_dport", tuple_block::DPORT),
         ("__sk_common.skc_family", tuple_block::FAMILY),
+        ("__sk_common.skc_state", tuple_block::STATE),
     ] {
         let at = (sock(member)? - daddr) as usize;
         if at != expected {
