@@ -10,7 +10,9 @@ pub mod flows;
 pub mod layout;
 pub mod metrics;
 pub mod probe;
-pub mod record;
+/// The flow record lives in `flowlog-record` (shared with the enricher); re-exported here so
+/// `flowlog_sidecar::record::FlowRecord` keeps working.
+pub use flowlog_record::record;
 pub mod sink;
 
 /// Formats an error with its chain of causes (`outer: cause: root cause`), for log fields:

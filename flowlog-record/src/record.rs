@@ -1,5 +1,6 @@
 //! The flow record: what the agent emits for each flow end and each interim report. Field names
-//! are part of the product's interface (JSON lines today, the Avro schema later); keep them.
+//! are part of the product's interface (JSON lines, and the Avro schema `schemas/flow_record.v1.avsc`,
+//! which has one field per struct field with the same name); keep them.
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
