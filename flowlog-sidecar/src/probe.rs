@@ -6,7 +6,9 @@ use std::{path::PathBuf, time::Duration};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint},
+    programs::{
+        Program, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint,
+    },
 };
 use flowlog_common::{Config, counter, stat};
 
@@ -115,52 +117,22 @@ impl Probe {
                 source: Box::new(source),
             })?;
         for program in RAW_PROGRAMS {
-            let err = |source| ProbeError::Program {
-                program,
-                kernel: kernel.clone(),
-                source,
-            };
-            let prog: &mut RawTracePoint = ebpf
-                .program_mut(program)
-                .ok_or(ProbeError::MissingProgram(program))?
-                .try_into()
-                .map_err(err)?;
-            prog.load().map_err(err)?;
-            prog.attach(program).map_err(err)?;
+            let prog: &mut RawTracePoint = load_program(&mut ebpf, program, &kernel)?;
+            prog.attach(program)
+                .map_err(program_error(program, &kernel))?;
         }
         if accept.is_some() {
-            let err = |source| ProbeError::Program {
-                program: ACCEPT_PROGRAM,
-                kernel: kernel.clone(),
-                source,
-            };
-            let prog: &mut TracePoint = ebpf
-                .program_mut(ACCEPT_PROGRAM)
-                .ok_or(ProbeError::MissingProgram(ACCEPT_PROGRAM))?
-                .try_into()
-                .map_err(err)?;
-            prog.load().map_err(err)?;
+            let prog: &mut TracePoint = load_program(&mut ebpf, ACCEPT_PROGRAM, &kernel)?;
             for tracepoint in layout::ACCEPT_TRACEPOINTS {
                 let (category, name) = tracepoint
                     .split_once('/')
                     .unwrap_or(("syscalls", tracepoint));
-                prog.attach(category, name).map_err(err)?;
+                prog.attach(category, name)
+                    .map_err(program_error(ACCEPT_PROGRAM, &kernel))?;
             }
         }
-        let sweep: &mut RawTracePoint = ebpf
-            .program_mut(SWEEP)
-            .ok_or(ProbeError::MissingProgram(SWEEP))?
-            .try_into()
-            .map_err(|source| ProbeError::Program {
-                program: SWEEP,
-                kernel: kernel.clone(),
-                source,
-            })?;
-        sweep.load().map_err(|source| ProbeError::Program {
-            program: SWEEP,
-            kernel: kernel.clone(),
-            source,
-        })?;
+        // Loaded, never attached: run on demand by `sweep`.
+        let _: &mut RawTracePoint = load_program(&mut ebpf, SWEEP, &kernel)?;
         Ok(Self { ebpf, kernel })
     }
 
@@ -178,17 +150,13 @@ impl Probe {
 
     /// Runs the sweep: interim snapshots of flows due for one, or of every open flow (`flush`).
     pub fn sweep(&self, flush: bool) -> Result<(), ProbeError> {
-        let err = |source| ProbeError::Program {
-            program: SWEEP,
-            kernel: self.kernel.clone(),
-            source,
-        };
+        let err = program_error(SWEEP, &self.kernel);
         let prog: &RawTracePoint = self
             .ebpf
             .program(SWEEP)
             .ok_or(ProbeError::MissingProgram(SWEEP))?
             .try_into()
-            .map_err(err)?;
+            .map_err(&err)?;
         let mut args = [0u64; 12];
         args[0] = u64::from(flush);
         prog.test_run(RawTracePointRunOptions { args, cpu: None })
@@ -228,6 +196,53 @@ impl Probe {
         )
         .map_err(map_err)?;
         map.get(&stat::TRACKED, 0).map_err(map_err)
+    }
+}
+
+/// Wraps a program error with the program's name and the kernel.
+fn program_error(program: &'static str, kernel: &str) -> impl Fn(ProgramError) -> ProbeError {
+    let kernel = kernel.to_string();
+    move |source| ProbeError::Program {
+        program,
+        kernel: kernel.clone(),
+        source,
+    }
+}
+
+/// Finds `program` in the object as a `T` and loads it into the kernel (the verifier runs here).
+fn load_program<'a, T>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+    kernel: &str,
+) -> Result<&'a mut T, ProbeError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+    T: LoadProgram + 'a,
+{
+    let prog: &mut T = ebpf
+        .program_mut(program)
+        .ok_or(ProbeError::MissingProgram(program))?
+        .try_into()
+        .map_err(program_error(program, kernel))?;
+    prog.load_program()
+        .map_err(program_error(program, kernel))?;
+    Ok(prog)
+}
+
+/// The program types this agent loads (aya has no common trait for `load`).
+trait LoadProgram {
+    fn load_program(&mut self) -> Result<(), ProgramError>;
+}
+
+impl LoadProgram for TracePoint {
+    fn load_program(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl LoadProgram for RawTracePoint {
+    fn load_program(&mut self) -> Result<(), ProgramError> {
+        self.load()
     }
 }
 
