@@ -14,6 +14,7 @@ pub mod probe;
 /// `flowlog_sidecar::record::FlowRecord` keeps working.
 pub use flowlog_record::record;
 pub mod sink;
+pub mod spool;
 
 /// Formats an error with its chain of causes (`outer: cause: root cause`), for log fields:
 /// library errors keep their causes as `source()` rather than repeating them in the message.
