@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod btf;
 pub mod flows;
+pub mod kafka;
 pub mod layout;
 pub mod metrics;
 pub mod probe;

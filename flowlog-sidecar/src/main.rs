@@ -5,9 +5,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use flowlog_sidecar::{
     agent::{self, AgentSettings},
+    kafka::{KafkaSettings, KafkaSink, KafkaSinkError},
     metrics,
     probe::{Probe, ProbeSettings},
     sink::JsonLines,
@@ -21,6 +22,8 @@ enum Output {
     Jsonl,
     /// JSON lines appended to a file.
     File(PathBuf),
+    /// Confluent-framed Avro messages to a Kafka topic.
+    Kafka,
 }
 
 impl FromStr for Output {
@@ -28,13 +31,22 @@ impl FromStr for Output {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "jsonl" => Ok(Output::Jsonl),
+            "kafka" => Ok(Output::Kafka),
             _ => match s.strip_prefix("file:") {
                 Some(path) if !path.is_empty() => Ok(Output::File(PathBuf::from(path))),
                 _ => Err(format!(
-                    "`{s}` is not an output: use `jsonl` or `file:PATH`"
+                    "`{s}` is not an output: use `jsonl`, `file:PATH` or `kafka`"
                 )),
             },
         }
+    }
+}
+
+/// One `key=value` librdkafka option.
+fn parse_kafka_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not a librdkafka option: use KEY=VALUE")),
     }
 }
 
@@ -58,7 +70,8 @@ fn parse_ring_bytes(s: &str) -> Result<u32, String> {
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Where flow records go: `jsonl` (stdout) or `file:PATH` (JSON lines appended to PATH).
+    /// Where flow records go: `jsonl` (stdout), `file:PATH` (JSON lines appended to PATH) or
+    /// `kafka` (Avro messages to `--kafka-topic`).
     #[arg(long, env = "FLOWLOG_OUTPUT", default_value = "jsonl")]
     output: Output,
     /// A flow open this long gets an interim record (with deltas) each interval.
@@ -85,6 +98,19 @@ struct Args {
     /// How often the ring buffer is drained when the kernel has not woken the agent.
     #[arg(long, env = "FLOWLOG_DRAIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     drain_interval: Duration,
+    /// Kafka bootstrap servers (`--output kafka`).
+    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
+    /// Kafka topic for flow records; it must exist.
+    #[arg(long, env = "FLOWLOG_KAFKA_TOPIC", default_value = "flows.raw")]
+    kafka_topic: String,
+    /// A librdkafka producer option, KEY=VALUE, overriding flowlog's defaults; repeatable (the
+    /// environment variable takes a comma-separated list).
+    #[arg(long = "kafka-option", env = "FLOWLOG_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_kafka_option)]
+    kafka_options: Vec<(String, String)>,
+    /// Schema-registry id of schemas/flow_record.v1.avsc, written in every Kafka message.
+    #[arg(long, env = "FLOWLOG_SCHEMA_ID", default_value_t = 1)]
+    schema_id: u32,
 }
 
 fn hostname() -> String {
@@ -93,17 +119,46 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".to_string())
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now, and returns a future that completes on either.
+/// Installing them before the probe starts matters: a signal that arrived between "capturing"
+/// and the first poll of a lazily installed handler would kill the agent without its flush.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
+/// The Kafka sink, or the process exits: a rejected librdkafka option is a usage error (exit 2).
+fn kafka_sink(args: &Args) -> anyhow::Result<KafkaSink> {
+    let mut settings = KafkaSettings::new(&args.kafka_brokers, &args.kafka_topic);
+    settings.schema_id = args.schema_id;
+    settings.options = args.kafka_options.clone();
+    match KafkaSink::connect(settings) {
+        Ok(sink) => Ok(sink),
+        Err(e @ KafkaSinkError::Option { .. }) => Args::command()
+            .error(
+                clap::error::ErrorKind::InvalidValue,
+                format!("invalid value for '--kafka-option' (FLOWLOG_KAFKA_OPTIONS): {e}"),
+            )
+            .exit(),
+        Err(e) => Err(e).context("starting the Kafka output"),
     }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal()?;
     metrics::install(args.metrics_addr)?;
+    // Checked before the kernel probe starts: a configuration error should cost nothing.
+    let kafka = match args.output {
+        Output::Kafka => Some(kafka_sink(&args)?),
+        _ => None,
+    };
     let probe = Probe::start(&ProbeSettings {
         tracefs: args.tracefs,
         btf: args.btf,
@@ -118,10 +173,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain_interval: args.drain_interval,
     };
     match args.output {
-        Output::Jsonl => agent::run(probe, JsonLines::stdout(), settings, shutdown_signal()).await,
+        Output::Jsonl => agent::run(probe, JsonLines::stdout(), settings, shutdown).await,
         Output::File(path) => {
             let sink = JsonLines::file(&path)?;
-            agent::run(probe, sink, settings, shutdown_signal()).await
+            agent::run(probe, sink, settings, shutdown).await
+        }
+        Output::Kafka => {
+            let sink = kafka.expect("created above for --output kafka");
+            agent::run(probe, sink, settings, shutdown).await
         }
     }
 }

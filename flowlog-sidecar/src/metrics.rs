@@ -17,6 +17,13 @@ pub const LATE_RESETS: &str = "flowlog_sidecar_late_resets_total";
 pub const COUNTER_REGRESSIONS: &str = "flowlog_sidecar_counter_regressions_total";
 pub const UNKNOWN_EVENTS: &str = "flowlog_sidecar_unknown_events_total";
 pub const SINK_ERRORS: &str = "flowlog_sidecar_sink_errors_total";
+pub const KAFKA_RECORDS_SENT: &str = "flowlog_sidecar_kafka_records_sent_total";
+pub const KAFKA_DELIVERY_ERRORS: &str = "flowlog_sidecar_kafka_delivery_errors_total";
+pub const KAFKA_QUEUE_DEPTH: &str = "flowlog_sidecar_kafka_queue_depth";
+pub const KAFKA_BYTES: &str = "flowlog_sidecar_kafka_bytes_total";
+pub const KAFKA_UNDELIVERED: &str = "flowlog_sidecar_kafka_undelivered_total";
+pub const KAFKA_QUEUE_FULL_WAITS: &str = "flowlog_sidecar_kafka_queue_full_waits_total";
+pub const KAFKA_BROKER_ERRORS: &str = "flowlog_sidecar_kafka_broker_errors_total";
 
 /// Starts the exporter's HTTP listener on `addr` (serves `/metrics`) and describes every metric.
 pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
@@ -60,6 +67,34 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "Ring buffer events of an unknown kind or size."
     );
     describe_counter!(SINK_ERRORS, "Failed writes to the output.");
+    describe_counter!(
+        KAFKA_RECORDS_SENT,
+        "Flow records whose Kafka delivery report said they were written."
+    );
+    describe_counter!(
+        KAFKA_DELIVERY_ERRORS,
+        "Kafka messages librdkafka gave up on or refused, by error kind."
+    );
+    describe_gauge!(
+        KAFKA_QUEUE_DEPTH,
+        "Kafka messages produced whose delivery report has not arrived (in flight)."
+    );
+    describe_counter!(
+        KAFKA_BYTES,
+        "Key + value bytes of the Kafka messages acknowledged (before compression)."
+    );
+    describe_counter!(
+        KAFKA_UNDELIVERED,
+        "Flow records Kafka did not take, kept aside for the spool."
+    );
+    describe_counter!(
+        KAFKA_QUEUE_FULL_WAITS,
+        "Times a produce waited because librdkafka's queue was full (backpressure)."
+    );
+    describe_counter!(
+        KAFKA_BROKER_ERRORS,
+        "Kafka client errors (brokers down, transport failures), by kind."
+    );
     Ok(())
 }
 

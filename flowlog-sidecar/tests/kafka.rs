@@ -1,0 +1,573 @@
+//! The Kafka output against a real Kafka-protocol broker (tansu, started by `scripts/kafka start`;
+//! address from `FLOWLOG_TEST_KAFKA`, default 127.0.0.1:9092): real TCP traffic between network
+//! namespaces → agent `--output kafka` → a plain rdkafka consumer that decodes every message with
+//! apache-avro's generic reader and `schemas/flow_record.v1.avsc` (a reader we did not write);
+//! and the bad configurations (missing topic, bad option, unreachable broker).
+//!
+//! Each test makes its own topic with a unique name and deletes it.
+mod support;
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use apache_avro::{Schema, reader::datum::GenericDatumReader, types::Value};
+use flowlog_sidecar::record::{Direction, Family, FlowRecord, Outcome};
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{BaseConsumer, Consumer},
+};
+use support::{AGENT, NetnsPair, PATIENCE, accept, connect, join_both, read_exact, server_port};
+
+const SCHEMA_FILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../schemas/flow_record.v1.avsc"
+);
+
+fn brokers() -> String {
+    std::env::var("FLOWLOG_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".to_string())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("creating the Kafka admin client")
+}
+
+/// A topic of its own for one test, deleted on drop.
+struct Topic {
+    name: String,
+}
+
+impl Topic {
+    fn create(test: &str, partitions: i32) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let name = format!("flowlog-test-{test}-{}-{nanos}", std::process::id());
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = runtime()
+            .block_on(admin().create_topics(
+                &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
+                &options,
+            ))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "creating topic {name} on {} (is the broker running? `scripts/kafka start`): {e}",
+                    brokers()
+                )
+            });
+        for r in results {
+            r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+        }
+        // The broker may answer the creation before its metadata shows the topic.
+        let client = admin();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let ready = client
+                .inner()
+                .fetch_metadata(Some(&name), Duration::from_secs(5))
+                .is_ok_and(|m| {
+                    m.topics().iter().any(|t| {
+                        t.name() == name
+                            && t.error().is_none()
+                            && t.partitions().len() == partitions as usize
+                    })
+                });
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "topic {name} did not appear in the metadata"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Self { name }
+    }
+}
+
+impl Drop for Topic {
+    fn drop(&mut self) {
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let _ = runtime().block_on(admin().delete_topics(&[&self.name], &options));
+    }
+}
+
+/// A free loopback port (nothing listens on it once this returns).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral port")
+        .port()
+}
+
+/// The agent as a child process with `--output kafka`.
+struct KafkaAgent {
+    child: Option<Child>,
+    stderr: Arc<Mutex<String>>,
+    ready: mpsc::Receiver<()>,
+    host: String,
+}
+
+impl KafkaAgent {
+    fn spawn(test: &str, topic: &str, brokers: &str, extra: &[&str]) -> Self {
+        let host = format!("test-kafka-{test}-{}", std::process::id());
+        let mut child = Command::new(AGENT)
+            .args(["--output", "kafka", "--kafka-brokers", brokers])
+            .args(["--kafka-topic", topic, "--host", &host])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(extra)
+            .env_remove("FLOWLOG_LOG")
+            .env_remove("FLOWLOG_KAFKA_OPTIONS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {AGENT}: {e}"));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, ready) = mpsc::channel();
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let buf = Arc::clone(&stderr);
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let is_ready = line.contains("capturing TCP flows");
+                {
+                    let mut s = buf.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+                if is_ready {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        Self {
+            child: Some(child),
+            stderr,
+            ready,
+            host,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn wait_ready(&self) {
+        if self.ready.recv_timeout(PATIENCE).is_err() {
+            panic!(
+                "the agent did not start capturing; stderr:\n{}",
+                self.stderr()
+            );
+        }
+    }
+
+    /// Waits for the agent to exit on its own; its status and stderr.
+    fn wait_exit(mut self, within: Duration) -> (ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                // Let the reader thread take the last lines.
+                thread::sleep(Duration::from_millis(100));
+                return (status, self.stderr());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the agent did not exit within {within:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then the exit status, how long the exit took, and stderr.
+    fn terminate(mut self, within: Duration) -> (ExitStatus, Duration, String) {
+        let child = self.child.as_ref().expect("running");
+        // SAFETY: kill on the pid of our own child, not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let start = Instant::now();
+        let stderr = Arc::clone(&self.stderr);
+        let (status, _) = KafkaAgent {
+            child: self.child.take(),
+            stderr,
+            ready: mpsc::channel().1,
+            host: String::new(),
+        }
+        .wait_exit(within);
+        (status, start.elapsed(), self.stderr())
+    }
+}
+
+impl Drop for KafkaAgent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if thread::panicking() {
+            eprintln!("agent stderr:\n{}", self.stderr());
+        }
+    }
+}
+
+/// A record as apache-avro's generic reader sees it, converted back field by field by name.
+fn record_from_value(value: Value) -> FlowRecord {
+    let Value::Record(fields) = value else {
+        panic!("not a record: {value:?}")
+    };
+    let f: HashMap<String, Value> = fields.into_iter().collect();
+    let long = |n: &str| match &f[n] {
+        Value::Long(v) => *v as u64,
+        v => panic!("{n}: {v:?}"),
+    };
+    let int = |n: &str| match &f[n] {
+        Value::Int(v) => *v as u32,
+        v => panic!("{n}: {v:?}"),
+    };
+    let string = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        v => panic!("{v:?}"),
+    };
+    let symbol = |n: &str| match &f[n] {
+        Value::Enum(_, s) => s.clone(),
+        v => panic!("{n}: {v:?}"),
+    };
+    let addr = |n: &str| match &f[n] {
+        Value::Bytes(b) if b.len() == 4 => IpAddr::from(<[u8; 4]>::try_from(&b[..]).unwrap()),
+        Value::Bytes(b) if b.len() == 16 => IpAddr::from(<[u8; 16]>::try_from(&b[..]).unwrap()),
+        v => panic!("{n}: {v:?}"),
+    };
+    let nullable = |n: &str| match &f[n] {
+        Value::Union(0, _) => None,
+        Value::Union(_, v) => Some((**v).clone()),
+        v => panic!("{n}: {v:?}"),
+    };
+    FlowRecord {
+        flow_id: long("flow_id"),
+        host: string(&f["host"]),
+        seq: int("seq"),
+        start_ns: long("start_ns"),
+        end_ns: long("end_ns"),
+        family: match symbol("family").as_str() {
+            "ipv4" => Family::Ipv4,
+            "ipv6" => Family::Ipv6,
+            s => panic!("family {s}"),
+        },
+        local_addr: addr("local_addr"),
+        local_port: int("local_port") as u16,
+        remote_addr: addr("remote_addr"),
+        remote_port: int("remote_port") as u16,
+        direction: match symbol("direction").as_str() {
+            "outbound" => Direction::Outbound,
+            "inbound" => Direction::Inbound,
+            s => panic!("direction {s}"),
+        },
+        outcome: match symbol("outcome").as_str() {
+            "closed" => Outcome::Closed,
+            "reset" => Outcome::Reset,
+            "failed" => Outcome::Failed,
+            "open" => Outcome::Open,
+            s => panic!("outcome {s}"),
+        },
+        bytes_sent: long("bytes_sent"),
+        bytes_received: long("bytes_received"),
+        segs_sent: long("segs_sent"),
+        segs_received: long("segs_received"),
+        retransmits: long("retransmits"),
+        resets_sent: long("resets_sent"),
+        resets_received: long("resets_received"),
+        srtt_us: int("srtt_us"),
+        min_rtt_us: int("min_rtt_us"),
+        pid: nullable("pid").map(|v| match v {
+            Value::Int(p) => p as u32,
+            v => panic!("pid {v:?}"),
+        }),
+        comm: nullable("comm").map(|v| string(&v)),
+        cgroup_id: nullable("cgroup_id").map(|v| match v {
+            Value::Long(c) => c as u64,
+            v => panic!("cgroup_id {v:?}"),
+        }),
+    }
+}
+
+/// Reads every message of `topic` from the beginning (all partitions assigned, no group
+/// rebalancing) until `done` holds for the decoded records or [`PATIENCE`] runs out.
+/// Each message is decoded with apache-avro and the schema file, and checked against the
+/// project's own decoder and the key it should have.
+fn consume(topic: &Topic, done: impl Fn(&[FlowRecord]) -> bool) -> Vec<FlowRecord> {
+    let schema_text = std::fs::read_to_string(SCHEMA_FILE).expect("reading the schema file");
+    let schema = Schema::parse_str(&schema_text).expect("parsing the schema file");
+    let reader = GenericDatumReader::builder(&schema).build().unwrap();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("{}-reader", topic.name))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("creating the consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(&topic.name), Duration::from_secs(10))
+        .expect("topic metadata");
+    let mut assignment = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        assignment
+            .add_partition_offset(&topic.name, p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    assert!(
+        assignment.count() > 0,
+        "topic {} has no partitions",
+        topic.name
+    );
+    consumer.assign(&assignment).expect("assigning partitions");
+    let mut records = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if done(&records) {
+            return records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "records did not arrive within {PATIENCE:?}; have {}: {records:#?}",
+            records.len()
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message.expect("consuming");
+        let payload = message.payload().expect("a message value");
+        assert_eq!(
+            &payload[..5],
+            &[0, 0, 0, 0, 1],
+            "Confluent header, schema id 1"
+        );
+        let mut datum = &payload[5..];
+        let value = reader
+            .read_value(&mut datum)
+            .expect("apache-avro reads the message with the schema file");
+        assert!(datum.is_empty(), "bytes left after the datum");
+        let record = record_from_value(value);
+        let (_, ours) = flowlog_record::avro::decode(payload).expect("our decoder reads it");
+        assert_eq!(ours, record, "the two decoders disagree");
+        assert_eq!(
+            message.key(),
+            Some(&flowlog_record::avro::key(&record)[..]),
+            "message key"
+        );
+        records.push(record);
+    }
+}
+
+/// One transfer: the client sends `up` bytes, the server `down` bytes, both close.
+fn transfer(pair: &NetnsPair, v6: bool, up: usize, down: usize) -> (SocketAddr, SocketAddr) {
+    let (_, server_ip) = pair.addrs(v6);
+    let listener = pair.listen(SocketAddr::new(server_ip, server_port()));
+    let server_addr = listener.local_addr().unwrap();
+    let server = pair.server("server", move || {
+        let (mut s, peer) = accept(&listener);
+        let got = read_exact(&mut s, up);
+        assert_eq!(got.len(), up);
+        s.write_all(&vec![7u8; down]).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        peer
+    });
+    let client = pair.client("client", move || {
+        let mut c = connect(server_addr);
+        c.write_all(&vec![3u8; up]).unwrap();
+        let got = read_exact(&mut c, down);
+        assert_eq!(got.len(), down);
+        let local = c.local_addr().unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        local
+    });
+    let (client_addr, peer) = join_both(client, server);
+    assert_eq!(client_addr, peer);
+    (client_addr, server_addr)
+}
+
+#[test]
+fn round_trip_exact_flows_through_the_broker() {
+    let topic = Topic::create("roundtrip", 3);
+    let pair = NetnsPair::new(41);
+    let agent = KafkaAgent::spawn("roundtrip", &topic.name, &brokers(), &[]);
+    agent.wait_ready();
+
+    let mut expected = Vec::new();
+    for (i, (up, down)) in [(1, 0), (1000, 70_000), (123_457, 3), (0, 5000)]
+        .into_iter()
+        .enumerate()
+    {
+        let v6 = i % 2 == 1;
+        let (client, server) = transfer(&pair, v6, up, down);
+        expected.push((client, server, up as u64, down as u64));
+    }
+    let host = agent.host.clone();
+    let addrs = [
+        pair.client_v4,
+        pair.server_v4,
+        pair.client_v6,
+        pair.server_v6,
+    ];
+    let ours = move |r: &FlowRecord| {
+        r.host == host && addrs.contains(&r.local_addr) && addrs.contains(&r.remote_addr)
+    };
+    let n = expected.len() * 2;
+    let all = consume(&topic, |rs| rs.iter().filter(|r| ours(r)).count() >= n);
+    let (status, _, stderr) = agent.terminate(PATIENCE);
+    assert!(status.success(), "agent exit {status}; stderr:\n{stderr}");
+
+    // Each (host, flow_id, seq) once, over everything in the topic.
+    let mut seen = HashSet::new();
+    for r in &all {
+        assert!(
+            seen.insert((r.host.clone(), r.flow_id, r.seq)),
+            "duplicate {r:?}"
+        );
+    }
+    let records: Vec<&FlowRecord> = all.iter().filter(|r| ours(r)).collect();
+    assert_eq!(records.len(), n, "{records:#?}");
+    for (client, server, up, down) in expected {
+        let out: Vec<_> = records
+            .iter()
+            .filter(|r| {
+                r.direction == Direction::Outbound
+                    && r.local_addr == client.ip()
+                    && r.local_port == client.port()
+                    && r.remote_addr == server.ip()
+                    && r.remote_port == server.port()
+            })
+            .collect();
+        let inb: Vec<_> = records
+            .iter()
+            .filter(|r| {
+                r.direction == Direction::Inbound
+                    && r.local_addr == server.ip()
+                    && r.local_port == server.port()
+                    && r.remote_addr == client.ip()
+                    && r.remote_port == client.port()
+            })
+            .collect();
+        assert_eq!(
+            out.len(),
+            1,
+            "outbound record of {client} → {server}: {records:#?}"
+        );
+        assert_eq!(
+            inb.len(),
+            1,
+            "inbound record of {client} → {server}: {records:#?}"
+        );
+        let (o, i) = (out[0], inb[0]);
+        assert_eq!((o.bytes_sent, o.bytes_received), (up, down), "{o:?}");
+        assert_eq!((i.bytes_sent, i.bytes_received), (down, up), "{i:?}");
+        for r in [o, i] {
+            assert_eq!(r.outcome, Outcome::Closed, "{r:?}");
+            assert_eq!(r.seq, 0, "{r:?}");
+            let family = if client.is_ipv6() {
+                Family::Ipv6
+            } else {
+                Family::Ipv4
+            };
+            assert_eq!(r.family, family, "{r:?}");
+        }
+    }
+}
+
+#[test]
+fn missing_topic_is_a_clear_error() {
+    let topic = format!("flowlog-test-missing-{}", std::process::id());
+    let agent = KafkaAgent::spawn("missing", &topic, &brokers(), &[]);
+    let (status, stderr) = agent.wait_exit(PATIENCE);
+    assert!(!status.success(), "exit {status}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "Kafka topic `{topic}` does not exist on {}",
+            brokers()
+        )),
+        "stderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("capturing TCP flows"), "stderr:\n{stderr}");
+}
+
+#[test]
+fn bad_option_is_a_usage_error_naming_it() {
+    // Rejected before the broker is asked anything: no topic needed.
+    let topic = "flows.raw";
+    let agent = KafkaAgent::spawn(
+        "badoption",
+        topic,
+        &brokers(),
+        &["--kafka-option", "no.such.option=1"],
+    );
+    let (status, stderr) = agent.wait_exit(PATIENCE);
+    assert_eq!(status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(stderr.contains("no.such.option"), "stderr:\n{stderr}");
+    assert!(stderr.contains("--kafka-option"), "stderr:\n{stderr}");
+
+    let agent = KafkaAgent::spawn(
+        "badoption",
+        topic,
+        &brokers(),
+        &["--kafka-option", "linger.ms"],
+    );
+    let (status, stderr) = agent.wait_exit(PATIENCE);
+    assert_eq!(status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(stderr.contains("KEY=VALUE"), "stderr:\n{stderr}");
+}
+
+#[test]
+fn unreachable_broker_keeps_capturing_and_exits_in_bounded_time() {
+    let closed = format!("127.0.0.1:{}", free_port());
+    let agent = KafkaAgent::spawn("unreachable", "flows.raw", &closed, &[]);
+    agent.wait_ready();
+    // Some flows for the producer to hold: a loopback connection, closed at once.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (s, _) = listener.accept().unwrap();
+    drop((c, s));
+    thread::sleep(Duration::from_secs(1));
+    let (status, took, stderr) = agent.terminate(PATIENCE);
+    assert!(status.success(), "exit {status}; stderr:\n{stderr}");
+    // 10 s bounded shutdown wait, plus purge and exit.
+    assert!(took < Duration::from_secs(15), "exit took {took:?}");
+    assert_eq!(
+        stderr.matches("Kafka brokers unreachable").count(),
+        1,
+        "the unreachable broker is logged once; stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&closed),
+        "stderr names the brokers:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("not delivered to Kafka"),
+        "undelivered records are accounted for at exit; stderr:\n{stderr}"
+    );
+}
