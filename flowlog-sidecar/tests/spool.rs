@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::atomic::{AtomicU64, Ordering},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use flowlog_sidecar::spool::{Spool, SpoolError, SpoolRecord};
@@ -423,6 +423,39 @@ fn corrupt_record_skips_rest_of_its_segment_and_replays_later_segments() {
 }
 
 #[test]
+fn corruption_found_while_replaying_is_reported_once_and_skipped() {
+    let tmp = TempDir::new("corrupt-live");
+    let max = 64 << 10;
+    let recs = fixed_records(60, 4, 512 - 12 - 4);
+    let (mut spool, _) = open(tmp.path(), max);
+    append_all(&mut spool, &recs);
+    spool.sync().unwrap();
+    // The disk changes under the open spool, before the records are read back.
+    let files = segment_files(tmp.path());
+    let mut bytes = fs::read(&files[0]).unwrap();
+    let bad_record = SEGMENT_HEADER + 2 * 512;
+    bytes[(bad_record + 12 + 4 + 7) as usize] ^= 1;
+    fs::write(&files[0], &bytes).unwrap();
+
+    // The good records first, then the error once, then the later segments.
+    assert_eq!(
+        contents(&spool.next_unsent(100).unwrap()),
+        recs[..2].to_vec()
+    );
+    match spool.next_unsent(100) {
+        Err(SpoolError::Corrupt { corruption }) => {
+            assert_eq!(
+                (corruption.path, corruption.offset),
+                (files[0].clone(), bad_record)
+            );
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(contents(&drain(&mut spool)), recs[15..].to_vec());
+    assert_eq!(spool.len_records(), 2 + 45);
+}
+
+#[test]
 fn corrupt_ack_file_is_reported_and_everything_is_replayed() {
     let tmp = TempDir::new("corrupt-acks");
     let max = 1 << 20;
@@ -486,82 +519,117 @@ fn a_second_open_of_the_same_directory_is_refused() {
 }
 
 const CRASH_CHILD_ENV: &str = "FLOWLOG_SPOOL_CRASH_CHILD";
-/// 256 MiB: 8 MiB segments, so the ~20 MB before the kill span a few of them; far more than the
-/// child can write while it runs ahead of the parent (a pipe buffer of progress lines).
-const CRASH_MAX_BYTES: u64 = 256 << 20;
+/// 1 GiB: 8 MiB segments, so the ~150 MB of records of all rounds span many of them, and room
+/// to spare for what the child writes between its last line read and the kill.
+const CRASH_MAX_BYTES: u64 = 1 << 30;
+const CRASH_ROUNDS: usize = 8;
+const CRASH_RECORDS_PER_ROUND: u64 = 30;
+/// Large records (up to 1 MB, one write system call each) make it likely that a kill lands in
+/// the middle of a write and leaves a torn record, the case recovery must handle.
+const CRASH_MAX_PAYLOAD: usize = 1_000_000;
 
-/// Record `i` of the crash test: sizes up to 40 KB so that writes span pages and segments roll.
-fn crash_record(i: u64) -> Rec {
-    Rec::new(i, 8, ((i * 7919) % 40_000) as usize)
+/// Payload bytes of the crash test: record `i`'s payload is `pattern[i % 251..][..len(i)]`, so the
+/// child spends its time writing, not generating bytes, and a kill is likely to land in a write.
+fn crash_pattern() -> Vec<u8> {
+    (0..CRASH_MAX_PAYLOAD + 251)
+        .map(|j| (j % 253) as u8)
+        .collect()
 }
 
-/// The child half of the crash test (does nothing in a normal run): appends and flushes records
-/// forever, saying on stdout which ones were flushed, until the parent kills it.
+fn crash_payload(pattern: &[u8], i: u64) -> &[u8] {
+    let start = (i % 251) as usize;
+    let len = ((i * 7_919_993) % CRASH_MAX_PAYLOAD as u64) as usize;
+    &pattern[start..start + len]
+}
+
+/// The child half of the crash test (does nothing in a normal run): continues the record
+/// sequence found in the spool, appending and flushing records forever and saying on stdout
+/// which ones were flushed, until the parent kills it.
 #[test]
 fn crash_child_process() {
     let Ok(dir) = env::var(CRASH_CHILD_ENV) else {
         return;
     };
-    let (mut spool, _) = Spool::open(Path::new(&dir), CRASH_MAX_BYTES).unwrap();
-    for i in 0.. {
-        let r = crash_record(i);
-        if let Err(SpoolError::Full { .. }) = spool.append(&r.key, &r.payload) {
-            // Not expected (the parent kills us long before); wait for the kill rather than
-            // exit, so that the parent's check of how we ended stays meaningful.
-            std::thread::sleep(std::time::Duration::from_secs(3600));
-        }
+    let pattern = crash_pattern();
+    let (mut spool, report) = Spool::open(Path::new(&dir), CRASH_MAX_BYTES).unwrap();
+    for i in report.records.. {
+        // Any error (Full would be a mistake in the test's sizes) ends the child, which the parent
+        // reports as "ended by itself" instead of waiting for lines that never come.
+        spool
+            .append(&i.to_le_bytes(), crash_payload(&pattern, i))
+            .unwrap();
         spool.flush().unwrap();
         println!("flushed {i}");
     }
 }
 
+/// Kills a child that appends and flushes as fast as it can with SIGKILL at a random moment,
+/// reopens and checks that every record it reported flushed is there, in order and intact; then
+/// again, the next child continuing the same spool after the crash, for several rounds.
 #[test]
 fn kill_9_mid_stream_loses_no_flushed_record() {
     let tmp = TempDir::new("crash");
-    let mut child = Command::new(env::current_exe().unwrap())
-        .args([
-            "crash_child_process",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CRASH_CHILD_ENV, tmp.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let pattern = crash_pattern();
+    let mut rng = StdRng::seed_from_u64(6);
+    let mut torn = 0;
     let mut flushed = None;
-    for line in lines {
-        if let Some(n) = line.unwrap().strip_prefix("flushed ") {
-            let n: u64 = n.parse().unwrap();
-            flushed = Some(n);
-            if n >= 1000 {
-                break;
+    for round in 0..CRASH_ROUNDS {
+        let mut child = Command::new(env::current_exe().unwrap())
+            .args([
+                "crash_child_process",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CRASH_CHILD_ENV, tmp.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let target = (round as u64 + 1) * CRASH_RECORDS_PER_ROUND;
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        for line in lines {
+            if let Some(n) = line.unwrap().strip_prefix("flushed ") {
+                let n: u64 = n.parse().unwrap();
+                flushed = Some(n);
+                if n >= target {
+                    break;
+                }
             }
         }
-    }
-    // SIGKILL while the child is still appending (it runs ahead of the pipe we read).
-    child.kill().unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(
-        status.signal(),
-        Some(9),
-        "child ended by itself: {status:?}"
-    );
-    let flushed = flushed.expect("child flushed records");
-    assert!(flushed >= 1000);
+        // Let the child run on for a moment, then kill it wherever it is.
+        std::thread::sleep(Duration::from_micros(rng.random_range(0..15_000)));
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "child ended by itself: {status:?}"
+        );
+        let flushed = flushed.expect("child flushed records");
+        assert!(flushed >= target);
 
-    let (mut spool, report) = open(tmp.path(), CRASH_MAX_BYTES);
-    assert!(report.corrupt.is_empty(), "{:?}", report.corrupt);
-    assert!(segment_files(tmp.path()).len() > 1, "segments rolled");
-    let got = contents(&drain(&mut spool));
-    assert!(
-        got.len() as u64 > flushed,
-        "{} records, {flushed} flushed",
-        got.len()
-    );
-    for (i, r) in got.iter().enumerate() {
-        assert!(*r == crash_record(i as u64), "record {i} differs");
+        let (mut spool, report) = open(tmp.path(), CRASH_MAX_BYTES);
+        assert!(
+            report.corrupt.is_empty(),
+            "round {round}: {:?}",
+            report.corrupt
+        );
+        torn += usize::from(report.torn_tail.is_some());
+        let got = drain(&mut spool);
+        assert!(
+            got.len() as u64 > flushed,
+            "{} records, {flushed} flushed",
+            got.len()
+        );
+        for (i, r) in got.iter().enumerate() {
+            let i = i as u64;
+            assert!(
+                r.key == i.to_le_bytes() && r.payload == crash_payload(&pattern, i),
+                "round {round}: record {i} differs"
+            );
+        }
     }
+    assert!(segment_files(tmp.path()).len() > 1, "segments rolled");
+    eprintln!("kill -9 crash test: {torn} of {CRASH_ROUNDS} kills left a torn record");
 }
