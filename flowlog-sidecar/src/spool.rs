@@ -24,8 +24,9 @@
 //!   Ranges rather than one entry per record because reports are nearly in order, so the set
 //!   stays a handful of ranges however many records it covers. The next segment number is kept so
 //!   that a number is never reused while an old entry could still name it.
-//! - `lock`: held with an exclusive file lock while a [`Spool`] is open, so two agents never
-//!   share a directory.
+//! - `lock`: held with an exclusive file lock (`flock`) while a [`Spool`] is open, so two agents
+//!   never share a directory. A child process forked meanwhile shares the lock until its exec
+//!   closes the (close-on-exec) descriptor: a reopen in that instant sees [`SpoolError::Locked`].
 //!
 //! # Durability and what a crash can lose
 //!

@@ -129,8 +129,18 @@ fn disk_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Opens, waiting out a lock held for a moment by another test's child process: a fork copies
+/// every open file, our lock file included, until the child's exec closes it (close-on-exec).
 fn open(dir: &Path, max: u64) -> (Spool, flowlog_sidecar::spool::OpenReport) {
-    Spool::open(dir, max).unwrap()
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Spool::open(dir, max) {
+            Err(SpoolError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            result => return result.unwrap(),
+        }
+    }
 }
 
 #[test]
@@ -551,7 +561,7 @@ fn crash_child_process() {
         return;
     };
     let pattern = crash_pattern();
-    let (mut spool, report) = Spool::open(Path::new(&dir), CRASH_MAX_BYTES).unwrap();
+    let (mut spool, report) = open(Path::new(&dir), CRASH_MAX_BYTES);
     for i in report.records.. {
         // Any error (Full would be a mistake in the test's sizes) ends the child, which the parent
         // reports as "ended by itself" instead of waiting for lines that never come.
