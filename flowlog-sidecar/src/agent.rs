@@ -156,6 +156,10 @@ fn drain(ring: &mut RingBuf<MapData>, assembler: &mut Assembler, out: &mut Vec<F
 /// Writes and flushes a batch; a failed write is counted and logged, and the agent carries on.
 async fn emit<S: RecordSink>(sink: &mut S, out: &mut Vec<FlowRecord>, reporter: &mut Reporter) {
     if out.is_empty() {
+        if let Err(e) = sink.idle().await {
+            counter!(m::SINK_ERRORS).increment(1);
+            reporter.sink_failed(&e, 0);
+        }
         return;
     }
     let mut by_outcome = [0u64; Outcome::ALL.len()];

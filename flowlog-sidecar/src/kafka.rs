@@ -3,21 +3,30 @@
 //! order), value the Confluent-framed Avro of [`flowlog_record::avro::encode`] — produced with
 //! librdkafka (rdkafka's `ThreadedProducer`: `acks=all`, idempotent, zstd, batched).
 //!
-//! Guarantees, after Vector's Kafka sink:
-//! - **Backpressure, never a drop**: when librdkafka's queue is full, [`KafkaSink::write`] waits
-//!   and retries; the agent's loop slows down and the kernel ring buffer absorbs the burst (its
-//!   own overflow is counted in the kernel).
-//! - **Sent means acknowledged**: a record counts as sent only when its delivery report says the
-//!   broker wrote it.
-//! - **Failures are kept, not lost**: a record librdkafka gives up on (message timeout, purge at
-//!   exit, a non-retriable error) is decoded back from its message and handed to an
-//!   [`Undelivered`] keeper, counted and logged. The disk spool (`spool.rs`) plugs in there.
-//! - **Bounded flushes**: [`KafkaSink::flush`] waits for outstanding deliveries at most
-//!   [`KafkaSettings::flush_wait`], and not at all while the broker makes no progress, so a broker
-//!   outage never stalls capture; records stay in flight and librdkafka retries them until
-//!   `message.timeout.ms`. Dropping the sink (agent shutdown) waits up to
-//!   [`KafkaSettings::shutdown_wait`].
+//! The disk spool ([`crate::spool`]) is the sink's write-ahead log, after Vector's disk buffer:
+//! - [`KafkaSink::write`] encodes each record and **appends it to the spool**; [`KafkaSink::flush`]
+//!   writes the spool file (a record then survives a crash of the agent) and fsyncs it at most
+//!   once a second (then it survives a power loss).
+//! - A **pump**, run by `write`, `flush` and [`RecordSink::idle`] on the agent's task (no other
+//!   thread touches the spool), produces records from [`Spool::next_unsent`] into librdkafka in
+//!   spool order while at most [`MAX_IN_FLIGHT`] are outstanding, each message carrying its
+//!   [`SpoolId`] as the delivery opaque.
+//! - **Sent means acknowledged**: the delivery callback queues `(id, result)`; a success
+//!   [`Spool::ack`]s the record (it leaves the spool), a failure (librdkafka gave up: message
+//!   timeout, purge, a non-retriable error) is counted by kind, and once every outstanding report
+//!   is in, the spool is rewound ([`Spool::rewind_unacked`]) and the unacknowledged records are
+//!   produced again. **At-least-once**: a record delivered whose report was lost (crash, timeout
+//!   after a write) is delivered twice; consumers deduplicate on `(host, flow_id, seq)`.
+//! - **Spool full**: the newest record is dropped, counted
+//!   (`flowlog_sidecar_spool_dropped_total`) and logged once (then at most once a minute).
+//! - A broker outage never stalls capture: records pile up in the spool and are replayed in order
+//!   when the broker is back; an agent crash or restart replays what the spool holds first.
+//! - Dropping the sink (agent shutdown) waits up to [`KafkaSettings::shutdown_wait`] for
+//!   deliveries, then purges what is in flight and fsyncs the spool: what was not acknowledged
+//!   stays on disk for the next start.
 use std::{
+    collections::VecDeque,
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -40,7 +49,16 @@ use crate::{
     metrics as m,
     record::FlowRecord,
     sink::{RecordSink, SinkError},
+    spool::{Spool, SpoolError, SpoolId, SpoolRecord},
 };
+
+/// Messages produced whose delivery report has not arrived, at most: bounds the memory the
+/// producer holds; the rest waits in the spool.
+pub const MAX_IN_FLIGHT: u64 = 100_000;
+/// Records read from the spool per call.
+const PUMP_BATCH: usize = 4096;
+/// Spool fsync period.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// Where and how to produce.
 #[derive(Debug, Clone)]
@@ -58,6 +76,10 @@ pub struct KafkaSettings {
     pub flush_wait: Duration,
     /// How long dropping the sink (shutdown) waits for outstanding deliveries.
     pub shutdown_wait: Duration,
+    /// The spool directory (write-ahead log of records not yet acknowledged).
+    pub spool_dir: PathBuf,
+    /// Largest size of the spool's segment files.
+    pub spool_max_bytes: u64,
 }
 
 impl KafkaSettings {
@@ -71,9 +93,14 @@ impl KafkaSettings {
             metadata_timeout: Duration::from_secs(5),
             flush_wait: Duration::from_millis(200),
             shutdown_wait: Duration::from_secs(10),
+            spool_dir: PathBuf::from(DEFAULT_SPOOL_DIR),
+            spool_max_bytes: DEFAULT_SPOOL_MAX_BYTES,
         }
     }
 }
+
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/flowlog/spool";
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 
 /// Producer settings flowlog uses unless a `--kafka-option` says otherwise: every record
 /// acknowledged by all in-sync replicas, no duplicates from retries, zstd, and batches of up to
@@ -102,6 +129,8 @@ pub enum KafkaSinkError {
         value: String,
         reason: String,
     },
+    #[error("opening the spool")]
+    Spool(#[source] SpoolError),
     #[error("creating the Kafka producer for {brokers}")]
     Create { brokers: String, source: KafkaError },
     /// The topic does not exist (topics are not created by the agent).
@@ -115,41 +144,15 @@ pub enum KafkaSinkError {
     },
 }
 
-/// Keeps records that Kafka could not take (librdkafka gave up on them: message timeout, purge
-/// at shutdown, a non-retriable error).
-///
-/// **The disk spool plugs in here**: `spool.rs` (being written) will implement this trait,
-/// append the records to its segments and replay them once the broker is back. Until then,
-/// [`InMemory`] keeps them in memory, and the sink counts
-/// (`flowlog_sidecar_kafka_undelivered_total`) and logs them.
-pub trait Undelivered {
-    /// Takes records the broker did not acknowledge, in the order their reports arrived.
-    fn keep(&mut self, records: Vec<FlowRecord>);
-}
-
-/// The keeper until the spool exists: a `Vec` (lost when the process exits; the sink logs how
-/// many at that point).
-#[derive(Debug, Default)]
-pub struct InMemory {
-    pub records: Vec<FlowRecord>,
-}
-
-impl Undelivered for InMemory {
-    fn keep(&mut self, mut records: Vec<FlowRecord>) {
-        self.records.append(&mut records);
-    }
-}
+/// A delivery report, as the callback queues it for the agent's task.
+type Report = (SpoolId, Result<(), KafkaError>);
 
 /// State shared with librdkafka's delivery-report thread.
 struct Shared {
     /// Messages handed to librdkafka whose delivery report has not arrived.
     in_flight: AtomicU64,
-    /// Records whose delivery report said "written" (for progress detection).
-    sent: AtomicU64,
-    /// Records librdkafka gave up on, decoded from their messages, waiting for the agent's task.
-    failed: Mutex<Vec<FlowRecord>>,
-    /// The last delivery error, for the log line about undelivered records.
-    last_failure: Mutex<Option<String>>,
+    /// Delivery reports not yet applied to the spool.
+    reports: Mutex<Vec<Report>>,
     broker_errors: Mutex<Throttle>,
     sent_total: Counter,
     bytes_total: Counter,
@@ -237,40 +240,35 @@ impl ClientContext for Context {
                 brokers = %self.brokers,
                 kind,
                 count = throttle.count,
-                "Kafka brokers unreachable or failing: {reason}; capturing anyway, records stay \
-                 queued and are retried until message.timeout.ms"
+                "Kafka brokers unreachable or failing: {reason}; capturing anyway, records wait \
+                 in the spool and are retried"
             );
         }
     }
 }
 
 impl ProducerContext for Context {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = Box<SpoolId>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, id: Box<SpoolId>) {
         let s = &self.shared;
-        match result {
+        let outcome = match result {
             Ok(message) => {
-                s.sent.fetch_add(1, Ordering::Relaxed);
                 s.sent_total.increment(1);
                 let bytes =
                     message.key().map_or(0, <[u8]>::len) + message.payload().map_or(0, <[u8]>::len);
                 s.bytes_total.increment(bytes as u64);
+                Ok(())
             }
-            Err((e, message)) => {
+            Err((e, _)) => {
                 counter!(m::KAFKA_DELIVERY_ERRORS, "kind" => error_kind(e)).increment(1);
-                match message.payload().map(avro::decode) {
-                    Some(Ok((_, record))) => s
-                        .failed
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(record),
-                    // Only this sink produces through this producer, so it cannot happen.
-                    other => error!(?other, "undelivered Kafka message is not a flow record"),
-                }
-                *s.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                Err(e.clone())
             }
-        }
+        };
+        s.reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((*id, outcome));
         let left = s
             .in_flight
             .fetch_sub(1, Ordering::Relaxed)
@@ -279,28 +277,27 @@ impl ProducerContext for Context {
     }
 }
 
-/// Flow records to a Kafka topic. See the module docs for its guarantees.
-pub struct KafkaSink<U: Undelivered = InMemory> {
+/// Flow records to a Kafka topic through the disk spool. See the module docs for its guarantees.
+pub struct KafkaSink {
     producer: ThreadedProducer<Context>,
     shared: Arc<Shared>,
     settings: KafkaSettings,
-    undelivered: U,
-    /// Reused buffers for the message being produced.
+    spool: Spool,
+    /// Records read from the spool that librdkafka's full queue did not take yet, in order.
+    pending: VecDeque<SpoolRecord>,
+    /// A delivery failed: rewind the spool once every outstanding report is in.
+    rewind_pending: bool,
+    last_sync: Instant,
+    /// Reused buffers for the record being spooled.
     key: Vec<u8>,
     value: Vec<u8>,
-    /// `sent` when a flush last gave up waiting: while no delivery succeeds after that, flushes
-    /// do not wait (the broker is down or stuck; capture must go on).
-    stalled_at: Option<u64>,
-    undelivered_log: Throttle,
-    undelivered_total: u64,
-    queue_full_log: Throttle,
-}
-
-impl KafkaSink<InMemory> {
-    /// Creates the producer and checks the topic (see [`KafkaSink::with_undelivered`]).
-    pub fn connect(settings: KafkaSettings) -> Result<Self, KafkaSinkError> {
-        Self::with_undelivered(settings, InMemory::default())
-    }
+    dropped_total: u64,
+    dropped_log: Throttle,
+    failed_log: Throttle,
+    spool_error_log: Throttle,
+    spool_records: Gauge,
+    spool_bytes: Gauge,
+    spool_dropped: Counter,
 }
 
 /// The librdkafka configuration: defaults, brokers, then the user's options.
@@ -316,19 +313,15 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
-impl<U: Undelivered> KafkaSink<U> {
-    /// Creates the producer and checks, within `metadata_timeout`, that the topic exists.
-    /// A bad option or a missing topic is an error. An unreachable broker is not: the agent must
-    /// capture while Kafka is down, so it is logged once and the records wait in librdkafka.
-    pub fn with_undelivered(
-        settings: KafkaSettings,
-        undelivered: U,
-    ) -> Result<Self, KafkaSinkError> {
+impl KafkaSink {
+    /// Creates the producer, opens the spool (replaying what a previous run left) and checks,
+    /// within `metadata_timeout`, that the topic exists. A bad option, a missing topic or a spool
+    /// that cannot be opened is an error. An unreachable broker is not: the agent must capture
+    /// while Kafka is down, so it is logged once and the records wait in the spool.
+    pub fn connect(settings: KafkaSettings) -> Result<Self, KafkaSinkError> {
         let shared = Arc::new(Shared {
             in_flight: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
-            failed: Mutex::new(Vec::new()),
-            last_failure: Mutex::new(None),
+            reports: Mutex::new(Vec::new()),
             broker_errors: Mutex::new(Throttle::default()),
             sent_total: counter!(m::KAFKA_RECORDS_SENT),
             bytes_total: counter!(m::KAFKA_BYTES),
@@ -349,19 +342,51 @@ impl<U: Undelivered> KafkaSink<U> {
                     source,
                 },
             })?;
+        let (spool, report) = Spool::open(&settings.spool_dir, settings.spool_max_bytes)
+            .map_err(KafkaSinkError::Spool)?;
+        for corruption in &report.corrupt {
+            error!(
+                spool = %settings.spool_dir.display(),
+                "spool: {corruption}; the records before it are replayed, the rest of that file is skipped"
+            );
+        }
+        if let Some(torn) = &report.torn_tail {
+            warn!(
+                file = %torn.path.display(),
+                offset = torn.offset,
+                discarded_bytes = torn.discarded_bytes,
+                "spool: a crash left an incomplete last record; truncated (the records before it are kept)"
+            );
+        }
+        if report.records > 0 {
+            info!(
+                spool = %settings.spool_dir.display(),
+                records = report.records,
+                bytes = report.record_bytes,
+                segments = report.segments,
+                "spool holds records not yet delivered: replaying them first"
+            );
+        }
         let sink = Self {
             producer,
             shared,
             settings,
-            undelivered,
+            spool,
+            pending: VecDeque::new(),
+            rewind_pending: false,
+            last_sync: Instant::now(),
             key: Vec::with_capacity(64),
             value: Vec::with_capacity(256),
-            stalled_at: None,
-            undelivered_log: Throttle::default(),
-            undelivered_total: 0,
-            queue_full_log: Throttle::default(),
+            dropped_total: 0,
+            dropped_log: Throttle::default(),
+            failed_log: Throttle::default(),
+            spool_error_log: Throttle::default(),
+            spool_records: gauge!(m::SPOOL_RECORDS),
+            spool_bytes: gauge!(m::SPOOL_BYTES),
+            spool_dropped: counter!(m::SPOOL_DROPPED),
         };
         sink.check_topic()?;
+        sink.export();
         Ok(sink)
     }
 
@@ -435,15 +460,10 @@ impl<U: Undelivered> KafkaSink<U> {
                 brokers = %s.brokers,
                 topic = %s.topic,
                 "Kafka brokers unreachable at start ({e}; waited {:?}): capturing anyway; records \
-                 wait in the producer queue and are retried until message.timeout.ms",
+                 wait in the spool and are produced when the broker is back",
                 s.metadata_timeout
             );
         }
-    }
-
-    /// The keeper of undelivered records (for tests and, later, the spool's owner).
-    pub fn undelivered(&self) -> &U {
-        &self.undelivered
     }
 
     /// Messages handed to librdkafka whose delivery report has not arrived yet.
@@ -451,143 +471,246 @@ impl<U: Undelivered> KafkaSink<U> {
         self.shared.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Hands records that librdkafka gave up on to the keeper; counts and logs them.
-    fn collect_failures(&mut self) {
-        let failed =
-            std::mem::take(&mut *self.shared.failed.lock().unwrap_or_else(|e| e.into_inner()));
-        if failed.is_empty() {
-            return;
-        }
-        let n = failed.len() as u64;
-        self.undelivered_total += n;
-        counter!(m::KAFKA_UNDELIVERED).increment(n);
-        if self.undelivered_log.due() {
-            let reason = self
-                .shared
-                .last_failure
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-                .unwrap_or_default();
-            error!(
-                brokers = %self.settings.brokers,
-                topic = %self.settings.topic,
-                records = n,
-                total = self.undelivered_total,
-                "Kafka did not take records ({reason}); kept aside as undelivered"
-            );
-        }
-        self.undelivered.keep(failed);
+    /// The spool (records not yet acknowledged).
+    pub fn spool(&self) -> &Spool {
+        &self.spool
     }
 
-    /// Waits until every delivery report has arrived or `bound` has passed; true if all arrived.
-    async fn wait_deliveries(&self, bound: Duration) -> bool {
-        let deadline = Instant::now() + bound;
-        loop {
-            if self.in_flight() == 0 {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+    fn export(&self) {
+        self.spool_records.set(self.spool.len_records() as f64);
+        self.spool_bytes.set(self.spool.len_bytes() as f64);
+        self.shared.queue_depth.set(self.in_flight() as f64);
+    }
+
+    fn spool_failed(&mut self, op: &str, e: &SpoolError) {
+        counter!(m::SPOOL_ERRORS, "op" => op.to_string()).increment(1);
+        if self.spool_error_log.hit() {
+            error!(
+                spool = %self.settings.spool_dir.display(),
+                count = self.spool_error_log.count,
+                "spool {op} failed: {}",
+                crate::error_chain(e)
+            );
         }
+    }
+
+    /// Applies the delivery reports that arrived: acknowledged records leave the spool; a failure
+    /// schedules a rewind.
+    fn collect_reports(&mut self) {
+        let reports = std::mem::take(
+            &mut *self
+                .shared
+                .reports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let mut failed = 0u64;
+        let mut reason = None;
+        for (id, result) in reports {
+            match result {
+                Ok(()) => {
+                    if let Err(e) = self.spool.ack(id) {
+                        self.spool_failed("ack", &e);
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    reason = Some(e);
+                }
+            }
+        }
+        if failed > 0 {
+            counter!(m::KAFKA_UNDELIVERED).increment(failed);
+            self.rewind_pending = true;
+            if self.failed_log.hit() {
+                warn!(
+                    brokers = %self.settings.brokers,
+                    topic = %self.settings.topic,
+                    records = failed,
+                    "Kafka did not take records ({}); they stay in the spool and are produced \
+                     again",
+                    reason.map(|e| e.to_string()).unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    /// Produces one spooled record; false if librdkafka's queue is full (try again later).
+    fn produce(&mut self, record: &SpoolRecord) -> bool {
+        // Counted before the send: its report may arrive before `send` returns.
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let message = BaseRecord::with_opaque_to(&self.settings.topic, Box::new(record.id))
+            .key(&record.key[..])
+            .payload(&record.payload[..]);
+        let Err((e, _)) = self.producer.send(message) else {
+            return true;
+        };
+        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) {
+            counter!(m::KAFKA_QUEUE_FULL_WAITS).increment(1);
+            return false;
+        }
+        // Refused before it was queued and never acceptable (e.g. larger than the broker's
+        // limit): retrying cannot help, so it is counted, logged and removed from the spool.
+        counter!(m::KAFKA_DELIVERY_ERRORS, "kind" => error_kind(&e)).increment(1);
+        error!(
+            topic = %self.settings.topic,
+            id = %record.id,
+            "Kafka refused a record ({e}); dropped from the spool"
+        );
+        if let Err(e) = self.spool.ack(record.id) {
+            self.spool_failed("ack", &e);
+        }
+        true
+    }
+
+    /// Applies delivery reports, then produces spooled records in order while fewer than
+    /// [`MAX_IN_FLIGHT`] are outstanding and librdkafka takes them.
+    fn pump(&mut self) {
+        self.collect_reports();
+        if self.rewind_pending {
+            if self.in_flight() > 0 {
+                // Rewind only once every outstanding report is in: no record is in flight
+                // twice, and the replay keeps spool order.
+                self.export();
+                return;
+            }
+            self.collect_reports();
+            self.pending.clear();
+            self.spool.rewind_unacked();
+            self.rewind_pending = false;
+        }
+        'pump: while self.in_flight() < MAX_IN_FLIGHT {
+            if self.pending.is_empty() {
+                let room = (MAX_IN_FLIGHT - self.in_flight()) as usize;
+                match self.spool.next_unsent(room.min(PUMP_BATCH)) {
+                    Ok(batch) if batch.is_empty() => break,
+                    Ok(batch) => self.pending.extend(batch),
+                    Err(e) => {
+                        // Corruption: reported once, the spool skips past it.
+                        self.spool_failed("read", &e);
+                        continue;
+                    }
+                }
+            }
+            while let Some(record) = self.pending.pop_front() {
+                if !self.produce(&record) {
+                    self.pending.push_front(record);
+                    break 'pump;
+                }
+                if self.in_flight() >= MAX_IN_FLIGHT {
+                    break 'pump;
+                }
+            }
+        }
+        self.export();
     }
 }
 
-impl<U: Undelivered> RecordSink for KafkaSink<U> {
+impl RecordSink for KafkaSink {
     async fn write(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
-        self.collect_failures();
         for record in records {
             self.key.clear();
             self.key.extend_from_slice(&avro::key(record));
             self.value.clear();
             avro::encode(record, self.settings.schema_id, &mut self.value);
-            let timestamp = i64::try_from(record.end_ns / 1_000_000).unwrap_or(i64::MAX);
-            loop {
-                // Counted before the send: its report may arrive before `send` returns.
-                self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                let message = BaseRecord::to(&self.settings.topic)
-                    .key(&self.key[..])
-                    .payload(&self.value[..])
-                    .timestamp(timestamp);
-                let Err((e, _)) = self.producer.send(message) else {
-                    break;
-                };
-                self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) {
-                    // Backpressure: wait for deliveries to make room, never drop.
-                    counter!(m::KAFKA_QUEUE_FULL_WAITS).increment(1);
-                    if self.queue_full_log.hit() {
-                        warn!(
-                            brokers = %self.settings.brokers,
-                            count = self.queue_full_log.count,
-                            "Kafka producer queue full: waiting for deliveries (capture slows down)"
+            match self.spool.append(&self.key, &self.value) {
+                Ok(()) => {}
+                Err(e @ SpoolError::Full { .. }) => {
+                    self.dropped_total += 1;
+                    self.spool_dropped.increment(1);
+                    if self.dropped_log.hit() {
+                        error!(
+                            dropped = self.dropped_total,
+                            "{e} (flowlog_sidecar_spool_dropped_total counts them)"
                         );
                     }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
                 }
-                // Not retriable at this point (e.g. message too large): keep it aside.
-                counter!(m::KAFKA_DELIVERY_ERRORS, "kind" => error_kind(&e)).increment(1);
-                *self
-                    .shared
-                    .last_failure
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-                self.shared
-                    .failed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(record.clone());
-                break;
+                Err(e) => {
+                    self.spool_failed("append", &e);
+                    return Err(SinkError::Write {
+                        target: format!("spool {}", self.settings.spool_dir.display()),
+                        source: std::io::Error::other(crate::error_chain(&e)),
+                    });
+                }
             }
         }
-        self.shared.queue_depth.set(self.in_flight() as f64);
+        self.pump();
         Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), SinkError> {
-        let sent = self.shared.sent.load(Ordering::Relaxed);
-        let wait = match self.stalled_at {
-            // No progress since the last flush gave up: do not stall capture again.
-            Some(at) if at == sent => Duration::ZERO,
-            _ => self.settings.flush_wait,
-        };
-        if self.wait_deliveries(wait).await {
-            self.stalled_at = None;
+        let result = if self.last_sync.elapsed() >= SYNC_EVERY {
+            self.last_sync = Instant::now();
+            self.spool.sync()
         } else {
-            self.stalled_at = Some(self.shared.sent.load(Ordering::Relaxed));
+            self.spool.flush()
+        };
+        if let Err(e) = result {
+            self.spool_failed("flush", &e);
+            return Err(SinkError::Write {
+                target: format!("spool {}", self.settings.spool_dir.display()),
+                source: std::io::Error::other(crate::error_chain(&e)),
+            });
         }
-        self.collect_failures();
+        self.pump();
+        Ok(())
+    }
+
+    async fn idle(&mut self) -> Result<(), SinkError> {
+        self.pump();
+        if self.last_sync.elapsed() >= SYNC_EVERY {
+            self.last_sync = Instant::now();
+            if let Err(e) = self.spool.sync() {
+                self.spool_failed("sync", &e);
+            }
+        }
         Ok(())
     }
 }
 
-impl<U: Undelivered> Drop for KafkaSink<U> {
-    /// Shutdown: waits up to `shutdown_wait` for outstanding deliveries, then purges what is
-    /// left (their reports come back as failures) and accounts for every undelivered record.
+impl Drop for KafkaSink {
+    /// Shutdown: for up to `shutdown_wait`, keeps producing and collecting reports until the
+    /// spool is empty; then purges what is in flight (not acknowledged, so it stays spooled) and
+    /// fsyncs the spool for the next start.
     fn drop(&mut self) {
-        let left = self.in_flight();
-        if left > 0 {
-            info!(
-                records = left,
-                "waiting up to {:?} for Kafka deliveries", self.settings.shutdown_wait
-            );
-            let _ = self.producer.flush(self.settings.shutdown_wait);
-            if self.in_flight() > 0 {
-                self.producer
-                    .purge(PurgeConfig::default().queue().inflight());
-                let _ = self.producer.flush(Duration::from_secs(1));
+        let deadline = Instant::now() + self.settings.shutdown_wait;
+        let mut said = false;
+        loop {
+            self.pump();
+            if self.spool.len_records() == 0 && self.in_flight() == 0 {
+                break;
             }
+            if Instant::now() >= deadline {
+                break;
+            }
+            if !said {
+                said = true;
+                info!(
+                    records = self.spool.len_records(),
+                    "waiting up to {:?} for Kafka deliveries", self.settings.shutdown_wait
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        self.collect_failures();
-        if self.undelivered_total > 0 {
+        if self.in_flight() > 0 {
+            self.producer
+                .purge(PurgeConfig::default().queue().inflight());
+            let _ = self.producer.flush(Duration::from_secs(1));
+        }
+        self.collect_reports();
+        if let Err(e) = self.spool.sync() {
+            self.spool_failed("sync", &e);
+        }
+        self.export();
+        let left = self.spool.len_records();
+        if left > 0 {
             error!(
                 brokers = %self.settings.brokers,
                 topic = %self.settings.topic,
-                records = self.undelivered_total,
-                "flow records not delivered to Kafka during this run (no spool yet: lost at exit)"
+                records = left,
+                spool = %self.settings.spool_dir.display(),
+                "flow records not delivered to Kafka yet: kept in the spool, delivered at the next start"
             );
         }
     }

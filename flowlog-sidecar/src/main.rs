@@ -108,6 +108,14 @@ struct Args {
     /// environment variable takes a comma-separated list).
     #[arg(long = "kafka-option", env = "FLOWLOG_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_kafka_option)]
     kafka_options: Vec<(String, String)>,
+    /// Directory of the Kafka spool: every record is written there first and removed once the
+    /// broker acknowledged it, so broker outages and agent restarts lose nothing.
+    #[arg(long, env = "FLOWLOG_SPOOL_DIR", default_value = flowlog_sidecar::kafka::DEFAULT_SPOOL_DIR)]
+    spool_dir: PathBuf,
+    /// Largest size of the Kafka spool in bytes; when full, the newest records are dropped
+    /// (counted in flowlog_sidecar_spool_dropped_total).
+    #[arg(long, env = "FLOWLOG_SPOOL_MAX_BYTES", default_value_t = flowlog_sidecar::kafka::DEFAULT_SPOOL_MAX_BYTES)]
+    spool_max_bytes: u64,
     /// Schema-registry id of schemas/flow_record.v1.avsc, written in every Kafka message.
     #[arg(long, env = "FLOWLOG_SCHEMA_ID", default_value_t = 1)]
     schema_id: u32,
@@ -139,6 +147,8 @@ fn kafka_sink(args: &Args) -> anyhow::Result<KafkaSink> {
     let mut settings = KafkaSettings::new(&args.kafka_brokers, &args.kafka_topic);
     settings.schema_id = args.schema_id;
     settings.options = args.kafka_options.clone();
+    settings.spool_dir = args.spool_dir.clone();
+    settings.spool_max_bytes = args.spool_max_bytes;
     match KafkaSink::connect(settings) {
         Ok(sink) => Ok(sink),
         Err(e @ KafkaSinkError::Option { .. }) => Args::command()

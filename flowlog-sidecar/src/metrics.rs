@@ -24,6 +24,10 @@ pub const KAFKA_BYTES: &str = "flowlog_sidecar_kafka_bytes_total";
 pub const KAFKA_UNDELIVERED: &str = "flowlog_sidecar_kafka_undelivered_total";
 pub const KAFKA_QUEUE_FULL_WAITS: &str = "flowlog_sidecar_kafka_queue_full_waits_total";
 pub const KAFKA_BROKER_ERRORS: &str = "flowlog_sidecar_kafka_broker_errors_total";
+pub const SPOOL_RECORDS: &str = "flowlog_sidecar_spool_records";
+pub const SPOOL_BYTES: &str = "flowlog_sidecar_spool_bytes";
+pub const SPOOL_DROPPED: &str = "flowlog_sidecar_spool_dropped_total";
+pub const SPOOL_ERRORS: &str = "flowlog_sidecar_spool_errors_total";
 
 /// Starts the exporter's HTTP listener on `addr` (serves `/metrics`) and describes every metric.
 pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
@@ -85,7 +89,7 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     );
     describe_counter!(
         KAFKA_UNDELIVERED,
-        "Flow records Kafka did not take, kept aside for the spool."
+        "Flow records whose Kafka delivery failed (they stay in the spool and are produced again)."
     );
     describe_counter!(
         KAFKA_QUEUE_FULL_WAITS,
@@ -95,6 +99,19 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         KAFKA_BROKER_ERRORS,
         "Kafka client errors (brokers down, transport failures), by kind."
     );
+    describe_gauge!(
+        SPOOL_RECORDS,
+        "Flow records in the Kafka spool not yet acknowledged by the broker."
+    );
+    describe_gauge!(
+        SPOOL_BYTES,
+        "Bytes of the Kafka spool's segment files (limited by --spool-max-bytes)."
+    );
+    describe_counter!(
+        SPOOL_DROPPED,
+        "Flow records dropped because the Kafka spool was full (drop-newest policy)."
+    );
+    describe_counter!(SPOOL_ERRORS, "Failed spool operations, by operation.");
     Ok(())
 }
 

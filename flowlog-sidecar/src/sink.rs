@@ -31,6 +31,11 @@ pub trait RecordSink {
     async fn write(&mut self, records: &[FlowRecord]) -> Result<(), SinkError>;
     /// Pushes out everything buffered.
     async fn flush(&mut self) -> Result<(), SinkError>;
+    /// Called on each turn of the agent's loop that produced no record (at least every
+    /// `--drain-interval`): background work such as replaying the Kafka spool.
+    async fn idle(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// JSON lines, one record per line, to any writer (stdout or a file).
