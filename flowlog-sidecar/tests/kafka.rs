@@ -132,17 +132,20 @@ struct KafkaAgent {
     stderr: Arc<Mutex<String>>,
     ready: mpsc::Receiver<()>,
     host: String,
+    /// The spool directory this guard created (removed on drop), if the test named none.
+    own_spool: Option<std::path::PathBuf>,
 }
 
 impl KafkaAgent {
-    /// With a spool directory of its own (removed by the test's temp dir cleanup) unless
-    /// `extra` names one.
+    /// With a spool directory of its own (removed when the guard drops) unless `extra` names
+    /// one.
     fn spawn(test: &str, topic: &str, brokers: &str, extra: &[&str]) -> Self {
         let host = format!("test-kafka-{test}-{}", std::process::id());
-        let own_spool = temp_dir(&format!("spool-{test}"));
         let mut command = Command::new(AGENT);
-        if !extra.contains(&"--spool-dir") {
-            command.args(["--spool-dir", own_spool.to_str().unwrap()]);
+        let own_spool =
+            (!extra.contains(&"--spool-dir")).then(|| temp_dir(&format!("spool-{test}")));
+        if let Some(dir) = &own_spool {
+            command.args(["--spool-dir", dir.to_str().unwrap()]);
         }
         let mut child = command
             .args(["--output", "kafka", "--kafka-brokers", brokers])
@@ -179,6 +182,7 @@ impl KafkaAgent {
             stderr,
             ready,
             host,
+            own_spool,
         }
     }
 
@@ -229,6 +233,7 @@ impl KafkaAgent {
             stderr,
             ready: mpsc::channel().1,
             host: String::new(),
+            own_spool: None,
         }
         .wait_exit(within);
         (status, start.elapsed(), self.stderr())
@@ -243,6 +248,9 @@ impl Drop for KafkaAgent {
         }
         if thread::panicking() {
             eprintln!("agent stderr:\n{}", self.stderr());
+        }
+        if let Some(dir) = self.own_spool.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
