@@ -210,9 +210,15 @@ pub fn decode_datum(datum: &[u8]) -> Result<FlowRecord, DecodeError> {
 /// makes the key parseable without a separator ([`parse_key`]).
 pub fn key(record: &FlowRecord) -> Vec<u8> {
     let mut key = Vec::with_capacity(8 + record.host.len());
-    key.extend_from_slice(&record.flow_id.to_be_bytes());
-    key.extend_from_slice(record.host.as_bytes());
+    key_into(record, &mut key);
     key
+}
+
+/// Appends the [`key`] of `record` to `out` (no allocation when `out` is reused, as on the
+/// agent's per-record path).
+pub fn key_into(record: &FlowRecord, out: &mut Vec<u8>) {
+    out.extend_from_slice(&record.flow_id.to_be_bytes());
+    out.extend_from_slice(record.host.as_bytes());
 }
 
 /// Splits a key made by [`key`] into `(flow_id, host)`; `None` if it is not one.

@@ -26,6 +26,7 @@ use crate::{
     probe::Probe,
     record::{FlowRecord, Outcome},
     sink::RecordSink,
+    throttle::LogThrottle,
 };
 
 /// Settings of the event loop.
@@ -186,25 +187,15 @@ async fn emit<S: RecordSink>(sink: &mut S, out: &mut Vec<FlowRecord>, reporter: 
 /// with its running count, so a persistent problem does not flood the log.
 #[derive(Default)]
 struct Reporter {
-    last_warned: [Option<Instant>; 4],
+    ringbuf_full_log: LogThrottle,
+    map_full_log: LogThrottle,
+    sweep_log: LogThrottle,
+    sink_log: LogThrottle,
     ringbuf_full: u64,
     map_full: u64,
 }
 
-const WARN_EVERY: Duration = Duration::from_secs(60);
-
 impl Reporter {
-    fn should_warn(&mut self, slot: usize) -> bool {
-        let now = Instant::now();
-        match self.last_warned[slot] {
-            Some(t) if now.duration_since(t) < WARN_EVERY => false,
-            _ => {
-                self.last_warned[slot] = Some(now);
-                true
-            }
-        }
-    }
-
     fn export(&mut self, probe: &Probe, stats: AssemblyStats) {
         match probe.counters() {
             Ok(c) => {
@@ -213,14 +204,14 @@ impl Reporter {
                 counter!(m::KERNEL_DROPS, "reason" => "ringbuf_full").absolute(ringbuf_full);
                 counter!(m::KERNEL_DROPS, "reason" => "map_full").absolute(map_full);
                 counter!(m::UNTRACKED_CLOSES).absolute(c[counter::UNTRACKED_CLOSE as usize]);
-                if ringbuf_full > self.ringbuf_full && self.should_warn(0) {
+                if ringbuf_full > self.ringbuf_full && self.ringbuf_full_log.due() {
                     warn!(
                         lost_records = ringbuf_full,
                         "kernel ring buffer overflowed: flow records were lost; raise \
                          --ring-buffer-bytes or lower --drain-interval"
                     );
                 }
-                if map_full > self.map_full && self.should_warn(1) {
+                if map_full > self.map_full && self.map_full_log.due() {
                     warn!(
                         untracked_flows = map_full,
                         "kernel flow map full: new flows were not tracked; raise --max-flows"
@@ -243,7 +234,7 @@ impl Reporter {
     }
 
     fn sweep_failed(&mut self, e: &crate::probe::ProbeError) {
-        if self.should_warn(2) {
+        if self.sweep_log.due() {
             warn!(
                 error = crate::error_chain(e),
                 "interim sweep failed; long-lived flows get no interim record"
@@ -252,7 +243,7 @@ impl Reporter {
     }
 
     fn sink_failed(&mut self, e: &crate::sink::SinkError, records: usize) {
-        if self.should_warn(3) {
+        if self.sink_log.due() {
             warn!(
                 error = crate::error_chain(e),
                 records, "writing flow records failed"

@@ -45,8 +45,8 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// `self - earlier`, per counter. Returns `None` if any counter went backwards (a snapshot
-    /// raced with a state change); the caller then keeps the higher baseline.
+    /// `self - earlier`, per counter (saturating), and whether any counter went backwards (a
+    /// snapshot raced with a state change); the caller then keeps the higher baseline.
     fn since(&self, earlier: &Counters) -> (Counters, bool) {
         let mut regressed = false;
         let mut d = |a: u64, b: u64| {

@@ -50,6 +50,7 @@ use crate::{
     record::FlowRecord,
     sink::{RecordSink, SinkError},
     spool::{Spool, SpoolError, SpoolId, SpoolRecord},
+    throttle::LogThrottle,
 };
 
 /// Messages produced whose delivery report has not arrived, at most: bounds the memory the
@@ -72,8 +73,6 @@ pub struct KafkaSettings {
     pub options: Vec<(String, String)>,
     /// How long the start-up check waits for the cluster's metadata.
     pub metadata_timeout: Duration,
-    /// How long a regular flush waits for outstanding deliveries.
-    pub flush_wait: Duration,
     /// How long dropping the sink (shutdown) waits for outstanding deliveries.
     pub shutdown_wait: Duration,
     /// The spool directory (write-ahead log of records not yet acknowledged).
@@ -91,7 +90,6 @@ impl KafkaSettings {
             schema_id: 1,
             options: Vec::new(),
             metadata_timeout: Duration::from_secs(5),
-            flush_wait: Duration::from_millis(200),
             shutdown_wait: Duration::from_secs(10),
             spool_dir: PathBuf::from(DEFAULT_SPOOL_DIR),
             spool_max_bytes: DEFAULT_SPOOL_MAX_BYTES,
@@ -153,39 +151,10 @@ struct Shared {
     in_flight: AtomicU64,
     /// Delivery reports not yet applied to the spool.
     reports: Mutex<Vec<Report>>,
-    broker_errors: Mutex<Throttle>,
+    broker_errors: Mutex<LogThrottle>,
     sent_total: Counter,
     bytes_total: Counter,
     queue_depth: Gauge,
-}
-
-/// Logs the first occurrence of a condition, then at most once a minute, with a running count.
-#[derive(Default)]
-struct Throttle {
-    count: u64,
-    last: Option<Instant>,
-}
-
-impl Throttle {
-    const EVERY: Duration = Duration::from_secs(60);
-
-    /// Counts one occurrence; true when it should be logged.
-    fn hit(&mut self) -> bool {
-        self.count += 1;
-        self.due()
-    }
-
-    fn due(&mut self) -> bool {
-        let now = Instant::now();
-        if self
-            .last
-            .is_none_or(|t| now.duration_since(t) >= Self::EVERY)
-        {
-            self.last = Some(now);
-            return true;
-        }
-        false
-    }
 }
 
 /// snake_case label of a librdkafka error, e.g. `message_timed_out`.
@@ -292,9 +261,9 @@ pub struct KafkaSink {
     key: Vec<u8>,
     value: Vec<u8>,
     dropped_total: u64,
-    dropped_log: Throttle,
-    failed_log: Throttle,
-    spool_error_log: Throttle,
+    dropped_log: LogThrottle,
+    failed_log: LogThrottle,
+    spool_error_log: LogThrottle,
     spool_records: Gauge,
     spool_bytes: Gauge,
     spool_dropped: Counter,
@@ -322,7 +291,7 @@ impl KafkaSink {
         let shared = Arc::new(Shared {
             in_flight: AtomicU64::new(0),
             reports: Mutex::new(Vec::new()),
-            broker_errors: Mutex::new(Throttle::default()),
+            broker_errors: Mutex::new(LogThrottle::default()),
             sent_total: counter!(m::KAFKA_RECORDS_SENT),
             bytes_total: counter!(m::KAFKA_BYTES),
             queue_depth: gauge!(m::KAFKA_QUEUE_DEPTH),
@@ -378,9 +347,9 @@ impl KafkaSink {
             key: Vec::with_capacity(64),
             value: Vec::with_capacity(256),
             dropped_total: 0,
-            dropped_log: Throttle::default(),
-            failed_log: Throttle::default(),
-            spool_error_log: Throttle::default(),
+            dropped_log: LogThrottle::default(),
+            failed_log: LogThrottle::default(),
+            spool_error_log: LogThrottle::default(),
             spool_records: gauge!(m::SPOOL_RECORDS),
             spool_bytes: gauge!(m::SPOOL_BYTES),
             spool_dropped: counter!(m::SPOOL_DROPPED),
@@ -564,6 +533,21 @@ impl KafkaSink {
         true
     }
 
+    /// Writes the spool's buffered records to its file, and fsyncs it if the last fsync is
+    /// [`SYNC_EVERY`] old. A failure is counted and logged here.
+    fn persist(&mut self) -> Result<(), SpoolError> {
+        let result = if self.last_sync.elapsed() >= SYNC_EVERY {
+            self.last_sync = Instant::now();
+            self.spool.sync()
+        } else {
+            self.spool.flush()
+        };
+        if let Err(e) = &result {
+            self.spool_failed("flush", e);
+        }
+        result
+    }
+
     /// Applies delivery reports, then produces spooled records in order while fewer than
     /// [`MAX_IN_FLIGHT`] are outstanding and librdkafka takes them.
     fn pump(&mut self) {
@@ -611,7 +595,7 @@ impl RecordSink for KafkaSink {
     async fn write(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
         for record in records {
             self.key.clear();
-            self.key.extend_from_slice(&avro::key(record));
+            avro::key_into(record, &mut self.key);
             self.value.clear();
             avro::encode(record, self.settings.schema_id, &mut self.value);
             match self.spool.append(&self.key, &self.value) {
@@ -640,14 +624,7 @@ impl RecordSink for KafkaSink {
     }
 
     async fn flush(&mut self) -> Result<(), SinkError> {
-        let result = if self.last_sync.elapsed() >= SYNC_EVERY {
-            self.last_sync = Instant::now();
-            self.spool.sync()
-        } else {
-            self.spool.flush()
-        };
-        if let Err(e) = result {
-            self.spool_failed("flush", &e);
+        if let Err(e) = self.persist() {
             return Err(SinkError::Write {
                 target: format!("spool {}", self.settings.spool_dir.display()),
                 source: std::io::Error::other(crate::error_chain(&e)),
@@ -659,12 +636,8 @@ impl RecordSink for KafkaSink {
 
     async fn idle(&mut self) -> Result<(), SinkError> {
         self.pump();
-        if self.last_sync.elapsed() >= SYNC_EVERY {
-            self.last_sync = Instant::now();
-            if let Err(e) = self.spool.sync() {
-                self.spool_failed("sync", &e);
-            }
-        }
+        // Nothing new to write; this keeps the once-a-second fsync going while the host is quiet.
+        let _ = self.persist();
         Ok(())
     }
 }
@@ -747,13 +720,5 @@ mod tests {
             Err(e) => panic!("unexpected error: {e}"),
             Ok(_) => panic!("an unknown option was accepted"),
         }
-    }
-
-    #[test]
-    fn throttle_logs_first_then_once_a_minute() {
-        let mut t = Throttle::default();
-        assert!(t.hit());
-        assert!(!t.hit());
-        assert_eq!(t.count, 2);
     }
 }
