@@ -3,7 +3,8 @@
 //!
 //! Modules, in data-flow order: [`btf`] and [`layout`] (kernel layout discovery), [`probe`]
 //! (load/attach, ring buffer, sweep), [`flows`] (snapshots → records), [`record`] (the record),
-//! [`sink`] (outputs), [`agent`] (the event loop), [`metrics`].
+//! [`sink`] (outputs: JSON lines; [`kafka`] through the disk [`spool`]), [`agent`] (the event
+//! loop), [`metrics`] and [`throttle`] (rate-limited warnings).
 pub mod agent;
 pub mod btf;
 pub mod flows;
