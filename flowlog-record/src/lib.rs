@@ -4,8 +4,10 @@
 //!
 //! [`record`] is the record itself (its serde names are the JSON-lines interface); [`avro`] is
 //! the Avro codec for Kafka: Confluent-framed datums of `schemas/flow_record.v1.avsc` and the
-//! message key.
+//! message key. [`enriched`] is the record with both ends attributed, as the enricher writes it.
 pub mod avro;
+pub mod enriched;
 pub mod record;
 
+pub use enriched::{Attribution, EnrichedFlow, Endpoint, Identity, IdentityKind, Workload};
 pub use record::{Direction, Family, FlowRecord, Outcome};
