@@ -137,6 +137,13 @@ pub fn decode_expecting(message: &[u8], schema_id: u32) -> Result<FlowRecord, De
 /// Decodes a bare schema-v1 datum, which must fill `datum` exactly.
 pub fn decode_datum(datum: &[u8]) -> Result<FlowRecord, DecodeError> {
     let mut r = Reader { buf: datum };
+    let record = read_record(&mut r)?;
+    r.finish()?;
+    Ok(record)
+}
+
+/// Reads the fields of a schema-v1 record from `r` (also the first fields of an enriched flow).
+pub(crate) fn read_record(r: &mut Reader<'_>) -> Result<FlowRecord, DecodeError> {
     let flow_id = r.long("flow_id")? as u64;
     let host = r.string("host")?;
     let seq = r.int("seq")? as u32;
@@ -195,12 +202,6 @@ pub fn decode_datum(datum: &[u8]) -> Result<FlowRecord, DecodeError> {
             true => Some(r.long("cgroup_id")? as u64),
         },
     };
-    if !r.buf.is_empty() {
-        return Err(DecodeError::Malformed(format!(
-            "{} trailing bytes after the record",
-            r.buf.len()
-        )));
-    }
     Ok(record)
 }
 
@@ -259,7 +260,7 @@ fn bad_symbol(field: &str, index: i32) -> DecodeError {
 
 /// Zig-zag varint of a 64-bit value (Avro `long`; `int` is the same encoding of a smaller range).
 #[inline]
-fn put_long(out: &mut Vec<u8>, v: i64) {
+pub(crate) fn put_long(out: &mut Vec<u8>, v: i64) {
     let mut z = ((v << 1) ^ (v >> 63)) as u64;
     while z >= 0x80 {
         out.push((z as u8) | 0x80);
@@ -269,12 +270,12 @@ fn put_long(out: &mut Vec<u8>, v: i64) {
 }
 
 #[inline]
-fn put_int(out: &mut Vec<u8>, v: i32) {
+pub(crate) fn put_int(out: &mut Vec<u8>, v: i32) {
     put_long(out, i64::from(v));
 }
 
 #[inline]
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+pub(crate) fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     put_long(out, b.len() as i64);
     out.extend_from_slice(b);
 }
@@ -288,12 +289,24 @@ fn put_addr(out: &mut Vec<u8>, a: IpAddr) {
 }
 
 /// A cursor over a datum; each read names the field for the error message.
-struct Reader<'a> {
-    buf: &'a [u8],
+pub(crate) struct Reader<'a> {
+    pub(crate) buf: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn long(&mut self, field: &str) -> Result<i64, DecodeError> {
+    /// Checks that the datum has been read to its end.
+    pub(crate) fn finish(&self) -> Result<(), DecodeError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::Malformed(format!(
+                "{} trailing bytes after the record",
+                self.buf.len()
+            )))
+        }
+    }
+
+    pub(crate) fn long(&mut self, field: &str) -> Result<i64, DecodeError> {
         let mut z: u64 = 0;
         for i in 0..10 {
             let (&b, rest) = self
@@ -315,13 +328,13 @@ impl<'a> Reader<'a> {
         )))
     }
 
-    fn int(&mut self, field: &str) -> Result<i32, DecodeError> {
+    pub(crate) fn int(&mut self, field: &str) -> Result<i32, DecodeError> {
         let v = self.long(field)?;
         i32::try_from(v)
             .map_err(|_| DecodeError::Malformed(format!("{field}: {v} is out of range for an int")))
     }
 
-    fn bytes(&mut self, field: &str) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn bytes(&mut self, field: &str) -> Result<&'a [u8], DecodeError> {
         let len = self.long(field)?;
         let len = usize::try_from(len)
             .map_err(|_| DecodeError::Malformed(format!("{field}: negative length {len}")))?;
@@ -335,7 +348,7 @@ impl<'a> Reader<'a> {
         Ok(b)
     }
 
-    fn string(&mut self, field: &str) -> Result<String, DecodeError> {
+    pub(crate) fn string(&mut self, field: &str) -> Result<String, DecodeError> {
         let b = self.bytes(field)?;
         std::str::from_utf8(b)
             .map(str::to_owned)
@@ -363,7 +376,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Branch of a `["null", T]` union: `false` for null, `true` for the value.
-    fn union_branch(&mut self, field: &str) -> Result<bool, DecodeError> {
+    pub(crate) fn union_branch(&mut self, field: &str) -> Result<bool, DecodeError> {
         match self.long(field)? {
             0 => Ok(false),
             1 => Ok(true),

@@ -7,7 +7,8 @@
 //! message key. [`enriched`] is the record with both ends attributed, as the enricher writes it.
 pub mod avro;
 pub mod enriched;
+pub mod enriched_avro;
 pub mod record;
 
-pub use enriched::{Attribution, EnrichedFlow, Endpoint, Identity, IdentityKind, Workload};
+pub use enriched::{Attribution, Endpoint, EnrichedFlow, Identity, IdentityKind, Workload};
 pub use record::{Direction, Family, FlowRecord, Outcome};

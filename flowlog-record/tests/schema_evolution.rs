@@ -1,7 +1,7 @@
 //! The evolution policy of `schemas/` (schemas/README.md), checked with apache-avro's
-//! schema-compatibility checker: each `flow_record.v<N>.avsc` reads data written by v<N-1> and
-//! v<N-1> reads data written by v<N>; fields are only added (with defaults) and enum symbols only
-//! appended. Derived bad schemas, built here and never written to `schemas/`, prove the check
+//! schema-compatibility checker: each `flow_record.v<N>.avsc` and `enriched_flow.v<N>.avsc`
+//! reads data written by v<N-1> and v<N-1> reads data written by v<N>; fields are only added
+//! (with defaults) and enum symbols only appended. Derived bad schemas, built here and never written to `schemas/`, prove the check
 //! fails where it must.
 use std::path::{Path, PathBuf};
 
@@ -14,14 +14,20 @@ use serde_json::{Value, json};
 
 const SCHEMAS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas");
 
-/// Every `flow_record.v<N>.avsc` in `schemas/`, by version.
-fn versions() -> Vec<(u32, PathBuf)> {
+/// The record types in `schemas/`: file stem and record name.
+const RECORDS: [(&str, &str); 2] = [
+    ("flow_record", "FlowRecord"),
+    ("enriched_flow", "EnrichedFlow"),
+];
+
+/// Every `<stem>.v<N>.avsc` in `schemas/`, by version.
+fn versions_of(stem: &str) -> Vec<(u32, PathBuf)> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(SCHEMAS_DIR).expect("read schemas/") {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if let Some(n) = name
-            .strip_prefix("flow_record.v")
+            .strip_prefix(&format!("{stem}.v"))
             .and_then(|rest| rest.strip_suffix(".avsc"))
         {
             let n: u32 = n
@@ -32,6 +38,11 @@ fn versions() -> Vec<(u32, PathBuf)> {
     }
     found.sort();
     found
+}
+
+/// Every `flow_record.v<N>.avsc` in `schemas/`, by version.
+fn versions() -> Vec<(u32, PathBuf)> {
+    versions_of("flow_record")
 }
 
 fn load(path: &Path) -> Value {
@@ -109,20 +120,40 @@ fn field<'a>(schema: &'a mut Value, name: &str) -> &'a mut Value {
 
 #[test]
 fn every_version_reads_its_neighbours() {
-    let all = versions();
-    assert!(!all.is_empty(), "no schemas/flow_record.v*.avsc");
-    for (i, (n, path)) in all.iter().enumerate() {
-        assert_eq!(*n, i as u32 + 1, "versions must be 1, 2, 3… without gaps");
-        let schema = load(path);
-        parse(&schema).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(schema["name"], "FlowRecord");
-        assert_eq!(schema["namespace"], "flowlog");
-    }
-    for pair in all.windows(2) {
-        let (prev, next) = (&pair[0], &pair[1]);
-        if let Err(e) = check_evolution(&load(&prev.1), &load(&next.1)) {
-            panic!("v{} → v{}: {e}", prev.0, next.0);
+    for (stem, record) in RECORDS {
+        let all = versions_of(stem);
+        assert!(!all.is_empty(), "no schemas/{stem}.v*.avsc");
+        for (i, (n, path)) in all.iter().enumerate() {
+            assert_eq!(
+                *n,
+                i as u32 + 1,
+                "{stem}: versions must be 1, 2, 3… without gaps"
+            );
+            let schema = load(path);
+            parse(&schema).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(schema["name"], record);
+            assert_eq!(schema["namespace"], "flowlog");
         }
+        for pair in all.windows(2) {
+            let (prev, next) = (&pair[0], &pair[1]);
+            if let Err(e) = check_evolution(&load(&prev.1), &load(&next.1)) {
+                panic!("{stem} v{} → v{}: {e}", prev.0, next.0);
+            }
+        }
+    }
+}
+
+/// Every enum declared anywhere in `schema` (nested records included), as `(name, definition)`.
+fn enums(schema: &Value, out: &mut Vec<(String, Value)>) {
+    match schema {
+        Value::Object(map) => {
+            if map.get("type") == Some(&json!("enum")) {
+                out.push((map["name"].as_str().unwrap().to_owned(), schema.clone()));
+            }
+            map.values().for_each(|v| enums(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| enums(v, out)),
+        _ => {}
     }
 }
 
@@ -130,14 +161,15 @@ fn every_version_reads_its_neighbours() {
 /// instead of failing.
 #[test]
 fn every_enum_has_a_default() {
-    for (n, path) in versions() {
-        for f in load(&path)["fields"].as_array().unwrap() {
-            if f["type"]["type"] == "enum" {
-                let default = &f["type"]["default"];
+    for (stem, _) in RECORDS {
+        for (n, path) in versions_of(stem) {
+            let mut found = Vec::new();
+            enums(&load(&path), &mut found);
+            assert!(!found.is_empty(), "{stem} v{n}: no enums found");
+            for (name, e) in found {
                 assert!(
-                    f["type"]["symbols"].as_array().unwrap().contains(default),
-                    "v{n}: enum of {} has no default symbol",
-                    f["name"]
+                    e["symbols"].as_array().unwrap().contains(&e["default"]),
+                    "{stem} v{n}: enum {name} has no default symbol"
                 );
             }
         }
