@@ -17,7 +17,8 @@ pub mod probe;
 pub use flowlog_record::record;
 pub mod sink;
 pub mod spool;
-pub mod throttle;
+/// Rate-limited warnings, shared with the enricher through `flowlog-kafka`.
+pub use flowlog_kafka::throttle;
 
 /// Formats an error with its chain of causes (`outer: cause: root cause`), for log fields:
 /// library errors keep their causes as `source()` rather than repeating them in the message.

@@ -42,14 +42,6 @@ impl FromStr for Output {
     }
 }
 
-/// One `key=value` librdkafka option.
-fn parse_kafka_option(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
-        _ => Err(format!("`{s}` is not a librdkafka option: use KEY=VALUE")),
-    }
-}
-
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
     if d.is_zero() {
@@ -106,7 +98,7 @@ struct Args {
     kafka_topic: String,
     /// A librdkafka producer option, KEY=VALUE, overriding flowlog's defaults; repeatable (the
     /// environment variable takes a comma-separated list).
-    #[arg(long = "kafka-option", env = "FLOWLOG_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_kafka_option)]
+    #[arg(long = "kafka-option", env = "FLOWLOG_KAFKA_OPTIONS", value_delimiter = ',', value_parser = flowlog_kafka::parse_option)]
     kafka_options: Vec<(String, String)>,
     /// Directory of the Kafka spool: every record is written there first and removed once the
     /// broker acknowledged it, so broker outages and agent restarts lose nothing.
