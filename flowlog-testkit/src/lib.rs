@@ -1,0 +1,231 @@
+//! Scaffolding shared by flowlog's integration tests (a dev-dependency only): a Kafka topic of
+//! a test's own on the real broker (`FLOWLOG_TEST_KAFKA`, started by `scripts/kafka start`),
+//! reading a topic back, fresh temp directories, and child processes killed on drop.
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::Child,
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{BaseConsumer, Consumer},
+    message::OwnedMessage,
+};
+
+/// How long tests wait for anything that should happen (records arriving, a process starting).
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The test broker (`FLOWLOG_TEST_KAFKA`, default 127.0.0.1:9092).
+pub fn brokers() -> String {
+    std::env::var("FLOWLOG_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".to_string())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("creating the Kafka admin client")
+}
+
+/// A name no other test or run uses: `flowlog-test-<what>-<pid>-<ns>`.
+pub fn unique_name(what: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("flowlog-test-{what}-{}-{nanos}", std::process::id())
+}
+
+/// A topic of one test's own, deleted on drop.
+pub struct Topic {
+    pub name: String,
+    pub brokers: String,
+}
+
+impl Topic {
+    /// Creates `flowlog-test-<test>-…` with `partitions` on the test broker and waits until its
+    /// metadata shows them.
+    pub fn create(test: &str, partitions: i32) -> Self {
+        Self::create_on(&brokers(), test, partitions)
+    }
+
+    pub fn create_on(brokers: &str, test: &str, partitions: i32) -> Self {
+        let name = unique_name(test);
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = runtime()
+            .block_on(admin(brokers).create_topics(
+                &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
+                &options,
+            ))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "creating topic {name} on {brokers} (is the broker running? `scripts/kafka start`): {e}"
+                )
+            });
+        for r in results {
+            r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+        }
+        // The broker may answer the creation before its metadata shows the topic.
+        let client = admin(brokers);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let ready = client
+                .inner()
+                .fetch_metadata(Some(&name), Duration::from_secs(5))
+                .is_ok_and(|m| {
+                    m.topics().iter().any(|t| {
+                        t.name() == name
+                            && t.error().is_none()
+                            && t.partitions().len() == partitions as usize
+                    })
+                });
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "topic {name} did not appear in the metadata"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            name,
+            brokers: brokers.to_string(),
+        }
+    }
+
+    /// Reads the topic from the beginning (every partition) until `done` says the messages
+    /// read so far are enough; panics after [`PATIENCE`].
+    pub fn read_until(&self, done: impl Fn(&[OwnedMessage]) -> bool) -> Vec<OwnedMessage> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", unique_name("reader"))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .expect("creating the consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(&self.name), Duration::from_secs(10))
+            .expect("topic metadata");
+        let mut assignment = TopicPartitionList::new();
+        for p in metadata.topics()[0].partitions() {
+            assignment
+                .add_partition_offset(&self.name, p.id(), Offset::Beginning)
+                .unwrap();
+        }
+        assert!(assignment.count() > 0, "topic {} has no partitions", self.name);
+        consumer.assign(&assignment).expect("assigning partitions");
+        let mut messages = Vec::new();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if done(&messages) {
+                return messages;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "messages did not arrive in {} within {PATIENCE:?}; have {}",
+                self.name,
+                messages.len()
+            );
+            match consumer.poll(Duration::from_millis(100)) {
+                None => {}
+                Some(Ok(message)) => messages.push(message.detach()),
+                // A broker that has just restarted may answer with transient errors.
+                Some(Err(e)) => eprintln!("consumer error (retried): {e}"),
+            }
+        }
+    }
+
+    /// The committed offsets of `group` on this topic, by partition (`None`: nothing committed).
+    pub fn committed(&self, group: &str) -> Vec<Option<i64>> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", group)
+            .create()
+            .expect("creating the consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(&self.name), Duration::from_secs(10))
+            .expect("topic metadata");
+        let mut list = TopicPartitionList::new();
+        for p in metadata.topics()[0].partitions() {
+            list.add_partition(&self.name, p.id());
+        }
+        let committed = consumer
+            .committed_offsets(list, Duration::from_secs(10))
+            .expect("committed offsets");
+        let mut out: Vec<(i32, Option<i64>)> = committed
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), e.offset().to_raw()))
+            .collect();
+        out.sort_unstable();
+        out.into_iter().map(|(_, o)| o.filter(|&o| o >= 0)).collect()
+    }
+}
+
+impl Drop for Topic {
+    fn drop(&mut self) {
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let _ = runtime().block_on(admin(&self.brokers).delete_topics(&[&self.name], &options));
+    }
+}
+
+/// The payloads of `messages`, for comparing what a topic holds.
+pub fn payloads(messages: &[OwnedMessage]) -> Vec<&[u8]> {
+    messages.iter().filter_map(Message::payload).collect()
+}
+
+/// A free loopback port (nothing listens on it once this returns).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral port")
+        .port()
+}
+
+/// A fresh, empty directory of this test process under the system temp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique_name(name));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing test leaves nothing
+/// running.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// Sends SIGTERM and waits up to `wait` for the exit; true if it exited successfully.
+    pub fn terminate(&mut self, wait: Duration) -> bool {
+        // SAFETY: kill(2) on our own child's pid, which is not reaped before this returns.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status.success();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
