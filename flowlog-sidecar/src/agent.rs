@@ -114,6 +114,10 @@ pub async fn run<S: RecordSink>(
     drain(ring.get_mut(), &mut assembler, &mut out);
     assembler.release_all(&mut out);
     emit(&mut sink, &mut out, &mut reporter).await;
+    if let Err(e) = sink.close().await {
+        counter!(m::SINK_ERRORS).increment(1);
+        reporter.sink_failed(&e, 0);
+    }
     reporter.export(&probe, assembler.stats());
     info!("stopped");
     Ok(())

@@ -21,6 +21,12 @@ pub enum SinkError {
         target: String,
         source: std::io::Error,
     },
+    /// An output implemented outside this crate failed (the embedded enricher's Parquet files).
+    #[error("writing flow records to {target}")]
+    Output {
+        target: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// An output for flow records. `write` may buffer; `flush` makes everything written so far
@@ -35,6 +41,11 @@ pub trait RecordSink {
     /// `--drain-interval`): background work such as replaying the Kafka spool.
     async fn idle(&mut self) -> Result<(), SinkError> {
         Ok(())
+    }
+    /// Called once when the agent stops, after the last records were written: everything must
+    /// be made durable now (close files, flush outputs).
+    async fn close(&mut self) -> Result<(), SinkError> {
+        self.flush().await
     }
 }
 
