@@ -219,13 +219,14 @@ impl<K: NetKey> Family<K> {
         })
     }
 
-    /// Removes intervals that ended at or before `before`; returns how many.
+    /// Removes closed intervals that ended at or before `before`; returns how many.
     fn prune(&mut self, before: u64) -> usize {
         let mut removed = 0;
         for (_, map) in &mut self.lens {
             map.retain(|_, slot| {
                 let n = slot.intervals.len();
-                slot.intervals.retain(|iv| iv.to > before);
+                slot.intervals
+                    .retain(|iv| iv.to == OPEN_END || iv.to > before);
                 if slot.intervals.len() != n {
                     removed += n - slot.intervals.len();
                     slot.fix_reach(0);
