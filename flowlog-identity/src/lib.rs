@@ -1,0 +1,50 @@
+//! Who owned an address, when: the time-ranged identity index that the enricher joins flows
+//! with, and the inventory sources that feed it.
+//!
+//! Addresses are reused (pods churn, ENIs move), so joining a flow with the *current* owner of an
+//! address misattributes it. Every inventory source instead reports ownership as intervals: an
+//! [`OwnershipChange::Open`] when an owner takes a prefix, a [`OwnershipChange::Close`] when it
+//! releases it, and [`OwnershipChange::Watermark`]s saying up to when its view is complete. One
+//! task ([`apply_changes`]) applies them to an [`IdentityIndex`]; the enricher looks up each end
+//! of a flow at the flow's time and holds flows newer than [`IdentityIndex::caught_up_to`].
+//!
+//! # Semantics
+//! - Intervals are half-open, `[from, to)`; an Open without a Close is `[from, ∞)`. A Close
+//!   ends the open interval of the same `(source, owner, prefix)`. Prefixes are canonical: host
+//!   bits are cleared and IPv4-mapped IPv6 prefixes (`::ffff:0:0/96` and longer) are IPv4.
+//! - An address reused by a new owner one second after the old one left: a flow before the
+//!   switch gets the old owner, a flow after it the new one, and one in the gap nobody.
+//! - [`IdentityIndex::lookup`] answers at the most specific prefix length with an interval
+//!   containing the time (a /32 pod address beats a /16 static range); if two or more *different*
+//!   owners overlap there, the answer is ambiguous and names them all (sorted), never one of them.
+//! - Odd input is handled, counted ([`ChangeCounts`] and `flowlog_identity_*_total`) and never
+//!   panics: a duplicate Open of an open `(source, owner, prefix)` (a Kubernetes re-list after 410
+//!   Gone re-sends everything) opens no second interval — it keeps the earlier start, or, if the
+//!   identity changed, splits the tenure at the new Open's time; an Open re-sent for a tenure that
+//!   already closed is ignored; a Close with no open interval is kept pending so that an Open
+//!   arriving after it (out of order) makes a closed interval rather than an endless one; a Close
+//!   earlier than its Open's start drops the interval (it never held).
+//! - Watermarks only move forward. [`IdentityIndex::caught_up_to`] is the minimum over the
+//!   sources declared with [`IdentityIndex::register_source`]: `None` until each has sent one.
+//! - [`IdentityIndex::prune`] forgets intervals that ended at or before a time, so memory stays
+//!   bounded; lookups at or after that time are unaffected.
+//!
+//! # Sources
+//! [`InventorySource`] is what every source implements ([`StaticSource`] for a TOML file of
+//! CIDRs, [`HostSource`] for this host's addresses; Kubernetes and EC2 come later). The local
+//! end of a flow is named from its process's cgroup by [`CgroupResolver`].
+pub mod apply;
+pub mod cgroup;
+pub mod change;
+pub mod host_source;
+pub mod index;
+pub mod source;
+pub mod static_source;
+
+pub use apply::apply_changes;
+pub use cgroup::{CgroupPath, CgroupResolver, cgroup_identity, cgroup2_mount, parse_cgroup_path};
+pub use change::{OwnershipChange, now_ns};
+pub use host_source::{HOST_SOURCE, HostError, HostSource, hostname};
+pub use index::{ChangeCounts, IdentityIndex, SharedIndex};
+pub use source::{BoxFuture, InventorySource, SourceError};
+pub use static_source::{STATIC_SOURCE, StaticError, StaticSource};

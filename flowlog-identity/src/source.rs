@@ -1,0 +1,100 @@
+//! The inventory-source abstraction: anything that knows who owns which addresses (a static
+//! file, this host's interfaces, later Kubernetes and EC2) runs as one task that sends
+//! [`OwnershipChange`]s into a bounded channel, which one [`apply_changes`](crate::apply_changes)
+//! task drains into the index. Sources never touch the index themselves, so they can also feed
+//! the `flows.ownership` topic unchanged.
+use std::{future::Future, pin::Pin};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{change::OwnershipChange, host_source::HostError, static_source::StaticError};
+
+/// A boxed, sendable future: the same type as `futures::future::BoxFuture`, spelled out so that
+/// this crate needs neither `futures` nor `async-trait`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a source stopped for good. Errors a source can survive are counted and logged instead.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Static(#[from] StaticError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// For sources defined outside this crate (Kubernetes, EC2).
+    #[error("inventory source {name}: {message}")]
+    Other { name: String, message: String },
+}
+
+/// A producer of ownership changes.
+pub trait InventorySource: Send + 'static {
+    /// The source's name, as in [`OwnershipChange::source`] and `register_source`.
+    fn name(&self) -> &str;
+
+    /// Runs until `shutdown` is cancelled, sending changes (and watermarks, at least every few
+    /// seconds while healthy) into `changes`. Errors the source can survive are counted and logged
+    /// once (rate-limited), never returned; a returned error is fatal for this source. A closed
+    /// channel means the process is stopping: the source returns `Ok(())`.
+    fn run(
+        self: Box<Self>,
+        changes: mpsc::Sender<OwnershipChange>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), SourceError>>;
+}
+
+/// Logs a repeated failure once, with a count when it recovers, instead of once per attempt; and
+/// counts every failure in `flowlog_identity_source_errors_total{source}`.
+#[derive(Debug)]
+pub(crate) struct FailureLog {
+    source: &'static str,
+    failures: u64,
+}
+
+impl FailureLog {
+    pub(crate) fn new(source: &'static str) -> Self {
+        Self {
+            source,
+            failures: 0,
+        }
+    }
+
+    /// Records a failure; logs it only if it is the first since the last success.
+    pub(crate) fn failed(&mut self, error: &dyn std::error::Error) {
+        metrics::counter!("flowlog_identity_source_errors_total", "source" => self.source)
+            .increment(1);
+        self.failures += 1;
+        if self.failures == 1 {
+            tracing::warn!(source = self.source, %error, "inventory source failing (logged once until it recovers)");
+        }
+    }
+
+    /// Records a success; logs the recovery (with how many attempts failed) after failures.
+    pub(crate) fn succeeded(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(
+                source = self.source,
+                failures = self.failures,
+                "inventory source recovered"
+            );
+            self.failures = 0;
+        }
+    }
+
+    /// Failures since the last success.
+    pub(crate) fn failures(&self) -> u64 {
+        self.failures
+    }
+}
+
+/// Sends `changes` in order; false if the receiver is gone (the process is stopping).
+pub(crate) async fn send_all(
+    tx: &mpsc::Sender<OwnershipChange>,
+    changes: Vec<OwnershipChange>,
+) -> bool {
+    for change in changes {
+        if tx.send(change).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
