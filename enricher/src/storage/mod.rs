@@ -1,0 +1,392 @@
+//! The enricher's Parquet output: enriched flows as zstd-compressed Parquet files in hourly
+//! hive partitions (`dt=YYYY-MM-DD/hour=HH/`, from each flow's `end_ns`, UTC) of a local
+//! directory or an S3-compatible bucket, readable by any engine (DuckDB, Spark, Trino/Athena,
+//! pyarrow).
+//!
+//! Files are written in *generations*: every partition that receives rows has one open file,
+//! encoded in memory; when any of them reaches `roll_bytes`, or `roll_interval` has passed
+//! since the generation's first row, all of them are closed and uploaded together. That keeps
+//! the delivery contract simple: [`ParquetSink::durable`] advances by whole generations, so it
+//! is always a prefix of [`ParquetSink::written`], and the pipeline commits a Kafka offset only
+//! once every record before it is in a complete, uploaded file. A file is never visible
+//! incomplete (object stores' `put` is atomic) and never overwritten (names are unique per
+//! process run and sequence).
+//!
+//! Submodules: [`schema`] (the columns), `partition` (partition paths and open files),
+//! `store` (local or S3 target).
+mod partition;
+pub mod schema;
+mod store;
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use flowlog_record::enriched::EnrichedFlow;
+use object_store::{ObjectStoreExt, PutPayload};
+use tracing::{info, warn};
+
+pub use partition::PartitionKey;
+pub use schema::enriched_flow_schema;
+pub use store::S3Options;
+
+use partition::{ClosedFile, OpenFile};
+use store::Target;
+
+/// Files written (uploaded completely).
+pub const METRIC_FILES: &str = "flowlog_enricher_parquet_files_total";
+/// Rows in the files written.
+pub const METRIC_ROWS: &str = "flowlog_enricher_parquet_rows_total";
+/// Bytes of the files written.
+pub const METRIC_BYTES: &str = "flowlog_enricher_parquet_bytes_total";
+/// Failed upload attempts (each is retried).
+pub const METRIC_UPLOAD_ERRORS: &str = "flowlog_enricher_parquet_upload_errors_total";
+
+/// Registers the descriptions of the storage metrics with the installed recorder.
+pub fn describe_metrics() {
+    metrics::describe_counter!(METRIC_FILES, "Parquet files written completely");
+    metrics::describe_counter!(METRIC_ROWS, "rows in the Parquet files written");
+    metrics::describe_counter!(
+        METRIC_BYTES,
+        metrics::Unit::Bytes,
+        "bytes of the Parquet files written"
+    );
+    metrics::describe_counter!(
+        METRIC_UPLOAD_ERRORS,
+        "failed attempts to upload a Parquet file (every one is retried)"
+    );
+}
+
+/// Errors of the Parquet output. Each names the URL or file concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("parquet output `{url}`: {reason}")]
+    Config { url: String, reason: String },
+    #[error("parquet output `{url}`: cannot create directory {}", dir.display())]
+    CreateDir {
+        url: String,
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parquet output `{url}`: cannot open the object store")]
+    Store {
+        url: String,
+        source: object_store::Error,
+    },
+    #[error("parquet output `{url}` is not writable (a test object could not be written)")]
+    NotWritable {
+        url: String,
+        source: object_store::Error,
+    },
+    #[error("building Arrow columns for parquet file {file}")]
+    Arrow {
+        file: String,
+        source: arrow_schema::ArrowError,
+    },
+    #[error("encoding parquet file {file}")]
+    Encode {
+        file: String,
+        source: parquet::errors::ParquetError,
+    },
+    /// An earlier encoding error left rows that can never become durable: the sink takes no
+    /// more rows, so that `durable()` cannot count past them. Restart from committed offsets.
+    #[error("parquet output `{url}` stopped after an earlier error: {reason}")]
+    Poisoned { url: String, reason: String },
+}
+
+/// Where and when to write Parquet files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParquetSettings {
+    /// `file:///abs/dir`, a plain directory path (created if missing), or
+    /// `s3://bucket/prefix` (the bucket must exist).
+    pub url: String,
+    /// Roll all open files when any reaches this size (encoded bytes, estimated while open).
+    pub roll_bytes: u64,
+    /// Roll all open files this long after the first row of their generation.
+    pub roll_interval: Duration,
+    pub s3: S3Options,
+}
+
+impl ParquetSettings {
+    /// 128 MiB: files large enough for efficient scans, small enough to hold in memory.
+    pub const DEFAULT_ROLL_BYTES: u64 = 128 << 20;
+    /// A minute: bounds how far the committed offsets (and the files) trail the stream.
+    pub const DEFAULT_ROLL_INTERVAL: Duration = Duration::from_secs(60);
+
+    /// Settings with the default roll size and interval and S3 options from the environment.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            roll_bytes: Self::DEFAULT_ROLL_BYTES,
+            roll_interval: Self::DEFAULT_ROLL_INTERVAL,
+            s3: S3Options::default(),
+        }
+    }
+}
+
+/// First wait after a failed upload; doubled after each further failure up to
+/// [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Least time between two log lines about one run of failed uploads.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The files of one closed generation that are not uploaded yet.
+struct Generation {
+    files: VecDeque<ClosedFile>,
+    /// Rows of the whole generation: they become durable together, when its last file is up.
+    rows: u64,
+}
+
+/// Writes enriched flows to Parquet files (see the module documentation).
+///
+/// Not thread-safe by design: one pipeline task owns it, calls [`ParquetSink::write`] for each
+/// flow and [`ParquetSink::maybe_roll`] regularly (after each batch and on a timer), and
+/// commits Kafka offsets up to [`ParquetSink::durable`].
+pub struct ParquetSink {
+    url: String,
+    target: Target,
+    roll_bytes: u64,
+    roll_interval: Duration,
+    /// Unique per process run: part of every file name, so that concurrent enrichers (and a
+    /// restarted one) never pick the same name.
+    run_id: String,
+    next_seq: u64,
+    open: BTreeMap<PartitionKey, OpenFile>,
+    /// When the current generation's first row was written.
+    generation_start: Option<Instant>,
+    /// Closed generations in order, waiting for their uploads.
+    closed: VecDeque<Generation>,
+    written: u64,
+    durable: u64,
+    /// Set by the first encoding error (see [`StorageError::Poisoned`]).
+    poisoned: Option<String>,
+}
+
+impl std::fmt::Debug for ParquetSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParquetSink")
+            .field("url", &self.url)
+            .field("run_id", &self.run_id)
+            .field("open_files", &self.open.len())
+            .field("written", &self.written)
+            .field("durable", &self.durable)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ParquetSink {
+    /// Opens the target and proves it takes writes (a clear error naming the URL if not: a
+    /// path under a file, a bucket that does not exist, wrong credentials, an unreachable
+    /// endpoint).
+    pub async fn open(settings: ParquetSettings) -> Result<Self, StorageError> {
+        let url = settings.url;
+        let target = store::open(&url, &settings.s3)?;
+        let run_id = uuid::Uuid::new_v4().simple().to_string();
+        store::check_writable(&target, &url, &run_id).await?;
+        info!(url, run_id, "parquet output ready");
+        Ok(Self {
+            url,
+            target,
+            roll_bytes: settings.roll_bytes,
+            roll_interval: settings.roll_interval,
+            run_id,
+            next_seq: 0,
+            open: BTreeMap::new(),
+            generation_start: None,
+            closed: VecDeque::new(),
+            written: 0,
+            durable: 0,
+            poisoned: None,
+        })
+    }
+
+    /// The identifier in this run's file names (`<run_id>-<sequence>.parquet`).
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// Buffers one flow in its partition's open file. Returns quickly: rows are encoded in
+    /// memory in batches of a few thousand; nothing is uploaded here.
+    pub fn write(&mut self, flow: &EnrichedFlow) -> Result<(), StorageError> {
+        self.check_poisoned()?;
+        let result = self.write_inner(flow);
+        self.poison_on_error(result)
+    }
+
+    fn write_inner(&mut self, flow: &EnrichedFlow) -> Result<(), StorageError> {
+        let key = PartitionKey::of_ns(flow.flow.end_ns);
+        let file = match self.open.entry(key) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let name = format!("{}-{:06}.parquet", self.run_id, self.next_seq);
+                let file = OpenFile::new(key.dir(&self.target.prefix).join(name))?;
+                self.next_seq += 1;
+                e.insert(file)
+            }
+        };
+        file.append(flow)?;
+        self.generation_start.get_or_insert_with(Instant::now);
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Records passed to [`ParquetSink::write`] so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Records that are in complete, uploaded files: the first `durable()` of the
+    /// `written()` records, in the order they were written.
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+
+    /// The size of the largest open file (encoded bytes, with the rows not yet encoded
+    /// counted at their unencoded size): what [`ParquetSink::maybe_roll`] compares with
+    /// `roll_bytes`.
+    pub fn largest_open_bytes(&self) -> u64 {
+        self.open.values().map(OpenFile::size).max().unwrap_or(0)
+    }
+
+    /// Files open in the current generation (one per partition that received rows).
+    pub fn open_files(&self) -> usize {
+        self.open.len()
+    }
+
+    /// True when [`ParquetSink::maybe_roll`] at `now` would roll.
+    pub fn roll_due(&self, now: Instant) -> bool {
+        let Some(start) = self.generation_start else {
+            return false;
+        };
+        now.saturating_duration_since(start) >= self.roll_interval
+            || self.largest_open_bytes() >= self.roll_bytes
+    }
+
+    /// Rolls when any open file has reached `roll_bytes` or `roll_interval` has passed at
+    /// `now` since the generation's first row; also finishes uploads that an earlier,
+    /// cancelled roll left behind. Call it after each batch of writes and on a timer.
+    pub async fn maybe_roll(&mut self, now: Instant) -> Result<(), StorageError> {
+        if self.roll_due(now) {
+            self.roll().await
+        } else {
+            self.upload_closed().await;
+            self.check_poisoned()
+        }
+    }
+
+    /// Closes every open file and uploads it (and any earlier files still waiting), then
+    /// returns with all written records durable. For shutdown and partition revocation.
+    ///
+    /// A failed upload is retried with backoff until it succeeds (counted in
+    /// `flowlog_enricher_parquet_upload_errors_total`, logged once and then at most once a
+    /// minute), never dropped. Cancel-safe: if the future is dropped, closed files stay queued
+    /// and the next `roll`/`maybe_roll` uploads them (a re-upload of the same name writes the
+    /// same bytes). An error means a file could not be encoded; its rows stay undurable.
+    pub async fn roll(&mut self) -> Result<(), StorageError> {
+        if self.poisoned.is_none() {
+            let result = self.close_generation();
+            // Generations closed before the error are still a prefix: upload them anyway.
+            let _ = self.poison_on_error(result);
+        }
+        self.upload_closed().await;
+        self.check_poisoned()
+    }
+
+    fn check_poisoned(&self) -> Result<(), StorageError> {
+        match &self.poisoned {
+            Some(reason) => Err(StorageError::Poisoned {
+                url: self.url.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Remembers the first error that loses rows, so that no later roll advances `durable`
+    /// past them.
+    fn poison_on_error(&mut self, result: Result<(), StorageError>) -> Result<(), StorageError> {
+        if let Err(e) = &result {
+            self.poisoned = Some(error_chain(e));
+        }
+        result
+    }
+
+    /// Turns the open files into a closed generation (no await: never half done).
+    fn close_generation(&mut self) -> Result<(), StorageError> {
+        if self.open.is_empty() {
+            return Ok(());
+        }
+        let open = std::mem::take(&mut self.open);
+        self.generation_start = None;
+        let mut files = VecDeque::with_capacity(open.len());
+        let mut rows = 0;
+        for file in open.into_values() {
+            rows += file.rows;
+            files.push_back(file.close()?);
+        }
+        self.closed.push_back(Generation { files, rows });
+        Ok(())
+    }
+
+    /// Uploads the closed generations in order, retrying each failed upload until it
+    /// succeeds; advances `durable` as each generation completes.
+    async fn upload_closed(&mut self) {
+        let mut failures: u64 = 0;
+        let mut backoff = FIRST_BACKOFF;
+        let mut last_log: Option<Instant> = None;
+        while let Some(generation) = self.closed.front_mut() {
+            let Some(file) = generation.files.front() else {
+                self.durable += generation.rows;
+                self.closed.pop_front();
+                continue;
+            };
+            let len = file.bytes.len() as u64;
+            // Cloning a payload copies a pointer, so a retry does not copy the file.
+            let payload = PutPayload::from(file.bytes.clone());
+            match self.target.store.put(&file.path, payload).await {
+                Ok(_) => {
+                    metrics::counter!(METRIC_FILES).increment(1);
+                    metrics::counter!(METRIC_ROWS).increment(file.rows);
+                    metrics::counter!(METRIC_BYTES).increment(len);
+                    if failures > 0 {
+                        info!(url = %self.url, file = %file.path, failures, "parquet upload succeeded after retries");
+                        failures = 0;
+                        backoff = FIRST_BACKOFF;
+                    }
+                    generation.files.pop_front();
+                }
+                Err(e) => {
+                    failures += 1;
+                    metrics::counter!(METRIC_UPLOAD_ERRORS).increment(1);
+                    if last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                        last_log = Some(Instant::now());
+                        warn!(
+                            url = %self.url,
+                            file = %file.path,
+                            failures,
+                            error = %error_chain(&e),
+                            "parquet upload failed; retrying with backoff until it succeeds"
+                        );
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}
+
+/// An error and its sources on one line (object_store's messages nest the HTTP cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
