@@ -116,21 +116,20 @@ impl Topic {
             .set("fetch.wait.max.ms", "10")
             .create()
             .expect("creating the consumer");
-        let metadata = consumer
-            .fetch_metadata(Some(&self.name), Duration::from_secs(10))
-            .expect("topic metadata");
         let mut assignment = TopicPartitionList::new();
-        for p in metadata.topics()[0].partitions() {
+        for p in self.partitions(&consumer) {
             assignment
-                .add_partition_offset(&self.name, p.id(), Offset::Beginning)
+                .add_partition_offset(&self.name, p, Offset::Beginning)
                 .unwrap();
         }
-        assert!(assignment.count() > 0, "topic {} has no partitions", self.name);
         consumer.assign(&assignment).expect("assigning partitions");
         let mut messages = Vec::new();
         let deadline = Instant::now() + PATIENCE;
+        // `done` may look at every message: ask it when the topic is idle or every 1,000
+        // messages, not after each one.
+        let mut idle = true;
         loop {
-            if done(&messages) {
+            if (idle || messages.len() % 1000 == 0) && done(&messages) {
                 return messages;
             }
             assert!(
@@ -139,12 +138,33 @@ impl Topic {
                 self.name,
                 messages.len()
             );
+            idle = false;
             match consumer.poll(Duration::from_millis(100)) {
-                None => {}
+                None => idle = true,
                 Some(Ok(message)) => messages.push(message.detach()),
                 // A broker that has just restarted may answer with transient errors.
                 Some(Err(e)) => eprintln!("consumer error (retried): {e}"),
             }
+        }
+    }
+
+    /// The topic's partition ids. tansu's metadata may briefly show a topic without its
+    /// partitions while other topics are created or deleted: asked again until they appear.
+    fn partitions(&self, consumer: &BaseConsumer) -> Vec<i32> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(metadata) = consumer.fetch_metadata(Some(&self.name), Duration::from_secs(10))
+                && let Some(topic) = metadata.topics().iter().find(|t| t.name() == self.name)
+                && !topic.partitions().is_empty()
+            {
+                return topic.partitions().iter().map(|p| p.id()).collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "topic {} has no partitions in the metadata",
+                self.name
+            );
+            thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -155,12 +175,9 @@ impl Topic {
             .set("group.id", group)
             .create()
             .expect("creating the consumer");
-        let metadata = consumer
-            .fetch_metadata(Some(&self.name), Duration::from_secs(10))
-            .expect("topic metadata");
         let mut list = TopicPartitionList::new();
-        for p in metadata.topics()[0].partitions() {
-            list.add_partition(&self.name, p.id());
+        for p in self.partitions(&consumer) {
+            list.add_partition(&self.name, p);
         }
         let committed = consumer
             .committed_offsets(list, Duration::from_secs(10))
@@ -171,7 +188,9 @@ impl Topic {
             .map(|e| (e.partition(), e.offset().to_raw()))
             .collect();
         out.sort_unstable();
-        out.into_iter().map(|(_, o)| o.filter(|&o| o >= 0)).collect()
+        out.into_iter()
+            .map(|(_, o)| o.filter(|&o| o >= 0))
+            .collect()
     }
 }
 

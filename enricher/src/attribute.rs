@@ -1,0 +1,172 @@
+//! Attribution: both ends of a flow record → the identities that owned them **as of the flow's
+//! start**, with the hold that keeps flows newer than the inventory from being attributed on a
+//! stale view.
+//!
+//! - The lookup time of both ends is the record's `start_ns`: who owned the address when the
+//!   connection was made (an interim or end record reports it later, when the owner may be gone).
+//! - The remote end, and the local end when the record's own process context does not name it,
+//!   are looked up in the [`IdentityIndex`]. On the reporting host itself (the embedded mode) the
+//!   local end comes first from the process's cgroup ([`CgroupResolver`]): a container or unit
+//!   is more specific than the host's address.
+//! - **Hold**: the index is complete only up to [`IdentityIndex::caught_up_to`] (the oldest
+//!   watermark of its sources). A flow that started after that is held, in arrival order, until
+//!   the inventory catches up to its start or `hold` has passed; past the hold its index lookups
+//!   are `unknown` — the inventory could not vouch for that time, and a guess must not pass as
+//!   fact. Held flows are counted (`flowlog_enricher_held_total`, `flowlog_enricher_held`).
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use flowlog_identity::{CgroupResolver, IdentityIndex, SharedIndex};
+use flowlog_record::{Endpoint, EnrichedFlow, FlowRecord};
+use metrics::{counter, gauge};
+
+use crate::metrics as m;
+
+/// A record waiting for the inventory to catch up to its start.
+struct Held<T> {
+    record: FlowRecord,
+    token: T,
+    deadline: Instant,
+}
+
+/// The attribution stage. `T` is what the caller needs back with each enriched flow to settle
+/// its input (a Kafka partition and offset; nothing in the embedded mode).
+pub struct Attributor<T> {
+    index: SharedIndex,
+    cgroups: Option<Arc<CgroupResolver>>,
+    hold: Duration,
+    held: VecDeque<Held<T>>,
+}
+
+/// Current time in ns since the Unix epoch (the clock of the records' timestamps).
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl<T> Attributor<T> {
+    /// `cgroups` resolves the local end from the record's cgroup id: give it only where the
+    /// records come from this very host (cgroup ids are host-local).
+    pub fn new(index: SharedIndex, cgroups: Option<Arc<CgroupResolver>>, hold: Duration) -> Self {
+        Self {
+            index,
+            cgroups,
+            hold,
+            held: VecDeque::new(),
+        }
+    }
+
+    /// Flows held now.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Attributes `record` into `out` at once if the inventory has caught up to its start, or
+    /// holds it. Releases whatever the inventory caught up to first.
+    pub fn push(
+        &mut self,
+        record: FlowRecord,
+        token: T,
+        now: Instant,
+        out: &mut Vec<(EnrichedFlow, T)>,
+    ) {
+        self.release(now, out);
+        let index = self.index.read();
+        if caught_up(&index, record.start_ns) {
+            out.push((enrich(&index, self.cgroups.as_deref(), record, true), token));
+            return;
+        }
+        drop(index);
+        counter!(m::HELD_TOTAL).increment(1);
+        self.held.push_back(Held {
+            record,
+            token,
+            deadline: now + self.hold,
+        });
+        gauge!(m::HELD).set(self.held.len() as f64);
+    }
+
+    /// Attributes the held flows, in arrival order, that the inventory has caught up to or whose
+    /// hold has passed.
+    pub fn release(&mut self, now: Instant, out: &mut Vec<(EnrichedFlow, T)>) {
+        if self.held.is_empty() {
+            return;
+        }
+        let index = self.index.read();
+        while let Some(front) = self.held.front() {
+            let ready = caught_up(&index, front.record.start_ns);
+            if !ready && front.deadline > now {
+                break;
+            }
+            let Held { record, token, .. } = self.held.pop_front().expect("front exists");
+            if !ready {
+                counter!(m::HOLD_EXPIRED_TOTAL).increment(1);
+            }
+            out.push((
+                enrich(&index, self.cgroups.as_deref(), record, ready),
+                token,
+            ));
+        }
+        gauge!(m::HELD).set(self.held.len() as f64);
+    }
+
+    /// Attributes every held flow now (shutdown): those the inventory has not caught up to are
+    /// `unknown`.
+    pub fn release_all(&mut self, out: &mut Vec<(EnrichedFlow, T)>) {
+        let index = self.index.read();
+        for Held { record, token, .. } in self.held.drain(..) {
+            let ready = caught_up(&index, record.start_ns);
+            out.push((
+                enrich(&index, self.cgroups.as_deref(), record, ready),
+                token,
+            ));
+        }
+        gauge!(m::HELD).set(0.0);
+    }
+
+    /// When the oldest held flow's hold ends.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.held.front().map(|h| h.deadline)
+    }
+}
+
+/// The enriched flow of `record`; index lookups only where the inventory has `caught_up`.
+fn enrich(
+    index: &IdentityIndex,
+    cgroups: Option<&CgroupResolver>,
+    record: FlowRecord,
+    caught_up: bool,
+) -> EnrichedFlow {
+    let at = record.start_ns;
+    let lookup = |addr| {
+        if caught_up {
+            index.lookup(addr, at)
+        } else {
+            Endpoint::unknown()
+        }
+    };
+    let local = record
+        .cgroup_id
+        .and_then(|id| cgroups?.resolve(id))
+        .map(Endpoint::exact)
+        .unwrap_or_else(|| lookup(record.local_addr));
+    let remote = lookup(record.remote_addr);
+    counter!(m::ATTRIBUTED_TOTAL, "end" => "local", "status" => local.status.as_str()).increment(1);
+    counter!(m::ATTRIBUTED_TOTAL, "end" => "remote", "status" => remote.status.as_str())
+        .increment(1);
+    EnrichedFlow {
+        flow: record,
+        local,
+        remote,
+        enriched_ns: now_ns(),
+    }
+}
+
+/// Whether every source of `index` has reported up to `at_ns`.
+fn caught_up(index: &IdentityIndex, at_ns: u64) -> bool {
+    index.caught_up_to().is_some_and(|t| t >= at_ns)
+}

@@ -1,0 +1,77 @@
+//! Starting the inventory: the identity sources run as tasks that send ownership changes into
+//! one channel; one task applies them to the shared index, and another forgets intervals that
+//! closed longer ago than the retention (no flow that old is still arriving), so memory stays
+//! bounded however long the enricher runs.
+use std::time::Duration;
+
+use flowlog_identity::{IdentityIndex, InventorySource, SharedIndex, apply_changes, now_ns};
+use metrics::gauge;
+use tokio::{sync::mpsc, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::metrics as m;
+
+/// Changes waiting to be applied, at most: a source that outruns the index waits.
+const CHANGES_QUEUE: usize = 65_536;
+
+/// The running inventory: the index it feeds and its tasks.
+pub struct Inventory {
+    pub index: SharedIndex,
+    tasks: JoinSet<()>,
+}
+
+impl Inventory {
+    /// Registers every source in a new index (so that flows are held until each has reported)
+    /// and starts them. `retention` is how long closed intervals are kept.
+    pub fn start(
+        sources: Vec<Box<dyn InventorySource>>,
+        retention: Duration,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let mut index = IdentityIndex::new();
+        for s in &sources {
+            index.register_source(s.name());
+        }
+        let index = SharedIndex::new(index.into());
+        let (tx, rx) = mpsc::channel(CHANGES_QUEUE);
+        let mut tasks = JoinSet::new();
+        for source in sources {
+            let name = source.name().to_string();
+            let run = source.run(tx.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                match run.await {
+                    Ok(()) => info!(source = name, "inventory source stopped"),
+                    Err(e) => error!(
+                        source = name,
+                        "inventory source failed: {:#}; flows are held, then attributed unknown",
+                        anyhow::Error::from(e)
+                    ),
+                }
+            });
+        }
+        drop(tx);
+        tasks.spawn(apply_changes(SharedIndex::clone(&index), rx));
+        let pruned = SharedIndex::clone(&index);
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                let mut index = pruned.write();
+                index.prune(now_ns().saturating_sub(retention.as_nanos() as u64));
+                gauge!(m::INDEX_INTERVALS).set(index.intervals() as f64);
+                gauge!(m::INDEX_PREFIXES).set(index.prefixes() as f64);
+            }
+        });
+        Self { index, tasks }
+    }
+
+    /// Waits for the sources to stop (after `shutdown`).
+    pub async fn stopped(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}

@@ -1,0 +1,191 @@
+//! `flowlog-enricher`: one replica of the enricher. Reads `flows.raw` in a consumer group,
+//! attributes both ends of every flow as of its start, writes `flows.enriched` and Parquet.
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use flowlog_enricher::{
+    inventory::Inventory,
+    kafka::KafkaSettings,
+    metrics,
+    pipeline::{self, PipelineSettings},
+    storage::{ParquetSettings, ParquetSink, S3Options},
+};
+use flowlog_identity::{HostSource, InventorySource, StaticSource};
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+}
+
+/// Attributes both ends of every flow in `flows.raw` to the workload that owned the address at
+/// the flow's start, and writes the result to `flows.enriched` and Parquet files.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Topic of flow records.
+    #[arg(long, env = "FLOWLOG_INPUT_TOPIC", default_value = "flows.raw")]
+    input_topic: String,
+    /// Consumer group shared by all enricher replicas.
+    #[arg(long, env = "FLOWLOG_GROUP", default_value = "flowlog-enricher")]
+    group: String,
+    /// Topic of enriched flows; `none` writes Parquet only.
+    #[arg(long, env = "FLOWLOG_OUTPUT_TOPIC", default_value = "flows.enriched")]
+    output_topic: String,
+    /// Dead-letter topic for messages that cannot be decoded.
+    #[arg(long, env = "FLOWLOG_DLQ_TOPIC", default_value = "flows.dlq")]
+    dlq_topic: String,
+    /// Schema-registry id of schemas/flow_record.v1.avsc (other ids are dead letters).
+    #[arg(long, env = "FLOWLOG_INPUT_SCHEMA_ID", default_value_t = 1)]
+    input_schema_id: u32,
+    /// Schema-registry id of schemas/enriched_flow.v1.avsc, written in every enriched message.
+    #[arg(long, env = "FLOWLOG_OUTPUT_SCHEMA_ID", default_value_t = 2)]
+    output_schema_id: u32,
+    /// A librdkafka consumer option, KEY=VALUE; repeatable.
+    #[arg(long = "consumer-option", env = "FLOWLOG_CONSUMER_OPTIONS", value_delimiter = ',', value_parser = flowlog_kafka::parse_option)]
+    consumer_options: Vec<(String, String)>,
+    /// A librdkafka producer option, KEY=VALUE; repeatable.
+    #[arg(long = "producer-option", env = "FLOWLOG_PRODUCER_OPTIONS", value_delimiter = ',', value_parser = flowlog_kafka::parse_option)]
+    producer_options: Vec<(String, String)>,
+    /// Where Parquet files go: a directory, `file:///dir` or `s3://bucket/prefix`; `none` for
+    /// none.
+    #[arg(long, env = "FLOWLOG_PARQUET", default_value = "none")]
+    parquet: String,
+    /// A Parquet file is closed when it reaches this many bytes...
+    #[arg(long, env = "FLOWLOG_PARQUET_ROLL_BYTES", default_value_t = 128 << 20)]
+    parquet_roll_bytes: u64,
+    /// ...or when its first record is this old. Offsets are committed only after a roll, so
+    /// this is also how much a crash re-reads.
+    #[arg(long, env = "FLOWLOG_PARQUET_ROLL_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    parquet_roll_interval: Duration,
+    /// S3-compatible endpoint (MinIO, moto); default AWS.
+    #[arg(long, env = "FLOWLOG_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// S3 region (default from AWS_REGION, else us-east-1).
+    #[arg(long, env = "FLOWLOG_S3_REGION")]
+    s3_region: Option<String>,
+    /// Allow an http:// S3 endpoint.
+    #[arg(long, env = "FLOWLOG_S3_ALLOW_HTTP")]
+    s3_allow_http: bool,
+    /// A static inventory file (TOML: CIDR → identity, optional validity times); repeatable.
+    #[arg(long = "static", env = "FLOWLOG_STATIC", value_delimiter = ',')]
+    static_files: Vec<PathBuf>,
+    /// How often static files are checked for changes.
+    #[arg(long, env = "FLOWLOG_STATIC_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    static_interval: Duration,
+    /// Attribute this host's own addresses (one-host use).
+    #[arg(long, env = "FLOWLOG_HOST_SOURCE")]
+    host_source: bool,
+    /// Longest a flow newer than the inventory is held before its ends are `unknown`.
+    #[arg(long, env = "FLOWLOG_HOLD", default_value = "5s", value_parser = parse_duration)]
+    hold: Duration,
+    /// How long ownership intervals are kept after they close (the oldest flow start that can
+    /// still be attributed).
+    #[arg(long, env = "FLOWLOG_RETENTION", default_value = "6h", value_parser = parse_duration)]
+    retention: Duration,
+    /// Prometheus metrics listener (serves /metrics).
+    #[arg(long, env = "FLOWLOG_METRICS_ADDR", default_value = "127.0.0.1:9465")]
+    metrics_addr: SocketAddr,
+}
+
+/// The identity sources the flags ask for.
+fn sources(args: &Args) -> anyhow::Result<Vec<Box<dyn InventorySource>>> {
+    let mut sources: Vec<Box<dyn InventorySource>> = Vec::new();
+    for path in &args.static_files {
+        let source = StaticSource::open(path, args.static_interval)
+            .with_context(|| format!("loading the static inventory {}", path.display()))?;
+        sources.push(Box::new(source));
+    }
+    if args.host_source {
+        let host = HostSource::new(Duration::from_secs(5)).context("starting the host source")?;
+        sources.push(Box::new(host));
+    }
+    Ok(sources)
+}
+
+fn cancel_on_signal(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
+    metrics::install(args.metrics_addr)?;
+    let parquet = match args.parquet.as_str() {
+        "none" => None,
+        url => {
+            let settings = ParquetSettings {
+                url: url.to_string(),
+                roll_bytes: args.parquet_roll_bytes,
+                roll_interval: args.parquet_roll_interval,
+                s3: S3Options {
+                    endpoint: args.s3_endpoint.clone(),
+                    region: args.s3_region.clone(),
+                    allow_http: args.s3_allow_http,
+                    ..S3Options::default()
+                },
+            };
+            Some(ParquetSink::open(settings).await?)
+        }
+    };
+    let inventory = Inventory::start(sources(&args)?, args.retention, &shutdown);
+    let mut kafka = KafkaSettings::new(&args.brokers);
+    kafka.input_topic = args.input_topic;
+    kafka.group = args.group;
+    kafka.output_topic = (args.output_topic != "none").then_some(args.output_topic);
+    kafka.dlq_topic = args.dlq_topic;
+    kafka.input_schema_id = args.input_schema_id;
+    kafka.output_schema_id = args.output_schema_id;
+    kafka.consumer_options = args.consumer_options;
+    kafka.producer_options = args.producer_options;
+    let mut settings = PipelineSettings::new(kafka);
+    settings.hold = args.hold;
+    let result = pipeline::run(settings, inventory.index.clone(), parquet, shutdown.clone()).await;
+    shutdown.cancel();
+    inventory.stopped().await;
+    Ok(result?)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLOWLOG_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "starting the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

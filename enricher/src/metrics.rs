@@ -1,0 +1,54 @@
+//! The enricher's Prometheus metrics: names (README lists them) and the exporter.
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+/// Messages read from the input topic.
+pub const RECORDS_IN: &str = "flowlog_enricher_records_in_total";
+/// Enriched flows produced and acknowledged by the output topic (or written, without Kafka).
+pub const RECORDS_OUT: &str = "flowlog_enricher_records_out_total";
+/// Input messages that could not be decoded, by `reason` (truncated, wrong_magic_byte,
+/// unknown_schema_id, malformed); each went to the dead-letter topic.
+pub const DLQ_TOTAL: &str = "flowlog_enricher_dlq_total";
+/// Ends attributed, by `end` (local/remote) and `status` (exact/ambiguous/unknown).
+pub const ATTRIBUTED_TOTAL: &str = "flowlog_enricher_attributed_total";
+/// Flows held for the inventory to catch up to their start.
+pub const HELD_TOTAL: &str = "flowlog_enricher_held_total";
+/// Held flows whose hold ran out before the inventory caught up (their lookups are `unknown`).
+pub const HOLD_EXPIRED_TOTAL: &str = "flowlog_enricher_hold_expired_total";
+/// Flows held now.
+pub const HELD: &str = "flowlog_enricher_held";
+/// Consumer lag in messages, by `partition` (librdkafka's statistics).
+pub const CONSUMER_LAG: &str = "flowlog_enricher_consumer_lag";
+/// Output deliveries that failed and were retried, by `kind`.
+pub const DELIVERY_ERRORS: &str = "flowlog_enricher_delivery_errors_total";
+/// Kafka client errors (brokers unreachable, ...), by `kind`.
+pub const KAFKA_ERRORS: &str = "flowlog_enricher_kafka_errors_total";
+/// Flow end → enriched flow acknowledged by the output topic (or written), seconds.
+pub const LATENCY: &str = "flowlog_enricher_latency_seconds";
+/// Input offsets stored for commit (every output durable up to them).
+pub const OFFSETS_STORED: &str = "flowlog_enricher_offsets_stored_total";
+/// Ownership intervals held by the index, and prefixes with any.
+pub const INDEX_INTERVALS: &str = "flowlog_enricher_index_intervals";
+pub const INDEX_PREFIXES: &str = "flowlog_enricher_index_prefixes";
+
+/// Why the exporter could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("serving Prometheus metrics on {addr}")]
+pub struct MetricsError {
+    addr: SocketAddr,
+    source: metrics_exporter_prometheus::BuildError,
+}
+
+/// Serves `/metrics` on `addr`, with the latency histogram's buckets.
+pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(LATENCY.to_string()),
+            &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0],
+        )
+        .map_err(|source| MetricsError { addr, source })?
+        .install()
+        .map_err(|source| MetricsError { addr, source })
+}

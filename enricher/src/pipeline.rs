@@ -1,0 +1,401 @@
+//! The Kafka-to-Kafka pipeline of one enricher replica: read `flows.raw` in the consumer group,
+//! decode, attribute ([`crate::attribute`]), write `flows.enriched` and Parquet, and store each
+//! input offset once its record is durable in every output ([`crate::offsets`]).
+//!
+//! One task runs it all (decoding and attribution are microseconds a record; librdkafka's own
+//! threads do the network), so there is no locking on the hot path but the index's read lock.
+//!
+//! - A message that cannot be decoded (empty, truncated, wrong magic byte, unknown schema id,
+//!   malformed datum) is copied to the dead-letter topic with the error in the `flowlog.error`
+//!   header and its origin in `flowlog.source` (`topic/partition/offset`), counted by reason,
+//!   and its offset is committed once the dead letter is acknowledged.
+//! - A delivery that fails is produced again; a full producer queue is waited out
+//!   (backpressure reaches the consumer, which stops reading), never dropped.
+//! - Shutdown: the Parquet files are closed and uploaded, the producer flushed, the offsets of
+//!   everything durable stored and committed. Flows still held are not: the next owner of their
+//!   partition reads them again (at-least-once; deduplicate on `(host, flow_id, seq)`).
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use flowlog_identity::SharedIndex;
+use flowlog_kafka::LogThrottle;
+use flowlog_record::{EnrichedFlow, avro, enriched_avro};
+use metrics::{counter, histogram};
+use rdkafka::{
+    consumer::StreamConsumer,
+    consumer::{CommitMode, Consumer as _},
+    error::{KafkaError, RDKafkaErrorCode},
+    message::{Header, Message, OwnedHeaders, OwnedMessage},
+    producer::{BaseRecord, Producer as _, ThreadedProducer},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    attribute::{Attributor, now_ns},
+    kafka::{ClientError, Clients, Context, KafkaSettings, Report, Shared, Token},
+    metrics as m,
+    offsets::OffsetTracker,
+    storage::{ParquetSink, StorageError},
+};
+
+/// How the pipeline runs.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    pub kafka: KafkaSettings,
+    /// Longest a flow newer than the inventory waits for it ([`crate::attribute`]).
+    pub hold: Duration,
+    /// Most input messages not yet committable; past it the consumer stops reading until
+    /// outputs catch up (bounds memory during a broker outage or a slow store).
+    pub max_pending: usize,
+    /// How long shutdown waits for the producer's outstanding deliveries.
+    pub shutdown_wait: Duration,
+}
+
+impl PipelineSettings {
+    pub fn new(kafka: KafkaSettings) -> Self {
+        Self {
+            kafka,
+            hold: Duration::from_secs(5),
+            max_pending: 500_000,
+            shutdown_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the pipeline stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Kafka(#[from] ClientError),
+    #[error("writing Parquet")]
+    Storage(#[from] StorageError),
+}
+
+/// Why an input message is a dead letter: its metric label and its message.
+fn dead_letter_reason(e: &avro::DecodeError) -> &'static str {
+    match e {
+        avro::DecodeError::Truncated(_) => "truncated",
+        avro::DecodeError::WrongMagicByte(_) => "wrong_magic_byte",
+        avro::DecodeError::UnknownSchemaId(_) => "unknown_schema_id",
+        avro::DecodeError::Malformed(_) => "malformed",
+    }
+}
+
+/// The pipeline's state between turns of its loop.
+struct Pipeline {
+    settings: PipelineSettings,
+    producer: ThreadedProducer<Context>,
+    shared: Arc<Shared>,
+    parquet: Option<ParquetSink>,
+    attributor: Attributor<Token>,
+    offsets: OffsetTracker,
+    /// Attributed flows not yet written to the outputs.
+    ready: Vec<(EnrichedFlow, Token)>,
+    reports: Vec<Report>,
+    /// Failed deliveries to produce again.
+    retry: Vec<(OwnedMessage, Token)>,
+    /// Reused buffers for the message being produced.
+    key: Vec<u8>,
+    value: Vec<u8>,
+    receive_errors: LogThrottle,
+    delivery_errors: LogThrottle,
+}
+
+type Consumer = StreamConsumer<Context>;
+
+/// Runs the pipeline until `shutdown` is cancelled; `index` is fed by the inventory sources.
+pub async fn run(
+    settings: PipelineSettings,
+    index: SharedIndex,
+    parquet: Option<ParquetSink>,
+    shutdown: CancellationToken,
+) -> Result<(), PipelineError> {
+    let Clients {
+        consumer,
+        producer,
+        shared,
+    } = Clients::connect(&settings.kafka)?;
+    info!(
+        brokers = %settings.kafka.brokers,
+        input = %settings.kafka.input_topic,
+        group = %settings.kafka.group,
+        output = ?settings.kafka.output_topic,
+        parquet = parquet.is_some(),
+        "enriching"
+    );
+    let mut p = Pipeline {
+        attributor: Attributor::new(index, None, settings.hold),
+        settings,
+        producer,
+        shared,
+        parquet,
+        offsets: OffsetTracker::default(),
+        ready: Vec::new(),
+        reports: Vec::new(),
+        retry: Vec::new(),
+        key: Vec::new(),
+        value: Vec::new(),
+        receive_errors: LogThrottle::default(),
+        delivery_errors: LogThrottle::default(),
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let room = p.offsets.pending() < p.settings.max_pending;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => p.maintain(&consumer).await?,
+            message = consumer.recv(), if room => {
+                match message {
+                    Ok(message) => {
+                        let message = message.detach();
+                        p.take(message);
+                    }
+                    Err(e) => p.receive_failed(&e),
+                }
+            }
+        }
+        p.write_ready().await?;
+    }
+    p.shutdown(&consumer).await
+}
+
+impl Pipeline {
+    /// One input message: decoded and attributed (or held), or a dead letter.
+    fn take(&mut self, message: OwnedMessage) {
+        counter!(m::RECORDS_IN).increment(1);
+        let (partition, offset) = (message.partition(), message.offset());
+        self.offsets.consumed(partition, offset);
+        let decoded = match message.payload() {
+            None => Err(avro::DecodeError::Truncated("empty message")),
+            Some(payload) => avro::decode_expecting(payload, self.settings.kafka.input_schema_id),
+        };
+        let mut token = Token {
+            partition,
+            offset,
+            end_ns: 0,
+        };
+        match decoded {
+            Ok(record) => {
+                token.end_ns = record.end_ns;
+                self.attributor
+                    .push(record, token, Instant::now(), &mut self.ready);
+            }
+            Err(e) => self.dead_letter(&message, &e, token),
+        }
+    }
+
+    fn dead_letter(&mut self, message: &OwnedMessage, error: &avro::DecodeError, token: Token) {
+        let reason = dead_letter_reason(error);
+        counter!(m::DLQ_TOTAL, "reason" => reason).increment(1);
+        let source = format!(
+            "{}/{}/{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        );
+        warn!(reason, %source, "undecodable message sent to the dead-letter topic: {error}");
+        let mut headers = OwnedHeaders::new().insert(Header {
+            key: "flowlog.error",
+            value: Some(&error.to_string()),
+        });
+        headers = headers.insert(Header {
+            key: "flowlog.source",
+            value: Some(&source),
+        });
+        let letter = OwnedMessage::new(
+            message.payload().map(<[u8]>::to_vec),
+            message.key().map(<[u8]>::to_vec),
+            self.settings.kafka.dlq_topic.clone(),
+            message.timestamp(),
+            message.partition(),
+            message.offset(),
+            Some(headers),
+        );
+        self.offsets
+            .written(token.partition, token.offset, true, None);
+        self.retry.push((letter, token));
+    }
+
+    fn receive_failed(&mut self, e: &KafkaError) {
+        counter!(m::KAFKA_ERRORS, "kind" => flowlog_kafka::error_kind(e)).increment(1);
+        if self.receive_errors.hit() {
+            warn!(
+                count = self.receive_errors.count,
+                "reading {}: {e}; retrying", self.settings.kafka.input_topic
+            );
+        }
+    }
+
+    /// Writes the attributed flows to Parquet and the output topic, and produces dead letters
+    /// and failed deliveries again.
+    async fn write_ready(&mut self) -> Result<(), PipelineError> {
+        let ready = std::mem::take(&mut self.ready);
+        for (flow, token) in &ready {
+            let parquet = match &mut self.parquet {
+                Some(sink) => {
+                    let n = sink.written();
+                    sink.write(flow)?;
+                    Some(n)
+                }
+                None => None,
+            };
+            let kafka = self.settings.kafka.output_topic.is_some();
+            self.offsets
+                .written(token.partition, token.offset, kafka, parquet);
+            if kafka {
+                self.key.clear();
+                avro::key_into(&flow.flow, &mut self.key);
+                self.value.clear();
+                enriched_avro::encode(flow, self.settings.kafka.output_schema_id, &mut self.value);
+                let topic = self.settings.kafka.output_topic.clone().unwrap_or_default();
+                let (key, value) = (
+                    std::mem::take(&mut self.key),
+                    std::mem::take(&mut self.value),
+                );
+                self.produce(&topic, &key, &value, None, *token).await;
+                (self.key, self.value) = (key, value);
+            } else {
+                counter!(m::RECORDS_OUT).increment(1);
+            }
+        }
+        self.ready = ready;
+        self.ready.clear();
+        for (message, token) in std::mem::take(&mut self.retry) {
+            self.produce(
+                message.topic(),
+                message.key().unwrap_or_default(),
+                message.payload().unwrap_or_default(),
+                message.headers().cloned(),
+                token,
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Hands one message to librdkafka, waiting while its queue is full.
+    async fn produce(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        headers: Option<OwnedHeaders>,
+        token: Token,
+    ) {
+        loop {
+            let mut record = BaseRecord::with_opaque_to(topic, Box::new(token))
+                .key(key)
+                .payload(value);
+            if let Some(h) = &headers {
+                record = record.headers(h.clone());
+            }
+            match self.producer.send(record) {
+                Ok(()) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // Backpressure: deliveries free the queue; apply them meanwhile so offsets
+                    // keep moving.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    self.apply_reports();
+                }
+                Err((e, _)) => {
+                    // Not retriable by waiting (message too large, unknown topic): counted,
+                    // logged, and retried at the next turn so that its offset is never stored.
+                    counter!(m::DELIVERY_ERRORS, "kind" => flowlog_kafka::error_kind(&e))
+                        .increment(1);
+                    if self.delivery_errors.hit() {
+                        warn!(topic, count = self.delivery_errors.count, "producing: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Applies delivery reports: acknowledged messages settle their offsets; failed ones are
+    /// produced again.
+    fn apply_reports(&mut self) {
+        self.shared.take_reports(&mut self.reports);
+        let now = now_ns();
+        for report in self.reports.drain(..) {
+            let t = report.token;
+            match report.result {
+                Ok(()) => {
+                    self.offsets.acknowledged(t.partition, t.offset);
+                    if t.end_ns > 0 {
+                        counter!(m::RECORDS_OUT).increment(1);
+                        histogram!(m::LATENCY).record(now.saturating_sub(t.end_ns) as f64 / 1e9);
+                    }
+                }
+                Err((kind, message)) => {
+                    counter!(m::DELIVERY_ERRORS, "kind" => kind.clone()).increment(1);
+                    if self.delivery_errors.hit() {
+                        warn!(
+                            kind,
+                            topic = message.topic(),
+                            count = self.delivery_errors.count,
+                            "delivery failed; producing it again"
+                        );
+                    }
+                    self.retry.push((message, t));
+                }
+            }
+        }
+    }
+
+    /// Every tick: held flows released, Parquet rolled when due, offsets stored.
+    async fn maintain(&mut self, consumer: &Consumer) -> Result<(), PipelineError> {
+        let now = Instant::now();
+        self.attributor.release(now, &mut self.ready);
+        if let Some(sink) = &mut self.parquet {
+            sink.maybe_roll(now).await?;
+        }
+        self.offsets.revoke(&self.shared.take_revoked());
+        self.apply_reports();
+        self.store_offsets(consumer);
+        Ok(())
+    }
+
+    fn store_offsets(&mut self, consumer: &Consumer) {
+        let durable = self.parquet.as_ref().map_or(u64::MAX, ParquetSink::durable);
+        let topic = &self.settings.kafka.input_topic;
+        for (partition, next) in self.offsets.committable(durable) {
+            // librdkafka's single-offset store takes the last processed offset and commits the
+            // one after it.
+            match consumer.store_offset(topic, partition, next - 1) {
+                Ok(()) => counter!(m::OFFSETS_STORED).increment(1),
+                // The partition was revoked meanwhile: its new owner reads it again.
+                Err(e) => tracing::debug!(partition, next, "offset not stored: {e}"),
+            }
+        }
+    }
+
+    async fn shutdown(mut self, consumer: &Consumer) -> Result<(), PipelineError> {
+        info!(
+            held = self.attributor.held(),
+            "stopping: closing Parquet files, flushing the producer, committing offsets"
+        );
+        self.write_ready().await?;
+        if let Some(sink) = &mut self.parquet {
+            sink.roll().await?;
+        }
+        let deadline = Instant::now() + self.settings.shutdown_wait;
+        loop {
+            let _ = self.producer.flush(Duration::from_millis(200));
+            self.apply_reports();
+            if self.retry.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            self.write_ready().await?;
+        }
+        self.store_offsets(consumer);
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            warn!("committing offsets at shutdown: {e}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,494 @@
+//! The enricher binary against the real Kafka-protocol broker (tansu; `FLOWLOG_TEST_KAFKA`,
+//! started by `scripts/kafka start`): dead letters, attribution over ownership intervals from a
+//! static inventory file, and a consumer group of two enrichers, one killed with SIGKILL
+//! mid-stream, losing nothing in Kafka or Parquet (read back with pyarrow, a reader nobody here
+//! wrote).
+//!
+//! Each test makes its own topics (unique names) and deletes them.
+use std::{
+    collections::{BTreeSet, HashSet},
+    io::{BufRead, BufReader},
+    net::IpAddr,
+    path::Path,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use flowlog_record::{
+    Attribution, Direction, EnrichedFlow, Family, FlowRecord, IdentityKind, Outcome, avro,
+    enriched_avro,
+};
+use flowlog_testkit::{ChildGuard, PATIENCE, Topic, free_port, temp_dir, unique_name};
+use rdkafka::{
+    ClientConfig, Message,
+    message::{Headers, OwnedMessage},
+    producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
+};
+
+const ENRICHER: &str = env!("CARGO_BIN_EXE_flowlog-enricher");
+
+/// The tests run one at a time: tansu 0.6 (the test broker) loses a topic's partitions from its
+/// metadata — and its consumer groups then assign nothing — when other topics are created and
+/// deleted while a group rebalances. Real Kafka does not; the tests are about the enricher.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+/// The enriched schema id the tests give the enricher.
+const OUT_ID: u32 = 7;
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// A flow record from `local_addr` to `remote`, started at `start_ns`.
+fn record(flow_id: u64, remote: &str, start_ns: u64) -> FlowRecord {
+    let remote_addr: IpAddr = remote.parse().unwrap();
+    FlowRecord {
+        flow_id,
+        host: "host-a".to_owned(),
+        seq: 0,
+        start_ns,
+        end_ns: start_ns + 1_000_000,
+        family: Family::Ipv4,
+        local_addr: "192.0.2.10".parse().unwrap(),
+        local_port: 40_000 + (flow_id % 20_000) as u16,
+        remote_addr,
+        remote_port: 443,
+        direction: Direction::Outbound,
+        outcome: Outcome::Closed,
+        bytes_sent: flow_id * 3,
+        bytes_received: flow_id * 7,
+        segs_sent: 4,
+        segs_received: 5,
+        retransmits: 0,
+        resets_sent: 0,
+        resets_received: 0,
+        srtt_us: 250,
+        min_rtt_us: 200,
+        pid: Some(4242),
+        comm: Some("curl".to_owned()),
+        cgroup_id: Some(1),
+    }
+}
+
+fn encoded(r: &FlowRecord) -> Vec<u8> {
+    let mut out = Vec::new();
+    avro::encode(r, 1, &mut out);
+    out
+}
+
+/// Produces `(key, payload)` messages to `topic`, in order, and waits until all are delivered.
+fn produce(topic: &Topic, messages: &[(Vec<u8>, Vec<u8>)]) {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &topic.brokers)
+        .set("linger.ms", "5")
+        .create()
+        .expect("creating the test producer");
+    for (key, payload) in messages {
+        producer
+            .send(BaseRecord::to(&topic.name).key(key).payload(payload))
+            .map_err(|(e, _)| e)
+            .expect("queueing a test message");
+    }
+    producer
+        .flush(PATIENCE)
+        .expect("delivering the test messages");
+}
+
+/// An enricher child process, killed on drop.
+struct Enricher {
+    child: ChildGuard,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Enricher {
+    /// Starts `flowlog-enricher` with the topics' names and `extra` flags, and waits until it
+    /// says it is enriching.
+    fn start(raw: &Topic, enriched: &Topic, dlq: &Topic, group: &str, extra: &[&str]) -> Self {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(ENRICHER)
+            .args(["--brokers", &raw.brokers, "--input-topic", &raw.name])
+            .args(["--output-topic", &enriched.name, "--dlq-topic", &dlq.name])
+            .args(["--group", group, "--metrics-addr", &metrics])
+            .args(["--output-schema-id", &OUT_ID.to_string()])
+            .args(extra)
+            .env("FLOWLOG_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting flowlog-enricher");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let lines = BufReader::new(child.stderr.take().unwrap());
+        let log = Arc::clone(&stderr);
+        let pid = child.id();
+        thread::spawn(move || {
+            for line in lines.lines().map_while(Result::ok) {
+                eprintln!("enricher {pid}: {line}");
+                if line.contains("enriching") {
+                    let _ = ready_tx.send(());
+                }
+                log.lock().unwrap().push_str(&line);
+                log.lock().unwrap().push('\n');
+            }
+        });
+        let mut enricher = Self {
+            child: ChildGuard(child),
+            stderr,
+        };
+        if ready_rx.recv_timeout(PATIENCE).is_err() {
+            let status = enricher.child.0.try_wait();
+            panic!(
+                "the enricher did not start ({status:?}):\n{}",
+                enricher.stderr.lock().unwrap()
+            );
+        }
+        enricher
+    }
+
+    fn kill(mut self) {
+        self.child.0.kill().unwrap();
+        self.child.0.wait().unwrap();
+    }
+
+    fn stop(mut self) {
+        assert!(
+            self.child.terminate(PATIENCE),
+            "the enricher did not exit cleanly on SIGTERM:\n{}",
+            self.stderr.lock().unwrap()
+        );
+    }
+}
+
+/// Decodes enriched messages (checking each key is the flow's key).
+fn enriched_flows(messages: &[OwnedMessage]) -> Vec<EnrichedFlow> {
+    messages
+        .iter()
+        .map(|m| {
+            let flow = enriched_avro::decode_expecting(m.payload().unwrap(), OUT_ID)
+                .expect("an enriched flow");
+            assert_eq!(m.key(), Some(&avro::key(&flow.flow)[..]), "message key");
+            flow
+        })
+        .collect()
+}
+
+/// Writes a static inventory file.
+fn static_file(dir: &Path, toml: &str) -> String {
+    let path = dir.join("static.toml");
+    std::fs::write(&path, toml).unwrap();
+    path.display().to_string()
+}
+
+fn header<'a>(m: &'a OwnedMessage, key: &str) -> &'a str {
+    let headers = m.headers().expect("dead letters carry headers");
+    let h = headers
+        .iter()
+        .find(|h| h.key == key)
+        .unwrap_or_else(|| panic!("no header {key}"));
+    std::str::from_utf8(h.value.unwrap()).unwrap()
+}
+
+#[test]
+fn undecodable_messages_go_to_the_dead_letter_topic_and_the_rest_is_enriched() {
+    let _serial = serial();
+    let (raw, enriched, dlq) = (
+        Topic::create("dlq-raw", 1),
+        Topic::create("dlq-enriched", 1),
+        Topic::create("dlq-dlq", 1),
+    );
+    let dir = temp_dir("dlq");
+    let inventory = static_file(
+        &dir,
+        "[[entry]]\ncidr = \"10.1.0.0/16\"\nname = \"corp\"\nlabels = { site = \"hq\" }\n",
+    );
+    let t = now_ns() - 60_000_000_000;
+    let (good1, good2) = (record(1, "10.1.2.3", t), record(2, "10.9.9.9", t + 1));
+    let truncated = encoded(&good1)[..20].to_vec();
+    let mut wrong_magic = encoded(&good1);
+    wrong_magic[0] = 1;
+    let mut unknown_id = encoded(&good1);
+    unknown_id[1..5].copy_from_slice(&77u32.to_be_bytes());
+    let key = avro::key(&good1);
+    produce(
+        &raw,
+        &[
+            (key.clone(), encoded(&good1)),
+            (key.clone(), truncated.clone()),
+            (key.clone(), wrong_magic.clone()),
+            (key.clone(), unknown_id.clone()),
+            (avro::key(&good2), encoded(&good2)),
+        ],
+    );
+    let group = unique_name("dlq-group");
+    let enricher = Enricher::start(&raw, &enriched, &dlq, &group, &["--static", &inventory]);
+
+    let out = enriched_flows(&enriched.read_until(|m| m.len() >= 2));
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0].flow, good1);
+    assert_eq!(out[1].flow, good2);
+    assert_eq!(out[0].remote.status, Attribution::Exact);
+    let corp = out[0].remote.identity.as_ref().unwrap();
+    assert_eq!(
+        (corp.kind, corp.name.as_str(), corp.source.as_str()),
+        (IdentityKind::Static, "corp", "static")
+    );
+    assert_eq!(corp.labels.get("site").map(String::as_str), Some("hq"));
+    assert_eq!(out[1].remote.status, Attribution::Unknown);
+    assert_eq!(
+        out[0].local.status,
+        Attribution::Unknown,
+        "192.0.2.10 is nobody's"
+    );
+
+    let letters = dlq.read_until(|m| m.len() >= 3);
+    assert_eq!(letters.len(), 3);
+    let expected = [
+        (truncated, "1", "message truncated"),
+        (wrong_magic, "2", "wrong magic byte 0x01"),
+        (unknown_id, "3", "unknown schema id 77"),
+    ];
+    for (letter, (payload, offset, error)) in letters.iter().zip(expected) {
+        assert_eq!(letter.payload(), Some(&payload[..]));
+        assert_eq!(letter.key(), Some(&key[..]));
+        assert!(
+            header(letter, "flowlog.error").starts_with(error),
+            "{}",
+            header(letter, "flowlog.error")
+        );
+        assert_eq!(
+            header(letter, "flowlog.source"),
+            format!("{}/0/{offset}", raw.name)
+        );
+    }
+    enricher.stop();
+    assert_eq!(
+        raw.committed(&group),
+        vec![Some(5)],
+        "every offset committed"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn flows_are_attributed_to_the_owner_at_their_start() {
+    let _serial = serial();
+    let (raw, enriched, dlq) = (
+        Topic::create("attr-raw", 1),
+        Topic::create("attr-enriched", 1),
+        Topic::create("attr-dlq", 1),
+    );
+    let dir = temp_dir("attr");
+    // Ownership history, one hour ago (times as RFC 3339 in the file).
+    let base_s = now_ns() / 1_000_000_000 - 3600;
+    let at = |s: u64| {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(base_s + s);
+        humantime::format_rfc3339(t).to_string()
+    };
+    let inventory = static_file(
+        &dir,
+        &format!(
+            r#"
+[[entry]]
+cidr = "10.2.0.5"
+name = "old-owner"
+from = "{t0}"
+to = "{t100}"
+
+[[entry]]
+cidr = "10.2.0.5"
+name = "new-owner"
+from = "{t101}"
+
+[[entry]]
+cidr = "10.2.0.6"
+name = "a"
+from = "{t0}"
+
+[[entry]]
+cidr = "10.2.0.6"
+name = "b"
+namespace = "ns"
+from = "{t50}"
+
+[[entry]]
+cidr = "10.3.0.0/16"
+name = "vpc-c"
+
+[[entry]]
+cidr = "10.3.0.7/32"
+name = "db-primary"
+kind = "instance"
+instance_id = "i-0abc"
+"#,
+            t0 = at(0),
+            t50 = at(50),
+            t100 = at(100),
+            t101 = at(101),
+        ),
+    );
+    let ns = |s: f64| base_s * 1_000_000_000 + (s * 1e9) as u64;
+    // (flow id, remote, start (s after base), expected status, expected owner or candidates)
+    let cases: [(u64, &str, f64, Attribution, &str); 8] = [
+        (11, "10.2.0.5", 50.0, Attribution::Exact, "old-owner"),
+        (12, "10.2.0.5", 99.999, Attribution::Exact, "old-owner"),
+        (13, "10.2.0.5", 100.5, Attribution::Unknown, ""),
+        (14, "10.2.0.5", 101.0, Attribution::Exact, "new-owner"),
+        (15, "10.2.0.6", 10.0, Attribution::Exact, "a"),
+        (16, "10.2.0.6", 60.0, Attribution::Ambiguous, "a,ns/b"),
+        (17, "10.3.0.7", 60.0, Attribution::Exact, "db-primary"),
+        (18, "10.3.9.9", 60.0, Attribution::Exact, "vpc-c"),
+    ];
+    let mut messages: Vec<(Vec<u8>, Vec<u8>)> = cases
+        .iter()
+        .map(|&(id, remote, s, _, _)| {
+            let r = record(id, remote, ns(s));
+            (avro::key(&r), encoded(&r))
+        })
+        .collect();
+    let nobody = record(19, "198.51.100.1", ns(60.0));
+    messages.push((avro::key(&nobody), encoded(&nobody)));
+    produce(&raw, &messages);
+    let enricher = Enricher::start(
+        &raw,
+        &enriched,
+        &dlq,
+        &unique_name("attr-group"),
+        &["--static", &inventory],
+    );
+    let out = enriched_flows(&enriched.read_until(|m| m.len() >= messages.len()));
+    enricher.stop();
+    assert_eq!(out.len(), messages.len());
+    for (flow, (id, remote, _, status, owner)) in out.iter().zip(cases) {
+        assert_eq!(flow.flow.flow_id, id);
+        assert_eq!(flow.remote.status, status, "flow {id} to {remote}");
+        match status {
+            Attribution::Exact => {
+                let identity = flow.remote.identity.as_ref().unwrap();
+                assert_eq!(identity.name, owner, "flow {id} to {remote}");
+            }
+            Attribution::Ambiguous => {
+                assert_eq!(flow.remote.candidates.join(","), owner, "flow {id}");
+                assert!(flow.remote.identity.is_none());
+            }
+            Attribution::Unknown => assert!(flow.remote.identity.is_none()),
+        }
+    }
+    let db = out[6].remote.identity.as_ref().unwrap();
+    assert_eq!(db.kind, IdentityKind::Instance);
+    assert_eq!(db.instance_id.as_deref(), Some("i-0abc"));
+    assert_eq!(out[8].remote.status, Attribution::Unknown, "198.51.100.1");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Reads every Parquet file under `dir` with pyarrow (hive partitions) and returns the
+/// `(host, flow_id, seq)` of every row, duplicates included.
+fn parquet_keys(dir: &Path) -> Vec<(String, u64, u32)> {
+    let script = r#"
+import json, sys
+import pyarrow.dataset as ds
+t = ds.dataset(sys.argv[1], format="parquet", partitioning="hive").to_table(columns=["host", "flow_id", "seq"])
+print(json.dumps([[h, f, s] for h, f, s in zip(t["host"].to_pylist(), t["flow_id"].to_pylist(), t["seq"].to_pylist())]))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &dir.display().to_string()])
+        .output()
+        .expect("running python3 (pyarrow: scripts/bootstrap installs it)");
+    assert!(
+        out.status.success(),
+        "pyarrow could not read {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("pyarrow's JSON")
+}
+
+#[test]
+fn a_consumer_group_member_killed_mid_stream_loses_nothing() {
+    let _serial = serial();
+    const N: u64 = 4000;
+    let (raw, enriched, dlq) = (
+        Topic::create("group-raw", 4),
+        Topic::create("group-enriched", 4),
+        Topic::create("group-dlq", 1),
+    );
+    let dir = temp_dir("group");
+    let parquet = dir.join("parquet");
+    let inventory = static_file(&dir, "[[entry]]\ncidr = \"10.0.0.0/8\"\nname = \"ten\"\n");
+    let group = unique_name("group");
+    let t = now_ns() - 60_000_000_000;
+    let records: Vec<FlowRecord> = (0..N)
+        .map(|i| {
+            let mut r = record(
+                1_000_000 + i,
+                &format!("10.0.{}.{}", i / 250, i % 250),
+                t + i,
+            );
+            r.host = format!("host-{}", i % 7);
+            r
+        })
+        .collect();
+    let messages: Vec<(Vec<u8>, Vec<u8>)> =
+        records.iter().map(|r| (avro::key(r), encoded(r))).collect();
+    let flags = [
+        "--static",
+        &inventory,
+        "--parquet",
+        &parquet.display().to_string(),
+        "--parquet-roll-interval",
+        "1s",
+    ];
+    let a = Enricher::start(&raw, &enriched, &dlq, &group, &flags);
+    let b = Enricher::start(&raw, &enriched, &dlq, &group, &flags);
+    let half = messages.len() / 2;
+    produce(&raw, &messages[..half]);
+    // Some of it is through before the kill: the killed enricher had work in flight.
+    enriched.read_until(|m| m.len() as u64 >= N / 4);
+    a.kill();
+    produce(&raw, &messages[half..]);
+    let a = Enricher::start(&raw, &enriched, &dlq, &group, &flags);
+
+    let key = |f: &FlowRecord| (f.host.clone(), f.flow_id, f.seq);
+    let expected: BTreeSet<_> = records.iter().map(key).collect();
+    let out = enriched.read_until(|m| {
+        let seen: HashSet<_> = enriched_flows(m).iter().map(|e| key(&e.flow)).collect();
+        seen.len() as u64 >= N
+    });
+    let flows = enriched_flows(&out);
+    let seen: BTreeSet<_> = flows.iter().map(|e| key(&e.flow)).collect();
+    assert_eq!(seen, expected, "every input record is in flows.enriched");
+    for e in &flows {
+        let original = &records[(e.flow.flow_id - 1_000_000) as usize];
+        assert_eq!(&e.flow, original);
+        assert_eq!(e.remote.identity.as_ref().unwrap().name, "ten");
+    }
+    eprintln!(
+        "flows.enriched: {} messages for {N} records ({} duplicates)",
+        flows.len(),
+        flows.len() as u64 - N
+    );
+    // Stopping flushes the Parquet files of both.
+    a.stop();
+    b.stop();
+    let rows = parquet_keys(&parquet);
+    let in_parquet: BTreeSet<_> = rows.iter().cloned().collect();
+    assert_eq!(in_parquet, expected, "every input record is in Parquet");
+    eprintln!(
+        "Parquet: {} rows for {N} records ({} duplicates)",
+        rows.len(),
+        rows.len() as u64 - N
+    );
+    let committed: i64 = raw.committed(&group).iter().map(|o| o.unwrap_or(0)).sum();
+    assert_eq!(
+        committed, N as i64,
+        "every offset committed after a clean stop"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
