@@ -333,6 +333,11 @@ impl IdentityIndex {
         Self::default()
     }
 
+    /// The index behind the lock that the apply task and the lookups share.
+    pub fn into_shared(self) -> SharedIndex {
+        Arc::new(parking_lot::RwLock::new(self))
+    }
+
     /// Declares a source whose watermark gates `caught_up_to` (a registered source that has sent
     /// no watermark yet holds `caught_up_to` at None).
     pub fn register_source(&mut self, source: &str) {

@@ -42,6 +42,27 @@ pub trait InventorySource: Send + 'static {
     ) -> BoxFuture<'static, Result<(), SourceError>>;
 }
 
+/// Runs `source` as a task. A fatal error is logged (with the source's name) and returned by the
+/// handle; the index keeps what the source sent, and its watermark stops, so flows newer than it
+/// are held and then go out unattributed rather than wrongly attributed.
+pub fn spawn_source(
+    source: Box<dyn InventorySource>,
+    changes: mpsc::Sender<OwnershipChange>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), SourceError>> {
+    let name = source.name().to_owned();
+    let run = source.run(changes, shutdown);
+    tokio::spawn(async move {
+        let result = run.await;
+        if let Err(error) = &result {
+            metrics::counter!("flowlog_identity_source_failures_total", "source" => name.clone())
+                .increment(1);
+            tracing::error!(source = %name, %error, "inventory source stopped");
+        }
+        result
+    })
+}
+
 /// Logs a repeated failure once, with a count when it recovers, instead of once per attempt; and
 /// counts every failure in `flowlog_identity_source_errors_total{source}`.
 #[derive(Debug)]
