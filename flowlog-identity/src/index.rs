@@ -12,8 +12,9 @@
 //! contain the time plus one. An exact hit clones one `Arc` and allocates nothing.
 //!
 //! Odd input is counted, never a panic: a duplicate Open of an open `(source, owner, prefix)` (a
-//! Kubernetes re-list re-sends everything), a Close with no Open (kept pending, so a Close that
-//! overtook its Open is not lost), a Close earlier than its Open, a watermark going backwards.
+//! Kubernetes re-list re-sends everything), re-sent Opens and Closes of tenures already closed, a
+//! Close with no Open (kept pending, so a Close that overtook its Open is not lost), a Close
+//! earlier than its Open, a watermark going backwards.
 use std::{collections::HashMap, hash::Hash, net::IpAddr, sync::Arc};
 
 use flowlog_record::{Endpoint, Identity};
@@ -302,6 +303,8 @@ pub struct ChangeCounts {
     pub stale_opens: u64,
     /// A Close with no open interval: kept pending, in case its Open arrives late.
     pub unmatched_closes: u64,
+    /// A Close re-sent for a tenure that already ended at that time: ignored.
+    pub stale_closes: u64,
     /// An Open that arrived after its Close (it matched a pending Close): a closed interval.
     pub late_opens: u64,
     /// A Close earlier than its interval's start: the interval is dropped (it never held).
@@ -462,7 +465,15 @@ impl IdentityIndex {
 
     fn close(&mut self, key: OwnerKey, at: u64) {
         let prefix = key.prefix;
-        let Some(open) = self.open.remove(&key) else {
+        let Some(open) = self.open.get(&key).copied() else {
+            // A tenure of this prefix already ended exactly then: a re-sent Close.
+            if self
+                .slot(prefix)
+                .is_some_and(|slot| slot.intervals.iter().any(|iv| iv.to == at))
+            {
+                self.count_stale_close();
+                return;
+            }
             self.counts.unmatched_closes += 1;
             metrics::counter!("flowlog_identity_unmatched_closes_total").increment(1);
             let pending = self.pending_closes.entry(key).or_insert(at);
@@ -470,23 +481,45 @@ impl IdentityIndex {
             return;
         };
         let Some(slot) = self.slot_mut(prefix) else {
+            self.open.remove(&key);
             return;
         };
         let Some(pos) = slot.position(open.id) else {
+            self.open.remove(&key);
             return;
         };
         if at > open.from {
             slot.intervals[pos].to = at;
             slot.fix_reach(pos);
+            self.open.remove(&key);
             return;
         }
+        if at < open.from {
+            // A Close re-sent for this owner's previous tenure (one of the same identity ended
+            // exactly then) must not end the current one.
+            let current = &slot.intervals[pos].identity;
+            if slot
+                .intervals
+                .iter()
+                .any(|iv| iv.to == at && *iv.identity == **current)
+            {
+                self.count_stale_close();
+                return;
+            }
+        }
         slot.remove(pos);
+        self.open.remove(&key);
         self.interval_count -= 1;
         self.remove_if_empty(prefix);
         if at < open.from {
             self.counts.inverted_closes += 1;
             metrics::counter!("flowlog_identity_inverted_closes_total").increment(1);
         }
+    }
+
+    fn count_stale_close(&mut self) {
+        self.counts.stale_closes += 1;
+        metrics::counter!("flowlog_identity_stale_closes_total").increment(1);
     }
 
     fn watermark(&mut self, source: String, at: u64) {

@@ -21,9 +21,11 @@
 //!   panics: a duplicate Open of an open `(source, owner, prefix)` (a Kubernetes re-list after 410
 //!   Gone re-sends everything) opens no second interval — it keeps the earlier start, or, if the
 //!   identity changed, splits the tenure at the new Open's time; an Open re-sent for a tenure that
-//!   already closed is ignored; a Close with no open interval is kept pending so that an Open
-//!   arriving after it (out of order) makes a closed interval rather than an endless one; a Close
-//!   earlier than its Open's start drops the interval (it never held).
+//!   already closed is ignored, and so is a Close re-sent for a tenure that already ended at that
+//!   time (even if the owner holds the prefix again since); any other Close with no open interval
+//!   is kept pending so that an Open arriving after it (out of order) makes a closed interval
+//!   rather than an endless one; any other Close earlier than its Open's start drops the interval
+//!   (it never held).
 //! - Watermarks only move forward. [`IdentityIndex::caught_up_to`] is the minimum over the
 //!   sources declared with [`IdentityIndex::register_source`]: `None` until each has sent one.
 //! - [`IdentityIndex::prune`] forgets intervals that ended at or before a time, so memory stays

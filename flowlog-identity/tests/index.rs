@@ -450,7 +450,27 @@ fn an_open_and_close_resent_after_the_tenure_ended_add_nothing() {
     assert_eq!(index.lookup(ip("10.0.0.1"), 250 * S), Endpoint::unknown());
     let counts = index.counts();
     assert_eq!(counts.stale_opens, 2);
-    assert_eq!(counts.unmatched_closes, 1);
+    assert_eq!(counts.stale_closes, 1);
+    assert_eq!(counts.unmatched_closes, 0);
+    assert_eq!(index.pending_closes(), 0);
+}
+
+#[test]
+fn a_close_replayed_from_an_earlier_tenure_does_not_end_the_current_one() {
+    let a = pod("a");
+    let index = index(vec![
+        open("kubernetes", "pod/uid-a", "10.0.0.1/32", &a, 100 * S),
+        close("kubernetes", "pod/uid-a", "10.0.0.1/32", 200 * S),
+        open("kubernetes", "pod/uid-a", "10.0.0.1/32", &a, 300 * S),
+        close("kubernetes", "pod/uid-a", "10.0.0.1/32", 200 * S),
+    ]);
+    assert_eq!(index.intervals(), 2);
+    assert_eq!(index.open_intervals(), 1);
+    assert_eq!(index.lookup(ip("10.0.0.1"), 150 * S), exact(&a));
+    assert_eq!(index.lookup(ip("10.0.0.1"), 250 * S), Endpoint::unknown());
+    assert_eq!(index.lookup(ip("10.0.0.1"), 400 * S), exact(&a));
+    let counts = index.counts();
+    assert_eq!((counts.stale_closes, counts.inverted_closes), (1, 0));
 }
 
 #[test]
