@@ -105,6 +105,15 @@ impl Slot {
     /// The identities of the intervals containing `at`, or `None` if none does.
     fn containing(&self, at: u64) -> Option<Endpoint> {
         let ivs = &self.intervals;
+        // Fast path, the common case of a flow looked up soon after it happened: the newest
+        // interval contains `at` and nothing before it reaches `at`.
+        if let Some((last, earlier)) = ivs.split_last()
+            && last.from <= at
+            && at < last.to
+            && earlier.last().is_none_or(|b| b.reach <= at)
+        {
+            return Some(Endpoint::exact(Arc::clone(&last.identity)));
+        }
         // The number of intervals starting at or before `at`. Flows are mostly looked up soon
         // after they happen, at the newest intervals: a short slot is scanned from its end.
         let mut i = if ivs.len() <= 8 {
