@@ -3,7 +3,11 @@
 //! [`OwnershipChange`]s into a bounded channel, which one [`apply_changes`](crate::apply_changes)
 //! task drains into the index. Sources never touch the index themselves, so they can also feed
 //! the `flows.ownership` topic unchanged.
-use std::{future::Future, pin::Pin};
+use std::{
+    future::Future,
+    pin::Pin,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -63,29 +67,42 @@ pub fn spawn_source(
     })
 }
 
-/// Logs a repeated failure once, with a count when it recovers, instead of once per attempt; and
-/// counts every failure in `flowlog_identity_source_errors_total{source}`.
+/// Logs a repeated failure once, then at most once a minute with its running count, and the
+/// recovery with how many attempts failed — instead of once per attempt; counts every failure in
+/// `flowlog_identity_source_errors_total{source}`.
 #[derive(Debug)]
 pub(crate) struct FailureLog {
     source: &'static str,
     failures: u64,
+    last_logged: Option<Instant>,
 }
+
+/// How often a failure that goes on is logged again.
+const RELOG: Duration = Duration::from_secs(60);
 
 impl FailureLog {
     pub(crate) fn new(source: &'static str) -> Self {
         Self {
             source,
             failures: 0,
+            last_logged: None,
         }
     }
 
-    /// Records a failure; logs it only if it is the first since the last success.
+    /// Records a failure; logs it if it is the first since the last success, or if the last log
+    /// of it is a minute old.
     pub(crate) fn failed(&mut self, error: &dyn std::error::Error) {
         metrics::counter!("flowlog_identity_source_errors_total", "source" => self.source)
             .increment(1);
         self.failures += 1;
-        if self.failures == 1 {
-            tracing::warn!(source = self.source, %error, "inventory source failing (logged once until it recovers)");
+        if self.failures == 1 || self.last_logged.is_none_or(|t| t.elapsed() >= RELOG) {
+            self.last_logged = Some(Instant::now());
+            tracing::warn!(
+                source = self.source,
+                failures = self.failures,
+                %error,
+                "inventory source failing (logged again at most once a minute)"
+            );
         }
     }
 
@@ -98,6 +115,7 @@ impl FailureLog {
                 "inventory source recovered"
             );
             self.failures = 0;
+            self.last_logged = None;
         }
     }
 
