@@ -620,6 +620,12 @@ impl IdentityIndex {
             .try_fold(u64::MAX, |min, s| s.watermark.map(|w| min.min(w)))
     }
 
+    /// Whether a flow at `at_ns` can be attributed now: every registered source's view is
+    /// complete at that time (`at_ns <= caught_up_to`). Otherwise the flow is held.
+    pub fn is_caught_up(&self, at_ns: u64) -> bool {
+        self.caught_up_to().is_some_and(|w| at_ns <= w)
+    }
+
     /// The latest watermark `source` sent, registered or not.
     pub fn watermark_of(&self, source: &str) -> Option<u64> {
         self.sources.get(source).and_then(|s| s.watermark)

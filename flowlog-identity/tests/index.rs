@@ -259,6 +259,7 @@ fn watermarks_of_registered_sources_gate_caught_up_to() {
     index.register_source("static");
     index.register_source("kubernetes");
     assert_eq!(index.caught_up_to(), None);
+    assert!(!index.is_caught_up(0));
     index.apply(watermark("static", 100 * S));
     assert_eq!(
         index.caught_up_to(),
@@ -267,6 +268,8 @@ fn watermarks_of_registered_sources_gate_caught_up_to() {
     );
     index.apply(watermark("kubernetes", 50 * S));
     assert_eq!(index.caught_up_to(), Some(50 * S));
+    assert!(index.is_caught_up(50 * S));
+    assert!(!index.is_caught_up(50 * S + 1));
     index.apply(watermark("kubernetes", 200 * S));
     assert_eq!(index.caught_up_to(), Some(100 * S));
     index.apply(watermark("static", 90 * S));
