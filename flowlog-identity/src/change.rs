@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum OwnershipChange {
-    /// `owner` (a key stable for this owner within its source, e.g. "pod/<uid>", "static/<name>")
+    /// `owner` (a key stable for this owner within its source, e.g. `pod/<uid>`, `static/<name>`)
     /// holds `prefix` from `at_ns` (ns since the Unix epoch).
     Open {
         source: String,

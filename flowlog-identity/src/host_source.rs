@@ -1,9 +1,9 @@
-//! This host as an inventory: its own addresses (every interface, IPv4 and IPv6) owned by a
-//! `Host` identity named by the hostname, re-polled so that address changes become Opens and
-//! Closes. The embedded mode needs it to name the local end of flows between processes on one
+//! This host as an inventory: its own addresses (every interface, IPv4 and IPv6; loopback
+//! networks whole) owned by a `Host` identity named by the hostname, re-polled so that address
+//! changes become Opens and Closes. The embedded mode needs it to name the local end of flows between processes on one
 //! host and flows to its own addresses. The cgroup side (which container or service a process
 //! ran in) is [`crate::cgroup`].
-use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use flowlog_record::{Identity, IdentityKind};
 use ipnet::IpNet;
@@ -59,13 +59,25 @@ pub fn boot_time_ns() -> Option<u64> {
     Some(secs * 1_000_000_000)
 }
 
-/// The addresses of every interface, as single-address prefixes.
-fn interface_addrs() -> Result<BTreeSet<IpAddr>, HostError> {
-    Ok(if_addrs::get_if_addrs()
-        .map_err(HostError::Interfaces)?
-        .into_iter()
-        .map(|i| i.ip().to_canonical())
-        .collect())
+/// The prefixes this host owns: each interface address as a single-address prefix, and a
+/// loopback interface's whole network (127.0.0.0/8: every address in it is this host's, and
+/// services listen on more than 127.0.0.1).
+fn interface_prefixes() -> Result<BTreeSet<IpNet>, HostError> {
+    let mut prefixes = BTreeSet::new();
+    for interface in if_addrs::get_if_addrs().map_err(HostError::Interfaces)? {
+        let ip = interface.ip().to_canonical();
+        prefixes.insert(IpNet::from(ip));
+        if interface.is_loopback() {
+            let len = match &interface.addr {
+                if_addrs::IfAddr::V4(a) => a.prefixlen,
+                if_addrs::IfAddr::V6(a) => a.prefixlen,
+            };
+            if let Ok(net) = IpNet::new(ip, len) {
+                prefixes.insert(net.trunc());
+            }
+        }
+    }
+    Ok(prefixes)
 }
 
 /// This host's addresses as an inventory source.
@@ -74,8 +86,8 @@ pub struct HostSource {
     interval: Duration,
     identity: Arc<Identity>,
     owner: String,
-    /// Addresses opened and not closed.
-    current: BTreeSet<IpAddr>,
+    /// Prefixes opened and not closed.
+    current: BTreeSet<IpNet>,
     /// When the addresses found by the first poll are taken to have started: boot time, since
     /// they were most likely configured then and flows from before this process started may
     /// still be in the topic.
@@ -114,8 +126,8 @@ impl HostSource {
         Arc::clone(&self.identity)
     }
 
-    /// Addresses currently held.
-    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+    /// Prefixes currently held (each address; loopback networks whole).
+    pub fn prefixes(&self) -> impl Iterator<Item = IpNet> + '_ {
         self.current.iter().copied()
     }
 
@@ -123,7 +135,7 @@ impl HostSource {
     /// addresses gone, then a Watermark(now). If the interfaces cannot be listed the failure is
     /// counted and logged once, and nothing (no watermark) is returned.
     pub fn check(&mut self, now_ns: u64) -> Vec<OwnershipChange> {
-        let found = match interface_addrs() {
+        let found = match interface_prefixes() {
             Ok(found) => found,
             Err(e) => {
                 self.failures.failed(&e);
@@ -142,7 +154,7 @@ impl HostSource {
             changes.push(OwnershipChange::Close {
                 source: HOST_SOURCE.to_owned(),
                 owner: self.owner.clone(),
-                prefix: IpNet::from(*gone),
+                prefix: *gone,
                 at_ns: now_ns,
             });
         }
@@ -150,7 +162,7 @@ impl HostSource {
             changes.push(OwnershipChange::Open {
                 source: HOST_SOURCE.to_owned(),
                 owner: self.owner.clone(),
-                prefix: IpNet::from(*new),
+                prefix: *new,
                 identity: Arc::clone(&self.identity),
                 at_ns: opened_at,
             });

@@ -6,14 +6,16 @@
 //! Layout, chosen for the enricher's target (≥ 1M lookups/s/core with 1M intervals over 250k
 //! addresses): per address family, one hash map per prefix length present (keyed by the masked
 //! network as an integer), visited most specific first; per prefix, a small vector of intervals
-//! sorted by `from`, found by binary search. Each interval also carries `reach`, the largest `to`
+//! sorted by `from`, searched from the newest (flows are looked up soon after they happen), by
+//! binary search when there are many. Each interval also carries `reach`, the largest `to`
 //! of itself and every interval before it, so the backward scan for intervals that contain a
 //! time stops as soon as nothing earlier can reach it: a lookup touches only the intervals that
 //! contain the time plus one. An exact hit clones one `Arc` and allocates nothing.
 //!
 //! Odd input is counted, never a panic: a duplicate Open of an open `(source, owner, prefix)` (a
-//! Kubernetes re-list re-sends everything), a Close with no Open (kept pending, so a Close that
-//! overtook its Open is not lost), a Close earlier than its Open, a watermark going backwards.
+//! Kubernetes re-list re-sends everything), re-sent Opens and Closes of tenures already closed, a
+//! Close with no Open (kept pending, so a Close that overtook its Open is not lost), a Close
+//! earlier than its Open, a watermark going backwards.
 use std::{collections::HashMap, hash::Hash, net::IpAddr, sync::Arc};
 
 use flowlog_record::{Endpoint, Identity};
@@ -103,7 +105,26 @@ impl Slot {
     /// The identities of the intervals containing `at`, or `None` if none does.
     fn containing(&self, at: u64) -> Option<Endpoint> {
         let ivs = &self.intervals;
-        let mut i = ivs.partition_point(|iv| iv.from <= at);
+        // Fast path, the common case of a flow looked up soon after it happened: the newest
+        // interval contains `at` and nothing before it reaches `at`.
+        if let Some((last, earlier)) = ivs.split_last()
+            && last.from <= at
+            && at < last.to
+            && earlier.last().is_none_or(|b| b.reach <= at)
+        {
+            return Some(Endpoint::exact(Arc::clone(&last.identity)));
+        }
+        // The number of intervals starting at or before `at`. Flows are mostly looked up soon
+        // after they happen, at the newest intervals: a short slot is scanned from its end.
+        let mut i = if ivs.len() <= 8 {
+            let mut k = ivs.len();
+            while k > 0 && ivs[k - 1].from > at {
+                k -= 1;
+            }
+            k
+        } else {
+            ivs.partition_point(|iv| iv.from <= at)
+        };
         let mut first: Option<&Arc<Identity>> = None;
         let mut others: SmallVec<[&Arc<Identity>; 4]> = SmallVec::new();
         while i > 0 {
@@ -302,6 +323,8 @@ pub struct ChangeCounts {
     pub stale_opens: u64,
     /// A Close with no open interval: kept pending, in case its Open arrives late.
     pub unmatched_closes: u64,
+    /// A Close re-sent for a tenure that already ended at that time: ignored.
+    pub stale_closes: u64,
     /// An Open that arrived after its Close (it matched a pending Close): a closed interval.
     pub late_opens: u64,
     /// A Close earlier than its interval's start: the interval is dropped (it never held).
@@ -331,6 +354,11 @@ pub struct IdentityIndex {
 impl IdentityIndex {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The index behind the lock that the apply task and the lookups share.
+    pub fn into_shared(self) -> SharedIndex {
+        Arc::new(parking_lot::RwLock::new(self))
     }
 
     /// Declares a source whose watermark gates `caught_up_to` (a registered source that has sent
@@ -457,7 +485,15 @@ impl IdentityIndex {
 
     fn close(&mut self, key: OwnerKey, at: u64) {
         let prefix = key.prefix;
-        let Some(open) = self.open.remove(&key) else {
+        let Some(open) = self.open.get(&key).copied() else {
+            // A tenure of this prefix already ended exactly then: a re-sent Close.
+            if self
+                .slot(prefix)
+                .is_some_and(|slot| slot.intervals.iter().any(|iv| iv.to == at))
+            {
+                self.count_stale_close();
+                return;
+            }
             self.counts.unmatched_closes += 1;
             metrics::counter!("flowlog_identity_unmatched_closes_total").increment(1);
             let pending = self.pending_closes.entry(key).or_insert(at);
@@ -465,23 +501,45 @@ impl IdentityIndex {
             return;
         };
         let Some(slot) = self.slot_mut(prefix) else {
+            self.open.remove(&key);
             return;
         };
         let Some(pos) = slot.position(open.id) else {
+            self.open.remove(&key);
             return;
         };
         if at > open.from {
             slot.intervals[pos].to = at;
             slot.fix_reach(pos);
+            self.open.remove(&key);
             return;
         }
+        if at < open.from {
+            // A Close re-sent for this owner's previous tenure (one of the same identity ended
+            // exactly then) must not end the current one.
+            let current = &slot.intervals[pos].identity;
+            if slot
+                .intervals
+                .iter()
+                .any(|iv| iv.to == at && *iv.identity == **current)
+            {
+                self.count_stale_close();
+                return;
+            }
+        }
         slot.remove(pos);
+        self.open.remove(&key);
         self.interval_count -= 1;
         self.remove_if_empty(prefix);
         if at < open.from {
             self.counts.inverted_closes += 1;
             metrics::counter!("flowlog_identity_inverted_closes_total").increment(1);
         }
+    }
+
+    fn count_stale_close(&mut self) {
+        self.counts.stale_closes += 1;
+        metrics::counter!("flowlog_identity_stale_closes_total").increment(1);
     }
 
     fn watermark(&mut self, source: String, at: u64) {
@@ -560,6 +618,12 @@ impl IdentityIndex {
             .values()
             .filter(|s| s.registered)
             .try_fold(u64::MAX, |min, s| s.watermark.map(|w| min.min(w)))
+    }
+
+    /// Whether a flow at `at_ns` can be attributed now: every registered source's view is
+    /// complete at that time (`at_ns <= caught_up_to`). Otherwise the flow is held.
+    pub fn is_caught_up(&self, at_ns: u64) -> bool {
+        self.caught_up_to().is_some_and(|w| at_ns <= w)
     }
 
     /// The latest watermark `source` sent, registered or not.

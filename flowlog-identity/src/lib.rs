@@ -21,13 +21,47 @@
 //!   panics: a duplicate Open of an open `(source, owner, prefix)` (a Kubernetes re-list after 410
 //!   Gone re-sends everything) opens no second interval — it keeps the earlier start, or, if the
 //!   identity changed, splits the tenure at the new Open's time; an Open re-sent for a tenure that
-//!   already closed is ignored; a Close with no open interval is kept pending so that an Open
-//!   arriving after it (out of order) makes a closed interval rather than an endless one; a Close
-//!   earlier than its Open's start drops the interval (it never held).
+//!   already closed is ignored, and so is a Close re-sent for a tenure that already ended at that
+//!   time (even if the owner holds the prefix again since); any other Close with no open interval
+//!   is kept pending so that an Open arriving after it (out of order) makes a closed interval
+//!   rather than an endless one; any other Close earlier than its Open's start drops the interval
+//!   (it never held).
 //! - Watermarks only move forward. [`IdentityIndex::caught_up_to`] is the minimum over the
 //!   sources declared with [`IdentityIndex::register_source`]: `None` until each has sent one.
 //! - [`IdentityIndex::prune`] forgets intervals that ended at or before a time, so memory stays
 //!   bounded; lookups at or after that time are unaffected.
+//!
+//! # Use
+//! ```
+//! use std::sync::Arc;
+//! use flowlog_identity::{IdentityIndex, OwnershipChange, apply_changes};
+//! use flowlog_record::{Attribution, Identity, IdentityKind};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let mut index = IdentityIndex::new();
+//! index.register_source("kubernetes");
+//! let index = index.into_shared();
+//! let (tx, rx) = tokio::sync::mpsc::channel(1024);
+//! let applier = tokio::spawn(apply_changes(Arc::clone(&index), rx));
+//! // Sources send into `tx` (see `spawn_source`); here, by hand:
+//! let pod = Arc::new(Identity { kind: IdentityKind::Pod, name: "web-1".into(), ..Identity::default() });
+//! let prefix = "10.1.2.3/32".parse().unwrap();
+//! let (source, owner) = ("kubernetes".to_owned(), "pod/uid-1".to_owned());
+//! tx.send(OwnershipChange::Open { source: source.clone(), owner: owner.clone(), prefix, identity: pod, at_ns: 100 }).await.unwrap();
+//! tx.send(OwnershipChange::Close { source: source.clone(), owner, prefix, at_ns: 200 }).await.unwrap();
+//! tx.send(OwnershipChange::Watermark { source, at_ns: 250 }).await.unwrap();
+//! drop(tx);
+//! applier.await.unwrap();
+//!
+//! // The enricher: hold flows newer than `caught_up_to`, look the rest up at their start time,
+//! // taking the read lock once per batch.
+//! let index = index.read();
+//! assert_eq!(index.caught_up_to(), Some(250));
+//! let addr = "10.1.2.3".parse().unwrap();
+//! assert_eq!(index.lookup(addr, 150).identity.unwrap().name, "web-1");
+//! assert_eq!(index.lookup(addr, 200).status, Attribution::Unknown);
+//! # }
+//! ```
 //!
 //! # Sources
 //! [`InventorySource`] is what every source implements ([`StaticSource`] for a TOML file of
@@ -46,5 +80,5 @@ pub use cgroup::{CgroupPath, CgroupResolver, cgroup_identity, cgroup2_mount, par
 pub use change::{OwnershipChange, now_ns};
 pub use host_source::{HOST_SOURCE, HostError, HostSource, hostname};
 pub use index::{ChangeCounts, IdentityIndex, SharedIndex};
-pub use source::{BoxFuture, InventorySource, SourceError};
+pub use source::{BoxFuture, InventorySource, SourceError, spawn_source};
 pub use static_source::{STATIC_SOURCE, StaticError, StaticSource};

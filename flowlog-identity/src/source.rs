@@ -3,7 +3,11 @@
 //! [`OwnershipChange`]s into a bounded channel, which one [`apply_changes`](crate::apply_changes)
 //! task drains into the index. Sources never touch the index themselves, so they can also feed
 //! the `flows.ownership` topic unchanged.
-use std::{future::Future, pin::Pin};
+use std::{
+    future::Future,
+    pin::Pin,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -42,29 +46,63 @@ pub trait InventorySource: Send + 'static {
     ) -> BoxFuture<'static, Result<(), SourceError>>;
 }
 
-/// Logs a repeated failure once, with a count when it recovers, instead of once per attempt; and
-/// counts every failure in `flowlog_identity_source_errors_total{source}`.
+/// Runs `source` as a task. A fatal error is logged (with the source's name) and returned by the
+/// handle; the index keeps what the source sent, and its watermark stops, so flows newer than it
+/// are held and then go out unattributed rather than wrongly attributed.
+pub fn spawn_source(
+    source: Box<dyn InventorySource>,
+    changes: mpsc::Sender<OwnershipChange>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), SourceError>> {
+    let name = source.name().to_owned();
+    let run = source.run(changes, shutdown);
+    tokio::spawn(async move {
+        let result = run.await;
+        if let Err(error) = &result {
+            metrics::counter!("flowlog_identity_source_failures_total", "source" => name.clone())
+                .increment(1);
+            tracing::error!(source = %name, %error, "inventory source stopped");
+        }
+        result
+    })
+}
+
+/// Logs a repeated failure once, then at most once a minute with its running count, and the
+/// recovery with how many attempts failed — instead of once per attempt; counts every failure in
+/// `flowlog_identity_source_errors_total{source}`.
 #[derive(Debug)]
 pub(crate) struct FailureLog {
     source: &'static str,
     failures: u64,
+    last_logged: Option<Instant>,
 }
+
+/// How often a failure that goes on is logged again.
+const RELOG: Duration = Duration::from_secs(60);
 
 impl FailureLog {
     pub(crate) fn new(source: &'static str) -> Self {
         Self {
             source,
             failures: 0,
+            last_logged: None,
         }
     }
 
-    /// Records a failure; logs it only if it is the first since the last success.
+    /// Records a failure; logs it if it is the first since the last success, or if the last log
+    /// of it is a minute old.
     pub(crate) fn failed(&mut self, error: &dyn std::error::Error) {
         metrics::counter!("flowlog_identity_source_errors_total", "source" => self.source)
             .increment(1);
         self.failures += 1;
-        if self.failures == 1 {
-            tracing::warn!(source = self.source, %error, "inventory source failing (logged once until it recovers)");
+        if self.failures == 1 || self.last_logged.is_none_or(|t| t.elapsed() >= RELOG) {
+            self.last_logged = Some(Instant::now());
+            tracing::warn!(
+                source = self.source,
+                failures = self.failures,
+                %error,
+                "inventory source failing (logged again at most once a minute)"
+            );
         }
     }
 
@@ -77,6 +115,7 @@ impl FailureLog {
                 "inventory source recovered"
             );
             self.failures = 0;
+            self.last_logged = None;
         }
     }
 

@@ -26,7 +26,8 @@
 //! entry disappears from the file, and is then closed at the reload that saw it go. An entry with
 //! `to` is closed at `to` (at the first check at or after it). An entry is keyed by
 //! `(cidr, name, from)`: changing any other field closes the old version and opens the new one
-//! at the reload time (so past flows keep the identity they had). A new entry opens at its
+//! at the reload time (so past flows keep the identity they had); an edit that sets `to` to a
+//! time already past closes the entry at that `to`. A new entry opens at its
 //! `from`, which may be in the past (the file is trusted about history) or the future.
 //!
 //! Reloading: every `interval` the file is read and its content hash compared with the last one
@@ -419,7 +420,12 @@ impl StaticSource {
                 Some(entry) => {
                     let start = now.max(key.from);
                     if applied.open {
-                        out.push(close(&key, start));
+                        // An edit that moved `to` into the past ends the entry then, not now.
+                        let end = match entry.to {
+                            Some(to) if to < start => to.max(key.from),
+                            _ => start,
+                        };
+                        out.push(close(&key, end));
                     }
                     let open = entry.to.is_none_or(|to| to > start);
                     if open {

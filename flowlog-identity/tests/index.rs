@@ -259,6 +259,7 @@ fn watermarks_of_registered_sources_gate_caught_up_to() {
     index.register_source("static");
     index.register_source("kubernetes");
     assert_eq!(index.caught_up_to(), None);
+    assert!(!index.is_caught_up(0));
     index.apply(watermark("static", 100 * S));
     assert_eq!(
         index.caught_up_to(),
@@ -267,6 +268,8 @@ fn watermarks_of_registered_sources_gate_caught_up_to() {
     );
     index.apply(watermark("kubernetes", 50 * S));
     assert_eq!(index.caught_up_to(), Some(50 * S));
+    assert!(index.is_caught_up(50 * S));
+    assert!(!index.is_caught_up(50 * S + 1));
     index.apply(watermark("kubernetes", 200 * S));
     assert_eq!(index.caught_up_to(), Some(100 * S));
     index.apply(watermark("static", 90 * S));
@@ -450,7 +453,27 @@ fn an_open_and_close_resent_after_the_tenure_ended_add_nothing() {
     assert_eq!(index.lookup(ip("10.0.0.1"), 250 * S), Endpoint::unknown());
     let counts = index.counts();
     assert_eq!(counts.stale_opens, 2);
-    assert_eq!(counts.unmatched_closes, 1);
+    assert_eq!(counts.stale_closes, 1);
+    assert_eq!(counts.unmatched_closes, 0);
+    assert_eq!(index.pending_closes(), 0);
+}
+
+#[test]
+fn a_close_replayed_from_an_earlier_tenure_does_not_end_the_current_one() {
+    let a = pod("a");
+    let index = index(vec![
+        open("kubernetes", "pod/uid-a", "10.0.0.1/32", &a, 100 * S),
+        close("kubernetes", "pod/uid-a", "10.0.0.1/32", 200 * S),
+        open("kubernetes", "pod/uid-a", "10.0.0.1/32", &a, 300 * S),
+        close("kubernetes", "pod/uid-a", "10.0.0.1/32", 200 * S),
+    ]);
+    assert_eq!(index.intervals(), 2);
+    assert_eq!(index.open_intervals(), 1);
+    assert_eq!(index.lookup(ip("10.0.0.1"), 150 * S), exact(&a));
+    assert_eq!(index.lookup(ip("10.0.0.1"), 250 * S), Endpoint::unknown());
+    assert_eq!(index.lookup(ip("10.0.0.1"), 400 * S), exact(&a));
+    let counts = index.counts();
+    assert_eq!((counts.stale_closes, counts.inverted_closes), (1, 0));
 }
 
 #[test]
@@ -500,9 +523,8 @@ async fn apply_changes_drains_the_channel_into_the_shared_index() {
 /// The index against a brute-force reading of the same intervals, on a deterministic random
 /// history: many owners per address, overlaps, closes out of insertion order, three prefix
 /// lengths, prunes. Checks the binary search and the `reach` cut-off of the backward scan.
-#[test]
-fn lookups_agree_with_a_brute_force_model() {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+fn brute_force_model(ops: usize, seed: u64) -> [usize; 3] {
+    let mut state = seed;
     let mut next = move |n: u64| {
         state ^= state << 13;
         state ^= state >> 7;
@@ -521,7 +543,7 @@ fn lookups_agree_with_a_brute_force_model() {
     let mut model: Vec<(IpNet, usize, u64, u64)> = Vec::new();
     let mut open_now: Vec<(usize, usize, usize)> = Vec::new(); // (prefix, owner, model row)
     let mut index = IdentityIndex::new();
-    for _ in 0..600 {
+    for _ in 0..ops {
         let t = next(5_000);
         let p = next(prefixes.len() as u64) as usize;
         let o = next(owners.len() as u64) as usize;
@@ -573,8 +595,8 @@ fn lookups_agree_with_a_brute_force_model() {
         "10.0.1.1", "10.0.1.2", "10.0.2.3", "10.0.1.9", "10.0.3.3", "10.1.0.0",
     ]
     .map(ip);
-    let check = |index: &IdentityIndex, model: &[(IpNet, usize, u64, u64)], from: u64| {
-        let mut seen = [0usize; 3];
+    let mut seen = [0usize; 3];
+    let mut check = |index: &IdentityIndex, model: &[(IpNet, usize, u64, u64)], from: u64| {
         for t in (from..5_400).step_by(5) {
             for a in addrs {
                 let found = index.lookup(a, t);
@@ -582,15 +604,39 @@ fn lookups_agree_with_a_brute_force_model() {
                 seen[found.status as usize] += 1;
             }
         }
-        // The history exercises every outcome.
-        assert!(seen.iter().all(|n| *n > 0), "{seen:?}");
     };
     assert_eq!(index.intervals(), model.len());
     check(&index, &model, 0);
+    let before = model.len();
     let pruned = index.prune(2_000);
     model.retain(|r| r.3 == u64::MAX || r.3 > 2_000);
     assert_eq!(index.intervals(), model.len());
     assert_eq!(index.count_intervals(), model.len());
-    assert!(pruned > 0);
+    assert_eq!(pruned, before - model.len());
     check(&index, &model, 2_000);
+    seen
+}
+
+#[test]
+fn lookups_agree_with_a_brute_force_model_of_long_histories() {
+    // Slots of dozens of intervals (binary search), heavy overlap.
+    let seen = brute_force_model(600, 0x9e37_79b9_7f4a_7c15);
+    assert!(
+        seen.iter().all(|n| *n > 0),
+        "every outcome exercised: {seen:?}"
+    );
+}
+
+#[test]
+fn lookups_agree_with_a_brute_force_model_of_short_histories() {
+    // Slots of a few intervals (scanned from the end), over many seeds.
+    let mut seen = [0usize; 3];
+    for seed in 1..=60u64 {
+        let s = brute_force_model(25, seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        (0..3).for_each(|i| seen[i] += s[i]);
+    }
+    assert!(
+        seen.iter().all(|n| *n > 0),
+        "every outcome exercised: {seen:?}"
+    );
 }

@@ -228,6 +228,36 @@ fn an_edit_becomes_exact_opens_and_closes_at_the_reload_time() {
 }
 
 #[test]
+fn an_edit_that_ends_an_entry_in_the_past_closes_it_then() {
+    let dir = TempDir::new("end");
+    let path = dir.write(
+        "static.toml",
+        "[[entry]]\ncidr = \"10.9.0.0/16\"\nname = \"old-dc\"\n",
+    );
+    let mut src = source(&path);
+    assert_eq!(
+        src.check(MAR),
+        vec![
+            open("static/old-dc", "10.9.0.0/16", named("old-dc"), 0),
+            watermark(MAR)
+        ]
+    );
+    dir.write(
+        "static.toml",
+        "[[entry]]\ncidr = \"10.9.0.0/16\"\nname = \"old-dc\"\nto = 2026-02-01T00:00:00Z\n",
+    );
+    assert_eq!(
+        src.check(MAR + S),
+        vec![
+            close("static/old-dc", "10.9.0.0/16", FEB),
+            watermark(MAR + S)
+        ]
+    );
+    assert_eq!(src.entries(), 1);
+    assert_eq!(src.check(MAR + 2 * S), vec![watermark(MAR + 2 * S)]);
+}
+
+#[test]
 fn a_broken_edit_keeps_the_old_entries_until_it_is_fixed() {
     let dir = TempDir::new("broken");
     let path = dir.write("static.toml", V2);
