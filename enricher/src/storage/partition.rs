@@ -123,7 +123,7 @@ impl OpenFile {
     }
 
     /// Hands the pending rows to the encoder.
-    fn encode_pending(&mut self) -> Result<(), StorageError> {
+    pub fn encode_pending(&mut self) -> Result<(), StorageError> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -143,12 +143,27 @@ impl OpenFile {
             })
     }
 
-    /// The file's size so far: encoded row groups, the encoder's estimate of the row group in
-    /// progress, and the rows not yet encoded (over-estimated at their unencoded size).
+    /// True when rows are buffered that the encoder has not seen yet.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Encoded bytes so far: the row groups written and the encoder's estimate of the row
+    /// group in progress (its pages are compressed as they fill).
+    fn encoded_size(&self) -> u64 {
+        (self.writer.bytes_written() + self.writer.in_progress_size()) as u64
+    }
+
+    /// The file's size so far: [`OpenFile::encoded_size`] plus the rows not yet encoded, at
+    /// the encoded size per row seen so far in this file, or at their unencoded size before
+    /// any row was encoded (an over-estimate: the sink encodes them before acting on it).
     pub fn size(&self) -> u64 {
-        (self.writer.bytes_written()
-            + self.writer.in_progress_size()
-            + self.pending.estimated_bytes()) as u64
+        let encoded = self.encoded_size();
+        let encoded_rows = self.rows - self.pending.len() as u64;
+        let pending = (encoded * self.pending.len() as u64)
+            .checked_div(encoded_rows)
+            .unwrap_or(self.pending.estimated_bytes() as u64);
+        encoded + pending
     }
 
     /// Encodes what is left and the footer.
