@@ -823,6 +823,27 @@ fn missing_bucket_is_a_clear_error() {
     assert!(text.contains("NoSuchBucket"), "{text}");
 }
 
+/// (d) An S3 endpoint where nothing listens fails at open within seconds, naming the URL.
+#[test]
+fn unreachable_s3_endpoint_is_a_clear_error() {
+    // A port that was free a moment ago: connections to it are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = "s3://flowlog-test-unreachable/flows";
+    let settings = ParquetSettings {
+        s3: s3_options(&format!("http://127.0.0.1:{port}")),
+        ..ParquetSettings::new(url)
+    };
+    let text = open_error(settings);
+    let head =
+        format!("parquet output `{url}` is not writable (a test object could not be written) | ");
+    assert!(text.starts_with(&head), "{text}");
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+}
+
 /// Two sinks on one directory (two enrichers) never pick the same file name.
 #[test]
 fn file_names_are_unique_across_sinks() {

@@ -31,7 +31,7 @@ use std::{
 };
 
 use flowlog_record::enriched::EnrichedFlow;
-use object_store::{ObjectStoreExt, PutPayload};
+use object_store::ObjectStoreExt;
 use tracing::{info, warn};
 
 pub use partition::PartitionKey;
@@ -372,10 +372,13 @@ impl ParquetSink {
                 self.closed.pop_front();
                 continue;
             };
-            let len = file.bytes.len() as u64;
-            // Cloning a payload copies a pointer, so a retry does not copy the file.
-            let payload = PutPayload::from(file.bytes.clone());
-            match self.target.store.put(&file.path, payload).await {
+            let len = file.len;
+            match self
+                .target
+                .store
+                .put(&file.path, file.payload.clone())
+                .await
+            {
                 Ok(_) => {
                     metrics::counter!(METRIC_FILES).increment(1);
                     metrics::counter!(METRIC_ROWS).increment(file.rows);

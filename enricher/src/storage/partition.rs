@@ -4,7 +4,7 @@
 //! sink rolls it.
 use chrono::{DateTime, Datelike, Timelike};
 use flowlog_record::enriched::EnrichedFlow;
-use object_store::path::Path;
+use object_store::{PutPayload, path::Path};
 use parquet::{
     arrow::ArrowWriter,
     basic::{Compression, ZstdLevel},
@@ -86,7 +86,9 @@ pub(crate) struct OpenFile {
 pub(crate) struct ClosedFile {
     pub path: Path,
     pub rows: u64,
-    pub bytes: Vec<u8>,
+    pub len: u64,
+    /// The file's bytes; cloning a payload copies a pointer, so a retry copies nothing.
+    pub payload: PutPayload,
 }
 
 impl OpenFile {
@@ -179,7 +181,8 @@ impl OpenFile {
         Ok(ClosedFile {
             path: self.path,
             rows: self.rows,
-            bytes,
+            len: bytes.len() as u64,
+            payload: PutPayload::from(bytes),
         })
     }
 }
