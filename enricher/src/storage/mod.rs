@@ -169,6 +169,27 @@ pub struct ParquetSink {
     durable: u64,
     /// Set by the first encoding error (see [`StorageError::Poisoned`]).
     poisoned: Option<String>,
+    /// The current run of failed uploads; kept across calls, so that an outage is logged
+    /// once (then once a minute) however often a cancelled roll is resumed.
+    retry: RetryState,
+}
+
+/// Failed uploads since the last success.
+#[derive(Debug)]
+struct RetryState {
+    failures: u64,
+    backoff: Duration,
+    last_log: Option<Instant>,
+}
+
+impl Default for RetryState {
+    fn default() -> Self {
+        Self {
+            failures: 0,
+            backoff: FIRST_BACKOFF,
+            last_log: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for ParquetSink {
@@ -206,6 +227,7 @@ impl ParquetSink {
             written: 0,
             durable: 0,
             poisoned: None,
+            retry: RetryState::default(),
         })
     }
 
@@ -363,9 +385,6 @@ impl ParquetSink {
     /// Uploads the closed generations in order, retrying each failed upload until it
     /// succeeds; advances `durable` as each generation completes.
     async fn upload_closed(&mut self) {
-        let mut failures: u64 = 0;
-        let mut backoff = FIRST_BACKOFF;
-        let mut last_log: Option<Instant> = None;
         while let Some(generation) = self.closed.front_mut() {
             let Some(file) = generation.files.front() else {
                 self.durable += generation.rows;
@@ -383,28 +402,34 @@ impl ParquetSink {
                     metrics::counter!(METRIC_FILES).increment(1);
                     metrics::counter!(METRIC_ROWS).increment(file.rows);
                     metrics::counter!(METRIC_BYTES).increment(len);
-                    if failures > 0 {
-                        info!(url = %self.url, file = %file.path, failures, "parquet upload succeeded after retries");
-                        failures = 0;
-                        backoff = FIRST_BACKOFF;
+                    if self.retry.failures > 0 {
+                        info!(
+                            url = %self.url,
+                            file = %file.path,
+                            failures = self.retry.failures,
+                            "parquet upload succeeded after failed attempts"
+                        );
+                        self.retry = RetryState::default();
                     }
                     generation.files.pop_front();
                 }
                 Err(e) => {
-                    failures += 1;
+                    let retry = &mut self.retry;
+                    retry.failures += 1;
                     metrics::counter!(METRIC_UPLOAD_ERRORS).increment(1);
-                    if last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-                        last_log = Some(Instant::now());
+                    if retry.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                        retry.last_log = Some(Instant::now());
                         warn!(
                             url = %self.url,
                             file = %file.path,
-                            failures,
+                            failures = retry.failures,
                             error = %error_chain(&e),
                             "parquet upload failed; retrying with backoff until it succeeds"
                         );
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    let wait = retry.backoff;
+                    retry.backoff = (retry.backoff * 2).min(MAX_BACKOFF);
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
