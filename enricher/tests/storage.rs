@@ -890,3 +890,31 @@ fn file_names_are_unique_across_sinks() {
         .collect();
     assert_rows(&back.all_rows(), &flows);
 }
+
+/// The sink and its futures are `Send`: a pipeline task on a multi-threaded runtime owns it.
+#[test]
+fn runs_in_a_spawned_task_on_a_multi_threaded_runtime() {
+    let dir = TempDir::new("spawned");
+    let root = dir.0.to_str().unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let task = rt.spawn(async move {
+        let mut sink = ParquetSink::open(ParquetSettings::new(&root))
+            .await
+            .unwrap();
+        for i in 0..5 {
+            sink.write(&flow(i)).unwrap();
+        }
+        sink.maybe_roll(Instant::now()).await.unwrap();
+        sink.roll().await.unwrap();
+        sink.durable()
+    });
+    let durable = rt.block_on(task).unwrap();
+    assert_eq!(durable, 5);
+    let back = read_back(dir.0.to_str().unwrap(), None);
+    let flows: Vec<EnrichedFlow> = (0..5).map(flow).collect();
+    assert_rows(&back.all_rows(), &flows);
+}
