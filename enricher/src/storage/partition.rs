@@ -62,7 +62,8 @@ impl PartitionKey {
 /// zstd, 1 Mi-row row groups, the schema version in the footer. The writer version stays
 /// Parquet 1.0 (data page v1, the default): every engine reads it. Parquet 2.0 pages and
 /// encodings made files 8% smaller in the bench (53.0 instead of 57.6 bytes per flow) but
-/// older readers (Spark < 3.3's vectorized reader, Athena engine 2) reject or slow down on them.
+/// older readers fail on their delta encodings (Spark's vectorized reader before 3.3,
+/// SPARK-36879; Iceberg's vectorized reader until 2025).
 fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         // zstd level 3 (zstd's own default): much smaller files than snappy for a few % CPU.
