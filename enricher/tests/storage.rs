@@ -715,9 +715,34 @@ impl Counters {
     }
 }
 
-/// A failing upload is retried until it succeeds, counted, and `durable()` advances only
-/// then: the directory is replaced by a file, the roll keeps retrying (and is cancelled, which
-/// loses nothing), the directory comes back, and the next `maybe_roll` finishes the upload.
+/// Log lines captured in memory (a `tracing_subscriber` writer).
+#[derive(Clone, Default)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    fn lines_containing(&self, text: &str) -> usize {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(text))
+            .count()
+    }
+}
+
+/// A failing upload is retried until it succeeds, counted, logged once, and `durable()`
+/// advances only then: the directory is replaced by a file, the roll keeps retrying (and is
+/// cancelled, which loses nothing), the directory comes back, and the next `maybe_roll`
+/// finishes the upload.
 #[test]
 fn failed_uploads_are_retried_until_durable() {
     let dir = TempDir::new("retry");
@@ -726,7 +751,16 @@ fn failed_uploads_are_retried_until_durable() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let mut counters = Counters::default();
+    let logs = LogBuf::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .with_ansi(false)
+        .finish();
     let rt = runtime();
+    let _log = tracing::subscriber::set_default(subscriber);
     metrics::with_local_recorder(&recorder, || {
         rt.block_on(async {
             let mut sink = ParquetSink::open(ParquetSettings::new(root.to_str().unwrap()))
@@ -762,6 +796,13 @@ fn failed_uploads_are_retried_until_durable() {
     });
     counters.add(&snapshotter);
     assert!(counters.get(METRIC_UPLOAD_ERRORS) >= 2);
+    // However many attempts failed, across the cancelled roll and the resumed one: one warning,
+    // and one line when it recovered.
+    assert_eq!(logs.lines_containing("parquet upload failed"), 1);
+    assert_eq!(
+        logs.lines_containing("parquet upload succeeded after failed attempts"),
+        1
+    );
     assert_eq!(counters.get(METRIC_FILES), 3);
     assert_eq!(counters.get(METRIC_ROWS), 6);
     let back = read_back(root.to_str().unwrap(), None);

@@ -447,3 +447,30 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_128_mib_and_a_minute() {
+        let s = ParquetSettings::new("/var/lib/flowlog/parquet");
+        assert_eq!(s.roll_bytes, 134_217_728);
+        assert_eq!(s.roll_interval, Duration::from_secs(60));
+        assert_eq!(s.s3, S3Options::default());
+    }
+
+    #[test]
+    fn s3_secrets_are_not_in_debug_output() {
+        let s = S3Options {
+            access_key_id: Some("AKIDEXAMPLE".into()),
+            secret_access_key: Some("wJalrXUtnFEMI".into()),
+            session_token: Some("FwoGZXIvYXdzE".into()),
+            ..S3Options::default()
+        };
+        let text = format!("{s:?}");
+        assert!(text.contains("AKIDEXAMPLE"), "{text}");
+        assert!(!text.contains("wJalrXUtnFEMI"), "{text}");
+        assert!(!text.contains("FwoGZXIvYXdzE"), "{text}");
+    }
+}
