@@ -361,6 +361,8 @@ impl Default for FlowBatchBuilder {
 const FIXED_ROW_BYTES: usize = 256;
 
 impl FlowBatchBuilder {
+    /// An empty builder; buffers grow with the first batch and are reused after each
+    /// [`FlowBatchBuilder::finish`].
     pub fn new() -> Self {
         Self {
             rows: 0,
@@ -401,6 +403,7 @@ impl FlowBatchBuilder {
         self.rows
     }
 
+    /// True when no row was appended since the last [`FlowBatchBuilder::finish`].
     pub fn is_empty(&self) -> bool {
         self.rows == 0
     }
