@@ -12,6 +12,12 @@
 //! incomplete (object stores' `put` is atomic) and never overwritten (names are unique per
 //! process run and sequence).
 //!
+//! Sizes are the Parquet encoder's: bytes of the row groups already encoded plus its estimate
+//! of the row group in progress, whose last pages and dictionaries are not compressed yet. So
+//! files come out somewhat smaller than `roll_bytes` (~60% of 64 KiB in the tests; closer for
+//! large files, where flushed row groups dominate), never larger by more than the rows
+//! written between two `maybe_roll` calls.
+//!
 //! Submodules: [`schema`] (the columns), `partition` (partition paths and open files),
 //! `store` (local or S3 target).
 mod partition;
@@ -25,7 +31,7 @@ use std::{
 };
 
 use flowlog_record::enriched::EnrichedFlow;
-use object_store::{ObjectStoreExt, PutPayload};
+use object_store::ObjectStoreExt;
 use tracing::{info, warn};
 
 pub use partition::PartitionKey;
@@ -163,6 +169,27 @@ pub struct ParquetSink {
     durable: u64,
     /// Set by the first encoding error (see [`StorageError::Poisoned`]).
     poisoned: Option<String>,
+    /// The current run of failed uploads; kept across calls, so that an outage is logged
+    /// once (then once a minute) however often a cancelled roll is resumed.
+    retry: RetryState,
+}
+
+/// Failed uploads since the last success.
+#[derive(Debug)]
+struct RetryState {
+    failures: u64,
+    backoff: Duration,
+    last_log: Option<Instant>,
+}
+
+impl Default for RetryState {
+    fn default() -> Self {
+        Self {
+            failures: 0,
+            backoff: FIRST_BACKOFF,
+            last_log: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for ParquetSink {
@@ -200,6 +227,7 @@ impl ParquetSink {
             written: 0,
             durable: 0,
             poisoned: None,
+            retry: RetryState::default(),
         })
     }
 
@@ -244,9 +272,8 @@ impl ParquetSink {
         self.durable
     }
 
-    /// The size of the largest open file (encoded bytes, with the rows not yet encoded
-    /// counted at their unencoded size): what [`ParquetSink::maybe_roll`] compares with
-    /// `roll_bytes`.
+    /// The estimated size of the largest open file, in encoded bytes (rows not encoded yet
+    /// are estimated; see [`ParquetSink::maybe_roll`]).
     pub fn largest_open_bytes(&self) -> u64 {
         self.open.values().map(OpenFile::size).max().unwrap_or(0)
     }
@@ -256,25 +283,47 @@ impl ParquetSink {
         self.open.len()
     }
 
-    /// True when [`ParquetSink::maybe_roll`] at `now` would roll.
-    pub fn roll_due(&self, now: Instant) -> bool {
-        let Some(start) = self.generation_start else {
-            return false;
-        };
-        now.saturating_duration_since(start) >= self.roll_interval
-            || self.largest_open_bytes() >= self.roll_bytes
-    }
-
     /// Rolls when any open file has reached `roll_bytes` or `roll_interval` has passed at
     /// `now` since the generation's first row; also finishes uploads that an earlier,
     /// cancelled roll left behind. Call it after each batch of writes and on a timer.
+    ///
+    /// Sizes are encoded sizes: when a file's estimate (which counts rows not yet encoded at
+    /// an estimated size) reaches `roll_bytes`, its rows are encoded first and the roll
+    /// happens only if the encoded size still reaches it. So after a call that did not roll,
+    /// [`ParquetSink::largest_open_bytes`] is below `roll_bytes`.
     pub async fn maybe_roll(&mut self, now: Instant) -> Result<(), StorageError> {
-        if self.roll_due(now) {
-            self.roll().await
-        } else {
-            self.upload_closed().await;
-            self.check_poisoned()
+        self.check_poisoned()?;
+        match self.roll_due(now) {
+            Ok(true) => self.roll().await,
+            Ok(false) => {
+                self.upload_closed().await;
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = Some(error_chain(&e));
+                // Generations closed before the error are still a prefix: upload them anyway.
+                self.upload_closed().await;
+                Err(e)
+            }
         }
+    }
+
+    fn roll_due(&mut self, now: Instant) -> Result<bool, StorageError> {
+        let Some(start) = self.generation_start else {
+            return Ok(false);
+        };
+        if now.saturating_duration_since(start) >= self.roll_interval {
+            return Ok(true);
+        }
+        for file in self.open.values_mut() {
+            if file.size() >= self.roll_bytes && file.has_pending() {
+                file.encode_pending()?;
+            }
+            if file.size() >= self.roll_bytes {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Closes every open file and uploads it (and any earlier files still waiting), then
@@ -286,13 +335,15 @@ impl ParquetSink {
     /// and the next `roll`/`maybe_roll` uploads them (a re-upload of the same name writes the
     /// same bytes). An error means a file could not be encoded; its rows stay undurable.
     pub async fn roll(&mut self) -> Result<(), StorageError> {
-        if self.poisoned.is_none() {
-            let result = self.close_generation();
+        self.check_poisoned()?;
+        if let Err(e) = self.close_generation() {
+            self.poisoned = Some(error_chain(&e));
             // Generations closed before the error are still a prefix: upload them anyway.
-            let _ = self.poison_on_error(result);
+            self.upload_closed().await;
+            return Err(e);
         }
         self.upload_closed().await;
-        self.check_poisoned()
+        Ok(())
     }
 
     fn check_poisoned(&self) -> Result<(), StorageError> {
@@ -334,45 +385,51 @@ impl ParquetSink {
     /// Uploads the closed generations in order, retrying each failed upload until it
     /// succeeds; advances `durable` as each generation completes.
     async fn upload_closed(&mut self) {
-        let mut failures: u64 = 0;
-        let mut backoff = FIRST_BACKOFF;
-        let mut last_log: Option<Instant> = None;
         while let Some(generation) = self.closed.front_mut() {
             let Some(file) = generation.files.front() else {
                 self.durable += generation.rows;
                 self.closed.pop_front();
                 continue;
             };
-            let len = file.bytes.len() as u64;
-            // Cloning a payload copies a pointer, so a retry does not copy the file.
-            let payload = PutPayload::from(file.bytes.clone());
-            match self.target.store.put(&file.path, payload).await {
+            let len = file.len;
+            match self
+                .target
+                .store
+                .put(&file.path, file.payload.clone())
+                .await
+            {
                 Ok(_) => {
                     metrics::counter!(METRIC_FILES).increment(1);
                     metrics::counter!(METRIC_ROWS).increment(file.rows);
                     metrics::counter!(METRIC_BYTES).increment(len);
-                    if failures > 0 {
-                        info!(url = %self.url, file = %file.path, failures, "parquet upload succeeded after retries");
-                        failures = 0;
-                        backoff = FIRST_BACKOFF;
+                    if self.retry.failures > 0 {
+                        info!(
+                            url = %self.url,
+                            file = %file.path,
+                            failures = self.retry.failures,
+                            "parquet upload succeeded after failed attempts"
+                        );
+                        self.retry = RetryState::default();
                     }
                     generation.files.pop_front();
                 }
                 Err(e) => {
-                    failures += 1;
+                    let retry = &mut self.retry;
+                    retry.failures += 1;
                     metrics::counter!(METRIC_UPLOAD_ERRORS).increment(1);
-                    if last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-                        last_log = Some(Instant::now());
+                    if retry.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                        retry.last_log = Some(Instant::now());
                         warn!(
                             url = %self.url,
                             file = %file.path,
-                            failures,
+                            failures = retry.failures,
                             error = %error_chain(&e),
                             "parquet upload failed; retrying with backoff until it succeeds"
                         );
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    let wait = retry.backoff;
+                    retry.backoff = (retry.backoff * 2).min(MAX_BACKOFF);
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
@@ -389,4 +446,31 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_128_mib_and_a_minute() {
+        let s = ParquetSettings::new("/var/lib/flowlog/parquet");
+        assert_eq!(s.roll_bytes, 134_217_728);
+        assert_eq!(s.roll_interval, Duration::from_secs(60));
+        assert_eq!(s.s3, S3Options::default());
+    }
+
+    #[test]
+    fn s3_secrets_are_not_in_debug_output() {
+        let s = S3Options {
+            access_key_id: Some("AKIDEXAMPLE".into()),
+            secret_access_key: Some("wJalrXUtnFEMI".into()),
+            session_token: Some("FwoGZXIvYXdzE".into()),
+            ..S3Options::default()
+        };
+        let text = format!("{s:?}");
+        assert!(text.contains("AKIDEXAMPLE"), "{text}");
+        assert!(!text.contains("wJalrXUtnFEMI"), "{text}");
+        assert!(!text.contains("FwoGZXIvYXdzE"), "{text}");
+    }
 }

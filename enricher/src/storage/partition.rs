@@ -4,7 +4,7 @@
 //! sink rolls it.
 use chrono::{DateTime, Datelike, Timelike};
 use flowlog_record::enriched::EnrichedFlow;
-use object_store::path::Path;
+use object_store::{PutPayload, path::Path};
 use parquet::{
     arrow::ArrowWriter,
     basic::{Compression, ZstdLevel},
@@ -59,6 +59,11 @@ impl PartitionKey {
     }
 }
 
+/// zstd, 1 Mi-row row groups, the schema version in the footer. The writer version stays
+/// Parquet 1.0 (data page v1, the default): every engine reads it. Parquet 2.0 pages and
+/// encodings made files 8% smaller in the bench (53.0 instead of 57.6 bytes per flow) but
+/// older readers fail on their delta encodings (Spark's vectorized reader before 3.3,
+/// SPARK-36879; Iceberg's vectorized reader until 2025).
 fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         // zstd level 3 (zstd's own default): much smaller files than snappy for a few % CPU.
@@ -86,7 +91,9 @@ pub(crate) struct OpenFile {
 pub(crate) struct ClosedFile {
     pub path: Path,
     pub rows: u64,
-    pub bytes: Vec<u8>,
+    pub len: u64,
+    /// The file's bytes; cloning a payload copies a pointer, so a retry copies nothing.
+    pub payload: PutPayload,
 }
 
 impl OpenFile {
@@ -123,7 +130,7 @@ impl OpenFile {
     }
 
     /// Hands the pending rows to the encoder.
-    fn encode_pending(&mut self) -> Result<(), StorageError> {
+    pub fn encode_pending(&mut self) -> Result<(), StorageError> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -143,12 +150,27 @@ impl OpenFile {
             })
     }
 
-    /// The file's size so far: encoded row groups, the encoder's estimate of the row group in
-    /// progress, and the rows not yet encoded (over-estimated at their unencoded size).
+    /// True when rows are buffered that the encoder has not seen yet.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Encoded bytes so far: the row groups written and the encoder's estimate of the row
+    /// group in progress (its pages are compressed as they fill).
+    fn encoded_size(&self) -> u64 {
+        (self.writer.bytes_written() + self.writer.in_progress_size()) as u64
+    }
+
+    /// The file's size so far: [`OpenFile::encoded_size`] plus the rows not yet encoded, at
+    /// the encoded size per row seen so far in this file, or at their unencoded size before
+    /// any row was encoded (an over-estimate: the sink encodes them before acting on it).
     pub fn size(&self) -> u64 {
-        (self.writer.bytes_written()
-            + self.writer.in_progress_size()
-            + self.pending.estimated_bytes()) as u64
+        let encoded = self.encoded_size();
+        let encoded_rows = self.rows - self.pending.len() as u64;
+        let pending = (encoded * self.pending.len() as u64)
+            .checked_div(encoded_rows)
+            .unwrap_or(self.pending.estimated_bytes() as u64);
+        encoded + pending
     }
 
     /// Encodes what is left and the footer.
@@ -164,7 +186,8 @@ impl OpenFile {
         Ok(ClosedFile {
             path: self.path,
             rows: self.rows,
-            bytes,
+            len: bytes.len() as u64,
+            payload: PutPayload::from(bytes),
         })
     }
 }

@@ -28,8 +28,10 @@ pub struct S3Options {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub session_token: Option<String>,
-    /// Address the bucket as `bucket.endpoint` instead of `endpoint/bucket` (path style, the
-    /// default, which is what moto, MinIO and most S3-compatible stores accept).
+    /// Virtual-hosted-style requests (`https://bucket.host/key`) instead of path style
+    /// (`endpoint/bucket/key`, the default, which moto, MinIO and most S3-compatible stores
+    /// accept). With an `endpoint`, that endpoint must then already name the bucket
+    /// (`https://bucket.s3.example.com`), as `object_store` uses it unchanged.
     pub virtual_hosted_style: bool,
 }
 
