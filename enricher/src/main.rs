@@ -74,8 +74,9 @@ struct Args {
     /// A static inventory file (TOML: CIDR → identity, optional validity times); repeatable.
     #[arg(long = "static", env = "FLOWLOG_STATIC", value_delimiter = ',')]
     static_files: Vec<PathBuf>,
-    /// How often static files are checked for changes.
-    #[arg(long, env = "FLOWLOG_STATIC_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    /// How often static files are checked for changes. Each check is also the source's
+    /// watermark: keep it well under `--hold`, or flows wait for it.
+    #[arg(long, env = "FLOWLOG_STATIC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     static_interval: Duration,
     /// Attribute this host's own addresses (one-host use).
     #[arg(long, env = "FLOWLOG_HOST_SOURCE")]
@@ -101,7 +102,7 @@ fn sources(args: &Args) -> anyhow::Result<Vec<Box<dyn InventorySource>>> {
         sources.push(Box::new(source));
     }
     if args.host_source {
-        let host = HostSource::new(Duration::from_secs(5)).context("starting the host source")?;
+        let host = HostSource::new(Duration::from_secs(1)).context("starting the host source")?;
         sources.push(Box::new(host));
     }
     Ok(sources)

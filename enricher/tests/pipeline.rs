@@ -20,7 +20,7 @@ use flowlog_record::{
     Attribution, Direction, EnrichedFlow, Family, FlowRecord, IdentityKind, Outcome, avro,
     enriched_avro,
 };
-use flowlog_testkit::{ChildGuard, PATIENCE, Topic, free_port, temp_dir, unique_name};
+use flowlog_testkit::{ChildGuard, PATIENCE, Topic, free_port, pyarrow, temp_dir, unique_name};
 use rdkafka::{
     ClientConfig, Message,
     message::{Headers, OwnedMessage},
@@ -388,26 +388,24 @@ instance_id = "i-0abc"
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Reads every Parquet file under `dir` with pyarrow (hive partitions) and returns the
-/// `(host, flow_id, seq)` of every row, duplicates included.
+/// Reads every Parquet file under `dir` with pyarrow and returns the `(host, flow_id, seq)` of
+/// every row, duplicates included.
 fn parquet_keys(dir: &Path) -> Vec<(String, u64, u32)> {
-    let script = r#"
-import json, sys
-import pyarrow.dataset as ds
-t = ds.dataset(sys.argv[1], format="parquet", partitioning="hive").to_table(columns=["host", "flow_id", "seq"])
-print(json.dumps([[h, f, s] for h, f, s in zip(t["host"].to_pylist(), t["flow_id"].to_pylist(), t["seq"].to_pylist())]))
-"#;
-    let out = Command::new("python3")
-        .args(["-c", script, &dir.display().to_string()])
-        .output()
-        .expect("running python3 (pyarrow: scripts/bootstrap installs it)");
-    assert!(
-        out.status.success(),
-        "pyarrow could not read {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("pyarrow's JSON")
+    let text = pyarrow(&["read", &dir.display().to_string(), "-", "host,flow_id,seq"]);
+    let read: serde_json::Value = serde_json::from_str(&text).expect("the reader's JSON");
+    read["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|f| f["rows"].as_array().unwrap())
+        .map(|r| {
+            (
+                r["host"].as_str().unwrap().to_owned(),
+                r["flow_id"].as_u64().unwrap(),
+                r["seq"].as_u64().unwrap() as u32,
+            )
+        })
+        .collect()
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! The Parquet output end to end: fabricated enriched flows → `ParquetSink` → files in a local
 //! directory or a bucket of a real S3-compatible server (moto, started by `scripts/moto start`;
-//! endpoint from `FLOWLOG_TEST_S3`) → read back by pyarrow (`tests/parquet_reader.py`, a reader
+//! endpoint from `FLOWLOG_TEST_S3`) → read back by pyarrow (`flowlog-testkit/parquet_reader.py`, a reader
 //! we did not write) and compared value by value with what was written.
 //!
 //! Expected values are written out here from the fixtures (strings, partition paths), not
@@ -24,7 +24,7 @@ use flowlog_record::{
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use serde_json::{Value, json};
 
-const READER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/parquet_reader.py");
+use flowlog_testkit::{PARQUET_READER as READER, pyarrow as python};
 
 /// 2026-11-25T23:00:00Z in ns; the fixtures' flows end in three hours from here, across
 /// midnight: 2026-11-25 hour 23, 2026-11-26 hours 00 and 01.
@@ -71,20 +71,6 @@ fn s3_endpoint() -> String {
              FLOWLOG_TEST_S3=http://127.0.0.1:5000 (scripts/test does both)"
         )
     })
-}
-
-fn python(args: &[&str]) -> String {
-    let out = Command::new("python3")
-        .arg(READER)
-        .args(args)
-        .output()
-        .expect("running python3 (scripts/bootstrap installs pyarrow and boto3)");
-    assert!(
-        out.status.success(),
-        "{READER} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A bucket of its own on moto for one test, deleted (with its objects) on drop.

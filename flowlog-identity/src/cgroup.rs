@@ -123,7 +123,8 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 
 #[derive(Debug)]
 struct Known {
-    identity: Arc<Identity>,
+    /// `None` for the root cgroup: a process there is the host itself, not a container.
+    identity: Option<Arc<Identity>>,
     path: String,
     /// When a scan first missed its directory.
     gone_since: Option<Instant>,
@@ -184,14 +185,15 @@ impl CgroupResolver {
     }
 
     /// The identity of cgroup `cgroup_id`, or `None` if no cgroup has that id (after a re-scan,
-    /// unless one ran less than `min_rescan` ago).
+    /// unless one ran less than `min_rescan` ago) or it is the root cgroup (the host itself,
+    /// which its addresses name).
     pub fn resolve(&self, cgroup_id: u64) -> Option<Arc<Identity>> {
         if let Some(k) = self.cache.read().by_id.get(&cgroup_id) {
-            return Some(Arc::clone(&k.identity));
+            return k.identity.clone();
         }
         let mut cache = self.cache.write();
         if let Some(k) = cache.by_id.get(&cgroup_id) {
-            return Some(Arc::clone(&k.identity));
+            return k.identity.clone();
         }
         if cache
             .last_scan
@@ -200,7 +202,7 @@ impl CgroupResolver {
             return None;
         }
         self.scan(&mut cache);
-        cache.by_id.get(&cgroup_id).map(|k| Arc::clone(&k.identity))
+        cache.by_id.get(&cgroup_id).and_then(|k| k.identity.clone())
     }
 
     /// Re-scans now; returns how many cgroups are known (live or recently gone).
@@ -260,7 +262,8 @@ impl CgroupResolver {
             match cache.by_id.get_mut(&id) {
                 Some(k) if k.path == path => k.gone_since = None,
                 _ => {
-                    let identity = Arc::new(cgroup_identity(&path, &self.node));
+                    let identity =
+                        (path != "/").then(|| Arc::new(cgroup_identity(&path, &self.node)));
                     cache.by_id.insert(
                         id,
                         Known {

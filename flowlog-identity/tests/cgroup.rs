@@ -186,7 +186,18 @@ fn this_process_cgroup_resolves_from_its_inode() {
         .unwrap()
         .ino();
     let resolver = CgroupResolver::new(&root, "node-a");
-    let found = resolver.resolve(ino).expect("this process's cgroup");
-    assert_eq!(found.labels["cgroup"], path);
-    assert_eq!(found.kind, IdentityKind::Container);
+    // The root cgroup is the host itself (its addresses name it), never a container.
+    let root_ino = fs::metadata(&root).unwrap().ino();
+    assert_eq!(resolver.resolve(root_ino), None);
+    if path == "/" {
+        assert_eq!(
+            resolver.resolve(ino),
+            None,
+            "this process runs in the root cgroup"
+        );
+    } else {
+        let found = resolver.resolve(ino).expect("this process's cgroup");
+        assert_eq!(found.labels["cgroup"], path);
+        assert_eq!(found.kind, IdentityKind::Container);
+    }
 }

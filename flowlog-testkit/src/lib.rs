@@ -1,6 +1,7 @@
 //! Scaffolding shared by flowlog's integration tests (a dev-dependency only): a Kafka topic of
 //! a test's own on the real broker (`FLOWLOG_TEST_KAFKA`, started by `scripts/kafka start`),
-//! reading a topic back, fresh temp directories, and child processes killed on drop.
+//! reading a topic back, pyarrow's view of Parquet output, fresh temp directories, and child
+//! processes killed on drop.
 use std::{
     net::TcpListener,
     path::PathBuf,
@@ -204,6 +205,25 @@ impl Drop for Topic {
 /// The payloads of `messages`, for comparing what a topic holds.
 pub fn payloads(messages: &[OwnedMessage]) -> Vec<&[u8]> {
     messages.iter().filter_map(Message::payload).collect()
+}
+
+/// pyarrow's reading of flowlog's Parquet output (a reader nobody here wrote): see the script's
+/// docstring for its commands. `scripts/bootstrap` installs pyarrow and boto3.
+pub const PARQUET_READER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/parquet_reader.py");
+
+/// Runs [`PARQUET_READER`] with `args` and returns its stdout (JSON for `read`).
+pub fn pyarrow(args: &[&str]) -> String {
+    let out = std::process::Command::new("python3")
+        .arg(PARQUET_READER)
+        .args(args)
+        .output()
+        .expect("running python3 (scripts/bootstrap installs pyarrow and boto3)");
+    assert!(
+        out.status.success(),
+        "{PARQUET_READER} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A free loopback port (nothing listens on it once this returns).

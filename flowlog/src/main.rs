@@ -1,0 +1,176 @@
+//! `flowlog`: the whole product on one host with no infrastructure. Captures this host's TCP
+//! flows (the agent's library, in-process), attributes both ends with this host's own inventory
+//! (its addresses, its cgroups, optional static CIDR files), writes Parquet files under
+//! `./flowlogs/` (hive partitions `dt=YYYY-MM-DD/hour=HH/`), and prints a live summary.
+//! Ctrl-C (or SIGTERM) reports the flows still open, attributes what is held and closes the
+//! files.
+use std::{
+    io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use flowlog_enricher::{
+    inventory::Inventory,
+    storage::{ParquetSettings, ParquetSink, S3Options},
+};
+use flowlog_identity::{CgroupResolver, HostSource, InventorySource, StaticSource, cgroup2_mount};
+use flowlog_sidecar::{
+    agent::{self, AgentSettings},
+    metrics,
+    probe::{Probe, ProbeSettings},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+mod enriching_sink;
+mod summary;
+
+/// How often the host's addresses and the static files are checked. Each check is also the
+/// source's watermark, so it must be well under `--hold`: flows newer than the last check wait.
+const INVENTORY_INTERVAL: Duration = Duration::from_secs(1);
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".to_string());
+    }
+    Ok(d)
+}
+
+/// Records every TCP connection of this host with who was on each end, into Parquet files.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Where Parquet files go: a directory, `file:///dir` or `s3://bucket/prefix`.
+    #[arg(long, env = "FLOWLOG_OUT", default_value = "flowlogs")]
+    out: String,
+    /// A static inventory file (TOML: CIDR → identity, optional validity times); repeatable.
+    #[arg(long = "static", env = "FLOWLOG_STATIC", value_delimiter = ',')]
+    static_files: Vec<PathBuf>,
+    /// How often the live summary is printed.
+    #[arg(long, env = "FLOWLOG_SUMMARY_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    summary_interval: Duration,
+    /// A flow open this long gets an interim record (with deltas) each interval.
+    #[arg(long, env = "FLOWLOG_INTERIM", default_value = "60s", value_parser = parse_duration)]
+    interim: Duration,
+    /// A Parquet file is closed (and visible) when its first record is this old...
+    #[arg(long, env = "FLOWLOG_ROLL_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    roll_interval: Duration,
+    /// ...or when it reaches this many bytes.
+    #[arg(long, env = "FLOWLOG_ROLL_BYTES", default_value_t = 128 << 20)]
+    roll_bytes: u64,
+    /// Longest a flow newer than the inventory waits for it.
+    #[arg(long, env = "FLOWLOG_HOLD", default_value = "5s", value_parser = parse_duration)]
+    hold: Duration,
+    /// Prometheus metrics listener (serves /metrics).
+    #[arg(long, env = "FLOWLOG_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
+    /// Name of this host in records (default: the kernel's hostname).
+    #[arg(long, env = "FLOWLOG_HOST")]
+    host: Option<String>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}
+
+/// Installs the SIGTERM and SIGINT handlers now (before capture starts, so an early signal
+/// still flushes), and returns a future that completes on either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let signal = shutdown_signal()?;
+    metrics::install(args.metrics_addr)?;
+    let host = args.host.clone().unwrap_or_else(hostname);
+    let parquet = ParquetSink::open(ParquetSettings {
+        url: args.out.clone(),
+        roll_bytes: args.roll_bytes,
+        roll_interval: args.roll_interval,
+        s3: S3Options::default(),
+    })
+    .await
+    .with_context(|| format!("opening the output {}", args.out))?;
+
+    let host_source = HostSource::with_hostname(host.clone(), INVENTORY_INTERVAL);
+    let mut sources: Vec<Box<dyn InventorySource>> = vec![Box::new(host_source)];
+    for path in &args.static_files {
+        let source = StaticSource::open(path, INVENTORY_INTERVAL)
+            .with_context(|| format!("loading the static inventory {}", path.display()))?;
+        sources.push(Box::new(source));
+    }
+    let stop_inventory = CancellationToken::new();
+    let inventory = Inventory::start(sources, Duration::from_secs(6 * 3600), &stop_inventory);
+    let cgroup_root = cgroup2_mount().context("no cgroup v2 hierarchy is mounted")?;
+    let cgroups = Arc::new(CgroupResolver::new(cgroup_root, host.clone()));
+
+    let probe = Probe::start(&ProbeSettings {
+        tracefs: None,
+        btf: PathBuf::from("/sys/kernel/btf/vmlinux"),
+        interim: args.interim,
+        max_flows: 131_072,
+        ring_buffer_bytes: 4 << 20,
+    })
+    .context("starting the kernel probe")?;
+    let summary = summary::Summary::new(args.summary_interval, Box::new(std::io::stdout()));
+    let sink = enriching_sink::EnrichingSink::new(
+        inventory.index.clone(),
+        cgroups,
+        args.hold,
+        parquet,
+        args.out.clone(),
+        summary,
+    );
+    let settings = AgentSettings {
+        host,
+        interim: args.interim,
+        drain_interval: Duration::from_millis(100),
+    };
+    let result = agent::run(probe, sink, settings, signal).await;
+    stop_inventory.cancel();
+    inventory.stopped().await;
+    result
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLOWLOG_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "starting the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! README's run command for real: `flowlog` captures this host's TCP flows from the kernel,
+//! attributes both ends with the host's own inventory, and writes Parquet that pyarrow (a reader
+//! nobody here wrote) reads back with the exact flows of traffic made here: byte counts, ports,
+//! outcomes and identities. Needs root (eBPF), like the agent's tests.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::Duration,
+};
+
+use flowlog_testkit::{ChildGuard, PATIENCE, free_port, pyarrow, temp_dir};
+use serde_json::Value;
+
+const FLOWLOG: &str = env!("CARGO_BIN_EXE_flowlog");
+const HOST: &str = "flowlog-embedded-test";
+
+/// One connection: the client sends `up` bytes, the server `down`, then both close.
+fn transfer(server: &TcpListener, up: usize, down: usize) -> (u16, u16) {
+    let addr = server.local_addr().unwrap();
+    let client = thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(&vec![b'u'; up]).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), down);
+        s.local_addr().unwrap().port()
+    });
+    let (mut conn, peer) = server.accept().unwrap();
+    let mut got = Vec::new();
+    conn.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), up);
+    conn.write_all(&vec![b'd'; down]).unwrap();
+    drop(conn);
+    let port = client.join().unwrap();
+    assert_eq!(port, peer.port());
+    (port, addr.port())
+}
+
+/// This test process's cgroup (cgroup v2 path), to know what its local end must be named.
+fn own_cgroup() -> String {
+    std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line")
+        .to_owned()
+}
+
+fn rows(dir: &std::path::Path) -> Vec<Value> {
+    let read: Value = serde_json::from_str(&pyarrow(&["read", &dir.display().to_string()]))
+        .expect("the reader's JSON");
+    read["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|f| f["rows"].as_array().unwrap().clone())
+        .collect()
+}
+
+#[test]
+fn the_run_command_writes_parquet_with_the_exact_flows() {
+    let dir = temp_dir("embedded");
+    let out = dir.join("flowlogs");
+    let mut child = Command::new(FLOWLOG)
+        .args(["--out", &out.display().to_string(), "--host", HOST])
+        .args(["--summary-interval", "1s", "--hold", "2s"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .env("FLOWLOG_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting flowlog");
+    let stdout = Arc::new(Mutex::new(String::new()));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            eprintln!("flowlog: {line}");
+            if line.contains("capturing TCP flows") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    let summary = Arc::clone(&stdout);
+    let lines = BufReader::new(child.stdout.take().unwrap());
+    thread::spawn(move || {
+        for line in lines.lines().map_while(Result::ok) {
+            summary.lock().unwrap().push_str(&format!("{line}\n"));
+        }
+    });
+    let mut flowlog = ChildGuard(child);
+    ready_rx
+        .recv_timeout(PATIENCE)
+        .expect("flowlog did not start capturing");
+
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sizes = [
+        (1, 1),
+        (1_000, 70_000),
+        (123_457, 9),
+        (0, 5_000),
+        (65_536, 65_536),
+    ];
+    let flows: Vec<((u16, u16), (usize, usize))> = sizes
+        .iter()
+        .map(|&(up, down)| (transfer(&server, up, down), (up, down)))
+        .collect();
+    let closed = free_port();
+    let refused: SocketAddr = ([127, 0, 0, 1], closed).into();
+    assert!(TcpStream::connect(refused).is_err());
+    // A summary interval passes with the flows in it.
+    thread::sleep(Duration::from_millis(2500));
+    assert!(
+        flowlog.terminate(PATIENCE),
+        "flowlog did not exit cleanly on SIGTERM"
+    );
+
+    let rows = rows(&out);
+    let cgroup = own_cgroup();
+    let local_identity = |end: &Value| {
+        if cgroup == "/" {
+            // The root cgroup is the host itself: named by its address.
+            assert_eq!(end["kind"], "host", "{end}");
+            assert_eq!(end["name"], HOST);
+        } else {
+            assert_eq!(end["kind"], "container", "{end}");
+            let labels = end["labels"].as_array().unwrap();
+            assert!(
+                labels.contains(&serde_json::json!(["cgroup", cgroup])),
+                "{end}"
+            );
+        }
+        assert_eq!(end["status"], "exact");
+    };
+    let server_port = server.local_addr().unwrap().port();
+    for &((client_port, _), (up, down)) in &flows {
+        let find = |local: u16, remote: u16| {
+            let found: Vec<&Value> = rows
+                .iter()
+                .filter(|r| r["local_port"] == local && r["remote_port"] == remote)
+                .collect();
+            assert_eq!(found.len(), 1, "{local} → {remote}: {found:?}");
+            found[0]
+        };
+        let out = find(client_port, server_port);
+        assert_eq!(out["direction"], "outbound");
+        assert_eq!(out["outcome"], "closed");
+        assert_eq!(out["host"], HOST);
+        assert_eq!(
+            (out["bytes_sent"].as_u64(), out["bytes_received"].as_u64()),
+            (Some(up as u64), Some(down as u64))
+        );
+        assert_eq!(out["remote"]["status"], "exact");
+        assert_eq!(out["remote"]["kind"], "host");
+        assert_eq!(out["remote"]["name"], HOST);
+        assert_eq!(out["remote"]["source"], "host");
+        local_identity(&out["local"]);
+        let inbound = find(server_port, client_port);
+        assert_eq!(inbound["direction"], "inbound");
+        assert_eq!(
+            (
+                inbound["bytes_sent"].as_u64(),
+                inbound["bytes_received"].as_u64()
+            ),
+            (Some(down as u64), Some(up as u64))
+        );
+        assert_eq!(inbound["remote"]["name"], HOST);
+    }
+    let failed: Vec<&Value> = rows.iter().filter(|r| r["remote_port"] == closed).collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["outcome"], "failed");
+    assert_eq!(failed[0]["bytes_sent"], 0);
+
+    let summary = stdout.lock().unwrap().clone();
+    assert!(summary.contains("flows/s"), "no live summary:\n{summary}");
+    assert!(
+        summary.contains("top talkers"),
+        "no top talkers:\n{summary}"
+    );
+    assert!(
+        summary.contains(&format!("127.0.0.1:{closed} (host {HOST})")),
+        "the failed connect is not in the summary:\n{summary}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
