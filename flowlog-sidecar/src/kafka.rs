@@ -42,6 +42,7 @@ use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
     message::{DeliveryResult, Message},
     producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer},
+    statistics::Statistics,
 };
 use tracing::{debug, error, info, warn};
 
@@ -79,6 +80,21 @@ pub struct KafkaSettings {
     pub spool_dir: PathBuf,
     /// Largest size of the spool's segment files.
     pub spool_max_bytes: u64,
+    /// Receives librdkafka's statistics when `statistics.interval.ms` is set in `options`.
+    pub stats: Option<StatsHook>,
+}
+
+/// A receiver of librdkafka's statistics (every `statistics.interval.ms`; off by default): the
+/// client's own counts of what it sent — bytes on the wire per broker, compressed batch sizes
+/// and message counts per topic — which the wire benchmark (`benches/src/bin/kafka`) divides by
+/// the records produced. Called on librdkafka's thread.
+#[derive(Clone)]
+pub struct StatsHook(pub Arc<dyn Fn(&Statistics) + Send + Sync>);
+
+impl std::fmt::Debug for StatsHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatsHook")
+    }
 }
 
 impl KafkaSettings {
@@ -93,6 +109,7 @@ impl KafkaSettings {
             shutdown_wait: Duration::from_secs(10),
             spool_dir: PathBuf::from(DEFAULT_SPOOL_DIR),
             spool_max_bytes: DEFAULT_SPOOL_MAX_BYTES,
+            stats: None,
         }
     }
 }
@@ -181,9 +198,18 @@ fn error_kind(e: &KafkaError) -> String {
 struct Context {
     shared: Arc<Shared>,
     brokers: String,
+    stats: Option<StatsHook>,
 }
 
 impl ClientContext for Context {
+    /// Statistics go to the hook if there is one; otherwise they are dropped (rdkafka's default
+    /// would log each one).
+    fn stats(&self, statistics: Statistics) {
+        if let Some(hook) = &self.stats {
+            (hook.0)(&statistics);
+        }
+    }
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         // Errors and warnings (connection refused, broker down) also arrive through `error`,
         // which counts them and logs them once a minute; here they would repeat every few
@@ -299,6 +325,7 @@ impl KafkaSink {
         let context = Context {
             shared: Arc::clone(&shared),
             brokers: settings.brokers.clone(),
+            stats: settings.stats.clone(),
         };
         let producer: ThreadedProducer<Context> = client_config(&settings)
             .create_with_context(context)
