@@ -284,11 +284,18 @@ fn report_wire(
     results: &[(Condition, WireResult)],
     partitions: i32,
 ) -> anyhow::Result<()> {
+    let default = |key: &str| {
+        flowlog_sidecar::kafka::PRODUCER_DEFAULTS
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or("librdkafka's default", |(_, v)| *v)
+    };
+    let (linger, batch) = (default("linger.ms"), default("batch.size"));
     writeln!(
         out,
         "### Bytes per record on the wire\n\nEach condition: the records through the agent's \
-         `KafkaSink` (spool, acks=all, idempotent, zstd, linger.ms=50, batch.size=1 MiB unless \
-         the condition says otherwise) into a fresh topic of {partitions} partitions, handed \
+         `KafkaSink` (spool, acks=all, idempotent, zstd, linger.ms={linger}, batch.size={batch} \
+         unless the condition says otherwise) into a fresh topic of {partitions} partitions, handed \
          over every 100 ms (the agent's drain interval) at the rate shown. From librdkafka's \
          statistics: **batch** = the RecordBatches it built (61-byte header + zstd-compressed \
          records: what the broker stores and consumers fetch) ÷ records; **sent** = every byte \
