@@ -70,6 +70,9 @@ struct Args {
     /// Only the capture and the wire measurements.
     #[arg(long)]
     skip_throughput: bool,
+    /// Only the capture and the throughput measurements.
+    #[arg(long)]
+    skip_wire: bool,
     /// Interleaved rounds of the throughput trials.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -178,7 +181,7 @@ fn run(args: &Args, work_dir: &std::path::Path) -> anyhow::Result<()> {
         conditions.push(parse_variant(v, args.partitions)?);
     }
     let mut results = Vec::new();
-    for c in &conditions {
+    for c in conditions.iter().filter(|_| !args.skip_wire) {
         let n = match c.rate {
             // At least 10 s, and at least the captured records once.
             Some(rate) => ((rate * 10.0) as usize).max(records.len().min(args.volume)),
@@ -191,11 +194,11 @@ fn run(args: &Args, work_dir: &std::path::Path) -> anyhow::Result<()> {
             .with_context(|| format!("wire condition {}", c.label))?;
         results.push((c.clone(), r));
     }
-    report_wire(&mut out, &results, args.partitions)?;
-
-    // Attribution.
-    eprintln!("attribution…");
-    report_attribution(&mut out, &records, &results)?;
+    if !args.skip_wire {
+        report_wire(&mut out, &results, args.partitions)?;
+        eprintln!("attribution…");
+        report_attribution(&mut out, &records, &results)?;
+    }
 
     if !args.skip_throughput {
         report_throughput(&mut out, args, &records, work_dir)?;
@@ -300,18 +303,20 @@ fn report_wire(
          statistics: **batch** = the RecordBatches it built (61-byte header + zstd-compressed \
          records: what the broker stores and consumers fetch) ÷ records; **sent** = every byte \
          it wrote to the broker connections over the condition (ProduceRequest framing, \
-         metadata and other requests included; TCP/IP headers not) ÷ records.\n"
+         metadata and other requests included; TCP/IP headers not) ÷ records. Process CPU: \
+         this benchmark process over the condition (getrusage; the sink, librdkafka's threads, \
+         and the statistics emitted for this measurement).\n"
     )?;
     writeln!(
         out,
-        "| condition | records | acknowledged in | records per batch | uncompressed key+value B/rec | batch B/rec | sent B/rec | requests | target |"
+        "| condition | records | acknowledged in | records per batch | uncompressed key+value B/rec | batch B/rec | sent B/rec | requests | process CPU, % of a core | target |"
     )?;
-    writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|")?;
     for (c, r) in results {
         let batch = r.per_record(r.batch_bytes);
         writeln!(
             out,
-            "| {} | {} | {:.1} s | {:.1} | {:.1} | **{:.1}** | {:.1} | {} | {} |",
+            "| {} | {} | {:.1} s | {:.1} | {:.1} | **{:.1}** | {:.1} | {} | {:.1}% | {} |",
             c.label,
             r.records,
             r.elapsed.as_secs_f64(),
@@ -320,6 +325,7 @@ fn report_wire(
             batch,
             r.per_record(r.tx_bytes),
             r.requests,
+            100.0 * r.cpu.as_secs_f64() / r.elapsed.as_secs_f64(),
             if batch <= MAX_WIRE_BYTES {
                 "≤ 24: met"
             } else {

@@ -51,7 +51,8 @@ impl Run {
     }
 }
 
-fn cpu_time(who: libc::c_int) -> Duration {
+/// CPU time (user + system) of this process (`RUSAGE_SELF`) or thread (`RUSAGE_THREAD`).
+pub fn cpu_time(who: libc::c_int) -> Duration {
     // SAFETY: getrusage fills a struct we own.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(who, &mut u) };

@@ -58,6 +58,9 @@ pub struct WireResult {
     pub batch_bytes: u64,
     pub tx_bytes: u64,
     pub requests: u64,
+    /// CPU time of this process (all threads) from the first record to the last
+    /// acknowledgement: the sink, librdkafka, and the statistics it emits for the measurement.
+    pub cpu: Duration,
 }
 
 impl WireResult {
@@ -134,6 +137,7 @@ pub fn measure(
             .await
             .context("no librdkafka statistics")?;
         let start = Instant::now();
+        let cpu0 = crate::throughput::cpu_time(libc::RUSAGE_SELF);
         match condition.rate {
             Some(rate) => {
                 let mut written = 0usize;
@@ -170,6 +174,7 @@ pub fn measure(
             sink.idle().await?;
         }
         let elapsed = start.elapsed();
+        let cpu = crate::throughput::cpu_time(libc::RUSAGE_SELF) - cpu0;
         let n = records.len() as i64;
         let (tx1, req1) = wait_for(&totals, |t| t.batch_messages >= n, Duration::from_secs(10))
             .await
@@ -198,6 +203,7 @@ pub fn measure(
             batch_bytes: t.batch_bytes as u64,
             tx_bytes: tx1 - tx0,
             requests: req1 - req0,
+            cpu,
         })
     });
     let _ = std::fs::remove_dir_all(spool_dir);
