@@ -73,6 +73,10 @@ struct Args {
     /// Only the capture and the throughput measurements.
     #[arg(long)]
     skip_wire: bool,
+    /// librdkafka options (`KEY=VALUE`, repeatable) on top of the agent's defaults for both the
+    /// sink and the baseline of the throughput trials.
+    #[arg(long = "throughput-option")]
+    throughput_options: Vec<String>,
     /// Interleaved rounds of the throughput trials.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -447,12 +451,30 @@ fn report_throughput(
         .collect();
     let set: Vec<FlowRecord> = records.iter().cycle().take(args.volume).cloned().collect();
     let encoded = throughput::pre_encode(&set);
+    let options = args
+        .throughput_options
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--throughput-option {kv}: expected KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut sink_runs = Vec::new();
     let mut plain_runs = Vec::new();
     for round in 0..args.rounds.max(1) {
         eprintln!("throughput: round {} of {}…", round + 1, args.rounds);
-        sink_runs.push(throughput::through_sink(&args.brokers, &set, work_dir)?);
-        plain_runs.push(throughput::plain_producer(&args.brokers, &encoded)?);
+        sink_runs.push(throughput::through_sink(
+            &args.brokers,
+            &set,
+            &options,
+            work_dir,
+        )?);
+        plain_runs.push(throughput::plain_producer(
+            &args.brokers,
+            &encoded,
+            &options,
+        )?);
     }
     let enc_per_core = median(encodes.iter().map(|r| r.per_cpu_second()).collect());
     writeln!(

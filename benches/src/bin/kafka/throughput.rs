@@ -81,9 +81,15 @@ pub fn encode_only(records: &[FlowRecord], total: usize) -> Run {
 }
 
 /// Encode + produce through [`KafkaSink`] until every record is acknowledged.
-pub fn through_sink(brokers: &str, records: &[FlowRecord], work_dir: &Path) -> anyhow::Result<Run> {
+pub fn through_sink(
+    brokers: &str,
+    records: &[FlowRecord],
+    options: &[(String, String)],
+    work_dir: &Path,
+) -> anyhow::Result<Run> {
     let topic = Topic::create(brokers, "sink", 3)?;
     let mut settings = KafkaSettings::new(brokers, &topic.name);
+    settings.options = options.to_vec();
     settings.spool_dir = work_dir.join(format!("spool-{}", topic.name));
     let spool_dir = settings.spool_dir.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -137,9 +143,14 @@ impl ProducerContext for Count {
 }
 
 /// The baseline: the same configuration, the same records already encoded, a plain producer.
-pub fn plain_producer(brokers: &str, encoded: &[(Vec<u8>, Vec<u8>)]) -> anyhow::Result<Run> {
+pub fn plain_producer(
+    brokers: &str,
+    encoded: &[(Vec<u8>, Vec<u8>)],
+    options: &[(String, String)],
+) -> anyhow::Result<Run> {
     let topic = Topic::create(brokers, "plain", 3)?;
-    let settings = KafkaSettings::new(brokers, &topic.name);
+    let mut settings = KafkaSettings::new(brokers, &topic.name);
+    settings.options = options.to_vec();
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let producer: ThreadedProducer<Count> = client_config(&settings)
