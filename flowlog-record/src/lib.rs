@@ -9,5 +9,5 @@ pub mod avro;
 pub mod enriched;
 pub mod record;
 
-pub use enriched::{Attribution, EnrichedFlow, Endpoint, Identity, IdentityKind, Workload};
+pub use enriched::{Attribution, Endpoint, EnrichedFlow, Identity, IdentityKind, Workload};
 pub use record::{Direction, Family, FlowRecord, Outcome};
