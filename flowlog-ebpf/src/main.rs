@@ -74,12 +74,22 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Flows started on each CPU since load: the counter part of the flow id ([`next_flow_id`]).
-/// Only `inet_sock_set_state` touches it, and the kernel never nests a raw tracepoint program
-/// within itself on one CPU (a nested hit is skipped and counted as a miss of the program), so
-/// a plain increment is safe.
+/// Per CPU: the counter part of the flow id ([`next_flow_id`]) and a mark set while it is taken.
+#[repr(C)]
+struct FlowSeq {
+    /// Non-zero while a run of the program on this CPU is between reading and storing `next`.
+    busy: u64,
+    /// Flows started on this CPU since load.
+    next: u64,
+}
+
+/// Only `inet_sock_set_state` touches it. Kernels since about 6.1 never nest a raw tracepoint
+/// program within itself on one CPU (a nested hit is skipped and counted as a miss of the
+/// program); older ones can, when a softirq's state change interrupts a process-context one,
+/// hence the `busy` mark (per-CPU data, no atomics needed: an interrupt runs to completion before
+/// the code it interrupted resumes).
 #[map]
-static FLOW_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static FLOW_SEQ: PerCpuArray<FlowSeq> = PerCpuArray::with_max_entries(1, 0);
 
 /// Single values reported by the sweep (indexes in `flowlog_common::stat`).
 #[map]
@@ -485,9 +495,19 @@ fn next_flow_id() -> u64 {
         // Index 0 of a per-CPU array always exists; the verifier wants the check.
         return random_flow_id();
     };
+    // Volatile accesses keep their order. A run that interrupts this one before `busy` is set
+    // completes first, and its increment is read below; one that interrupts it after sees
+    // `busy` and takes a random id instead of the number being taken.
     let n = unsafe {
-        let n = *seq;
-        *seq = n + 1;
+        let busy = &raw mut (*seq).busy;
+        let next = &raw mut (*seq).next;
+        if core::ptr::read_volatile(busy) != 0 {
+            return random_flow_id();
+        }
+        core::ptr::write_volatile(busy, 1);
+        let n = core::ptr::read_volatile(next);
+        core::ptr::write_volatile(next, n + 1);
+        core::ptr::write_volatile(busy, 0);
         n
     };
     global!(CONFIG.flow_id_base)
