@@ -123,7 +123,7 @@ pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 ///
 /// `linger.ms` trades delay for bytes: a batch holds what one partition gets in that time, and
 /// records spread over all partitions by key, so at 2,000 records/s into 3 partitions 50 ms
-/// gave 66 records a batch and 25.3 bytes a record on the wire, 200 ms 178 records and 22.6
+/// gave 66 records a batch and 25.7 bytes a record on the wire, 200 ms 181 records and 22.9
 /// bytes (`benches/kafka`, benches/RESULTS.md; the target is 24). The 150 ms it adds at most
 /// is small next to the 2 s budget from a connection's end to its enriched record.
 pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
