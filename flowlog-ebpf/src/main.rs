@@ -74,6 +74,23 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// Per CPU: the counter part of the flow id ([`next_flow_id`]) and a mark set while it is taken.
+#[repr(C)]
+struct FlowSeq {
+    /// Non-zero while a run of the program on this CPU is between reading and storing `next`.
+    busy: u64,
+    /// Flows started on this CPU since load.
+    next: u64,
+}
+
+/// Only `inet_sock_set_state` touches it. Kernels since about 6.1 never nest a raw tracepoint
+/// program within itself on one CPU (a nested hit is skipped and counted as a miss of the
+/// program); older ones can, when a softirq's state change interrupts a process-context one,
+/// hence the `busy` mark (per-CPU data, no atomics needed: an interrupt runs to completion before
+/// the code it interrupted resumes).
+#[map]
+static FLOW_SEQ: PerCpuArray<FlowSeq> = PerCpuArray::with_max_entries(1, 0);
+
 /// Single values reported by the sweep (indexes in `flowlog_common::stat`).
 #[map]
 static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
@@ -240,7 +257,7 @@ fn start_flow(sk: u64, dir: u8) {
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let mut state = FlowState {
-        flow_id: random_flow_id(),
+        flow_id: next_flow_id(),
         start_ns: now,
         last_report_ns: now,
         direction: dir,
@@ -466,6 +483,36 @@ unsafe fn read_field<T>(base: *const u8, offset: u32) -> Result<T, i32> {
         return Err(-1);
     }
     unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
+}
+
+/// `base + n × stride + cpu` (see `Config::flow_id_base`): distinct for every flow of this run
+/// on any CPU, and close to the ids of the flows around it, so that compressed batches of
+/// records on Kafka do not pay for 64 random bits per record (twice: key and value).
+#[inline(always)]
+fn next_flow_id() -> u64 {
+    let cpu = u64::from(unsafe { helper::bpf_get_smp_processor_id() });
+    let Some(seq) = FLOW_SEQ.get_ptr_mut(0) else {
+        // Index 0 of a per-CPU array always exists; the verifier wants the check.
+        return random_flow_id();
+    };
+    // Volatile accesses keep their order. A run that interrupts this one before `busy` is set
+    // completes first, and its increment is read below; one that interrupts it after sees
+    // `busy` and takes a random id instead of the number being taken.
+    let n = unsafe {
+        let busy = &raw mut (*seq).busy;
+        let next = &raw mut (*seq).next;
+        if core::ptr::read_volatile(busy) != 0 {
+            return random_flow_id();
+        }
+        core::ptr::write_volatile(busy, 1);
+        let n = core::ptr::read_volatile(next);
+        core::ptr::write_volatile(next, n + 1);
+        core::ptr::write_volatile(busy, 0);
+        n
+    };
+    global!(CONFIG.flow_id_base)
+        .wrapping_add(n.wrapping_mul(global!(CONFIG.flow_id_stride)))
+        .wrapping_add(cpu)
 }
 
 #[inline(always)]

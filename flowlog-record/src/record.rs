@@ -61,7 +61,9 @@ impl Outcome {
 /// them over all records of a `flow_id` gives the flow's totals exactly.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct FlowRecord {
-    /// Random 64-bit id, the same on every record of one flow on this host.
+    /// The flow's id, the same on every record of one flow on this host and distinct from every
+    /// other flow of the same agent run: a random base drawn at each agent start plus a per-CPU
+    /// counter (`flowlog_common::Config::flow_id_base`). Opaque to consumers.
     pub flow_id: u64,
     /// The reporting host.
     pub host: String,

@@ -42,6 +42,7 @@ use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
     message::{DeliveryResult, Message},
     producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer},
+    statistics::Statistics,
 };
 use tracing::{debug, error, info, warn};
 
@@ -79,6 +80,21 @@ pub struct KafkaSettings {
     pub spool_dir: PathBuf,
     /// Largest size of the spool's segment files.
     pub spool_max_bytes: u64,
+    /// Receives librdkafka's statistics when `statistics.interval.ms` is set in `options`.
+    pub stats: Option<StatsHook>,
+}
+
+/// A receiver of librdkafka's statistics (every `statistics.interval.ms`; off by default): the
+/// client's own counts of what it sent — bytes on the wire per broker, compressed batch sizes
+/// and message counts per topic — which the wire benchmark (`benches/src/bin/kafka`) divides by
+/// the records produced. Called on librdkafka's thread.
+#[derive(Clone)]
+pub struct StatsHook(pub Arc<dyn Fn(&Statistics) + Send + Sync>);
+
+impl std::fmt::Debug for StatsHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatsHook")
+    }
 }
 
 impl KafkaSettings {
@@ -93,6 +109,7 @@ impl KafkaSettings {
             shutdown_wait: Duration::from_secs(10),
             spool_dir: PathBuf::from(DEFAULT_SPOOL_DIR),
             spool_max_bytes: DEFAULT_SPOOL_MAX_BYTES,
+            stats: None,
         }
     }
 }
@@ -102,7 +119,13 @@ pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 
 /// Producer settings flowlog uses unless a `--kafka-option` says otherwise: every record
 /// acknowledged by all in-sync replicas, no duplicates from retries, zstd, and batches of up to
-/// 1 MiB collected for 50 ms (flow records are small; batching is what makes them cheap).
+/// 1 MiB collected for 200 ms (flow records are small; batching is what makes them cheap).
+///
+/// `linger.ms` trades delay for bytes: a batch holds what one partition gets in that time, and
+/// records spread over all partitions by key, so at 2,000 records/s into 3 partitions 50 ms
+/// gave 66 records a batch and 25.7 bytes a record on the wire, 200 ms 181 records and 22.9
+/// bytes (`benches/kafka`, benches/RESULTS.md; the target is 24). The 150 ms it adds at most
+/// is small next to the 2 s budget from a connection's end to its enriched record.
 pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("client.id", "flowlog-sidecar"),
     // The topic must exist; a typo must not create a new one on brokers that allow it.
@@ -110,7 +133,7 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("acks", "all"),
     ("enable.idempotence", "true"),
     ("compression.type", "zstd"),
-    ("linger.ms", "50"),
+    ("linger.ms", "200"),
     ("batch.size", "1048576"),
     ("batch.num.messages", "100000"),
     ("queue.buffering.max.messages", "500000"),
@@ -181,9 +204,18 @@ fn error_kind(e: &KafkaError) -> String {
 struct Context {
     shared: Arc<Shared>,
     brokers: String,
+    stats: Option<StatsHook>,
 }
 
 impl ClientContext for Context {
+    /// Statistics go to the hook if there is one; otherwise they are dropped (rdkafka's default
+    /// would log each one).
+    fn stats(&self, statistics: Statistics) {
+        if let Some(hook) = &self.stats {
+            (hook.0)(&statistics);
+        }
+    }
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         // Errors and warnings (connection refused, broker down) also arrive through `error`,
         // which counts them and logs them once a minute; here they would repeat every few
@@ -299,6 +331,7 @@ impl KafkaSink {
         let context = Context {
             shared: Arc::clone(&shared),
             brokers: settings.brokers.clone(),
+            stats: settings.stats.clone(),
         };
         let producer: ThreadedProducer<Context> = client_config(&settings)
             .create_with_context(context)

@@ -90,6 +90,8 @@ impl Probe {
             interim_ns: settings.interim.as_nanos() as u64,
             // Wake the agent early once an eighth of the ring buffer is in use.
             wakeup_bytes: u64::from(settings.ring_buffer_bytes / 8),
+            flow_id_base: random_u64(),
+            flow_id_stride: possible_cpus(),
         };
         let tracefs = match &settings.tracefs {
             Some(path) => Ok(path.clone()),
@@ -277,4 +279,25 @@ fn check_privileges() -> Result<(), ProbeError> {
         format!("only {}", have.join(" and "))
     };
     Err(ProbeError::Privileges { have })
+}
+
+/// A random 64-bit value from the kernel's CSPRNG (`getrandom(2)`), for the run's flow id base;
+/// falls back to the clock and pid mixed, should the call fail (ids stay distinct within the
+/// run; only the odds of overlapping an earlier run's range get worse).
+fn random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most buf.len() bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == buf.len() as isize {
+        return u64::from_ne_bytes(buf);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (now ^ u64::from(std::process::id()).rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Possible CPUs (every CPU id the kernel may report is below it): the flow id stride.
+fn possible_cpus() -> u64 {
+    aya::util::nr_cpus().map_or(1024, |n| n as u64)
 }

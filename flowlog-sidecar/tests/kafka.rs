@@ -2,7 +2,9 @@
 //! address from `FLOWLOG_TEST_KAFKA`, default 127.0.0.1:9092): real TCP traffic between network
 //! namespaces → agent `--output kafka` → a plain rdkafka consumer that decodes every message with
 //! apache-avro's generic reader and `schemas/flow_record.v1.avsc` (a reader we did not write);
-//! and the bad configurations (missing topic, bad option, unreachable broker).
+//! the bad configurations (missing topic, bad option, unreachable broker); broker outages and
+//! agent crashes against private brokers; and, driving a `KafkaSink` in this process (its
+//! metrics and logs captured per test), the full spool and the rewind after failed deliveries.
 //!
 //! Each test makes its own topic with a unique name and deletes it.
 mod support;
@@ -18,7 +20,11 @@ use std::{
 };
 
 use apache_avro::{Schema, reader::datum::GenericDatumReader, types::Value};
-use flowlog_sidecar::record::{Direction, Family, FlowRecord, Outcome};
+use flowlog_sidecar::{
+    kafka::{KafkaSettings, KafkaSink},
+    record::{Direction, Family, FlowRecord, Outcome},
+    sink::RecordSink,
+};
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
@@ -886,6 +892,274 @@ fn agent_crash_while_broker_down_loses_nothing() {
     );
     let dups = check_loopback(&all, &host, port, &flows);
     eprintln!("crash: {} records, {dups} duplicates", OUTAGE_FLOWS * 2);
+    std::mem::forget(topic);
+    let _ = std::fs::remove_dir_all(&spool);
+}
+
+/// `n` records of distinct flows of `host`, all of one encoded size (every varint has the same
+/// width whatever `i`), so that how many fit in a spool follows from its format alone.
+fn synthetic_records(host: &str, n: usize) -> Vec<FlowRecord> {
+    (0..n)
+        .map(|i| {
+            let start_ns = 1_800_000_000_000_000_000 + i as u64 * 1_000;
+            FlowRecord {
+                flow_id: (1 << 40) + i as u64,
+                host: host.to_string(),
+                seq: 0,
+                start_ns,
+                end_ns: start_ns + 250_000,
+                family: Family::Ipv4,
+                local_addr: IpAddr::from([198, 51, 100, 1]),
+                local_port: 40_000 + i as u16,
+                remote_addr: IpAddr::from([198, 51, 100, 2]),
+                remote_port: 443,
+                direction: Direction::Outbound,
+                outcome: Outcome::Closed,
+                bytes_sent: 100,
+                bytes_received: 200,
+                segs_sent: 5,
+                segs_received: 6,
+                retransmits: 0,
+                resets_sent: 0,
+                resets_received: 0,
+                srtt_us: 100,
+                min_rtt_us: 90,
+                pid: Some(1234),
+                comm: Some("synthetic".to_string()),
+                cgroup_id: Some(1),
+            }
+        })
+        .collect()
+}
+
+/// Log lines of the code under test, written by a `tracing` subscriber of the test's own.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
+    type Writer = LogBuffer;
+    fn make_writer(&'a self) -> LogBuffer {
+        self.clone()
+    }
+}
+
+impl LogBuffer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Runs `f` with this thread's metrics in a Prometheus recorder of its own (`f` gets its handle
+/// to render them) and its logs in a [`LogBuffer`]: a [`KafkaSink`] driven from this thread
+/// counts and logs there, apart from the other tests of this process.
+fn observed<T>(
+    f: impl FnOnce(&metrics_exporter_prometheus::PrometheusHandle) -> T,
+) -> (T, LogBuffer) {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let logs = LogBuffer::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, || {
+        metrics::with_local_recorder(&recorder, || f(&handle))
+    });
+    (out, logs)
+}
+
+fn metric(metrics: &metrics_exporter_prometheus::PrometheusHandle, name: &str) -> f64 {
+    support::Agent::metric(&metrics.render(), name).unwrap_or(0.0)
+}
+
+/// Pumps the sink until the spool is empty and nothing is in flight.
+fn deliver_all(rt: &tokio::runtime::Runtime, sink: &mut KafkaSink) {
+    let deadline = Instant::now() + PATIENCE;
+    while sink.spool().len_records() > 0 || sink.in_flight() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} records still spooled, {} in flight",
+            sink.spool().len_records(),
+            sink.in_flight()
+        );
+        thread::sleep(Duration::from_millis(10));
+        rt.block_on(sink.idle()).unwrap();
+    }
+}
+
+/// Our records in the topic (by host), each checked against the one that was written.
+fn ours_in_topic<'a>(
+    all: &'a [FlowRecord],
+    written: &HashMap<u64, &FlowRecord>,
+    host: &str,
+) -> Vec<&'a FlowRecord> {
+    let ours: Vec<&FlowRecord> = all.iter().filter(|r| r.host == host).collect();
+    for r in &ours {
+        assert_eq!(
+            Some(*r),
+            written.get(&r.flow_id).copied(),
+            "a record we wrote"
+        );
+    }
+    ours
+}
+
+#[test]
+fn full_spool_drops_the_newest_counts_them_logs_once_and_delivers_the_rest() {
+    let broker = PrivateBroker::start("full");
+    let topic = Topic::create_on(&broker.addr, "full", 3);
+    broker.run("stop");
+    let host = format!("test-kafka-full-{}", std::process::id());
+    let records = synthetic_records(&host, 50);
+    let len = |r: &FlowRecord| {
+        let mut value = Vec::new();
+        flowlog_record::avro::encode(r, 1, &mut value);
+        (flowlog_record::avro::key(r).len() + value.len()) as u64
+    };
+    let body = len(&records[0]);
+    assert!(records.iter().all(|r| len(r) == body), "one size for all");
+    // The spool's format (spool.rs): a segment starts with a 16-byte header and rolls at an
+    // eighth of the limit; a record takes a 12-byte header plus key and value. With the limit at
+    // 8 × (16 + 4 × (12 + body)), 8 segments of exactly 4 records fill it: 32 records fit.
+    let max = 8 * (16 + 4 * (12 + body));
+    let fits = 32;
+    let spool = temp_dir("full-spool");
+    let mut settings = KafkaSettings::new(&broker.addr, &topic.name);
+    settings.spool_dir = spool.clone();
+    settings.spool_max_bytes = max;
+    settings.metadata_timeout = Duration::from_secs(1);
+    settings.options = vec![("enable.idempotence".into(), "false".into())];
+
+    let rt = runtime();
+    let ((), logs) = observed(|metrics| {
+        let mut sink = KafkaSink::connect(settings).expect("the sink starts with the broker down");
+        // Two writes, as two drains of the agent would hand them over.
+        rt.block_on(sink.write(&records[..20])).unwrap();
+        rt.block_on(sink.write(&records[20..])).unwrap();
+        rt.block_on(sink.flush()).unwrap();
+        assert_eq!(sink.spool().len_records(), fits);
+        assert_eq!(sink.spool().len_bytes(), max);
+        assert_eq!(
+            metric(metrics, "flowlog_sidecar_spool_dropped_total"),
+            (records.len() - fits as usize) as f64
+        );
+        broker.restart(&topic.name);
+        deliver_all(&rt, &mut sink);
+        assert_eq!(
+            metric(metrics, "flowlog_sidecar_spool_dropped_total"),
+            (records.len() - fits as usize) as f64,
+            "nothing dropped once the broker is back"
+        );
+    });
+    let logs = logs.text();
+    assert_eq!(
+        logs.lines().filter(|l| l.contains("is full")).count(),
+        1,
+        "the drops are logged once; logs:\n{logs}"
+    );
+
+    let written: HashMap<u64, &FlowRecord> = records.iter().map(|r| (r.flow_id, r)).collect();
+    let all = consume(&topic, |rs| {
+        rs.iter()
+            .filter(|r| r.host == host)
+            .map(|r| r.flow_id)
+            .collect::<HashSet<_>>()
+            .len()
+            >= fits as usize
+    });
+    let delivered: HashSet<u64> = ours_in_topic(&all, &written, &host)
+        .iter()
+        .map(|r| r.flow_id)
+        .collect();
+    let expected: HashSet<u64> = records[..fits as usize].iter().map(|r| r.flow_id).collect();
+    assert_eq!(
+        delivered, expected,
+        "the oldest 32 arrive, none of the dropped"
+    );
+    std::mem::forget(topic);
+    let _ = std::fs::remove_dir_all(&spool);
+}
+
+#[test]
+fn delivery_failures_rewind_the_spool_and_every_record_arrives() {
+    let broker = PrivateBroker::start("rewind");
+    let topic = Topic::create_on(&broker.addr, "rewind", 3);
+    let host = format!("test-kafka-rewind-{}", std::process::id());
+    let records = synthetic_records(&host, 40);
+    let n = records.len();
+    let spool = temp_dir("rewind-spool");
+    let mut settings = KafkaSettings::new(&broker.addr, &topic.name);
+    settings.spool_dir = spool.clone();
+    // librdkafka gives up on a message after 1 s: with the broker down, every record fails.
+    settings.options = vec![
+        ("message.timeout.ms".into(), "1000".into()),
+        ("enable.idempotence".into(), "false".into()),
+    ];
+
+    let rt = runtime();
+    let ((sent, failed_while_down, failed), _) = observed(|metrics| {
+        let mut sink = KafkaSink::connect(settings).expect("the sink starts");
+        broker.run("stop");
+        rt.block_on(sink.write(&records)).unwrap();
+        rt.block_on(sink.flush()).unwrap();
+        // Every record's delivery fails at least once while the broker is down.
+        let deadline = Instant::now() + PATIENCE;
+        while metric(metrics, "flowlog_sidecar_kafka_undelivered_total") < n as f64 {
+            assert!(Instant::now() < deadline, "deliveries did not fail");
+            thread::sleep(Duration::from_millis(10));
+            rt.block_on(sink.idle()).unwrap();
+        }
+        assert_eq!(
+            sink.spool().len_records(),
+            n as u64,
+            "failed records stay in the spool"
+        );
+        assert_eq!(
+            metric(metrics, "flowlog_sidecar_kafka_records_sent_total"),
+            0.0
+        );
+        let failed_while_down = metric(metrics, "flowlog_sidecar_kafka_undelivered_total");
+        broker.restart(&topic.name);
+        deliver_all(&rt, &mut sink);
+        (
+            metric(metrics, "flowlog_sidecar_kafka_records_sent_total"),
+            failed_while_down,
+            metric(metrics, "flowlog_sidecar_kafka_undelivered_total"),
+        )
+    });
+    assert!(failed_while_down >= n as f64);
+    // The spool is empty only once every record was acknowledged at least once.
+    assert!(sent >= n as f64, "sent {sent}");
+
+    let written: HashMap<u64, &FlowRecord> = records.iter().map(|r| (r.flow_id, r)).collect();
+    // Read until the topic holds as many of ours as the broker acknowledged.
+    let all = consume(&topic, |rs| {
+        rs.iter().filter(|r| r.host == host).count() >= sent as usize
+    });
+    let ours = ours_in_topic(&all, &written, &host);
+    let unique: HashSet<(u64, u32)> = ours.iter().map(|r| (r.flow_id, r.seq)).collect();
+    assert_eq!(unique.len(), n, "each (host, flow_id, seq) at least once");
+    // Duplicates: a record the broker wrote twice (re-produced after a report that said it
+    // failed, or acknowledged twice). Consumers drop them by (host, flow_id, seq).
+    let duplicates = ours.len() - n;
+    assert!(
+        ours.len() as f64 >= sent,
+        "every acknowledged message is in the topic"
+    );
+    eprintln!(
+        "rewind: {n} records, {failed} failed deliveries ({failed_while_down} while the broker \
+         was down), {sent} acknowledged, {duplicates} duplicates in the topic"
+    );
     std::mem::forget(topic);
     let _ = std::fs::remove_dir_all(&spool);
 }
