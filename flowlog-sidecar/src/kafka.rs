@@ -34,6 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use flowlog_kafka::{TopicError, error_kind};
 use flowlog_record::avro;
 use metrics::{Counter, Gauge, counter, gauge};
 use rdkafka::{
@@ -154,15 +155,9 @@ pub enum KafkaSinkError {
     Spool(#[source] SpoolError),
     #[error("creating the Kafka producer for {brokers}")]
     Create { brokers: String, source: KafkaError },
-    /// The topic does not exist (topics are not created by the agent).
-    #[error("Kafka topic `{topic}` does not exist on {brokers}: create it first")]
-    MissingTopic { topic: String, brokers: String },
-    #[error("Kafka topic `{topic}` on {brokers} is not usable: {error}")]
-    Topic {
-        topic: String,
-        brokers: String,
-        error: String,
-    },
+    /// The topic does not exist or is not usable (topics are not created by the agent).
+    #[error(transparent)]
+    Topic(#[from] TopicError),
 }
 
 /// A delivery report, as the callback queues it for the agent's task.
@@ -178,26 +173,6 @@ struct Shared {
     sent_total: Counter,
     bytes_total: Counter,
     queue_depth: Gauge,
-}
-
-/// snake_case label of a librdkafka error, e.g. `message_timed_out`.
-fn error_kind(e: &KafkaError) -> String {
-    let name = match e.rdkafka_error_code() {
-        Some(code) => format!("{code:?}"),
-        None => return "other".to_string(),
-    };
-    let mut out = String::with_capacity(name.len() + 4);
-    for (i, c) in name.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The librdkafka client context: routes delivery reports and client errors into [`Shared`].
@@ -392,58 +367,26 @@ impl KafkaSink {
         Ok(sink)
     }
 
-    /// Reads the topic's metadata (`allow.auto.create.topics=false`, so asking does not create
-    /// it on brokers that allow that) and checks it exists. "Unknown topic" is asked again until
-    /// `metadata_timeout`: a broker may say so briefly while it creates or deletes other topics.
+    /// Checks that the topic exists ([`flowlog_kafka::check_topic`]). Brokers that do not
+    /// answer are not an error: the agent captures while Kafka is down.
     fn check_topic(&self) -> Result<(), KafkaSinkError> {
         let s = &self.settings;
-        let deadline = Instant::now() + s.metadata_timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let metadata = match self
-                .producer
-                .client()
-                .fetch_metadata(Some(&s.topic), left.max(Duration::from_millis(500)))
-            {
-                Ok(metadata) => metadata,
-                Err(e) => {
-                    self.unreachable_at_start(&e);
-                    return Ok(());
-                }
-            };
-            let error = match metadata.topics().iter().find(|t| t.name() == s.topic) {
-                None => Some(RDKafkaErrorCode::UnknownTopicOrPartition),
-                Some(topic) => topic.error().map(RDKafkaErrorCode::from),
-            };
-            match error {
-                None => {
-                    let partitions = metadata.topics()[0].partitions().len();
-                    info!(
-                        brokers = %s.brokers,
-                        topic = %s.topic,
-                        partitions,
-                        "producing flow records to Kafka"
-                    );
-                    return Ok(());
-                }
-                Some(code) if Instant::now() < deadline => {
-                    debug!(topic = %s.topic, ?code, "topic not usable yet; asking again");
-                    std::thread::sleep(Duration::from_millis(250));
-                }
-                Some(RDKafkaErrorCode::UnknownTopicOrPartition) => {
-                    return Err(KafkaSinkError::MissingTopic {
-                        topic: s.topic.clone(),
-                        brokers: s.brokers.clone(),
-                    });
-                }
-                Some(code) => {
-                    return Err(KafkaSinkError::Topic {
-                        topic: s.topic.clone(),
-                        brokers: s.brokers.clone(),
-                        error: code.to_string(),
-                    });
-                }
+        let client = self.producer.client();
+        match flowlog_kafka::check_topic(client, &s.topic, &s.brokers, s.metadata_timeout) {
+            Ok(partitions) => {
+                info!(
+                    brokers = %s.brokers,
+                    topic = %s.topic,
+                    partitions,
+                    "producing flow records to Kafka"
+                );
+                Ok(())
             }
+            Err(TopicError::Unreachable { source, .. }) => {
+                self.unreachable_at_start(&source);
+                Ok(())
+            }
+            Err(e) => Err(KafkaSinkError::Topic(e)),
         }
     }
 
@@ -725,14 +668,6 @@ impl Drop for KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_kinds_are_snake_case() {
-        let e = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
-        assert_eq!(error_kind(&e), "message_timed_out");
-        let e = KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
-        assert_eq!(error_kind(&e), "queue_full");
-    }
 
     #[test]
     fn user_options_override_defaults() {

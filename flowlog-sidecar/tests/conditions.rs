@@ -11,24 +11,9 @@ use std::{
 };
 
 use flowlog_sidecar::record::FlowRecord;
+use flowlog_testkit::{free_port, temp_dir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowlog-sidecar");
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flowlog-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// Runs the agent to completion with `args`; returns (exit code, stderr).
 fn run_to_exit(prefix: &[&str], args: &[&str]) -> (i32, String) {

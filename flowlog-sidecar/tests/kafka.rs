@@ -25,112 +25,14 @@ use flowlog_sidecar::{
     record::{Direction, Family, FlowRecord, Outcome},
     sink::RecordSink,
 };
-use rdkafka::{
-    ClientConfig, Message, Offset, TopicPartitionList,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
-    consumer::{BaseConsumer, Consumer},
-};
+use flowlog_testkit::{Topic, admin, brokers, free_port, runtime, temp_dir};
+use rdkafka::{Message, message::OwnedMessage};
 use support::{AGENT, NetnsPair, PATIENCE, accept, connect, join_both, read_exact, server_port};
 
 const SCHEMA_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../schemas/flow_record.v1.avsc"
 );
-
-fn brokers() -> String {
-    std::env::var("FLOWLOG_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".to_string())
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
-
-fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("creating the Kafka admin client")
-}
-
-/// A topic of its own for one test, deleted on drop.
-struct Topic {
-    name: String,
-    brokers: String,
-}
-
-impl Topic {
-    fn create(test: &str, partitions: i32) -> Self {
-        Self::create_on(&brokers(), test, partitions)
-    }
-
-    fn create_on(brokers: &str, test: &str, partitions: i32) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let name = format!("flowlog-test-{test}-{}-{nanos}", std::process::id());
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results = runtime()
-            .block_on(admin(brokers).create_topics(
-                &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
-                &options,
-            ))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "creating topic {name} on {brokers} (is the broker running? `scripts/kafka start`): {e}"
-                )
-            });
-        for r in results {
-            r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
-        }
-        // The broker may answer the creation before its metadata shows the topic.
-        let client = admin(brokers);
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let ready = client
-                .inner()
-                .fetch_metadata(Some(&name), Duration::from_secs(5))
-                .is_ok_and(|m| {
-                    m.topics().iter().any(|t| {
-                        t.name() == name
-                            && t.error().is_none()
-                            && t.partitions().len() == partitions as usize
-                    })
-                });
-            if ready {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "topic {name} did not appear in the metadata"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            name,
-            brokers: brokers.to_string(),
-        }
-    }
-}
-
-impl Drop for Topic {
-    fn drop(&mut self) {
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let _ = runtime().block_on(admin(&self.brokers).delete_topics(&[&self.name], &options));
-    }
-}
-
-/// A free loopback port (nothing listens on it once this returns).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding an ephemeral port")
-        .port()
-}
 
 /// The agent as a child process with `--output kafka`.
 struct KafkaAgent {
@@ -349,51 +251,7 @@ fn consume(topic: &Topic, done: impl Fn(&[FlowRecord]) -> bool) -> Vec<FlowRecor
     let schema_text = std::fs::read_to_string(SCHEMA_FILE).expect("reading the schema file");
     let schema = Schema::parse_str(&schema_text).expect("parsing the schema file");
     let reader = GenericDatumReader::builder(&schema).build().unwrap();
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &topic.brokers)
-        .set("group.id", format!("{}-reader", topic.name))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .expect("creating the consumer");
-    let metadata = consumer
-        .fetch_metadata(Some(&topic.name), Duration::from_secs(10))
-        .expect("topic metadata");
-    let mut assignment = TopicPartitionList::new();
-    for p in metadata.topics()[0].partitions() {
-        assignment
-            .add_partition_offset(&topic.name, p.id(), Offset::Beginning)
-            .unwrap();
-    }
-    assert!(
-        assignment.count() > 0,
-        "topic {} has no partitions",
-        topic.name
-    );
-    consumer.assign(&assignment).expect("assigning partitions");
-    let mut records = Vec::new();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if done(&records) {
-            return records;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "records did not arrive within {PATIENCE:?}; have {}: {records:#?}",
-            records.len()
-        );
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        // A broker that has just restarted may answer with transient errors: retried until the
-        // deadline.
-        let message = match message {
-            Ok(message) => message,
-            Err(e) => {
-                eprintln!("consumer error (retried): {e}");
-                continue;
-            }
-        };
+    let decode = |message: &OwnedMessage| {
         let payload = message.payload().expect("a message value");
         assert_eq!(
             &payload[..5],
@@ -413,8 +271,10 @@ fn consume(topic: &Topic, done: impl Fn(&[FlowRecord]) -> bool) -> Vec<FlowRecor
             Some(&flowlog_record::avro::key(&record)[..]),
             "message key"
         );
-        records.push(record);
-    }
+        record
+    };
+    let messages = topic.read_until(|m| done(&m.iter().map(decode).collect::<Vec<_>>()));
+    messages.iter().map(decode).collect()
 }
 
 /// One transfer: the client sends `up` bytes, the server `down` bytes, both close.
@@ -606,21 +466,6 @@ fn unreachable_broker_keeps_capturing_and_exits_in_bounded_time() {
         stderr.contains("not delivered to Kafka"),
         "undelivered records are accounted for at exit; stderr:\n{stderr}"
     );
-}
-
-/// A fresh, empty directory of this test process under the system temp dir.
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let dir = std::env::temp_dir().join(format!(
-        "flowlog-test-{name}-{}-{nanos}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 const KAFKA_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka");

@@ -26,14 +26,16 @@ pub fn brokers() -> String {
     std::env::var("FLOWLOG_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".to_string())
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+/// A current-thread tokio runtime, for the admin client's futures.
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime")
 }
 
-fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
+/// An admin client of `brokers`.
+pub fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
