@@ -107,18 +107,22 @@ pub fn encode_datum(r: &FlowRecord, out: &mut Vec<u8>) {
 /// reading the datum as schema v1. Checking that the id is one whose schema is v1-shaped is the
 /// caller's job (or use [`decode_expecting`]): the id alone does not say which version it is.
 pub fn decode(message: &[u8]) -> Result<(u32, FlowRecord), DecodeError> {
+    let (id, datum) = split_header(message)?;
+    Ok((id, decode_datum(datum)?))
+}
+
+/// Splits a Confluent-framed message into its schema id and its datum, checking the magic byte.
+pub fn split_header(message: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
     let (&magic, rest) = message
         .split_first()
         .ok_or(DecodeError::Truncated("empty message"))?;
     if magic != MAGIC_BYTE {
         return Err(DecodeError::WrongMagicByte(magic));
     }
-    let id: [u8; 4] = rest
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
+    let (id, datum) = rest
+        .split_first_chunk::<4>()
         .ok_or(DecodeError::Truncated("schema id"))?;
-    let record = decode_datum(&rest[4..])?;
-    Ok((u32::from_be_bytes(id), record))
+    Ok((u32::from_be_bytes(*id), datum))
 }
 
 /// [`decode`], refusing (before reading the datum) a schema id other than `schema_id`.

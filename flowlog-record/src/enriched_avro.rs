@@ -35,21 +35,11 @@ pub fn encode_datum(flow: &EnrichedFlow, out: &mut Vec<u8>) {
 
 /// Decodes a Confluent-framed enriched flow, refusing a schema id other than `schema_id`.
 pub fn decode_expecting(message: &[u8], schema_id: u32) -> Result<EnrichedFlow, DecodeError> {
-    let (&magic, rest) = message
-        .split_first()
-        .ok_or(DecodeError::Truncated("empty message"))?;
-    if magic != MAGIC_BYTE {
-        return Err(DecodeError::WrongMagicByte(magic));
-    }
-    let id: [u8; 4] = rest
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(DecodeError::Truncated("schema id"))?;
-    let id = u32::from_be_bytes(id);
+    let (id, datum) = avro::split_header(message)?;
     if id != schema_id {
         return Err(DecodeError::UnknownSchemaId(id));
     }
-    decode_datum(&rest[4..])
+    decode_datum(datum)
 }
 
 /// Decodes a bare enriched-schema-v1 datum, which must fill `datum` exactly.

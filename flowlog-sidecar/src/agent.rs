@@ -46,6 +46,29 @@ impl AgentSettings {
     }
 }
 
+/// The kernel's hostname (the default `host` of records), or `localhost` if unreadable.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}
+
+/// Installs the SIGTERM and SIGINT handlers now, and returns a future that completes on either
+/// (the `shutdown` of [`run`]). Installing them before the probe starts matters: a signal that
+/// arrived between "capturing" and the first poll of a lazily installed handler would kill the
+/// agent without its flush.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
 /// Runs until `shutdown` completes, then flushes. Errors only for conditions the agent cannot
 /// survive (the ring buffer's descriptor failing).
 pub async fn run<S: RecordSink>(

@@ -113,27 +113,6 @@ struct Args {
     schema_id: u32,
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".to_string())
-}
-
-/// Installs the SIGTERM and SIGINT handlers now, and returns a future that completes on either.
-/// Installing them before the probe starts matters: a signal that arrived between "capturing"
-/// and the first poll of a lazily installed handler would kill the agent without its flush.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-    })
-}
-
 /// The Kafka sink, or the process exits: a rejected librdkafka option is a usage error (exit 2).
 fn kafka_sink(args: &Args) -> anyhow::Result<KafkaSink> {
     let mut settings = KafkaSettings::new(&args.kafka_brokers, &args.kafka_topic);
@@ -154,7 +133,7 @@ fn kafka_sink(args: &Args) -> anyhow::Result<KafkaSink> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let shutdown = shutdown_signal()?;
+    let shutdown = agent::shutdown_signal().context("installing the signal handlers")?;
     metrics::install(args.metrics_addr)?;
     // Checked before the kernel probe starts: a configuration error should cost nothing.
     let kafka = match args.output {
@@ -170,7 +149,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })
     .context("starting the kernel probe")?;
     let settings = AgentSettings {
-        host: args.host.unwrap_or_else(hostname),
+        host: args.host.unwrap_or_else(agent::hostname),
         interim: args.interim,
         drain_interval: args.drain_interval,
     };

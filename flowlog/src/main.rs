@@ -72,30 +72,10 @@ struct Args {
     host: Option<String>,
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".to_string())
-}
-
-/// Installs the SIGTERM and SIGINT handlers now (before capture starts, so an early signal
-/// still flushes), and returns a future that completes on either.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-    })
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
-    let signal = shutdown_signal()?;
+    let signal = agent::shutdown_signal().context("installing the signal handlers")?;
     metrics::install(args.metrics_addr)?;
-    let host = args.host.clone().unwrap_or_else(hostname);
+    let host = args.host.clone().unwrap_or_else(agent::hostname);
     let parquet = ParquetSink::open(ParquetSettings {
         url: args.out.clone(),
         roll_bytes: args.roll_bytes,
