@@ -75,3 +75,18 @@ impl Inventory {
         while self.tasks.join_next().await.is_some() {}
     }
 }
+
+/// Cancels `shutdown` on SIGINT or SIGTERM (handlers installed now).
+pub fn cancel_on_signal(shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}

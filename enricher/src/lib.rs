@@ -5,11 +5,14 @@
 //! Modules, in data-flow order: [`kafka`] (the consumer group and the producer), [`attribute`]
 //! (index lookups at the flow's start, the hold), [`storage`] (Parquet files, local or S3),
 //! [`offsets`] (which input offsets are durable in every output), [`pipeline`] (the loop that
-//! wires them), [`inventory`] (starting the identity sources that feed the index), [`metrics`].
+//! wires them), [`inventory`] (starting the identity sources that feed the index), [`ownership`]
+//! (the `flows.ownership` topic: one inventory process publishes, every replica follows),
+//! [`metrics`].
 pub mod attribute;
 pub mod inventory;
 pub mod kafka;
 pub mod metrics;
 pub mod offsets;
+pub mod ownership;
 pub mod pipeline;
 pub mod storage;

@@ -8,6 +8,7 @@ use flowlog_enricher::{
     inventory::Inventory,
     kafka::KafkaSettings,
     metrics,
+    ownership::OwnershipTopicSource,
     pipeline::{self, PipelineSettings},
     storage::{ParquetSettings, ParquetSink, S3Options},
 };
@@ -78,6 +79,10 @@ struct Args {
     /// watermark: keep it well under `--hold`, or flows wait for it.
     #[arg(long, env = "FLOWLOG_STATIC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     static_interval: Duration,
+    /// Follow this ownership topic (published by `flowlog-inventory`) instead of, or besides,
+    /// reading inventories directly.
+    #[arg(long, env = "FLOWLOG_OWNERSHIP_TOPIC")]
+    ownership_topic: Option<String>,
     /// Attribute this host's own addresses (one-host use).
     #[arg(long, env = "FLOWLOG_HOST_SOURCE")]
     host_source: bool,
@@ -101,6 +106,9 @@ fn sources(args: &Args) -> anyhow::Result<Vec<Box<dyn InventorySource>>> {
             .with_context(|| format!("loading the static inventory {}", path.display()))?;
         sources.push(Box::new(source));
     }
+    if let Some(topic) = &args.ownership_topic {
+        sources.push(Box::new(OwnershipTopicSource::new(&args.brokers, topic)));
+    }
     if args.host_source {
         let host = HostSource::new(Duration::from_secs(1)).context("starting the host source")?;
         sources.push(Box::new(host));
@@ -108,23 +116,9 @@ fn sources(args: &Args) -> anyhow::Result<Vec<Box<dyn InventorySource>>> {
     Ok(sources)
 }
 
-fn cancel_on_signal(shutdown: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        shutdown.cancel();
-    });
-    Ok(())
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    cancel_on_signal(shutdown.clone())?;
+    flowlog_enricher::inventory::cancel_on_signal(shutdown.clone())?;
     metrics::install(args.metrics_addr)?;
     let parquet = match args.parquet.as_str() {
         "none" => None,

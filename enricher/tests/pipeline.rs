@@ -490,3 +490,143 @@ fn a_consumer_group_member_killed_mid_stream_loses_nothing() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `flowlog-inventory` as a child process, killed on drop.
+fn start_inventory(ownership: &Topic, inventory: &str) -> ChildGuard {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowlog-inventory"))
+        .args([
+            "--brokers",
+            &ownership.brokers,
+            "--ownership-topic",
+            &ownership.name,
+        ])
+        .args(["--static", inventory, "--static-interval", "200ms"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting flowlog-inventory");
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let lines = BufReader::new(child.stderr.take().unwrap());
+    thread::spawn(move || {
+        for line in lines.lines().map_while(Result::ok) {
+            eprintln!("inventory: {line}");
+            if line.contains("publishing ownership") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(PATIENCE)
+        .expect("flowlog-inventory did not start");
+    ChildGuard(child)
+}
+
+/// The `to_ns` of the closed tenure of static entry `name` in the ownership topic.
+fn closed_at(ownership: &Topic, name: &str) -> u64 {
+    let find = |messages: &[OwnedMessage]| {
+        messages.iter().find_map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
+            (v["type"] == "tenure" && v["identity"]["name"] == name)
+                .then(|| v["to_ns"].as_u64())
+                .flatten()
+        })
+    };
+    find(&ownership.read_until(|m| find(m).is_some())).unwrap()
+}
+
+#[test]
+fn enrichers_follow_the_ownership_topic_of_one_inventory_process() {
+    let _serial = serial();
+    let (raw, enriched, dlq, ownership) = (
+        Topic::create("own-raw", 1),
+        Topic::create("own-enriched", 1),
+        Topic::create("own-dlq", 1),
+        Topic::create("own-ownership", 1),
+    );
+    let dir = temp_dir("own");
+    let t0 = now_ns() - 600_000_000_000;
+    let file = |with_gone: bool| {
+        let mut toml =
+            "[[entry]]\ncidr = \"10.5.0.1\"\nname = \"db\"\nkind = \"instance\"\n".to_string();
+        if with_gone {
+            toml.push_str("\n[[entry]]\ncidr = \"10.5.0.2\"\nname = \"gone\"\n");
+        }
+        static_file(&dir, &toml)
+    };
+    let inventory = file(true);
+    let mut publisher = start_inventory(&ownership, &inventory);
+    let f1 = record(31, "10.5.0.1", t0);
+    let f2 = record(32, "10.5.0.2", t0);
+    produce(
+        &raw,
+        &[
+            (avro::key(&f1), encoded(&f1)),
+            (avro::key(&f2), encoded(&f2)),
+        ],
+    );
+    let flags = ["--ownership-topic", ownership.name.as_str()];
+    let first = Enricher::start(&raw, &enriched, &dlq, &unique_name("own-a"), &flags);
+    let out = enriched_flows(&enriched.read_until(|m| m.len() >= 2));
+    let names: Vec<_> = out
+        .iter()
+        .map(|e| {
+            (
+                e.remote.status,
+                e.remote.identity.as_ref().map(|i| i.name.clone()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            (Attribution::Exact, Some("db".to_string())),
+            (Attribution::Exact, Some("gone".to_string()))
+        ]
+    );
+    assert_eq!(
+        out[0].remote.identity.as_ref().unwrap().kind,
+        IdentityKind::Instance
+    );
+
+    // The publisher restarts with "gone" out of the file: replaying the topic, it finds the
+    // tenure open, and closes it at the static source's first complete view.
+    assert!(publisher.terminate(PATIENCE));
+    let _ = file(false);
+    let _publisher = start_inventory(&ownership, &inventory);
+    let released = closed_at(&ownership, "gone");
+    let f3 = record(33, "10.5.0.2", released + 1);
+    produce(&raw, &[(avro::key(&f3), encoded(&f3))]);
+    let out = enriched_flows(&enriched.read_until(|m| m.len() >= 3));
+    assert_eq!(out[2].flow, f3);
+    assert_eq!(
+        out[2].remote.status,
+        Attribution::Unknown,
+        "after its release"
+    );
+    first.stop();
+
+    // A replica started now replays the whole history: the same answers.
+    let second = Enricher::start(&raw, &enriched, &dlq, &unique_name("own-b"), &flags);
+    let out = enriched_flows(&enriched.read_until(|m| m.len() >= 6));
+    second.stop();
+    let replayed: Vec<_> = out[3..]
+        .iter()
+        .map(|e| {
+            (
+                e.flow.flow_id,
+                e.remote.status,
+                e.remote.identity.as_ref().map(|i| i.name.clone()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        replayed,
+        vec![
+            (31, Attribution::Exact, Some("db".to_string())),
+            (32, Attribution::Exact, Some("gone".to_string())),
+            (33, Attribution::Unknown, None)
+        ]
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

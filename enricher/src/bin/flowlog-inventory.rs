@@ -1,0 +1,122 @@
+//! `flowlog-inventory`: watches the inventories once (static files, this host; Kubernetes and
+//! EC2 as they are added) and publishes their ownership tenures to the compacted
+//! `flows.ownership` topic, which every `flowlog-enricher --ownership-topic` replica follows —
+//! so API servers are not watched once per replica. Run one (or one per cluster).
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use flowlog_enricher::{metrics, ownership};
+use flowlog_identity::{HostSource, InventorySource, StaticSource, spawn_source};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+}
+
+/// Publishes who owned which address, when, to the flows.ownership topic.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// The ownership topic (one partition, `cleanup.policy=compact`); it must exist.
+    #[arg(
+        long,
+        env = "FLOWLOG_OWNERSHIP_TOPIC",
+        default_value = "flows.ownership"
+    )]
+    ownership_topic: String,
+    /// A static inventory file (TOML: CIDR → identity, optional validity times); repeatable.
+    #[arg(long = "static", env = "FLOWLOG_STATIC", value_delimiter = ',')]
+    static_files: Vec<PathBuf>,
+    /// How often static files are checked for changes (each check is the source's watermark).
+    #[arg(long, env = "FLOWLOG_STATIC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    static_interval: Duration,
+    /// Publish this host's own addresses too.
+    #[arg(long, env = "FLOWLOG_HOST_SOURCE")]
+    host_source: bool,
+    /// Closed tenures older than this are deleted from the topic (tombstones).
+    #[arg(long, env = "FLOWLOG_RETENTION", default_value = "6h", value_parser = parse_duration)]
+    retention: Duration,
+    /// Prometheus metrics listener (serves /metrics).
+    #[arg(long, env = "FLOWLOG_METRICS_ADDR", default_value = "127.0.0.1:9466")]
+    metrics_addr: SocketAddr,
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    flowlog_enricher::inventory::cancel_on_signal(shutdown.clone())?;
+    metrics::install(args.metrics_addr)?;
+    let mut sources: Vec<Box<dyn InventorySource>> = Vec::new();
+    for path in &args.static_files {
+        let source = StaticSource::open(path, args.static_interval)
+            .with_context(|| format!("loading the static inventory {}", path.display()))?;
+        sources.push(Box::new(source));
+    }
+    if args.host_source {
+        let host = HostSource::new(Duration::from_secs(1)).context("starting the host source")?;
+        sources.push(Box::new(host));
+    }
+    anyhow::ensure!(
+        !sources.is_empty(),
+        "no inventory source: give --static or --host-source"
+    );
+    let (brokers, topic) = (args.brokers.clone(), args.ownership_topic.clone());
+    let tenures = tokio::task::spawn_blocking(move || ownership::replay_tenures(&brokers, &topic))
+        .await?
+        .with_context(|| format!("replaying {}", args.ownership_topic))?;
+    let (tx, rx) = mpsc::channel(65_536);
+    let tasks: Vec<_> = sources
+        .into_iter()
+        .map(|s| spawn_source(s, tx.clone(), shutdown.clone()))
+        .collect();
+    drop(tx);
+    info!(topic = %args.ownership_topic, sources = tasks.len(), "publishing ownership");
+    ownership::publish(
+        &args.brokers,
+        &args.ownership_topic,
+        tenures,
+        rx,
+        args.retention,
+    )
+    .await
+    .with_context(|| format!("publishing to {}", args.ownership_topic))?;
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLOWLOG_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "starting the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,647 @@
+//! `flows.ownership`: the inventory on a compacted Kafka topic, so that API servers are watched
+//! by **one** inventory process (`flowlog-inventory`) and not once per enricher replica. Every
+//! enricher builds its index by replaying the topic at start-up and then following it
+//! ([`OwnershipTopicSource`]).
+//!
+//! The topic holds **tenures**, not raw changes: one message per `(source, owner, prefix, from)`
+//! whose value is the tenure's latest state — open (`to_ns` null), then closed (`to_ns` set).
+//! Compaction keeps the latest state of each tenure, so a replay still sees every interval of
+//! the retention window, opened and closed, which a topic of raw Open/Close changes would lose
+//! (compaction would keep only the Close). Tenures closed longer ago than the retention are
+//! deleted with tombstones. Each source's watermark is one more key (`watermark/<source>`).
+//!
+//! Order matters (a watermark must not overtake the change before it), so the topic has **one
+//! partition** and the publisher writes everything to it in order, each message acknowledged
+//! before the next batch. Create it with `cleanup.policy=compact`.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use flowlog_identity::{BoxFuture, InventorySource, OwnershipChange, SourceError};
+use flowlog_kafka::LogThrottle;
+use flowlog_record::Identity;
+use ipnet::IpNet;
+use metrics::counter;
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+    error::KafkaError,
+    producer::{FutureProducer, FutureRecord},
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The source name under which an enricher's index sees the topic (and whose watermark gates
+/// its flows).
+pub const OWNERSHIP_SOURCE: &str = "ownership";
+
+/// Changes published per produce batch, at most.
+const BATCH: usize = 1024;
+
+/// One message of the topic.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OwnershipRecord {
+    /// `owner` held `prefix` from `from_ns`, until `to_ns` (still holds it if null).
+    Tenure {
+        source: String,
+        owner: String,
+        prefix: IpNet,
+        identity: Arc<Identity>,
+        from_ns: u64,
+        to_ns: Option<u64>,
+    },
+    /// `source` had reported everything up to `at_ns`.
+    Watermark { source: String, at_ns: u64 },
+}
+
+impl OwnershipRecord {
+    /// The compaction key: a tenure's identity, or the source's watermark slot.
+    pub fn key(&self) -> String {
+        match self {
+            OwnershipRecord::Tenure {
+                source,
+                owner,
+                prefix,
+                from_ns,
+                ..
+            } => tenure_key(source, owner, prefix, *from_ns),
+            OwnershipRecord::Watermark { source, .. } => format!("watermark/{source}"),
+        }
+    }
+
+    /// The changes this state means to an index (a closed tenure is its Open and its Close).
+    pub fn changes(&self) -> Vec<OwnershipChange> {
+        match self {
+            OwnershipRecord::Tenure {
+                source,
+                owner,
+                prefix,
+                identity,
+                from_ns,
+                to_ns,
+            } => {
+                let mut out = vec![OwnershipChange::Open {
+                    source: source.clone(),
+                    owner: owner.clone(),
+                    prefix: *prefix,
+                    identity: Arc::clone(identity),
+                    at_ns: *from_ns,
+                }];
+                if let Some(to) = to_ns {
+                    out.push(OwnershipChange::Close {
+                        source: source.clone(),
+                        owner: owner.clone(),
+                        prefix: *prefix,
+                        at_ns: *to,
+                    });
+                }
+                out
+            }
+            OwnershipRecord::Watermark { source, at_ns } => vec![OwnershipChange::Watermark {
+                source: source.clone(),
+                at_ns: *at_ns,
+            }],
+        }
+    }
+}
+
+fn tenure_key(source: &str, owner: &str, prefix: &IpNet, from_ns: u64) -> String {
+    format!("tenure/{source}/{owner}/{prefix}/{from_ns}")
+}
+
+/// An open tenure the publisher knows of.
+#[derive(Debug, Clone)]
+struct Open {
+    identity: Arc<Identity>,
+    from_ns: u64,
+    /// Confirmed by the source since this publisher started (an Open was received). Tenures
+    /// replayed from the topic but never confirmed are closed at the source's first watermark:
+    /// the owner went away while no publisher was running.
+    confirmed: bool,
+}
+
+/// The publisher's state: open tenures per `(source, owner, prefix)`, and closed ones awaiting
+/// expiry. Turns the sources' changes into the topic's records.
+#[derive(Debug, Default)]
+pub struct Tenures {
+    open: HashMap<(String, String, IpNet), Open>,
+    /// Closed tenures by close time → keys, for tombstones after the retention.
+    closed: BTreeMap<u64, Vec<String>>,
+    /// Sources that have sent a watermark since start.
+    live: HashSet<String>,
+}
+
+impl Tenures {
+    /// Rebuilds the state from the topic's records (a restart): what was open is open again,
+    /// unconfirmed until its source says so.
+    pub fn replay(&mut self, record: &OwnershipRecord) {
+        if let OwnershipRecord::Tenure {
+            source,
+            owner,
+            prefix,
+            identity,
+            from_ns,
+            to_ns,
+        } = record
+        {
+            let key = (source.clone(), owner.clone(), *prefix);
+            match to_ns {
+                None => {
+                    self.open.insert(
+                        key,
+                        Open {
+                            identity: Arc::clone(identity),
+                            from_ns: *from_ns,
+                            confirmed: false,
+                        },
+                    );
+                }
+                Some(to) => {
+                    self.open.remove(&key);
+                    self.closed.entry(*to).or_default().push(record.key());
+                }
+            }
+        }
+    }
+
+    /// Open tenures now.
+    pub fn open(&self) -> usize {
+        self.open.len()
+    }
+
+    /// The records one change from a source makes.
+    pub fn apply(&mut self, change: OwnershipChange) -> Vec<OwnershipRecord> {
+        let mut out = Vec::new();
+        match change {
+            OwnershipChange::Open {
+                source,
+                owner,
+                prefix,
+                identity,
+                at_ns,
+            } => {
+                let key = (source, owner, prefix);
+                if let Some(open) = self.open.get_mut(&key) {
+                    if open.identity == identity {
+                        // A re-list re-sends what is open: the earlier start stands.
+                        open.confirmed = true;
+                        return out;
+                    }
+                    // The owner's identity changed: its tenure ends and a new one starts.
+                    let old = self.open.remove(&key).expect("present");
+                    out.push(self.closed_record(&key, old, at_ns));
+                }
+                out.push(OwnershipRecord::Tenure {
+                    source: key.0.clone(),
+                    owner: key.1.clone(),
+                    prefix: key.2,
+                    identity: Arc::clone(&identity),
+                    from_ns: at_ns,
+                    to_ns: None,
+                });
+                self.open.insert(
+                    key,
+                    Open {
+                        identity,
+                        from_ns: at_ns,
+                        confirmed: true,
+                    },
+                );
+            }
+            OwnershipChange::Close {
+                source,
+                owner,
+                prefix,
+                at_ns,
+            } => {
+                let key = (source, owner, prefix);
+                match self.open.remove(&key) {
+                    Some(open) => out.push(self.closed_record(&key, open, at_ns)),
+                    None => counter!("flowlog_inventory_unmatched_closes_total").increment(1),
+                }
+            }
+            OwnershipChange::Watermark { source, at_ns } => {
+                if self.live.insert(source.clone()) {
+                    // The source's first complete view since start: what it did not confirm is
+                    // gone, released at some time before now — closed here, at the earliest
+                    // time we can vouch for.
+                    let stale: Vec<_> = self
+                        .open
+                        .iter()
+                        .filter(|((s, _, _), o)| *s == source && !o.confirmed)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for key in stale {
+                        let open = self.open.remove(&key).expect("present");
+                        out.push(self.closed_record(&key, open, at_ns));
+                    }
+                }
+                out.push(OwnershipRecord::Watermark { source, at_ns });
+            }
+        }
+        out
+    }
+
+    fn closed_record(
+        &mut self,
+        (source, owner, prefix): &(String, String, IpNet),
+        open: Open,
+        at_ns: u64,
+    ) -> OwnershipRecord {
+        let record = OwnershipRecord::Tenure {
+            source: source.clone(),
+            owner: owner.clone(),
+            prefix: *prefix,
+            identity: open.identity,
+            from_ns: open.from_ns,
+            to_ns: Some(at_ns.max(open.from_ns)),
+        };
+        self.closed.entry(at_ns).or_default().push(record.key());
+        record
+    }
+
+    /// Keys of tenures that closed before `before_ns`, forgotten here: publish tombstones for
+    /// them so that compaction deletes them.
+    pub fn expire(&mut self, before_ns: u64) -> Vec<String> {
+        let keep = self.closed.split_off(&before_ns);
+        std::mem::replace(&mut self.closed, keep)
+            .into_values()
+            .flatten()
+            .collect()
+    }
+}
+
+/// Why the publisher or the reader stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnershipError {
+    #[error("creating the Kafka client for {brokers}")]
+    Client { brokers: String, source: KafkaError },
+    #[error("reading `{topic}`")]
+    Read { topic: String, source: KafkaError },
+    #[error("a message of `{topic}` at offset {offset} is not an ownership record: {reason}")]
+    Malformed {
+        topic: String,
+        offset: i64,
+        reason: String,
+    },
+    #[error(transparent)]
+    Topic(#[from] flowlog_kafka::TopicError),
+}
+
+/// A consumer that reads partition 0 of `topic` from the beginning, with no group offsets.
+fn reader(brokers: &str, topic: &str) -> Result<BaseConsumer, OwnershipError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("flowlog-ownership-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .map_err(|source| OwnershipError::Client {
+            brokers: brokers.to_string(),
+            source,
+        })?;
+    flowlog_kafka::check_topic(consumer.client(), topic, brokers, Duration::from_secs(10))?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("a valid offset");
+    consumer
+        .assign(&list)
+        .map_err(|source| OwnershipError::Read {
+            topic: topic.to_string(),
+            source,
+        })?;
+    Ok(consumer)
+}
+
+/// One poll's outcome: a record or a tombstone (`None`), the end of the partition, or nothing.
+enum Polled {
+    Record(Option<OwnershipRecord>),
+    End,
+    Nothing,
+}
+
+fn poll(consumer: &BaseConsumer, topic: &str, wait: Duration) -> Result<Polled, OwnershipError> {
+    match consumer.poll(wait) {
+        None => Ok(Polled::Nothing),
+        Some(Err(KafkaError::PartitionEOF(_))) => Ok(Polled::End),
+        Some(Err(source)) => Err(OwnershipError::Read {
+            topic: topic.to_string(),
+            source,
+        }),
+        Some(Ok(m)) => {
+            let offset = m.offset();
+            let record = match m.payload() {
+                None => None,
+                Some(p) => {
+                    Some(
+                        serde_json::from_slice(p).map_err(|e| OwnershipError::Malformed {
+                            topic: topic.to_string(),
+                            offset,
+                            reason: e.to_string(),
+                        })?,
+                    )
+                }
+            };
+            Ok(Polled::Record(record))
+        }
+    }
+}
+
+/// Reads `topic` to its current end: the publisher's state before a restart.
+pub fn replay_tenures(brokers: &str, topic: &str) -> Result<Tenures, OwnershipError> {
+    let consumer = reader(brokers, topic)?;
+    let mut tenures = Tenures::default();
+    let mut records = 0u64;
+    loop {
+        match poll(&consumer, topic, Duration::from_millis(500))? {
+            Polled::Record(Some(record)) => {
+                records += 1;
+                tenures.replay(&record);
+            }
+            Polled::Record(None) | Polled::Nothing => {}
+            Polled::End => break,
+        }
+    }
+    info!(
+        topic,
+        records,
+        open = tenures.open(),
+        "ownership topic replayed"
+    );
+    Ok(tenures)
+}
+
+/// Publishes every change of `changes` to `topic` (partition 0), waiting for each batch's
+/// acknowledgement; expires tenures closed longer than `retention` ago. Runs until the channel
+/// closes (the sources stopped).
+pub async fn publish(
+    brokers: &str,
+    topic: &str,
+    mut tenures: Tenures,
+    mut changes: mpsc::Receiver<OwnershipChange>,
+    retention: Duration,
+) -> Result<(), OwnershipError> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("compression.type", "zstd")
+        .set("linger.ms", "5")
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .map_err(|source| OwnershipError::Client {
+            brokers: brokers.to_string(),
+            source,
+        })?;
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut errors = LogThrottle::default();
+    while changes.recv_many(&mut batch, BATCH).await > 0 {
+        let mut messages: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+        for change in batch.drain(..) {
+            for record in tenures.apply(change) {
+                let value = serde_json::to_vec(&record).expect("records serialize");
+                messages.push((record.key(), Some(value)));
+            }
+        }
+        let horizon = flowlog_identity::now_ns().saturating_sub(retention.as_nanos() as u64);
+        messages.extend(tenures.expire(horizon).into_iter().map(|k| (k, None)));
+        for (key, value) in &messages {
+            // In order, each acknowledged before the next: the topic's order is the sources'.
+            loop {
+                let mut record = FutureRecord::to(topic).partition(0).key(key.as_str());
+                if let Some(v) = value {
+                    record = record.payload(v.as_slice());
+                }
+                match producer.send(record, Duration::from_secs(30)).await {
+                    Ok(_) => {
+                        counter!("flowlog_inventory_published_total").increment(1);
+                        break;
+                    }
+                    Err((e, _)) => {
+                        counter!("flowlog_inventory_publish_errors_total", "kind" => flowlog_kafka::error_kind(&e)).increment(1);
+                        if errors.hit() {
+                            warn!(
+                                topic,
+                                count = errors.count,
+                                "publishing ownership: {e}; retrying"
+                            );
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An enricher's view of the topic, as an inventory source named [`OWNERSHIP_SOURCE`]: replays
+/// it from the beginning, then follows it. Its watermark is the oldest of the upstream sources'
+/// watermarks, and only once the replay has reached the end of the topic: until then, the index
+/// is not complete for any time.
+pub struct OwnershipTopicSource {
+    brokers: String,
+    topic: String,
+}
+
+impl OwnershipTopicSource {
+    pub fn new(brokers: impl Into<String>, topic: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topic: topic.into(),
+        }
+    }
+}
+
+impl InventorySource for OwnershipTopicSource {
+    fn name(&self) -> &str {
+        OWNERSHIP_SOURCE
+    }
+
+    fn run(
+        self: Box<Self>,
+        changes: mpsc::Sender<OwnershipChange>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(async move {
+            let fatal = |e: OwnershipError| SourceError::Other {
+                name: OWNERSHIP_SOURCE.to_string(),
+                message: format!("{:#}", anyhow::Error::from(e)),
+            };
+            let Self { brokers, topic } = *self;
+            let consumer = reader(&brokers, &topic).map_err(fatal)?;
+            let (tx, mut rx) = mpsc::channel::<Polled>(4096);
+            // librdkafka's poll blocks: a thread of its own feeds the async side.
+            let stop = shutdown.clone();
+            let reading = tokio::task::spawn_blocking(move || -> Result<(), OwnershipError> {
+                while !stop.is_cancelled() {
+                    let polled = poll(&consumer, &topic, Duration::from_millis(100))?;
+                    if !matches!(polled, Polled::Nothing) && tx.blocking_send(polled).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            let mut upstream: BTreeMap<String, u64> = BTreeMap::new();
+            let mut caught_up = false;
+            let mut sent_watermark = None;
+            loop {
+                let polled = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    p = rx.recv() => p,
+                };
+                let Some(polled) = polled else { break };
+                match polled {
+                    Polled::Record(Some(OwnershipRecord::Watermark { source, at_ns })) => {
+                        let w = upstream.entry(source).or_default();
+                        *w = (*w).max(at_ns);
+                    }
+                    Polled::Record(Some(record)) => {
+                        for change in record.changes() {
+                            if changes.send(change).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Polled::Record(None) | Polled::Nothing => {}
+                    Polled::End => caught_up = true,
+                }
+                let watermark = upstream.values().min().copied();
+                if let Some(at_ns) = watermark
+                    && caught_up
+                    && watermark != sent_watermark
+                {
+                    sent_watermark = watermark;
+                    let change = OwnershipChange::Watermark {
+                        source: OWNERSHIP_SOURCE.to_string(),
+                        at_ns,
+                    };
+                    if changes.send(change).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            match reading.await {
+                Ok(Ok(())) | Err(_) => Ok(()),
+                Ok(Err(e)) => Err(fatal(e)),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(name: &str) -> Arc<Identity> {
+        Arc::new(Identity {
+            name: name.to_string(),
+            source: "static".to_string(),
+            ..Identity::default()
+        })
+    }
+
+    fn open(owner: &str, name: &str, at: u64) -> OwnershipChange {
+        OwnershipChange::Open {
+            source: "k".into(),
+            owner: owner.into(),
+            prefix: "10.0.0.1/32".parse().unwrap(),
+            identity: identity(name),
+            at_ns: at,
+        }
+    }
+
+    fn close(owner: &str, at: u64) -> OwnershipChange {
+        OwnershipChange::Close {
+            source: "k".into(),
+            owner: owner.into(),
+            prefix: "10.0.0.1/32".parse().unwrap(),
+            at_ns: at,
+        }
+    }
+
+    fn tenure(owner: &str, name: &str, from: u64, to: Option<u64>) -> OwnershipRecord {
+        OwnershipRecord::Tenure {
+            source: "k".into(),
+            owner: owner.into(),
+            prefix: "10.0.0.1/32".parse().unwrap(),
+            identity: identity(name),
+            from_ns: from,
+            to_ns: to,
+        }
+    }
+
+    #[test]
+    fn tenures_open_close_and_relists() {
+        let mut t = Tenures::default();
+        assert_eq!(
+            t.apply(open("a", "A", 10)),
+            vec![tenure("a", "A", 10, None)]
+        );
+        // A re-list re-sends the Open: nothing new.
+        assert_eq!(t.apply(open("a", "A", 15)), vec![]);
+        // The identity changed: the tenure ends, a new one starts.
+        assert_eq!(
+            t.apply(open("a", "A2", 20)),
+            vec![tenure("a", "A", 10, Some(20)), tenure("a", "A2", 20, None)]
+        );
+        assert_eq!(
+            t.apply(close("a", 30)),
+            vec![tenure("a", "A2", 20, Some(30))]
+        );
+        assert_eq!(t.apply(close("a", 31)), vec![], "unmatched close");
+        assert_eq!(
+            t.expire(25),
+            vec![tenure("a", "A", 10, None).key()],
+            "closed at 20 < 25"
+        );
+        assert_eq!(t.expire(100), vec![tenure("a", "A2", 20, None).key()]);
+    }
+
+    #[test]
+    fn a_restart_closes_what_the_source_no_longer_confirms() {
+        let mut t = Tenures::default();
+        t.replay(&tenure("gone", "G", 5, None));
+        t.replay(&tenure("kept", "K", 6, None));
+        t.replay(&tenure("old", "O", 1, Some(2)));
+        assert_eq!(t.open(), 2);
+        assert_eq!(t.apply(open("kept", "K", 50)), vec![]);
+        let w = OwnershipChange::Watermark {
+            source: "k".into(),
+            at_ns: 60,
+        };
+        assert_eq!(
+            t.apply(w.clone()),
+            vec![
+                tenure("gone", "G", 5, Some(60)),
+                OwnershipRecord::Watermark {
+                    source: "k".into(),
+                    at_ns: 60
+                }
+            ]
+        );
+        assert_eq!(t.open(), 1);
+        // Later watermarks close nothing.
+        t.replay(&tenure("late", "L", 7, None));
+        assert_eq!(t.apply(w).len(), 1);
+    }
+
+    #[test]
+    fn records_round_trip_as_json_and_expand_to_changes() {
+        let r = tenure("a", "A", 10, Some(20));
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<OwnershipRecord>(&json).unwrap(), r);
+        assert_eq!(r.changes(), vec![open("a", "A", 10), close("a", 20)]);
+        assert_eq!(r.key(), "tenure/k/a/10.0.0.1/32/10");
+    }
+}
