@@ -5,12 +5,9 @@
 use std::time::Duration;
 
 use flowlog_identity::{IdentityIndex, InventorySource, SharedIndex, apply_changes, now_ns};
-use metrics::gauge;
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
-
-use crate::metrics as m;
 
 /// Changes waiting to be applied, at most: a source that outruns the index waits.
 const CHANGES_QUEUE: usize = 65_536;
@@ -61,10 +58,10 @@ impl Inventory {
                     _ = stop.cancelled() => return,
                     _ = every.tick() => {}
                 }
-                let mut index = pruned.write();
-                index.prune(now_ns().saturating_sub(retention.as_nanos() as u64));
-                gauge!(m::INDEX_INTERVALS).set(index.intervals() as f64);
-                gauge!(m::INDEX_PREFIXES).set(index.prefixes() as f64);
+                // The index exports its own size (flowlog_identity_intervals, _prefixes).
+                pruned
+                    .write()
+                    .prune(now_ns().saturating_sub(retention.as_nanos() as u64));
             }
         });
         Self { index, tasks }

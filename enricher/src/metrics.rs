@@ -28,9 +28,6 @@ pub const KAFKA_ERRORS: &str = "flowlog_enricher_kafka_errors_total";
 pub const LATENCY: &str = "flowlog_enricher_latency_seconds";
 /// Input offsets stored for commit (every output durable up to them).
 pub const OFFSETS_STORED: &str = "flowlog_enricher_offsets_stored_total";
-/// Ownership intervals held by the index, and prefixes with any.
-pub const INDEX_INTERVALS: &str = "flowlog_enricher_index_intervals";
-pub const INDEX_PREFIXES: &str = "flowlog_enricher_index_prefixes";
 
 /// Why the exporter could not start.
 #[derive(Debug, thiserror::Error)]
