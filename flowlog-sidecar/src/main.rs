@@ -1,8 +1,5 @@
 //! `flowlog-sidecar`: records every TCP flow of this host from kernel tracepoints.
-use std::{
-    io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, str::FromStr,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, str::FromStr, time::Duration};
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser};
@@ -13,7 +10,6 @@ use flowlog_sidecar::{
     probe::{Probe, ProbeSettings},
     sink::JsonLines,
 };
-use tracing::error;
 
 /// Where records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,29 +164,5 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLOWLOG_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!(error = %e, "starting the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    flowlog_cli::main(flowlog_cli::Runtime::CurrentThread, run(args))
 }

@@ -67,21 +67,26 @@ impl Topic {
     pub fn create_on(brokers: &str, test: &str, partitions: i32) -> Self {
         let name = unique_name(test);
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results = runtime()
-            .block_on(admin(brokers).create_topics(
+        let client = admin(brokers);
+        // A broker busy with other clients' work may time out a creation: asked again.
+        let mut attempt = 0;
+        let results = loop {
+            attempt += 1;
+            match runtime().block_on(client.create_topics(
                 &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
                 &options,
-            ))
-            .unwrap_or_else(|e| {
-                panic!(
+            )) {
+                Ok(results) => break results,
+                Err(e) if attempt < 3 => eprintln!("creating topic {name}: {e}; trying again"),
+                Err(e) => panic!(
                     "creating topic {name} on {brokers} (is the broker running? `scripts/kafka start`): {e}"
-                )
-            });
+                ),
+            }
+        };
         for r in results {
             r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
         }
         // The broker may answer the creation before its metadata shows the topic.
-        let client = admin(brokers);
         let deadline = Instant::now() + PATIENCE;
         loop {
             let ready = client

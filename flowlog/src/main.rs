@@ -4,10 +4,7 @@
 //! `./flowlogs/` (hive partitions `dt=YYYY-MM-DD/hour=HH/`), and prints a live summary.
 //! Ctrl-C (or SIGTERM) reports the flows still open, attributes what is held and closes the
 //! files.
-use std::{
-    io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -22,7 +19,6 @@ use flowlog_sidecar::{
     probe::{Probe, ProbeSettings},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::error;
 
 mod enriching_sink;
 mod summary;
@@ -127,30 +123,5 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLOWLOG_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!(error = %e, "starting the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    flowlog_cli::main(flowlog_cli::Runtime::Workers(1), run(args))
 }

@@ -11,7 +11,7 @@
 mod attribution;
 mod capture;
 mod throughput;
-mod topic;
+
 mod wire;
 
 // The churn harness's load and its way of running the sidecar, shared rather than copied.

@@ -27,7 +27,7 @@ use rdkafka::{
     producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer},
 };
 
-use crate::topic::Topic;
+use flowlog_testkit::Topic;
 
 /// Records per `write` for the sink (one busy drain of the ring buffer, about).
 const CHUNK: usize = 4096;
@@ -87,7 +87,7 @@ pub fn through_sink(
     options: &[(String, String)],
     work_dir: &Path,
 ) -> anyhow::Result<Run> {
-    let topic = Topic::create(brokers, "sink", 3)?;
+    let topic = Topic::create_on(brokers, "bench-sink", 3);
     let mut settings = KafkaSettings::new(brokers, &topic.name);
     settings.options = options.to_vec();
     settings.spool_dir = work_dir.join(format!("spool-{}", topic.name));
@@ -148,7 +148,7 @@ pub fn plain_producer(
     encoded: &[(Vec<u8>, Vec<u8>)],
     options: &[(String, String)],
 ) -> anyhow::Result<Run> {
-    let topic = Topic::create(brokers, "plain", 3)?;
+    let topic = Topic::create_on(brokers, "bench-plain", 3);
     let mut settings = KafkaSettings::new(brokers, &topic.name);
     settings.options = options.to_vec();
     let ok = Arc::new(AtomicU64::new(0));

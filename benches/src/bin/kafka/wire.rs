@@ -26,7 +26,7 @@ use flowlog_sidecar::{
 };
 use rdkafka::statistics::Statistics;
 
-use crate::topic::Topic;
+use flowlog_testkit::Topic;
 
 /// The agent's drain interval: it hands the sink what it captured once per interval, so a paced
 /// condition writes a rate × 100 ms chunk per tick.
@@ -109,7 +109,7 @@ pub fn measure(
     condition: &Condition,
     work_dir: &Path,
 ) -> anyhow::Result<WireResult> {
-    let topic = Topic::create(brokers, "wire", condition.partitions)?;
+    let topic = Topic::create_on(brokers, "bench-wire", condition.partitions);
     let totals = Arc::new(Mutex::new(Totals::default()));
     let mut settings = KafkaSettings::new(brokers, &topic.name);
     settings.spool_dir = work_dir.join(format!("spool-{}", topic.name));
