@@ -170,3 +170,93 @@ fn enrich(
 fn caught_up(index: &IdentityIndex, at_ns: u64) -> bool {
     index.caught_up_to().is_some_and(|t| t >= at_ns)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use flowlog_identity::OwnershipChange;
+    use flowlog_record::{Attribution, Direction, Family, Identity, Outcome};
+
+    use super::*;
+
+    fn record(id: u64, start_ns: u64) -> FlowRecord {
+        FlowRecord {
+            flow_id: id,
+            host: "h".into(),
+            seq: 0,
+            start_ns,
+            end_ns: start_ns + 1,
+            family: Family::Ipv4,
+            local_addr: "192.0.2.1".parse().unwrap(),
+            local_port: 40_000,
+            remote_addr: "10.0.0.1".parse().unwrap(),
+            remote_port: 443,
+            direction: Direction::Outbound,
+            outcome: Outcome::Closed,
+            bytes_sent: 0,
+            bytes_received: 0,
+            segs_sent: 0,
+            segs_received: 0,
+            retransmits: 0,
+            resets_sent: 0,
+            resets_received: 0,
+            srtt_us: 0,
+            min_rtt_us: 0,
+            pid: None,
+            comm: None,
+            cgroup_id: None,
+        }
+    }
+
+    fn watermark(index: &SharedIndex, at_ns: u64) {
+        index.write().apply(OwnershipChange::Watermark {
+            source: "s".into(),
+            at_ns,
+        });
+    }
+
+    /// Flows newer than the inventory wait for it (in arrival order), up to the hold; past it
+    /// their ends are unknown, never guessed from a view that may be stale.
+    #[test]
+    fn flows_newer_than_the_inventory_are_held() {
+        let mut index = IdentityIndex::new();
+        index.register_source("s");
+        let remote: IpAddr = "10.0.0.1".parse().unwrap();
+        index.apply(OwnershipChange::Open {
+            source: "s".into(),
+            owner: "db".into(),
+            prefix: remote.into(),
+            identity: Arc::new(Identity {
+                name: "db".into(),
+                ..Identity::default()
+            }),
+            at_ns: 0,
+        });
+        let index = index.into_shared();
+        watermark(&index, 100);
+        let hold = Duration::from_secs(5);
+        let mut a: Attributor<u64> = Attributor::new(SharedIndex::clone(&index), None, hold);
+        let t = Instant::now();
+        let mut out = Vec::new();
+        a.push(record(1, 100), 1, t, &mut out);
+        assert_eq!(out.len(), 1, "caught up to its start: attributed at once");
+        assert_eq!(out[0].0.remote.status, Attribution::Exact);
+        out.clear();
+        a.push(record(2, 150), 2, t, &mut out);
+        a.push(record(3, 300), 3, t, &mut out);
+        assert!(out.is_empty());
+        assert_eq!((a.held(), a.next_deadline()), (2, Some(t + hold)));
+        watermark(&index, 200);
+        a.release(t + Duration::from_secs(1), &mut out);
+        let released: Vec<_> = out.iter().map(|(e, id)| (*id, e.remote.status)).collect();
+        assert_eq!(released, vec![(2, Attribution::Exact)], "3 is still ahead");
+        out.clear();
+        a.release(t + hold - Duration::from_nanos(1), &mut out);
+        assert!(out.is_empty());
+        a.release(t + hold, &mut out);
+        let expired: Vec<_> = out.iter().map(|(e, id)| (*id, e.remote.status)).collect();
+        assert_eq!(expired, vec![(3, Attribution::Unknown)], "its hold ran out");
+        assert_eq!(a.held(), 0);
+    }
+}
