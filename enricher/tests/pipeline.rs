@@ -228,7 +228,15 @@ fn undecodable_messages_go_to_the_dead_letter_topic_and_the_rest_is_enriched() {
         ],
     );
     let group = unique_name("dlq-group");
-    let enricher = Enricher::start(&raw, &enriched, &dlq, &group, &["--static", &inventory]);
+    // The static inventory comes through the configuration file (flags' defaults).
+    let config = dir.join("enricher.toml");
+    std::fs::write(
+        &config,
+        format!("static = [{inventory:?}]\nhold = \"2s\"\n"),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let enricher = Enricher::start(&raw, &enriched, &dlq, &group, &["--config", &config]);
 
     let out = enriched_flows(&enriched.read_until(|m| m.len() >= 2));
     assert_eq!(out.len(), 2);
@@ -627,6 +635,27 @@ fn enrichers_follow_the_ownership_topic_of_one_inventory_process() {
             (32, Attribution::Exact, Some("gone".to_string())),
             (33, Attribution::Unknown, None)
         ]
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_broken_configuration_file_is_a_usage_error_naming_it() {
+    let dir = temp_dir("config");
+    let config = dir.join("enricher.toml");
+    std::fs::write(&config, "static = [\"unterminated\n").unwrap();
+    let out = Command::new(ENRICHER)
+        .args(["--config", &config.display().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "parsing the configuration file {}",
+            config.display()
+        )),
+        "{stderr}"
     );
     let _ = std::fs::remove_dir_all(dir);
 }

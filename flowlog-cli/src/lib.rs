@@ -1,8 +1,9 @@
 //! What every flowlog binary (`flowlog`, `flowlog-sidecar`, `flowlog-enricher`,
 //! `flowlog-inventory`) does around its work, in one place: logs with `tracing` to stderr
 //! (level from `FLOWLOG_LOG`, `EnvFilter` syntax, default `info`; colours only on a terminal),
-//! a tokio runtime, and a failure's whole error chain logged once with exit status 1.
-use std::{future::Future, io::IsTerminal as _, process::ExitCode};
+//! a tokio runtime, and a failure's whole error chain logged once with exit status 1; and the
+//! TOML configuration file of the long-running services ([`config_file_to_env`]).
+use std::{future::Future, io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use tracing::error;
 
@@ -49,4 +50,81 @@ pub fn main(runtime: Runtime, work: impl Future<Output = anyhow::Result<()>>) ->
             ExitCode::FAILURE
         }
     }
+}
+
+/// Why a configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the configuration file {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing the configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+/// Reads the TOML configuration file named by `--config PATH` (or `FLOWLOG_CONFIG`) and makes
+/// each of its settings the default of the flag it names: every flag can be set from an
+/// environment variable `FLOWLOG_<NAME>`, so a key `name` (or `NAME`) becomes `FLOWLOG_NAME`
+/// unless the environment already sets it. Flags on the command line win over the environment,
+/// which wins over the file. Lists become comma-separated values. Call it before parsing flags,
+/// while the process is still single-threaded (it sets environment variables).
+pub fn config_file_to_env() -> Result<Option<PathBuf>, ConfigError> {
+    let mut args = std::env::args_os().skip(1);
+    let mut path = std::env::var_os("FLOWLOG_CONFIG").map(PathBuf::from);
+    while let Some(arg) = args.next() {
+        let arg = arg.to_string_lossy().into_owned();
+        if arg == "--config" {
+            path = args.next().map(PathBuf::from);
+        } else if let Some(p) = arg.strip_prefix("--config=") {
+            path = Some(PathBuf::from(p));
+        }
+    }
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    for (key, value) in &table {
+        let name = format!("FLOWLOG_{}", key.to_uppercase().replace('-', "_"));
+        if std::env::var_os(&name).is_some() {
+            continue;
+        }
+        let bad = |what: &str| ConfigError::Parse {
+            path: path.clone(),
+            message: format!("`{key}`: {what}; use `key = value` or `key = [values]`"),
+        };
+        let value = match value {
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| scalar(v).ok_or_else(|| bad("a list of lists or tables")))
+                .collect::<Result<Vec<_>, _>>()?
+                .join(","),
+            v => scalar(v).ok_or_else(|| bad("a table is not a setting"))?,
+        };
+        // SAFETY: called before any other thread exists (see the function's docs).
+        unsafe { std::env::set_var(&name, value) };
+    }
+    Ok(Some(path))
+}
+
+/// A TOML scalar as a flag's text.
+fn scalar(v: &toml::Value) -> Option<String> {
+    Some(match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Datetime(d) => d.to_string(),
+        toml::Value::Array(_) | toml::Value::Table(_) => return None,
+    })
 }
