@@ -48,7 +48,8 @@ pub struct PipelineSettings {
     /// Longest a flow newer than the inventory waits for it ([`crate::attribute`]).
     pub hold: Duration,
     /// Most input messages not yet committable; past it the consumer stops reading until
-    /// outputs catch up (bounds memory during a broker outage or a slow store).
+    /// outputs catch up (bounds memory during a broker outage or a slow store), and the open
+    /// Parquet files are closed early so that their records become committable.
     pub max_pending: usize,
     /// How long shutdown waits for the producer's outstanding deliveries.
     pub shutdown_wait: Duration,
@@ -352,7 +353,15 @@ impl Pipeline {
         let now = Instant::now();
         self.attributor.release(now, &mut self.ready);
         if let Some(sink) = &mut self.parquet {
-            sink.maybe_roll(now).await?;
+            if self.offsets.pending() >= self.settings.max_pending
+                && sink.written() > sink.durable()
+            {
+                // Reading stopped on `max_pending`: what holds the offsets is the open Parquet
+                // generation, so close it now instead of at its size or age.
+                sink.roll().await?;
+            } else {
+                sink.maybe_roll(now).await?;
+            }
         }
         self.offsets.revoke(&self.shared.take_revoked());
         self.apply_reports();
