@@ -97,6 +97,10 @@ struct Args {
     /// still be attributed).
     #[arg(long, env = "FLOWLOG_RETENTION", default_value = "6h", value_parser = parse_duration)]
     retention: Duration,
+    /// Most input messages read but not yet durable in every output; past it reading pauses
+    /// (and open Parquet files close early).
+    #[arg(long, env = "FLOWLOG_MAX_PENDING", default_value_t = 500_000)]
+    max_pending: usize,
     /// Prometheus metrics listener (serves /metrics).
     #[arg(long, env = "FLOWLOG_METRICS_ADDR", default_value = "127.0.0.1:9465")]
     metrics_addr: SocketAddr,
@@ -153,6 +157,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     kafka.producer_options = args.producer_options;
     let mut settings = PipelineSettings::new(kafka);
     settings.hold = args.hold;
+    settings.max_pending = args.max_pending;
     let result = pipeline::run(settings, inventory.index.clone(), parquet, shutdown.clone()).await;
     shutdown.cancel();
     inventory.stopped().await;

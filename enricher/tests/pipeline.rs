@@ -659,3 +659,45 @@ fn a_broken_configuration_file_is_a_usage_error_naming_it() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Reading pauses at `--max-pending` records not yet durable; when the open Parquet files are
+/// what holds them, they are closed early rather than at their (here: hour-long) roll interval.
+#[test]
+fn a_full_window_of_pending_records_rolls_parquet_early() {
+    let _serial = serial();
+    const N: u64 = 1_000;
+    let (raw, enriched, dlq) = (
+        Topic::create("window-raw", 1),
+        Topic::create("window-enriched", 1),
+        Topic::create("window-dlq", 1),
+    );
+    let dir = temp_dir("window");
+    let parquet = dir.join("parquet");
+    let t = now_ns() - 60_000_000_000;
+    let records: Vec<FlowRecord> = (0..N)
+        .map(|i| record(5_000 + i, "10.9.0.1", t + i))
+        .collect();
+    let messages: Vec<_> = records.iter().map(|r| (avro::key(r), encoded(r))).collect();
+    produce(&raw, &messages);
+    let parquet_flag = parquet.display().to_string();
+    let enricher = Enricher::start(
+        &raw,
+        &enriched,
+        &dlq,
+        &unique_name("window"),
+        &[
+            "--max-pending",
+            "100",
+            "--parquet",
+            &parquet_flag,
+            "--parquet-roll-interval",
+            "1h",
+        ],
+    );
+    let out = enriched.read_until(|m| m.len() as u64 >= N);
+    assert_eq!(out.len() as u64, N);
+    enricher.stop();
+    let rows = parquet_keys(&parquet);
+    assert_eq!(rows.len() as u64, N, "every record in Parquet, once");
+    let _ = std::fs::remove_dir_all(dir);
+}
