@@ -68,6 +68,10 @@ pub struct Ec2Source {
 }
 
 impl Ec2Source {
+    /// A source polling through `client` (see [`build_client`](crate::build_client); tests point
+    /// one at moto). Nothing is called until the first poll: an unreachable API shows as failed
+    /// polls, counted and retried, never as a start-up error, so the enricher runs (holding
+    /// flows) through an EC2 outage.
     pub fn new(client: aws_sdk_ec2::Client, settings: Ec2Settings) -> Self {
         let region = settings
             .region
@@ -82,6 +86,7 @@ impl Ec2Source {
         }
     }
 
+    /// The settings in force.
     pub fn settings(&self) -> &Ec2Settings {
         &self.settings
     }

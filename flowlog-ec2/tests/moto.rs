@@ -74,6 +74,20 @@ async fn instances_are_named_by_their_name_tag_with_allow_listed_tags() {
     );
     // Nothing changed: only the watermark moves.
     assert_eq!(source.poll(2_000).await.unwrap(), vec![watermark(2_000)]);
+
+    // Retagged: the same owner closes and reopens with the new identity at the poll, so flows
+    // before it keep the old labels.
+    fx.tag(&a.id, "app", "web-v2").await;
+    let id_a2 = fx.instance_identity(&a, "web-a", &[("Name", "web-a"), ("app", "web-v2")]);
+    let owner_a = format!("eni/{}/{}", a.eni, a.id);
+    assert_eq!(
+        source.poll(3_000).await.unwrap(),
+        vec![
+            close(&owner_a, "10.61.1.10/32", 3_000),
+            open(&owner_a, "10.61.1.10/32", &id_a2, 3_000),
+            watermark(3_000),
+        ]
+    );
 }
 
 #[tokio::test]

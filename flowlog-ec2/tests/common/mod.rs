@@ -225,6 +225,8 @@ impl Fixture {
             .network_interface_id()
             .unwrap()
             .to_owned();
+        // AWS deletes a primary ENI with its instance; moto keeps it: delete it at cleanup.
+        self.enis.push(eni.clone());
         TestInstance { id, eni }
     }
 
@@ -286,6 +288,17 @@ impl Fixture {
             .send()
             .await
             .expect("UnassignPrivateIpAddresses");
+    }
+
+    /// Sets tag `key` of a resource to `value`.
+    pub async fn tag(&self, resource: &str, key: &str, value: &str) {
+        self.client
+            .create_tags()
+            .resources(resource)
+            .tags(Tag::builder().key(key).value(value).build())
+            .send()
+            .await
+            .expect("CreateTags");
     }
 
     /// A VPC Elastic IP: (allocation id, public address).
