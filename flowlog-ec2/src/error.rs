@@ -4,7 +4,7 @@
 //! missing permissions on a dashboard.
 use std::fmt;
 
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 
 /// What went wrong with one EC2 API call (any page of it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,8 +68,9 @@ const DENIED_CODES: &[&str] = &[
     "RequestExpired",
 ];
 
-/// A failed EC2 API call: which call, what kind of failure, and the SDK's whole error chain (its
-/// `Display` alone often says only "dispatch failure").
+/// A failed EC2 API call: which call, what kind of failure, the service's code and message, or
+/// for failures without an answer the whole error chain (the SDK's `Display` alone often says
+/// only "dispatch failure").
 #[derive(Debug, thiserror::Error)]
 #[error("EC2 {operation} failed ({kind}{}): {message}", code.as_deref().map(|c| format!(", {c}")).unwrap_or_default())]
 pub struct Ec2Error {
@@ -82,7 +83,8 @@ pub struct Ec2Error {
 }
 
 impl Ec2Error {
-    /// Sorts an SDK error from `operation` into a kind and keeps its whole context as the message.
+    /// Sorts an SDK error from `operation` into a kind, and keeps the service's message or the
+    /// error chain.
     pub fn from_sdk<E, R>(operation: &'static str, error: SdkError<E, R>) -> Self
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
@@ -102,11 +104,27 @@ impl Ec2Error {
             SdkError::ConstructionFailure(_) => ErrorKind::Construction,
             _ => ErrorKind::Service,
         };
+        let message = match &error {
+            SdkError::ServiceError(_) => error.message().unwrap_or("(no message)").to_owned(),
+            _ => chain(&error),
+        };
         Self {
             operation,
             kind,
             code,
-            message: DisplayErrorContext(&error).to_string(),
+            message,
         }
     }
+}
+
+/// An error and its sources, `: `-separated.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }

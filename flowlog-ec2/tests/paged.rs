@@ -174,6 +174,10 @@ async fn all_pages_or_nothing() {
     assert_eq!(error.kind, ErrorKind::Throttled);
     assert_eq!(error.code.as_deref(), Some("RequestLimitExceeded"));
     assert_eq!(error.operation, "DescribeNetworkInterfaces");
+    assert_eq!(
+        error.to_string(),
+        "EC2 DescribeNetworkInterfaces failed (throttled, RequestLimitExceeded): Request limit exceeded."
+    );
     assert_eq!(source.failures(), 1);
     assert_eq!(source.prefixes(), 0);
 
