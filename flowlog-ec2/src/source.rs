@@ -1,9 +1,9 @@
 //! The EC2 inventory source: polls DescribeNetworkInterfaces and DescribeInstances every
 //! `interval`, diffs each complete view against the last one and sends the difference, then a
 //! watermark. See the crate docs for the timing rules and their error bound.
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
-use aws_sdk_ec2::types::{Filter, Instance, NetworkInterface};
+use aws_sdk_ec2::types::{Filter, NetworkInterface};
 use flowlog_identity::{
     BoxFuture, FailureLog, InventorySource, OwnershipChange, SourceError, now_ns, send_all,
 };
@@ -163,11 +163,8 @@ impl Ec2Source {
             .try_collect()
             .await
             .map_err(|e| Ec2Error::from_sdk("DescribeInstances", e))?;
-        let instances: HashMap<_, _> = snapshot::instance_infos(
-            reservations
-                .iter()
-                .flat_map(|r| r.instances())
-                .collect::<Vec<&Instance>>(),
+        let instances = snapshot::instance_infos(
+            reservations.iter().flat_map(|r| r.instances()),
             &self.settings.tag_labels,
         );
         Ok(snapshot::build(
