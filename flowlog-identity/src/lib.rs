@@ -65,8 +65,8 @@
 //!
 //! # Sources
 //! [`InventorySource`] is what every source implements ([`StaticSource`] for a TOML file of
-//! CIDRs, [`HostSource`] for this host's addresses; Kubernetes and EC2 come later). The local
-//! end of a flow is named from its process's cgroup by [`CgroupResolver`].
+//! CIDRs, [`HostSource`] for this host's addresses; EC2 in the `flowlog-ec2` crate, Kubernetes
+//! later). The local end of a flow is named from its process's cgroup by [`CgroupResolver`].
 pub mod apply;
 pub mod cgroup;
 pub mod change;
@@ -80,5 +80,5 @@ pub use cgroup::{CgroupPath, CgroupResolver, cgroup_identity, cgroup2_mount, par
 pub use change::{OwnershipChange, now_ns};
 pub use host_source::{HOST_SOURCE, HostError, HostSource, hostname};
 pub use index::{ChangeCounts, IdentityIndex, SharedIndex};
-pub use source::{BoxFuture, InventorySource, SourceError, spawn_source};
+pub use source::{BoxFuture, FailureLog, InventorySource, SourceError, send_all, spawn_source};
 pub use static_source::{STATIC_SOURCE, StaticError, StaticSource};
