@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod offsets;
 pub mod ownership;
 pub mod pipeline;
+pub mod source_flags;
 pub mod storage;

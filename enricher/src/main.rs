@@ -1,8 +1,7 @@
 //! `flowlog-enricher`: one replica of the enricher. Reads `flows.raw` in a consumer group,
 //! attributes both ends of every flow as of its start, writes `flows.enriched` and Parquet.
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
-use anyhow::Context as _;
 use clap::Parser;
 use flowlog_enricher::{
     inventory::Inventory,
@@ -10,9 +9,9 @@ use flowlog_enricher::{
     metrics,
     ownership::OwnershipTopicSource,
     pipeline::{self, PipelineSettings},
+    source_flags::SourceFlags,
     storage::{ParquetSettings, ParquetSink, S3Options},
 };
-use flowlog_identity::{HostSource, InventorySource, StaticSource};
 use tokio_util::sync::CancellationToken;
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -76,20 +75,12 @@ struct Args {
     /// Allow an http:// S3 endpoint.
     #[arg(long, env = "FLOWLOG_S3_ALLOW_HTTP")]
     s3_allow_http: bool,
-    /// A static inventory file (TOML: CIDR → identity, optional validity times); repeatable.
-    #[arg(long = "static", env = "FLOWLOG_STATIC", value_delimiter = ',')]
-    static_files: Vec<PathBuf>,
-    /// How often static files are checked for changes. Each check is also the source's
-    /// watermark: keep it well under `--hold`, or flows wait for it.
-    #[arg(long, env = "FLOWLOG_STATIC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
-    static_interval: Duration,
     /// Follow this ownership topic (published by `flowlog-inventory`) instead of, or besides,
     /// reading inventories directly.
     #[arg(long, env = "FLOWLOG_OWNERSHIP_TOPIC")]
     ownership_topic: Option<String>,
-    /// Attribute this host's own addresses (one-host use).
-    #[arg(long, env = "FLOWLOG_HOST_SOURCE")]
-    host_source: bool,
+    #[command(flatten)]
+    sources: SourceFlags,
     /// Longest a flow newer than the inventory is held before its ends are `unknown`.
     #[arg(long, env = "FLOWLOG_HOLD", default_value = "5s", value_parser = parse_duration)]
     hold: Duration,
@@ -104,24 +95,6 @@ struct Args {
     /// Prometheus metrics listener (serves /metrics).
     #[arg(long, env = "FLOWLOG_METRICS_ADDR", default_value = "127.0.0.1:9465")]
     metrics_addr: SocketAddr,
-}
-
-/// The identity sources the flags ask for.
-fn sources(args: &Args) -> anyhow::Result<Vec<Box<dyn InventorySource>>> {
-    let mut sources: Vec<Box<dyn InventorySource>> = Vec::new();
-    for path in &args.static_files {
-        let source = StaticSource::open(path, args.static_interval)
-            .with_context(|| format!("loading the static inventory {}", path.display()))?;
-        sources.push(Box::new(source));
-    }
-    if let Some(topic) = &args.ownership_topic {
-        sources.push(Box::new(OwnershipTopicSource::new(&args.brokers, topic)));
-    }
-    if args.host_source {
-        let host = HostSource::new(Duration::from_secs(1)).context("starting the host source")?;
-        sources.push(Box::new(host));
-    }
-    Ok(sources)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -145,7 +118,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(ParquetSink::open(settings).await?)
         }
     };
-    let inventory = Inventory::start(sources(&args)?, args.retention, &shutdown);
+    let mut sources = args.sources.sources().await?;
+    if let Some(topic) = &args.ownership_topic {
+        sources.push(Box::new(OwnershipTopicSource::new(&args.brokers, topic)));
+    }
+    let inventory = Inventory::start(sources, args.retention, &shutdown);
     let mut kafka = KafkaSettings::new(&args.brokers);
     kafka.input_topic = args.input_topic;
     kafka.group = args.group;

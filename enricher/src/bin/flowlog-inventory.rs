@@ -2,12 +2,12 @@
 //! EC2 as they are added) and publishes their ownership tenures to the compacted
 //! `flows.ownership` topic, which every `flowlog-enricher --ownership-topic` replica follows —
 //! so API servers are not watched once per replica. Run one (or one per cluster).
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
-use flowlog_enricher::{metrics, ownership};
-use flowlog_identity::{HostSource, InventorySource, StaticSource, spawn_source};
+use flowlog_enricher::{metrics, ownership, source_flags::SourceFlags};
+use flowlog_identity::spawn_source;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -35,15 +35,8 @@ struct Args {
         default_value = "flows.ownership"
     )]
     ownership_topic: String,
-    /// A static inventory file (TOML: CIDR → identity, optional validity times); repeatable.
-    #[arg(long = "static", env = "FLOWLOG_STATIC", value_delimiter = ',')]
-    static_files: Vec<PathBuf>,
-    /// How often static files are checked for changes (each check is the source's watermark).
-    #[arg(long, env = "FLOWLOG_STATIC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
-    static_interval: Duration,
-    /// Publish this host's own addresses too.
-    #[arg(long, env = "FLOWLOG_HOST_SOURCE")]
-    host_source: bool,
+    #[command(flatten)]
+    sources: SourceFlags,
     /// Closed tenures older than this are deleted from the topic (tombstones).
     #[arg(long, env = "FLOWLOG_RETENTION", default_value = "6h", value_parser = parse_duration)]
     retention: Duration,
@@ -56,19 +49,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     flowlog_enricher::inventory::cancel_on_signal(shutdown.clone())?;
     metrics::install(args.metrics_addr)?;
-    let mut sources: Vec<Box<dyn InventorySource>> = Vec::new();
-    for path in &args.static_files {
-        let source = StaticSource::open(path, args.static_interval)
-            .with_context(|| format!("loading the static inventory {}", path.display()))?;
-        sources.push(Box::new(source));
-    }
-    if args.host_source {
-        let host = HostSource::new(Duration::from_secs(1)).context("starting the host source")?;
-        sources.push(Box::new(host));
-    }
+    let sources = args.sources.sources().await?;
     anyhow::ensure!(
         !sources.is_empty(),
-        "no inventory source: give --static or --host-source"
+        "no inventory source: give --static, --host-source or --ec2"
     );
     let (brokers, topic) = (args.brokers.clone(), args.ownership_topic.clone());
     let tenures = tokio::task::spawn_blocking(move || ownership::replay_tenures(&brokers, &topic))

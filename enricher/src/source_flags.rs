@@ -1,0 +1,88 @@
+//! The inventory-source flags that `flowlog-enricher` (reading sources directly) and
+//! `flowlog-inventory` (publishing them to `flows.ownership`) share, and the sources they make.
+//! Binary-facing: errors are `anyhow` with the flag's context.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use flowlog_ec2::{ClientOptions, Ec2Settings, Ec2Source, build_client};
+use flowlog_identity::{HostSource, InventorySource, StaticSource};
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".to_string());
+    }
+    Ok(d)
+}
+
+/// Which inventories to read, and how.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SourceFlags {
+    /// A static inventory file (TOML: CIDR → identity, optional validity times); repeatable.
+    #[arg(long = "static", env = "FLOWLOG_STATIC", value_delimiter = ',')]
+    pub static_files: Vec<PathBuf>,
+    /// How often static files are checked for changes. Each check is also the source's
+    /// watermark: keep it well under `--hold`, or flows wait for it.
+    #[arg(long, env = "FLOWLOG_STATIC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub static_interval: Duration,
+    /// Attribute this host's own addresses (one-host use).
+    #[arg(long, env = "FLOWLOG_HOST_SOURCE")]
+    pub host_source: bool,
+    /// Read EC2 network interfaces and instances (credentials from the SDK's default chain).
+    #[arg(long, env = "FLOWLOG_EC2")]
+    pub ec2: bool,
+    /// EC2 region (default: the SDK's chain, e.g. AWS_REGION).
+    #[arg(long, env = "FLOWLOG_EC2_REGION")]
+    pub ec2_region: Option<String>,
+    /// An EC2-compatible endpoint instead of the region's (e.g. moto in tests).
+    #[arg(long, env = "FLOWLOG_EC2_ENDPOINT")]
+    pub ec2_endpoint: Option<String>,
+    /// Time between EC2 polls: changes are seen up to this late (each poll is the source's
+    /// watermark, so flows newer than the last poll wait up to `--hold`).
+    #[arg(long, env = "FLOWLOG_EC2_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub ec2_interval: Duration,
+    /// Only these VPCs (repeatable); default: the whole region.
+    #[arg(long = "ec2-vpc", env = "FLOWLOG_EC2_VPCS", value_delimiter = ',')]
+    pub ec2_vpcs: Vec<String>,
+    /// Tags copied into identities' labels (repeatable); default: Name, app, team,
+    /// aws:autoscaling:groupName.
+    #[arg(long = "ec2-tag", env = "FLOWLOG_EC2_TAGS", value_delimiter = ',')]
+    pub ec2_tags: Vec<String>,
+}
+
+impl SourceFlags {
+    /// The sources the flags ask for, opened (a static file that does not load is an error
+    /// naming it).
+    pub async fn sources(&self) -> anyhow::Result<Vec<Box<dyn InventorySource>>> {
+        let mut sources: Vec<Box<dyn InventorySource>> = Vec::new();
+        for path in &self.static_files {
+            let source = StaticSource::open(path, self.static_interval)
+                .with_context(|| format!("loading the static inventory {}", path.display()))?;
+            sources.push(Box::new(source));
+        }
+        if self.host_source {
+            let host =
+                HostSource::new(Duration::from_secs(1)).context("starting the host source")?;
+            sources.push(Box::new(host));
+        }
+        if self.ec2 {
+            let client = build_client(&ClientOptions {
+                region: self.ec2_region.clone(),
+                endpoint: self.ec2_endpoint.clone(),
+                ..ClientOptions::default()
+            })
+            .await;
+            let mut settings = Ec2Settings {
+                interval: self.ec2_interval,
+                region: self.ec2_region.clone(),
+                vpc_ids: self.ec2_vpcs.clone(),
+                ..Ec2Settings::default()
+            };
+            if !self.ec2_tags.is_empty() {
+                settings.tag_labels = self.ec2_tags.clone();
+            }
+            sources.push(Box::new(Ec2Source::new(client, settings)));
+        }
+        Ok(sources)
+    }
+}
