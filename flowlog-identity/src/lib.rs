@@ -80,5 +80,5 @@ pub use cgroup::{CgroupPath, CgroupResolver, cgroup_identity, cgroup2_mount, par
 pub use change::{OwnershipChange, now_ns};
 pub use host_source::{HOST_SOURCE, HostError, HostSource, hostname};
 pub use index::{ChangeCounts, IdentityIndex, SharedIndex};
-pub use source::{BoxFuture, InventorySource, SourceError, spawn_source};
+pub use source::{BoxFuture, FailureLog, InventorySource, SourceError, send_all, spawn_source};
 pub use static_source::{STATIC_SOURCE, StaticError, StaticSource};

@@ -69,9 +69,10 @@ pub fn spawn_source(
 
 /// Logs a repeated failure once, then at most once a minute with its running count, and the
 /// recovery with how many attempts failed — instead of once per attempt; counts every failure in
-/// `flowlog_identity_source_errors_total{source}`.
+/// `flowlog_identity_source_errors_total{source}`. Public so that sources in other crates
+/// (Kubernetes, EC2) log and count their failures the same way.
 #[derive(Debug)]
-pub(crate) struct FailureLog {
+pub struct FailureLog {
     source: &'static str,
     failures: u64,
     last_logged: Option<Instant>,
@@ -81,7 +82,7 @@ pub(crate) struct FailureLog {
 const RELOG: Duration = Duration::from_secs(60);
 
 impl FailureLog {
-    pub(crate) fn new(source: &'static str) -> Self {
+    pub fn new(source: &'static str) -> Self {
         Self {
             source,
             failures: 0,
@@ -91,7 +92,7 @@ impl FailureLog {
 
     /// Records a failure; logs it if it is the first since the last success, or if the last log
     /// of it is a minute old.
-    pub(crate) fn failed(&mut self, error: &dyn std::error::Error) {
+    pub fn failed(&mut self, error: &dyn std::error::Error) {
         metrics::counter!("flowlog_identity_source_errors_total", "source" => self.source)
             .increment(1);
         self.failures += 1;
@@ -107,7 +108,7 @@ impl FailureLog {
     }
 
     /// Records a success; logs the recovery (with how many attempts failed) after failures.
-    pub(crate) fn succeeded(&mut self) {
+    pub fn succeeded(&mut self) {
         if self.failures > 0 {
             tracing::info!(
                 source = self.source,
@@ -120,16 +121,14 @@ impl FailureLog {
     }
 
     /// Failures since the last success.
-    pub(crate) fn failures(&self) -> u64 {
+    pub fn failures(&self) -> u64 {
         self.failures
     }
 }
 
 /// Sends `changes` in order; false if the receiver is gone (the process is stopping).
-pub(crate) async fn send_all(
-    tx: &mpsc::Sender<OwnershipChange>,
-    changes: Vec<OwnershipChange>,
-) -> bool {
+/// Public for sources in other crates.
+pub async fn send_all(tx: &mpsc::Sender<OwnershipChange>, changes: Vec<OwnershipChange>) -> bool {
     for change in changes {
         if tx.send(change).await.is_err() {
             return false;
