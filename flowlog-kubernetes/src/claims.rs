@@ -247,7 +247,7 @@ pub fn node_claims(node: &Node, settings: &KubernetesSettings) -> Vec<Claim> {
             identity: Arc::clone(&identity),
         })
         .collect();
-    claims.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+    claims.sort_by_key(|c| c.prefix);
     claims.dedup_by(|a, b| a.prefix == b.prefix);
     claims
 }
@@ -301,7 +301,121 @@ pub fn endpoint_slice_claims(slice: &EndpointSlice, settings: &KubernetesSetting
             identity: Arc::clone(&identity),
         })
         .collect();
-    claims.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+    claims.sort_by_key(|c| c.prefix);
     claims.dedup_by(|a, b| a.prefix == b.prefix);
     claims
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::serde_json::{self, json};
+
+    use super::*;
+
+    fn pod(value: serde_json::Value) -> Pod {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn owners_and_prefixes(claims: &[Claim]) -> Vec<(String, String)> {
+        claims
+            .iter()
+            .map(|c| (c.owner.clone(), c.prefix.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn dual_stack_pod_claims_both_addresses_and_podip_is_the_fallback() {
+        let settings = KubernetesSettings::default();
+        let both = pod(json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u"},
+            "status": {"phase": "Running", "podIP": "10.0.0.1",
+                       "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]},
+        }));
+        assert_eq!(
+            owners_and_prefixes(&pod_claims(&both, &settings)),
+            [
+                ("pod/u/10.0.0.1".to_owned(), "10.0.0.1/32".to_owned()),
+                ("pod/u/fd00::1".to_owned(), "fd00::1/128".to_owned()),
+            ]
+        );
+        let old = pod(json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u"},
+            "status": {"phase": "Running", "podIP": "10.0.0.2"},
+        }));
+        assert_eq!(
+            owners_and_prefixes(&pod_claims(&old, &settings)),
+            [("pod/u/10.0.0.2".to_owned(), "10.0.0.2/32".to_owned())]
+        );
+    }
+
+    #[test]
+    fn pods_that_cannot_hold_an_address_claim_none() {
+        let settings = KubernetesSettings::default();
+        for (phase, host_network, ip) in [
+            ("Failed", false, Some("10.0.0.1")),
+            ("Succeeded", false, Some("10.0.0.1")),
+            ("Running", true, Some("192.0.2.1")),
+            ("Pending", false, None),
+        ] {
+            let mut value = json!({
+                "metadata": {"name": "p", "uid": "u"},
+                "spec": {"containers": [], "hostNetwork": host_network},
+                "status": {"phase": phase},
+            });
+            if let Some(ip) = ip {
+                value["status"]["podIP"] = json!(ip);
+            }
+            assert_eq!(
+                pod_claims(&pod(value), &settings),
+                [],
+                "{phase} {host_network}"
+            );
+        }
+    }
+
+    #[test]
+    fn workload_from_the_controlling_owner() {
+        let meta = |labels: serde_json::Value, kind: &str, name: &str| -> ObjectMeta {
+            serde_json::from_value(json!({
+                "labels": labels,
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "Other", "name": "x", "uid": "1"},
+                    {"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "2", "controller": true},
+                ],
+            }))
+            .unwrap()
+        };
+        let workload = |m: &ObjectMeta| pod_workload(m).map(|w| format!("{}/{}", w.kind, w.name));
+        let hash = json!({"pod-template-hash": "6d4cf56db6"});
+        assert_eq!(
+            workload(&meta(hash.clone(), "ReplicaSet", "api-gw-6d4cf56db6")).as_deref(),
+            Some("Deployment/api-gw")
+        );
+        assert_eq!(
+            workload(&meta(hash.clone(), "ReplicaSet", "api-gw-other")).as_deref(),
+            Some("ReplicaSet/api-gw-other")
+        );
+        assert_eq!(
+            workload(&meta(json!({}), "ReplicaSet", "api-gw-6d4cf56db6")).as_deref(),
+            Some("ReplicaSet/api-gw-6d4cf56db6")
+        );
+        assert_eq!(
+            workload(&meta(hash, "DaemonSet", "agent")).as_deref(),
+            Some("DaemonSet/agent")
+        );
+        assert_eq!(workload(&ObjectMeta::default()), None);
+    }
+
+    #[test]
+    fn the_api_servers_own_slice_is_skipped() {
+        let settings = KubernetesSettings::default();
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "kubernetes", "namespace": "default", "uid": "k",
+                         "labels": {"kubernetes.io/service-name": "kubernetes"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["192.0.2.1"]}],
+        }))
+        .unwrap();
+        assert_eq!(endpoint_slice_claims(&slice, &settings), []);
+    }
 }
