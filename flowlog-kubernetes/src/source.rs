@@ -69,19 +69,27 @@ enum Msg {
 
 type MsgStream = Pin<Box<dyn Stream<Item = Msg> + Send>>;
 
-/// The watcher's retry delay: exponential from `backoff_min` to `backoff_max`, reset by any
-/// successful event (`StreamBackoff` does the reset).
+/// The watcher's retry delay: exponential from `backoff_min` to `backoff_max`, back to the
+/// minimum once a failure comes more than twice `backoff_max` after the previous one (the watch
+/// had been working). `StreamBackoff`'s reset on every successful event is ignored on purpose:
+/// a failing list makes the watcher emit `Init` (a success) before each attempt, which would
+/// otherwise hold the delay at its minimum and hammer a struggling API server.
 #[derive(Debug, Clone)]
 struct Exponential {
     min: Duration,
     max: Duration,
     next: Duration,
+    last: Option<Instant>,
 }
 
 impl Iterator for Exponential {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
+        if self.last.is_some_and(|t| t.elapsed() > self.max * 2) {
+            self.next = self.min;
+        }
+        self.last = Some(Instant::now());
         let delay = self.next;
         self.next = (delay * 2).min(self.max);
         Some(delay)
@@ -89,9 +97,7 @@ impl Iterator for Exponential {
 }
 
 impl Backoff for Exponential {
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
+    fn reset(&mut self) {}
 }
 
 /// A watcher of all objects of `K`, with backoff, mapped to [`Msg`]s of kind `kind`.
@@ -108,6 +114,7 @@ where
         min: settings.backoff_min,
         max: settings.backoff_max,
         next: settings.backoff_min,
+        last: None,
     };
     let settings = settings.clone();
     let api: Api<K> = Api::all(client);

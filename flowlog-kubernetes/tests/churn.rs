@@ -59,7 +59,7 @@ fn address(i: u32) -> IpAddr {
 async fn churn_time_ranged_index_against_latest_owner_map() {
     let server = ApiServer::start().await;
     let mut source = start(&server, fast_settings());
-    source.watermark_after(0).await;
+    assert_eq!(source.ready().await, []);
 
     // The schedule: (due in ms from the start, address, generation, add or delete).
     let mut schedule = Vec::new();

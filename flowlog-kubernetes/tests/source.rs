@@ -37,7 +37,7 @@ async fn pod_lifecycle_opens_once_and_closes_on_delete() {
     );
     let mut source = start(&server, fast_settings());
     assert_eq!(
-        briefs(&source.changes(1).await),
+        briefs(&source.ready().await),
         ["open node/n1/192.0.2.10 192.0.2.10/32 node-1"]
     );
     let mut spec = PodSpec {
@@ -138,6 +138,7 @@ async fn pod_lifecycle_opens_once_and_closes_on_delete() {
 async fn reused_address_goes_to_the_owner_of_the_time() {
     let server = ApiServer::start().await;
     let mut source = start(&server, fast_settings());
+    assert_eq!(source.ready().await, []);
     let a = PodSpec {
         name: "a",
         uid: "u-a",
@@ -217,7 +218,7 @@ async fn terminal_phase_closes_and_host_network_is_the_node() {
         node("node-1", "n1", "192.0.2.10", None, "eu-west-1a"),
     );
     let mut source = start(&server, fast_settings());
-    source.changes(1).await;
+    assert_eq!(source.ready().await.len(), 1, "the node");
     let mut job = PodSpec {
         name: "job-x",
         uid: "u-job",
@@ -301,7 +302,7 @@ async fn services_nodes_and_hand_kept_endpoints() {
         }),
     );
     let mut source = start(&server, fast_settings());
-    let mut got = source.changes(5).await;
+    let mut got = source.ready().await;
     got.sort_by_key(|c| briefs(std::slice::from_ref(c)));
     assert_eq!(
         briefs(&got),
@@ -365,13 +366,13 @@ async fn relist_after_gone_closes_what_vanished_and_reopens_nothing() {
         );
     }
     let mut source = start(&server, fast_settings());
-    let first = source.changes(3).await;
+    let first = source.ready().await;
+    assert_eq!(first.len(), 3);
     let listed_at = at(&first[0]);
     assert!(
         first.iter().all(|c| at(c) == listed_at),
         "one list, one time"
     );
-    source.watermark_after(listed_at).await;
     let gone_at = server.delete_unseen(Kind::Pod, "default", "p2");
     // A pod added after the re-list marks the end of what the re-list sent.
     let after = source.changes(1).await;
@@ -412,14 +413,21 @@ async fn relist_after_gone_closes_what_vanished_and_reopens_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watermark_stalls_while_failing_and_recovers() {
     let server = ApiServer::start().await;
+    // Retries come every 200 ms at most; a second without one is recovery.
     let mut source = start(&server, fast_settings());
+    assert_eq!(source.ready().await, []);
     let w1 = source.watermark_after(0).await;
     let w2 = source.watermark_after(w1 + 1).await;
     assert!(w2 > w1);
     server.set_failing(true);
     // Two failed requests: the watcher retries only after the source has taken the first
     // error from its stream, so by now the source knows.
+    let waiting = std::time::Instant::now();
     while server.failed_requests() < 2 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(20),
+            "the watcher never retried against the failing server"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let known_failing = flowlog_identity::now_ns();

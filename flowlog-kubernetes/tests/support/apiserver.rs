@@ -19,6 +19,7 @@ use axum::{
     extract::{Query, State},
     http::{StatusCode, Uri, header},
     response::{IntoResponse, Response},
+    serve::ListenerExt,
 };
 use flowlog_identity::now_ns;
 use serde_json::{Value, json};
@@ -128,6 +129,11 @@ impl ApiServer {
         let app = Router::new()
             .fallback(handle)
             .with_state(Arc::clone(&inner));
+        // As kube-apiserver (Go sets TCP_NODELAY): without it, Nagle's algorithm can hold a
+        // watch event back until the previous one is acknowledged.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self { inner, url }
     }
@@ -138,10 +144,12 @@ impl ApiServer {
         kube::Client::try_from(config).unwrap()
     }
 
-    /// Adds or replaces an object (ADDED or MODIFIED); returns when it happened (ns), the
-    /// ground truth for tests.
+    /// Adds or replaces an object (ADDED or MODIFIED); returns when it happened (ns, read
+    /// before the event is visible to any watch), the ground truth for tests.
     pub fn apply(&self, kind: Kind, mut object: Value) -> u64 {
         let mut inner = self.inner.lock().unwrap();
+        // Before anyone can see the write: a watcher may stamp it before this call returns.
+        let at = now_ns();
         inner.rv += 1;
         let rv = inner.rv;
         object["apiVersion"] = json!(kind.api_version());
@@ -158,12 +166,13 @@ impl ApiServer {
         collection.objects.insert(key, object);
         collection.events.push((rv, event.clone()));
         collection.broadcast(&event);
-        now_ns()
+        at
     }
 
     /// Deletes an object (DELETED, carrying its last state); returns when (ns).
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> u64 {
         let mut inner = self.inner.lock().unwrap();
+        let at = now_ns();
         inner.rv += 1;
         let rv = inner.rv;
         let collection = inner.collections.entry(kind).or_default();
@@ -175,7 +184,7 @@ impl ApiServer {
         let event = line(&json!({"type": "DELETED", "object": object}));
         collection.events.push((rv, event.clone()));
         collection.broadcast(&event);
-        now_ns()
+        at
     }
 
     /// Cuts every watch of `kind`, deletes the object while nobody watches, and drops the event
@@ -183,6 +192,7 @@ impl ApiServer {
     /// watch gets 410 Gone and must re-list to find out. Returns when the object went (ns).
     pub fn delete_unseen(&self, kind: Kind, namespace: &str, name: &str) -> u64 {
         let mut inner = self.inner.lock().unwrap();
+        let at = now_ns();
         inner.rv += 1;
         let rv = inner.rv;
         let collection = inner.collections.entry(kind).or_default();
@@ -193,7 +203,7 @@ impl ApiServer {
             .expect("deleting an object that exists");
         collection.events.clear();
         collection.compacted = rv;
-        now_ns()
+        at
     }
 
     /// While failing, every request is answered 500 and open watches are cut.

@@ -143,15 +143,23 @@ pub struct Collector {
 const PATIENCE: Duration = Duration::from_secs(20);
 
 impl Collector {
+    /// The next change, or a panic naming `what` was awaited once [`PATIENCE`] has passed
+    /// since `since` (a deadline for the whole wait: watermarks keep coming meanwhile).
+    async fn next(&mut self, since: tokio::time::Instant, what: &str) -> OwnershipChange {
+        let change = tokio::time::timeout_at(since + PATIENCE, self.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("waited {PATIENCE:?} for {what}; received {:?}", self.all))
+            .expect("source stopped");
+        self.all.push(change.clone());
+        change
+    }
+
     /// Receives until `n` more Opens or Closes have come; returns them (watermarks skipped).
     pub async fn changes(&mut self, n: usize) -> Vec<OwnershipChange> {
+        let since = tokio::time::Instant::now();
         let mut got = Vec::new();
         while got.len() < n {
-            let change = tokio::time::timeout(PATIENCE, self.rx.recv())
-                .await
-                .unwrap_or_else(|_| panic!("waited for {n} changes, got {got:?}"))
-                .expect("source stopped");
-            self.all.push(change.clone());
+            let change = self.next(since, &format!("{n} changes")).await;
             if !matches!(change, OwnershipChange::Watermark { .. }) {
                 got.push(change);
             }
@@ -159,15 +167,28 @@ impl Collector {
         got
     }
 
+    /// Receives until the first watermark, which comes once every kind's first list is
+    /// complete: mutations after this are seen as watch events, not folded into a list.
+    /// Returns the changes the lists made.
+    pub async fn ready(&mut self) -> Vec<OwnershipChange> {
+        let since = tokio::time::Instant::now();
+        let mut got = Vec::new();
+        loop {
+            match self.next(since, "the first watermark").await {
+                OwnershipChange::Watermark { .. } => return got,
+                change => got.push(change),
+            }
+        }
+    }
+
     /// Receives until a watermark at or after `at_ns` comes; returns its time.
     pub async fn watermark_after(&mut self, at_ns: u64) -> u64 {
+        let since = tokio::time::Instant::now();
         loop {
-            let change = tokio::time::timeout(PATIENCE, self.rx.recv())
+            match self
+                .next(since, &format!("a watermark after {at_ns}"))
                 .await
-                .unwrap_or_else(|_| panic!("waited for a watermark after {at_ns}"))
-                .expect("source stopped");
-            self.all.push(change.clone());
-            match change {
+            {
                 OwnershipChange::Watermark { at_ns: w, .. } if w >= at_ns => return w,
                 OwnershipChange::Watermark { .. } => {}
                 other => panic!("expected only watermarks, got {other:?}"),
