@@ -53,7 +53,7 @@ pub enum KubernetesError {
     },
 }
 
-/// The watched kinds, in the order of [`KubernetesSource::kinds`].
+/// The watched kinds: the index of each in `KubernetesSource::kinds` and in `Msg`s.
 const KINDS: [&str; 4] = ["pods", "services", "nodes", "endpointslices"];
 
 /// One event of one watched kind, with the kind's claims already computed (so the merged stream

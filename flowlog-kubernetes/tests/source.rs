@@ -449,3 +449,41 @@ async fn watermark_stalls_while_failing_and_recovers() {
     let w3 = source.watermark_after(recovered).await;
     assert!(w3 >= recovered);
 }
+
+/// A relabelled pod is one owner with a new identity from the change on (earlier flows keep
+/// the labels they had); nothing closes, and one interval of the index ends where the next
+/// begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relabelled_pod_changes_identity_from_then_on() {
+    let server = ApiServer::start().await;
+    let mut source = start(&server, fast_settings());
+    assert_eq!(source.ready().await, []);
+    let mut spec = PodSpec {
+        name: "web-0",
+        uid: "u-w",
+        ip: Some("10.244.5.5"),
+        phase: "Running",
+        labels: json!({"app": "web", "team": "a"}),
+        ..PodSpec::default()
+    };
+    server.apply(Kind::Pod, pod(&spec));
+    let first = source.changes(1).await;
+    spec.labels = json!({"app": "web", "team": "b"});
+    server.apply(Kind::Pod, pod(&spec));
+    let second = source.changes(1).await;
+    assert_eq!(
+        briefs(&[first[0].clone(), second[0].clone()]),
+        [
+            "open pod/u-w/10.244.5.5 10.244.5.5/32 default/web-0",
+            "open pod/u-w/10.244.5.5 10.244.5.5/32 default/web-0",
+        ]
+    );
+    let index = source.index();
+    let team = |t: u64| {
+        let e = index.lookup("10.244.5.5".parse().unwrap(), t);
+        assert_eq!(e.status, Attribution::Exact, "at {t}");
+        e.identity.unwrap().labels["team"].clone()
+    };
+    assert_eq!(team(at(&second[0]) - 1), "a");
+    assert_eq!(team(at(&second[0])), "b");
+}
