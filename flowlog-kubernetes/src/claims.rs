@@ -74,6 +74,51 @@ fn first_label(meta: &ObjectMeta, keys: &[&str]) -> Option<String> {
     keys.iter().find_map(|k| labels.get(*k).cloned())
 }
 
+/// Where a node is: its zone and region (from its topology labels), which its pods share.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Place {
+    pub zone: Option<String>,
+    pub region: Option<String>,
+}
+
+/// A node's name and place, for the pods that run on it.
+pub fn node_place(node: &Node) -> Option<(String, Place)> {
+    let meta = &node.metadata;
+    Some((
+        meta.name.clone()?,
+        Place {
+            zone: first_label(meta, &ZONE_LABELS),
+            region: first_label(meta, &REGION_LABELS),
+        },
+    ))
+}
+
+/// A pod's claims with the zone and region of its node (all of a pod's claims share one
+/// identity, so one new identity serves them all).
+pub fn place_pod(claims: Vec<Claim>, place: impl Fn(&str) -> Option<Place>) -> Vec<Claim> {
+    let Some(first) = claims.first() else {
+        return claims;
+    };
+    let Some(place) = first.identity.node.as_deref().and_then(place) else {
+        return claims;
+    };
+    if first.identity.zone == place.zone && first.identity.region == place.region {
+        return claims;
+    }
+    let placed = Arc::new(Identity {
+        zone: place.zone,
+        region: place.region,
+        ..(*first.identity).clone()
+    });
+    claims
+        .into_iter()
+        .map(|c| Claim {
+            identity: Arc::clone(&placed),
+            ..c
+        })
+        .collect()
+}
+
 /// A single-address prefix, or None for text that is not an address (logged: the server sent
 /// something we cannot attribute).
 fn address(text: &str, what: &str, object: &str) -> Option<IpNet> {

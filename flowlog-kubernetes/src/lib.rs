@@ -9,7 +9,9 @@
 //! # What each watched kind contributes (all namespaces)
 //! - **Pods**: each pod IP (`status.podIPs`, or `podIP`; IPv4 and IPv6) as a `Pod` identity with
 //!   namespace, name, workload (the controlling owner; a ReplicaSet made by a Deployment is named
-//!   as that Deployment, see [`claims::pod_workload`]), node, pod UID and the allowed labels.
+//!   as that Deployment, see [`claims::pod_workload`]), node and its zone and region, pod UID
+//!   and the allowed labels. (Pod events wait for the nodes' first list, so that no pod opens
+//!   without its zone and reopens with it.)
 //!   Owner key `pod/<uid>/<ip>`. Host-network pods contribute nothing: their address is their
 //!   node's. Container ids are left out: a pod's containers share its address, so the remote end
 //!   of a flow is the pod, and the local end gets its container from the process's cgroup.

@@ -4,6 +4,7 @@
 //! healthy. List/watch mechanics (resource versions, bookmarks, re-lists after 410 Gone) are the
 //! `kube` watcher's; this file decides what the events mean and when the view is complete.
 use std::{
+    collections::HashMap,
     pin::Pin,
     time::{Duration, Instant},
 };
@@ -32,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     claims::{
-        Claim, KUBERNETES_SOURCE, endpoint_slice_claims, node_claims, object_key, pod_claims,
-        service_claims,
+        Claim, KUBERNETES_SOURCE, Place, endpoint_slice_claims, node_claims, node_place,
+        object_key, place_pod, pod_claims, service_claims,
     },
     settings::KubernetesSettings,
     tracker::Tracker,
@@ -55,16 +56,39 @@ pub enum KubernetesError {
 
 /// The watched kinds: the index of each in `KubernetesSource::kinds` and in `Msg`s.
 const KINDS: [&str; 4] = ["pods", "services", "nodes", "endpointslices"];
+const PODS: usize = 0;
+const NODES: usize = 2;
+
+/// An object as it is now, reduced to what the source uses: its key, its claims, and for a
+/// node, its name and place.
+struct Seen {
+    key: String,
+    claims: Vec<Claim>,
+    place: Option<(String, Place)>,
+}
 
 /// One event of one watched kind, with the kind's claims already computed (so the merged stream
 /// carries no generic object types).
 enum Msg {
     Init(usize),
-    InitApply(usize, String, Vec<Claim>),
+    InitApply(usize, Seen),
     InitDone(usize),
-    Apply(usize, String, Vec<Claim>),
+    Apply(usize, Seen),
     Delete(usize, String),
     Error(usize, watcher::Error),
+}
+
+impl Msg {
+    fn kind(&self) -> usize {
+        match self {
+            Msg::Init(k)
+            | Msg::InitApply(k, _)
+            | Msg::InitDone(k)
+            | Msg::Apply(k, _)
+            | Msg::Delete(k, _)
+            | Msg::Error(k, _) => *k,
+        }
+    }
 }
 
 type MsgStream = Pin<Box<dyn Stream<Item = Msg> + Send>>;
@@ -106,6 +130,7 @@ fn watch<K>(
     kind: usize,
     settings: &KubernetesSettings,
     claims_of: fn(&K, &KubernetesSettings) -> Vec<Claim>,
+    place_of: fn(&K) -> Option<(String, Place)>,
 ) -> MsgStream
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
@@ -118,15 +143,18 @@ where
     };
     let settings = settings.clone();
     let api: Api<K> = Api::all(client);
+    let seen = move |o: &K| Seen {
+        key: object_key(o.meta()),
+        claims: claims_of(o, &settings),
+        place: place_of(o),
+    };
     watcher::watcher(api, watcher::Config::default())
         .backoff(backoff)
         .map(move |event| match event {
             Ok(Event::Init) => Msg::Init(kind),
-            Ok(Event::InitApply(o)) => {
-                Msg::InitApply(kind, object_key(o.meta()), claims_of(&o, &settings))
-            }
+            Ok(Event::InitApply(o)) => Msg::InitApply(kind, seen(&o)),
             Ok(Event::InitDone) => Msg::InitDone(kind),
-            Ok(Event::Apply(o)) => Msg::Apply(kind, object_key(o.meta()), claims_of(&o, &settings)),
+            Ok(Event::Apply(o)) => Msg::Apply(kind, seen(&o)),
             Ok(Event::Delete(o)) => Msg::Delete(kind, object_key(o.meta())),
             Err(e) => Msg::Error(kind, e),
         })
@@ -164,6 +192,12 @@ pub struct KubernetesSource {
     last_at: u64,
     /// Whether the last watermark check found every kind current.
     healthy: bool,
+    /// Each node's place, for its pods' identities. Kept after a node is deleted, so that its
+    /// terminating pods' identities do not change under them.
+    places: HashMap<String, Place>,
+    /// Pod events that arrived before the nodes' first list was complete, replayed after it,
+    /// so that no pod is first opened without its node's zone and then reopened with it.
+    deferred: Vec<Msg>,
 }
 
 impl std::fmt::Debug for KubernetesSource {
@@ -187,6 +221,8 @@ impl KubernetesSource {
             failures: FailureLog::new(KUBERNETES_SOURCE),
             last_at: 0,
             healthy: false,
+            places: HashMap::new(),
+            deferred: Vec::new(),
         }
     }
 
@@ -207,8 +243,26 @@ impl KubernetesSource {
         self.last_at
     }
 
+    /// A pod's or node's event as the tracker takes it: a node's place remembered, a pod's
+    /// claims placed in its node's zone and region.
+    fn claims(&mut self, kind: usize, seen: Seen) -> (String, Vec<Claim>) {
+        if let Some((name, place)) = seen.place {
+            self.places.insert(name, place);
+        }
+        let claims = if kind == PODS {
+            place_pod(seen.claims, |node| self.places.get(node).cloned())
+        } else {
+            seen.claims
+        };
+        (seen.key, claims)
+    }
+
     /// Applies one event; returns the changes to send.
     fn handle(&mut self, msg: Msg) -> Vec<OwnershipChange> {
+        if msg.kind() == PODS && !self.kinds[NODES].listed {
+            self.deferred.push(msg);
+            return Vec::new();
+        }
         let at = self.stamp();
         let mut out = Vec::new();
         let kind = match msg {
@@ -216,7 +270,8 @@ impl KubernetesSource {
                 self.kinds[k].tracker.init();
                 k
             }
-            Msg::InitApply(k, key, claims) => {
+            Msg::InitApply(k, seen) => {
+                let (key, claims) = self.claims(k, seen);
                 self.kinds[k].tracker.init_apply(key, claims);
                 k
             }
@@ -236,7 +291,8 @@ impl KubernetesSource {
                 );
                 k
             }
-            Msg::Apply(k, key, claims) => {
+            Msg::Apply(k, seen) => {
+                let (key, claims) = self.claims(k, seen);
                 self.kinds[k].tracker.apply(key, claims, at, &mut out);
                 k
             }
@@ -256,6 +312,11 @@ impl KubernetesSource {
         };
         // Any event is the watch working again.
         self.kinds[kind].failing_since = None;
+        if kind == NODES && self.kinds[NODES].listed && !self.deferred.is_empty() {
+            for msg in std::mem::take(&mut self.deferred) {
+                out.extend(self.handle(msg));
+            }
+        }
         if !self.healthy
             && let Some(watermark) = self.watermark(at)
         {
@@ -287,10 +348,10 @@ impl KubernetesSource {
     fn streams(&self) -> SelectAll<MsgStream> {
         let (client, settings) = (&self.client, &self.settings);
         futures::stream::select_all([
-            watch::<Pod>(client.clone(), 0, settings, pod_claims),
-            watch::<Service>(client.clone(), 1, settings, service_claims),
-            watch::<Node>(client.clone(), 2, settings, node_claims),
-            watch::<EndpointSlice>(client.clone(), 3, settings, endpoint_slice_claims),
+            watch::<Pod>(client.clone(), PODS, settings, pod_claims, |_| None),
+            watch::<Service>(client.clone(), 1, settings, service_claims, |_| None),
+            watch::<Node>(client.clone(), NODES, settings, node_claims, node_place),
+            watch::<EndpointSlice>(client.clone(), 3, settings, endpoint_slice_claims, |_| None),
         ])
     }
 
@@ -337,5 +398,73 @@ impl InventorySource for KubernetesSource {
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
         Box::pin((*self).run_loop(changes, shutdown))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::serde_json::{self, json};
+
+    use super::*;
+
+    fn seen_pod(settings: &KubernetesSettings) -> Seen {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u"},
+            "spec": {"containers": [], "nodeName": "n1"},
+            "status": {"phase": "Running", "podIP": "10.0.0.1"},
+        }))
+        .unwrap();
+        Seen {
+            key: object_key(&pod.metadata),
+            claims: pod_claims(&pod, settings),
+            place: None,
+        }
+    }
+
+    fn seen_node(settings: &KubernetesSettings) -> Seen {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1", "uid": "n",
+                         "labels": {"topology.kubernetes.io/zone": "z1"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]},
+        }))
+        .unwrap();
+        Seen {
+            key: object_key(&node.metadata),
+            claims: node_claims(&node, settings),
+            place: node_place(&node),
+        }
+    }
+
+    /// Pods listed before the nodes wait for them, and open once, with their node's zone.
+    #[tokio::test]
+    async fn pods_listed_before_nodes_wait_and_open_placed() {
+        let settings = KubernetesSettings::default();
+        let client =
+            Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let mut source = KubernetesSource::new(client, settings.clone());
+        let mut out = Vec::new();
+        out.extend(source.handle(Msg::Init(PODS)));
+        out.extend(source.handle(Msg::InitApply(PODS, seen_pod(&settings))));
+        out.extend(source.handle(Msg::InitDone(PODS)));
+        assert_eq!(out, []);
+        out.extend(source.handle(Msg::Init(NODES)));
+        out.extend(source.handle(Msg::InitApply(NODES, seen_node(&settings))));
+        out.extend(source.handle(Msg::InitDone(NODES)));
+        let opened: Vec<(String, Option<String>)> = out
+            .iter()
+            .map(|c| match c {
+                OwnershipChange::Open {
+                    owner, identity, ..
+                } => (owner.clone(), identity.zone.clone()),
+                other => panic!("only Opens before every kind is listed: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            opened,
+            [
+                ("node/n/192.0.2.1".to_owned(), Some("z1".to_owned())),
+                ("pod/u/10.0.0.1".to_owned(), Some("z1".to_owned())),
+            ]
+        );
     }
 }

@@ -26,7 +26,7 @@ fn at(change: &OwnershipChange) -> u64 {
 }
 
 /// A pod's life: Pending without an address (nothing), Running with one (one Open with the
-/// exact identity, its Deployment found through its ReplicaSet), terminating (nothing: it still
+/// exact identity: its Deployment found through its ReplicaSet, its node's zone), terminating (nothing: it still
 /// holds the address), DELETED (the Close).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_lifecycle_opens_once_and_closes_on_delete() {
@@ -70,6 +70,8 @@ async fn pod_lifecycle_opens_once_and_closes_on_delete() {
             }),
             labels: labels(&[("app", "web"), ("team", "payments")]),
             node: Some("node-1".into()),
+            zone: Some("eu-west-1a".into()),
+            region: Some("eu-west-1".into()),
             pod_uid: Some("u-web".into()),
             source: "kubernetes".into(),
             ..Identity::default()
