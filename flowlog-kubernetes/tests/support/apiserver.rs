@@ -1,0 +1,316 @@
+//! A small Kubernetes list/watch API server for tests: it serves real object JSON for Pods,
+//! Services, Nodes and EndpointSlices (all namespaces) the way kube-apiserver does, so that the
+//! `kube` client and its watcher run unchanged over HTTP: lists carry `metadata.resourceVersion`;
+//! `?watch=true&resourceVersion=N` streams newline-delimited `{"type":…,"object":…}` events after
+//! N, then a BOOKMARK, then live events; a watch from a version older than what is kept gets an
+//! `ERROR` event with a `Status` of code 410 (Gone), which makes the watcher re-list. The test
+//! drives it: objects are added, modified and deleted at moments it controls, watches can be cut
+//! with history compacted (so events are lost and a re-list must find out), and every request
+//! can be made to fail.
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Query, State},
+    http::{StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+    serve::ListenerExt,
+};
+use flowlog_identity::now_ns;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// The collections served, by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Pod,
+    Service,
+    Node,
+    EndpointSlice,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [Kind::Pod, Kind::Service, Kind::Node, Kind::EndpointSlice];
+
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Pod => "/api/v1/pods",
+            Kind::Service => "/api/v1/services",
+            Kind::Node => "/api/v1/nodes",
+            Kind::EndpointSlice => "/apis/discovery.k8s.io/v1/endpointslices",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::Node => "Node",
+            Kind::EndpointSlice => "EndpointSlice",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Collection {
+    /// `namespace/name` → object.
+    objects: BTreeMap<String, Value>,
+    /// Events kept for watches that resume: (resourceVersion, JSON line).
+    events: Vec<(u64, Bytes)>,
+    /// Events up to this version were dropped: a watch from before it gets 410 Gone.
+    compacted: u64,
+    watchers: Vec<mpsc::UnboundedSender<Bytes>>,
+}
+
+impl Collection {
+    fn broadcast(&mut self, line: &Bytes) {
+        self.watchers.retain(|w| w.send(line.clone()).is_ok());
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The cluster-wide resource version (etcd's revision): every write increments it.
+    rv: u64,
+    failing: bool,
+    failed_requests: u64,
+    /// Watches answered 410 Gone.
+    gone: u64,
+    collections: BTreeMap<Kind, Collection>,
+}
+
+/// The server; dropping it stops nothing (the runtime of the test ends it).
+#[derive(Clone)]
+pub struct ApiServer {
+    inner: Arc<Mutex<Inner>>,
+    pub url: String,
+}
+
+fn line(value: &Value) -> Bytes {
+    let mut text = serde_json::to_vec(value).expect("JSON");
+    text.push(b'\n');
+    Bytes::from(text)
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    })
+}
+
+fn key_of(object: &Value) -> String {
+    let meta = &object["metadata"];
+    format!(
+        "{}/{}",
+        meta["namespace"].as_str().unwrap_or(""),
+        meta["name"].as_str().expect("metadata.name")
+    )
+}
+
+impl ApiServer {
+    /// Starts the server on a free port of 127.0.0.1.
+    pub async fn start() -> Self {
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = Router::new()
+            .fallback(handle)
+            .with_state(Arc::clone(&inner));
+        // As kube-apiserver (Go sets TCP_NODELAY): without it, Nagle's algorithm can hold a
+        // watch event back until the previous one is acknowledged.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { inner, url }
+    }
+
+    /// A `kube` client for this server (no auth).
+    pub fn client(&self) -> kube::Client {
+        let config = kube::Config::new(self.url.parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// Adds or replaces an object (ADDED or MODIFIED); returns when it happened (ns, read
+    /// before the event is visible to any watch), the ground truth for tests.
+    pub fn apply(&self, kind: Kind, mut object: Value) -> u64 {
+        let mut inner = self.inner.lock().unwrap();
+        // Before anyone can see the write: a watcher may stamp it before this call returns.
+        let at = now_ns();
+        inner.rv += 1;
+        let rv = inner.rv;
+        object["apiVersion"] = json!(kind.api_version());
+        object["kind"] = json!(kind.kind());
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let collection = inner.collections.entry(kind).or_default();
+        let key = key_of(&object);
+        let kind_of_event = if collection.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        let event = line(&json!({"type": kind_of_event, "object": object}));
+        collection.objects.insert(key, object);
+        collection.events.push((rv, event.clone()));
+        collection.broadcast(&event);
+        at
+    }
+
+    /// Deletes an object (DELETED, carrying its last state); returns when (ns).
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> u64 {
+        let mut inner = self.inner.lock().unwrap();
+        let at = now_ns();
+        inner.rv += 1;
+        let rv = inner.rv;
+        let collection = inner.collections.entry(kind).or_default();
+        let mut object = collection
+            .objects
+            .remove(&format!("{namespace}/{name}"))
+            .expect("deleting an object that exists");
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let event = line(&json!({"type": "DELETED", "object": object}));
+        collection.events.push((rv, event.clone()));
+        collection.broadcast(&event);
+        at
+    }
+
+    /// Cuts every watch of `kind`, deletes the object while nobody watches, and drops the event
+    /// history (as etcd compaction does): the DELETED event is lost, and the watcher's resumed
+    /// watch gets 410 Gone and must re-list to find out. Returns when the object went (ns).
+    pub fn delete_unseen(&self, kind: Kind, namespace: &str, name: &str) -> u64 {
+        let mut inner = self.inner.lock().unwrap();
+        let at = now_ns();
+        inner.rv += 1;
+        let rv = inner.rv;
+        let collection = inner.collections.entry(kind).or_default();
+        collection.watchers.clear();
+        collection
+            .objects
+            .remove(&format!("{namespace}/{name}"))
+            .expect("deleting an object that exists");
+        collection.events.clear();
+        collection.compacted = rv;
+        at
+    }
+
+    /// While failing, every request is answered 500 and open watches are cut.
+    pub fn set_failing(&self, failing: bool) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.failing = failing;
+        if failing {
+            for collection in inner.collections.values_mut() {
+                collection.watchers.clear();
+            }
+        }
+    }
+
+    /// Watches answered 410 Gone so far.
+    pub fn gone_responses(&self) -> u64 {
+        self.inner.lock().unwrap().gone
+    }
+
+    /// Requests answered with an error so far.
+    pub fn failed_requests(&self) -> u64 {
+        self.inner.lock().unwrap().failed_requests
+    }
+}
+
+fn json_response(code: StatusCode, value: &Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(value).unwrap(),
+    )
+        .into_response()
+}
+
+async fn handle(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    uri: Uri,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(kind) = Kind::ALL.into_iter().find(|k| k.path() == uri.path()) else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &status(404, "NotFound", &format!("no route {}", uri.path())),
+        );
+    };
+    let mut inner = inner.lock().unwrap();
+    if inner.failing {
+        inner.failed_requests += 1;
+        return json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &status(500, "InternalError", "injected failure"),
+        );
+    }
+    let current = inner.rv;
+    let mut gone_count = 0;
+    let collection = inner.collections.entry(kind).or_default();
+    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        let from: u64 = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(current);
+        let (tx, rx) = mpsc::unbounded_channel();
+        if from < collection.compacted {
+            gone_count = 1;
+            let gone = status(
+                410,
+                "Expired",
+                &format!(
+                    "too old resource version: {from} ({})",
+                    collection.compacted
+                ),
+            );
+            tx.send(line(&json!({"type": "ERROR", "object": gone})))
+                .unwrap();
+        } else {
+            for (_, event) in collection.events.iter().filter(|(rv, _)| *rv > from) {
+                tx.send(event.clone()).unwrap();
+            }
+            if query
+                .get("allowWatchBookmarks")
+                .is_some_and(|b| b == "true")
+            {
+                let bookmark = json!({"type": "BOOKMARK", "object": {
+                    "apiVersion": kind.api_version(), "kind": kind.kind(),
+                    "metadata": {"resourceVersion": current.to_string()},
+                }});
+                tx.send(line(&bookmark)).unwrap();
+            }
+            collection.watchers.push(tx);
+        }
+        inner.gone += gone_count;
+        let body = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+        });
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from_stream(body))
+            .unwrap();
+    }
+    let items: Vec<Value> = collection.objects.values().cloned().collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "apiVersion": kind.api_version(),
+            "kind": format!("{}List", kind.kind()),
+            "metadata": {"resourceVersion": current.to_string()},
+            "items": items,
+        }),
+    )
+}
