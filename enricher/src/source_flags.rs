@@ -1,11 +1,15 @@
 //! The inventory-source flags that `flowlog-enricher` (reading sources directly) and
 //! `flowlog-inventory` (publishing them to `flows.ownership`) share, and the sources they make.
 //! Binary-facing: errors are `anyhow` with the flag's context.
+//!
+//! Every source registered gates the enricher's index: flows newer than a source's last
+//! complete view wait up to `--hold` (EC2 polls every `--ec2-interval`: see README).
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use flowlog_ec2::{ClientOptions, Ec2Settings, Ec2Source, build_client};
 use flowlog_identity::{HostSource, InventorySource, StaticSource};
+use flowlog_kubernetes::{KubernetesSettings, KubernetesSource};
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
@@ -48,6 +52,22 @@ pub struct SourceFlags {
     /// aws:autoscaling:groupName.
     #[arg(long = "ec2-tag", env = "FLOWLOG_EC2_TAGS", value_delimiter = ',')]
     pub ec2_tags: Vec<String>,
+    /// Watch Kubernetes pods, services, nodes and endpoint slices (in-cluster service account,
+    /// else the kubeconfig).
+    #[arg(long, env = "FLOWLOG_KUBERNETES")]
+    pub kubernetes: bool,
+    /// Watch the Kubernetes API at this URL without credentials (`kubectl proxy`, tests)
+    /// instead of the default configuration; implies `--kubernetes`.
+    #[arg(long, env = "FLOWLOG_KUBERNETES_URL")]
+    pub kubernetes_url: Option<String>,
+    /// Kubernetes labels copied into identities (repeatable); default: app,
+    /// app.kubernetes.io/name, app.kubernetes.io/component, team.
+    #[arg(
+        long = "kubernetes-label",
+        env = "FLOWLOG_KUBERNETES_LABELS",
+        value_delimiter = ','
+    )]
+    pub kubernetes_labels: Vec<String>,
 }
 
 impl SourceFlags {
@@ -82,6 +102,26 @@ impl SourceFlags {
                 settings.tag_labels = self.ec2_tags.clone();
             }
             sources.push(Box::new(Ec2Source::new(client, settings)));
+        }
+        if self.kubernetes || self.kubernetes_url.is_some() {
+            let mut settings = KubernetesSettings::default();
+            if !self.kubernetes_labels.is_empty() {
+                settings.labels = self.kubernetes_labels.clone();
+            }
+            let source = match &self.kubernetes_url {
+                Some(url) => {
+                    let uri = url
+                        .parse()
+                        .with_context(|| format!("--kubernetes-url {url}"))?;
+                    let client = kube::Client::try_from(kube::Config::new(uri))
+                        .with_context(|| format!("a Kubernetes client for {url}"))?;
+                    KubernetesSource::new(client, settings)
+                }
+                None => KubernetesSource::from_default_config(settings)
+                    .await
+                    .context("the Kubernetes client (in-cluster or kubeconfig)")?,
+            };
+            sources.push(Box::new(source));
         }
         Ok(sources)
     }
