@@ -14,10 +14,6 @@ use flowlog_enricher::{
 };
 use tokio_util::sync::CancellationToken;
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
-}
-
 /// Attributes both ends of every flow in `flows.raw` to the workload that owned the address at
 /// the flow's start, and writes the result to `flows.enriched` and Parquet files.
 #[derive(Debug, Parser)]
@@ -64,7 +60,7 @@ struct Args {
     parquet_roll_bytes: u64,
     /// ...or when its first record is this old. Offsets are committed only after a roll, so
     /// this is also how much a crash re-reads.
-    #[arg(long, env = "FLOWLOG_PARQUET_ROLL_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWLOG_PARQUET_ROLL_INTERVAL", default_value = "60s", value_parser = flowlog_cli::parse_duration_or_zero)]
     parquet_roll_interval: Duration,
     /// S3-compatible endpoint (MinIO, moto); default AWS.
     #[arg(long, env = "FLOWLOG_S3_ENDPOINT")]
@@ -82,11 +78,11 @@ struct Args {
     #[command(flatten)]
     sources: SourceFlags,
     /// Longest a flow newer than the inventory is held before its ends are `unknown`.
-    #[arg(long, env = "FLOWLOG_HOLD", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWLOG_HOLD", default_value = "5s", value_parser = flowlog_cli::parse_duration_or_zero)]
     hold: Duration,
     /// How long ownership intervals are kept after they close (the oldest flow start that can
     /// still be attributed).
-    #[arg(long, env = "FLOWLOG_RETENTION", default_value = "6h", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWLOG_RETENTION", default_value = "6h", value_parser = flowlog_cli::parse_duration_or_zero)]
     retention: Duration,
     /// Most input messages read but not yet durable in every output; past it reading pauses
     /// (and open Parquet files close early).

@@ -11,14 +11,6 @@ use flowlog_ec2::{ClientOptions, Ec2Settings, Ec2Source, build_client};
 use flowlog_identity::{HostSource, InventorySource, StaticSource};
 use flowlog_kubernetes::{KubernetesSettings, KubernetesSource};
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
-    if d.is_zero() {
-        return Err("must be greater than zero".to_string());
-    }
-    Ok(d)
-}
-
 /// Which inventories to read, and how.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SourceFlags {
@@ -27,7 +19,7 @@ pub struct SourceFlags {
     pub static_files: Vec<PathBuf>,
     /// How often static files are checked for changes. Each check is also the source's
     /// watermark: keep it well under `--hold`, or flows wait for it.
-    #[arg(long, env = "FLOWLOG_STATIC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWLOG_STATIC_INTERVAL", default_value = "1s", value_parser = flowlog_cli::parse_duration)]
     pub static_interval: Duration,
     /// Attribute this host's own addresses (one-host use).
     #[arg(long, env = "FLOWLOG_HOST_SOURCE")]
@@ -43,7 +35,7 @@ pub struct SourceFlags {
     pub ec2_endpoint: Option<String>,
     /// Time between EC2 polls: changes are seen up to this late (each poll is the source's
     /// watermark, so flows newer than the last poll wait up to `--hold`).
-    #[arg(long, env = "FLOWLOG_EC2_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWLOG_EC2_INTERVAL", default_value = "30s", value_parser = flowlog_cli::parse_duration)]
     pub ec2_interval: Duration,
     /// Only these VPCs (repeatable); default: the whole region.
     #[arg(long = "ec2-vpc", env = "FLOWLOG_EC2_VPCS", value_delimiter = ',')]

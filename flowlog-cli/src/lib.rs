@@ -52,6 +52,21 @@ pub fn main(runtime: Runtime, work: impl Future<Output = anyhow::Result<()>>) ->
     }
 }
 
+/// Parses a duration flag (`5s`, `100ms`, `1h 30m`), which must be greater than zero (an
+/// interval of zero would spin).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration_or_zero(s)?;
+    if d.is_zero() {
+        return Err("must be greater than zero".to_string());
+    }
+    Ok(d)
+}
+
+/// Parses a duration flag that may be zero (`--hold 0s`: never wait).
+pub fn parse_duration_or_zero(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+}
+
 /// Why a configuration file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    change::{OwnershipChange, now_ns},
-    source::{BoxFuture, FailureLog, InventorySource, SourceError, send_all},
+    change::OwnershipChange,
+    source::{BoxFuture, FailureLog, InventorySource, SourceError, check_every},
 };
 
 /// The source name in changes and watermarks (also the `source` of cgroup identities).
@@ -187,16 +187,9 @@ impl InventorySource for HostSource {
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
         Box::pin(async move {
-            loop {
-                let batch = self.check(now_ns());
-                if !send_all(&changes, batch).await {
-                    return Ok(());
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(self.interval) => {}
-                }
-            }
+            let interval = self.interval;
+            check_every(interval, &changes, &shutdown, |now| self.check(now)).await;
+            Ok(())
         })
     }
 }

@@ -142,6 +142,26 @@ impl FailureLog {
     }
 }
 
+/// The run loop of a source that checks synchronously (a file, this host's interfaces): `check`
+/// at the current time, send what it found, sleep `interval`, until `shutdown` or until the
+/// receiver is gone.
+pub async fn check_every(
+    interval: std::time::Duration,
+    changes: &mpsc::Sender<OwnershipChange>,
+    shutdown: &CancellationToken,
+    mut check: impl FnMut(u64) -> Vec<OwnershipChange>,
+) {
+    loop {
+        if !send_all(changes, check(crate::change::now_ns())).await {
+            return;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
 /// Sends `changes` in order; false if the receiver is gone (the process is stopping).
 pub async fn send_all(tx: &mpsc::Sender<OwnershipChange>, changes: Vec<OwnershipChange>) -> bool {
     for change in changes {

@@ -54,8 +54,8 @@ use tokio_util::sync::CancellationToken;
 use toml::{Spanned, value::Datetime};
 
 use crate::{
-    change::{OwnershipChange, now_ns},
-    source::{BoxFuture, FailureLog, InventorySource, SourceError, send_all},
+    change::OwnershipChange,
+    source::{BoxFuture, FailureLog, InventorySource, SourceError, check_every},
 };
 
 /// The source name in changes and watermarks.
@@ -485,17 +485,10 @@ impl InventorySource for StaticSource {
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
         Box::pin(async move {
-            loop {
-                // The file is small: reading it inline is cheaper than a blocking-pool hop.
-                let batch = self.check(now_ns());
-                if !send_all(&changes, batch).await {
-                    return Ok(());
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(self.interval) => {}
-                }
-            }
+            // The file is small: reading it inline is cheaper than a blocking-pool hop.
+            let interval = self.interval;
+            check_every(interval, &changes, &shutdown, |now| self.check(now)).await;
+            Ok(())
         })
     }
 }

@@ -38,14 +38,6 @@ impl FromStr for Output {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
-    if d.is_zero() {
-        return Err("must be greater than zero".to_string());
-    }
-    Ok(d)
-}
-
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|e| format!("`{s}`: {e}"))?;
     if n < 4096 || !n.is_power_of_two() {
@@ -63,7 +55,7 @@ struct Args {
     #[arg(long, env = "FLOWLOG_OUTPUT", default_value = "jsonl")]
     output: Output,
     /// A flow open this long gets an interim record (with deltas) each interval.
-    #[arg(long, env = "FLOWLOG_INTERIM", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWLOG_INTERIM", default_value = "60s", value_parser = flowlog_cli::parse_duration)]
     interim: Duration,
     /// Prometheus metrics listener (serves /metrics).
     #[arg(long, env = "FLOWLOG_METRICS_ADDR", default_value = "127.0.0.1:9464")]
@@ -84,7 +76,7 @@ struct Args {
     #[arg(long, env = "FLOWLOG_BTF", default_value = "/sys/kernel/btf/vmlinux")]
     btf: PathBuf,
     /// How often the ring buffer is drained when the kernel has not woken the agent.
-    #[arg(long, env = "FLOWLOG_DRAIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWLOG_DRAIN_INTERVAL", default_value = "100ms", value_parser = flowlog_cli::parse_duration)]
     drain_interval: Duration,
     /// Kafka bootstrap servers (`--output kafka`).
     #[arg(long, env = "FLOWLOG_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]

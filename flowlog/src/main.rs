@@ -27,14 +27,6 @@ mod summary;
 /// source's watermark, so it must be well under `--hold`: flows newer than the last check wait.
 const INVENTORY_INTERVAL: Duration = Duration::from_secs(1);
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
-    if d.is_zero() {
-        return Err("must be greater than zero".to_string());
-    }
-    Ok(d)
-}
-
 /// Records every TCP connection of this host with who was on each end, into Parquet files.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -46,19 +38,19 @@ struct Args {
     #[arg(long = "static", env = "FLOWLOG_STATIC", value_delimiter = ',')]
     static_files: Vec<PathBuf>,
     /// How often the live summary is printed.
-    #[arg(long, env = "FLOWLOG_SUMMARY_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWLOG_SUMMARY_INTERVAL", default_value = "5s", value_parser = flowlog_cli::parse_duration)]
     summary_interval: Duration,
     /// A flow open this long gets an interim record (with deltas) each interval.
-    #[arg(long, env = "FLOWLOG_INTERIM", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWLOG_INTERIM", default_value = "60s", value_parser = flowlog_cli::parse_duration)]
     interim: Duration,
     /// A Parquet file is closed (and visible) when its first record is this old...
-    #[arg(long, env = "FLOWLOG_ROLL_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWLOG_ROLL_INTERVAL", default_value = "60s", value_parser = flowlog_cli::parse_duration)]
     roll_interval: Duration,
     /// ...or when it reaches this many bytes.
     #[arg(long, env = "FLOWLOG_ROLL_BYTES", default_value_t = 128 << 20)]
     roll_bytes: u64,
     /// Longest a flow newer than the inventory waits for it.
-    #[arg(long, env = "FLOWLOG_HOLD", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWLOG_HOLD", default_value = "5s", value_parser = flowlog_cli::parse_duration)]
     hold: Duration,
     /// Prometheus metrics listener (serves /metrics).
     #[arg(long, env = "FLOWLOG_METRICS_ADDR", default_value = "127.0.0.1:9464")]

@@ -12,10 +12,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
-}
-
 /// Publishes who owned which address, when, to the flows.ownership topic.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -38,7 +34,7 @@ struct Args {
     #[command(flatten)]
     sources: SourceFlags,
     /// Closed tenures older than this are deleted from the topic (tombstones).
-    #[arg(long, env = "FLOWLOG_RETENTION", default_value = "6h", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWLOG_RETENTION", default_value = "6h", value_parser = flowlog_cli::parse_duration_or_zero)]
     retention: Duration,
     /// Prometheus metrics listener (serves /metrics).
     #[arg(long, env = "FLOWLOG_METRICS_ADDR", default_value = "127.0.0.1:9466")]
