@@ -13,8 +13,8 @@ use std::{
     time::Duration,
 };
 
-use flowlog_kafka::{LogThrottle, error_kind};
-use metrics::{counter, gauge};
+use flowlog_kafka::{ClientErrors, error_kind};
+use metrics::gauge;
 use rdkafka::{
     ClientConfig, ClientContext, Statistics,
     config::RDKafkaLogLevel,
@@ -23,7 +23,7 @@ use rdkafka::{
     message::{DeliveryResult, OwnedMessage},
     producer::{Producer as _, ProducerContext, ThreadedProducer},
 };
-use tracing::{debug, error, info, warn};
+use tracing::{info, warn};
 
 use crate::metrics as m;
 
@@ -116,11 +116,10 @@ pub struct Report {
 }
 
 /// State shared with librdkafka's threads.
-#[derive(Default)]
 pub struct Shared {
     reports: Mutex<Vec<Report>>,
     revoked: Mutex<Vec<i32>>,
-    errors: Mutex<LogThrottle>,
+    errors: ClientErrors,
 }
 
 impl Shared {
@@ -142,31 +141,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The librdkafka client context of both clients.
 pub struct Context {
     shared: Arc<Shared>,
-    brokers: String,
 }
 
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
-                error!(target: "librdkafka", "{fac}: {message}")
-            }
-            _ => debug!(target: "librdkafka", "{fac}: {message}"),
-        }
+        flowlog_kafka::log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        let kind = error_kind(&error);
-        counter!(m::KAFKA_ERRORS, "kind" => kind.clone()).increment(1);
-        let mut throttle = lock(&self.shared.errors);
-        if throttle.hit() {
-            warn!(
-                brokers = %self.brokers,
-                kind,
-                count = throttle.count,
-                "Kafka brokers unreachable or failing: {reason}; retrying"
-            );
-        }
+        self.shared.errors.report(&error, reason);
     }
 
     fn stats(&self, statistics: Statistics) {
@@ -257,10 +240,13 @@ impl Clients {
     /// Creates both clients, checks that every topic exists and subscribes.
     pub fn connect(settings: &KafkaSettings) -> Result<Self, ClientError> {
         use rdkafka::consumer::Consumer as _;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            reports: Mutex::default(),
+            revoked: Mutex::default(),
+            errors: ClientErrors::new(m::KAFKA_ERRORS, &settings.brokers, "retrying"),
+        });
         let context = || Context {
             shared: Arc::clone(&shared),
-            brokers: settings.brokers.clone(),
         };
         let create_err = |what| {
             move |source| ClientError::Create {

@@ -1,13 +1,17 @@
 //! Kafka client plumbing that the agent (`flowlog-sidecar`) and the enricher share: the
 //! snake_case kind of a librdkafka error (a metric label), the start-up check that a topic
 //! exists, and [`throttle::LogThrottle`] for warnings that would otherwise repeat per event.
-use std::time::{Duration, Instant};
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use rdkafka::{
     client::{Client, ClientContext},
+    config::RDKafkaLogLevel,
     error::{KafkaError, RDKafkaErrorCode},
 };
-use tracing::debug;
+use tracing::{debug, error, warn};
 
 pub mod throttle;
 
@@ -31,6 +35,63 @@ pub fn error_kind(e: &KafkaError) -> String {
         }
     }
     out
+}
+
+/// What a client context does with librdkafka's log lines: the severe ones are errors; the rest
+/// (connection refused, broker down, ...) are debug lines, because they also arrive through the
+/// context's `error` callback ([`ClientErrors`]), which counts them and logs them once a minute;
+/// here they would repeat every few seconds. `FLOWLOG_LOG=librdkafka=debug` shows them all.
+pub fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+            error!(target: "librdkafka", "{fac}: {message}")
+        }
+        _ => debug!(target: "librdkafka", "{fac}: {message}"),
+    }
+}
+
+/// A client's errors (brokers unreachable or failing): each counted in a metric by kind, and
+/// logged the first time, then at most once a minute with the running count. Shared by the
+/// client context's `error` callback (librdkafka's threads) and the owner's own checks.
+#[derive(Debug)]
+pub struct ClientErrors {
+    /// Counter name, labelled `kind`.
+    metric: &'static str,
+    brokers: String,
+    /// What the process does meanwhile, appended to the warning ("retrying", ...).
+    meanwhile: &'static str,
+    throttle: Mutex<LogThrottle>,
+}
+
+impl ClientErrors {
+    pub fn new(metric: &'static str, brokers: impl Into<String>, meanwhile: &'static str) -> Self {
+        Self {
+            metric,
+            brokers: brokers.into(),
+            meanwhile,
+            throttle: Mutex::new(LogThrottle::default()),
+        }
+    }
+
+    /// For `ClientContext::error`: counts `error` by kind and logs it when due.
+    pub fn report(&self, error: &KafkaError, reason: &str) {
+        self.note(&error_kind(error), reason);
+    }
+
+    /// Counts a condition of kind `kind` and logs `what` when due.
+    pub fn note(&self, kind: &str, what: &str) {
+        metrics::counter!(self.metric, "kind" => kind.to_string()).increment(1);
+        let mut throttle = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
+        if throttle.hit() {
+            warn!(
+                brokers = %self.brokers,
+                kind,
+                count = throttle.count,
+                "Kafka brokers unreachable or failing: {what}; {}",
+                self.meanwhile
+            );
+        }
+    }
 }
 
 /// Parses one `KEY=VALUE` librdkafka option of a command-line flag (clap value parser).

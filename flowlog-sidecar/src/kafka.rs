@@ -34,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use flowlog_kafka::{TopicError, error_kind};
+use flowlog_kafka::{ClientErrors, TopicError, error_kind};
 use flowlog_record::avro;
 use metrics::{Counter, Gauge, counter, gauge};
 use rdkafka::{
@@ -45,7 +45,7 @@ use rdkafka::{
     producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer},
     statistics::Statistics,
 };
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     metrics as m,
@@ -169,7 +169,7 @@ struct Shared {
     in_flight: AtomicU64,
     /// Delivery reports not yet applied to the spool.
     reports: Mutex<Vec<Report>>,
-    broker_errors: Mutex<LogThrottle>,
+    broker_errors: ClientErrors,
     sent_total: Counter,
     bytes_total: Counter,
     queue_depth: Gauge,
@@ -178,7 +178,6 @@ struct Shared {
 /// The librdkafka client context: routes delivery reports and client errors into [`Shared`].
 struct Context {
     shared: Arc<Shared>,
-    brokers: String,
     stats: Option<StatsHook>,
 }
 
@@ -192,34 +191,11 @@ impl ClientContext for Context {
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        // Errors and warnings (connection refused, broker down) also arrive through `error`,
-        // which counts them and logs them once a minute; here they would repeat every few
-        // seconds. `FLOWLOG_LOG=librdkafka=debug` shows them all.
-        match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
-                error!(target: "librdkafka", "{fac}: {message}")
-            }
-            _ => debug!(target: "librdkafka", "{fac}: {message}"),
-        }
+        flowlog_kafka::log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        let kind = error_kind(&error);
-        counter!(m::KAFKA_BROKER_ERRORS, "kind" => kind.clone()).increment(1);
-        let mut throttle = self
-            .shared
-            .broker_errors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if throttle.hit() {
-            warn!(
-                brokers = %self.brokers,
-                kind,
-                count = throttle.count,
-                "Kafka brokers unreachable or failing: {reason}; capturing anyway, records wait \
-                 in the spool and are retried"
-            );
-        }
+        self.shared.broker_errors.report(&error, reason);
     }
 }
 
@@ -298,14 +274,17 @@ impl KafkaSink {
         let shared = Arc::new(Shared {
             in_flight: AtomicU64::new(0),
             reports: Mutex::new(Vec::new()),
-            broker_errors: Mutex::new(LogThrottle::default()),
+            broker_errors: ClientErrors::new(
+                m::KAFKA_BROKER_ERRORS,
+                &settings.brokers,
+                "capturing anyway, records wait in the spool and are retried",
+            ),
             sent_total: counter!(m::KAFKA_RECORDS_SENT),
             bytes_total: counter!(m::KAFKA_BYTES),
             queue_depth: gauge!(m::KAFKA_QUEUE_DEPTH),
         });
         let context = Context {
             shared: Arc::clone(&shared),
-            brokers: settings.brokers.clone(),
             stats: settings.stats.clone(),
         };
         let producer: ThreadedProducer<Context> = client_config(&settings)
@@ -390,25 +369,17 @@ impl KafkaSink {
         }
     }
 
-    /// The start-up metadata request failed: logged once (unless the client's error callback
-    /// has just said so) and counted; capture goes on.
+    /// The start-up metadata request failed: counted and logged with the client's own errors
+    /// (once, then once a minute); capture goes on.
     fn unreachable_at_start(&self, e: &KafkaError) {
         let s = &self.settings;
-        counter!(m::KAFKA_BROKER_ERRORS, "kind" => "unreachable_at_start").increment(1);
-        let mut throttle = self
-            .shared
-            .broker_errors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if throttle.hit() {
-            warn!(
-                brokers = %s.brokers,
-                topic = %s.topic,
-                "Kafka brokers unreachable at start ({e}; waited {:?}): capturing anyway; records \
-                 wait in the spool and are produced when the broker is back",
-                s.metadata_timeout
-            );
-        }
+        self.shared.broker_errors.note(
+            "unreachable_at_start",
+            &format!(
+                "no answer at start for topic {} ({e}; waited {:?})",
+                s.topic, s.metadata_timeout
+            ),
+        );
     }
 
     /// Messages handed to librdkafka whose delivery report has not arrived yet.
