@@ -79,6 +79,28 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
 }
 
+/// The `--config FILE` flag of the services that read a configuration file (flatten it into
+/// their flags and parse them with [`parse_with_config_file`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigFile {
+    /// A TOML file of settings: `key = value` per flag, named as its environment variable
+    /// without `FLOWLOG_` (`kafka_brokers = "kafka:9092"`, `static = ["a.toml", "b.toml"]`).
+    /// The command line and the environment win over the file.
+    #[arg(long = "config", env = "FLOWLOG_CONFIG")]
+    pub path: Option<PathBuf>,
+}
+
+/// Parses the flags of a binary with a [`ConfigFile`]: the file's settings first become the
+/// flags' defaults ([`config_file_to_env`]); a file that cannot be used is a usage error (exit
+/// status 2), like a bad flag.
+pub fn parse_with_config_file<A: clap::Parser>() -> A {
+    if let Err(e) = config_file_to_env() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+    A::parse()
+}
+
 /// Reads the TOML configuration file named by `--config PATH` (or `FLOWLOG_CONFIG`) and makes
 /// each of its settings the default of the flag it names: every flag can be set from an
 /// environment variable `FLOWLOG_<NAME>`, so a key `name` (or `NAME`) becomes `FLOWLOG_NAME`

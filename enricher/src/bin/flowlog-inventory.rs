@@ -16,11 +16,8 @@ use tracing::info;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// A TOML file of settings: `key = value` per flag, named as its environment variable
-    /// without `FLOWLOG_` (`kafka_brokers = "kafka:9092"`, `static = ["a.toml", "b.toml"]`).
-    /// The command line and the environment win over the file.
-    #[arg(long, env = "FLOWLOG_CONFIG")]
-    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    config: flowlog_cli::ConfigFile,
     /// Kafka bootstrap servers.
     #[arg(long, env = "FLOWLOG_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
@@ -77,10 +74,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    if let Err(e) = flowlog_cli::config_file_to_env() {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
-    }
-    let args = Args::parse();
+    let args: Args = flowlog_cli::parse_with_config_file();
     flowlog_cli::main(flowlog_cli::Runtime::Workers(2), run(args))
 }
