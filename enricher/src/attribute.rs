@@ -20,8 +20,8 @@ use std::{
 };
 
 use flowlog_identity::{CgroupResolver, IdentityIndex, SharedIndex};
-use flowlog_record::{Endpoint, EnrichedFlow, FlowRecord};
-use metrics::{counter, gauge};
+use flowlog_record::{Attribution, Endpoint, EnrichedFlow, FlowRecord};
+use metrics::{Counter, counter, gauge};
 
 use crate::metrics as m;
 
@@ -36,9 +36,29 @@ struct Held<T> {
 /// its input (a Kafka partition and offset; nothing in the embedded mode).
 pub struct Attributor<T> {
     index: SharedIndex,
+    counters: Counters,
     cgroups: Option<Arc<CgroupResolver>>,
     hold: Duration,
     held: VecDeque<Held<T>>,
+}
+
+/// `flowlog_enricher_attributed_total` by end (local, remote) and status, registered once: the
+/// counters are bumped twice per flow, and looking them up by their labels each time would cost
+/// about as much as the lookups they count.
+struct Counters {
+    attributed: [[Counter; 3]; 2],
+}
+
+impl Counters {
+    fn new() -> Self {
+        let end = |end: &'static str| {
+            Attribution::ALL
+                .map(|s| counter!(m::ATTRIBUTED_TOTAL, "end" => end, "status" => s.as_str()))
+        };
+        Self {
+            attributed: [end("local"), end("remote")],
+        }
+    }
 }
 
 /// Current time in ns since the Unix epoch (the clock of the records' timestamps).
@@ -54,6 +74,7 @@ impl<T> Attributor<T> {
     pub fn new(index: SharedIndex, cgroups: Option<Arc<CgroupResolver>>, hold: Duration) -> Self {
         Self {
             index,
+            counters: Counters::new(),
             cgroups,
             hold,
             held: VecDeque::new(),
@@ -77,7 +98,16 @@ impl<T> Attributor<T> {
         self.release(now, out);
         let index = self.index.read();
         if caught_up(&index, record.start_ns) {
-            out.push((enrich(&index, self.cgroups.as_deref(), record, true), token));
+            out.push((
+                enrich(
+                    &index,
+                    &self.counters,
+                    self.cgroups.as_deref(),
+                    record,
+                    true,
+                ),
+                token,
+            ));
             return;
         }
         drop(index);
@@ -107,7 +137,13 @@ impl<T> Attributor<T> {
                 counter!(m::HOLD_EXPIRED_TOTAL).increment(1);
             }
             out.push((
-                enrich(&index, self.cgroups.as_deref(), record, ready),
+                enrich(
+                    &index,
+                    &self.counters,
+                    self.cgroups.as_deref(),
+                    record,
+                    ready,
+                ),
                 token,
             ));
         }
@@ -121,7 +157,13 @@ impl<T> Attributor<T> {
         for Held { record, token, .. } in self.held.drain(..) {
             let ready = caught_up(&index, record.start_ns);
             out.push((
-                enrich(&index, self.cgroups.as_deref(), record, ready),
+                enrich(
+                    &index,
+                    &self.counters,
+                    self.cgroups.as_deref(),
+                    record,
+                    ready,
+                ),
                 token,
             ));
         }
@@ -137,6 +179,7 @@ impl<T> Attributor<T> {
 /// The enriched flow of `record`; index lookups only where the inventory has `caught_up`.
 fn enrich(
     index: &IdentityIndex,
+    counters: &Counters,
     cgroups: Option<&CgroupResolver>,
     record: FlowRecord,
     caught_up: bool,
@@ -155,9 +198,8 @@ fn enrich(
         .map(Endpoint::exact)
         .unwrap_or_else(|| lookup(record.local_addr));
     let remote = lookup(record.remote_addr);
-    counter!(m::ATTRIBUTED_TOTAL, "end" => "local", "status" => local.status.as_str()).increment(1);
-    counter!(m::ATTRIBUTED_TOTAL, "end" => "remote", "status" => remote.status.as_str())
-        .increment(1);
+    counters.attributed[0][local.status as usize].increment(1);
+    counters.attributed[1][remote.status as usize].increment(1);
     EnrichedFlow {
         flow: record,
         local,

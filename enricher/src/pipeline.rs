@@ -236,6 +236,8 @@ impl Pipeline {
     /// and failed deliveries again.
     async fn write_ready(&mut self) -> Result<(), PipelineError> {
         let ready = std::mem::take(&mut self.ready);
+        // Taken once per batch, not per flow: `produce` borrows the pipeline mutably.
+        let topic = self.settings.kafka.output_topic.clone();
         for (flow, token) in &ready {
             let parquet = match &mut self.parquet {
                 Some(sink) => {
@@ -245,20 +247,18 @@ impl Pipeline {
                 }
                 None => None,
             };
-            let kafka = self.settings.kafka.output_topic.is_some();
             self.offsets
-                .written(token.partition, token.offset, kafka, parquet);
-            if kafka {
+                .written(token.partition, token.offset, topic.is_some(), parquet);
+            if let Some(topic) = &topic {
                 self.key.clear();
                 avro::key_into(&flow.flow, &mut self.key);
                 self.value.clear();
                 enriched_avro::encode(flow, self.settings.kafka.output_schema_id, &mut self.value);
-                let topic = self.settings.kafka.output_topic.clone().unwrap_or_default();
                 let (key, value) = (
                     std::mem::take(&mut self.key),
                     std::mem::take(&mut self.value),
                 );
-                self.produce(&topic, &key, &value, None, *token).await;
+                self.produce(topic, &key, &value, None, *token).await;
                 (self.key, self.value) = (key, value);
             } else {
                 counter!(m::RECORDS_OUT).increment(1);
