@@ -24,7 +24,7 @@ use flowlog_record::{
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use serde_json::{Value, json};
 
-use flowlog_testkit::{PARQUET_READER as READER, pyarrow as python};
+use flowlog_testkit::{LogCapture, PARQUET_READER as READER, pyarrow as python};
 
 /// 2026-11-25T23:00:00Z in ns; the fixtures' flows end in three hours from here, across
 /// midnight: 2026-11-25 hour 23, 2026-11-26 hours 00 and 01.
@@ -701,30 +701,6 @@ impl Counters {
     }
 }
 
-/// Log lines captured in memory (a `tracing_subscriber` writer).
-#[derive(Clone, Default)]
-struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuf {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuf {
-    fn lines_containing(&self, text: &str) -> usize {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.contains(text))
-            .count()
-    }
-}
-
 /// A failing upload is retried until it succeeds, counted, logged once, and `durable()`
 /// advances only then: the directory is replaced by a file, the roll keeps retrying (and is
 /// cancelled, which loses nothing), the directory comes back, and the next `maybe_roll`
@@ -737,14 +713,8 @@ fn failed_uploads_are_retried_until_durable() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let mut counters = Counters::default();
-    let logs = LogBuf::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer({
-            let logs = logs.clone();
-            move || logs.clone()
-        })
-        .with_ansi(false)
-        .finish();
+    let logs = LogCapture::default();
+    let subscriber = logs.subscriber();
     let rt = runtime();
     let _log = tracing::subscriber::set_default(subscriber);
     metrics::with_local_recorder(&recorder, || {

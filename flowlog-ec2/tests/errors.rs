@@ -6,17 +6,12 @@
 //! metrics recorder.
 mod common;
 
-use std::{
-    collections::BTreeMap,
-    io::Write,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use common::*;
 use flowlog_ec2::Ec2Source;
 use flowlog_identity::{OwnershipChange, spawn_source};
+use flowlog_testkit::LogCapture;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -62,29 +57,6 @@ fn free_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// Log lines, for counting what was logged.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn lines_containing(&self, needle: &str) -> usize {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-}
-
 /// `flowlog_identity_source_errors_total{source="ec2"}` by `kind`, summed over snapshots (a
 /// snapshot drains the counters).
 #[derive(Default)]
@@ -127,14 +99,8 @@ async fn a_failing_api_closes_nothing_and_sends_no_watermark() {
     recorder
         .install()
         .expect("the only recorder of this test binary");
-    let logs = Logs::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer({
-            let logs = logs.clone();
-            move || logs.clone()
-        })
-        .with_ansi(false)
-        .finish();
+    let logs = LogCapture::default();
+    let subscriber = logs.subscriber();
     // This test's runtime is single-threaded: the source task logs on this thread.
     let _log_guard = tracing::subscriber::set_default(subscriber);
 

@@ -25,7 +25,7 @@ use flowlog_sidecar::{
     record::{Direction, Family, FlowRecord, Outcome},
     sink::RecordSink,
 };
-use flowlog_testkit::{Topic, admin, brokers, free_port, runtime, temp_dir};
+use flowlog_testkit::{LogCapture, Topic, admin, brokers, free_port, runtime, temp_dir};
 use rdkafka::{Message, message::OwnedMessage};
 use support::{AGENT, NetnsPair, PATIENCE, accept, connect, join_both, read_exact, server_port};
 
@@ -777,47 +777,16 @@ fn synthetic_records(host: &str, n: usize) -> Vec<FlowRecord> {
         .collect()
 }
 
-/// Log lines of the code under test, written by a `tracing` subscriber of the test's own.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
-    type Writer = LogBuffer;
-    fn make_writer(&'a self) -> LogBuffer {
-        self.clone()
-    }
-}
-
-impl LogBuffer {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 /// Runs `f` with this thread's metrics in a Prometheus recorder of its own (`f` gets its handle
-/// to render them) and its logs in a [`LogBuffer`]: a [`KafkaSink`] driven from this thread
+/// to render them) and its logs in a [`LogCapture`]: a [`KafkaSink`] driven from this thread
 /// counts and logs there, apart from the other tests of this process.
 fn observed<T>(
     f: impl FnOnce(&metrics_exporter_prometheus::PrometheusHandle) -> T,
-) -> (T, LogBuffer) {
+) -> (T, LogCapture) {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
-    let logs = LogBuffer::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .finish();
-    let out = tracing::subscriber::with_default(subscriber, || {
+    let logs = LogCapture::default();
+    let out = tracing::subscriber::with_default(logs.subscriber(), || {
         metrics::with_local_recorder(&recorder, || f(&handle))
     });
     (out, logs)

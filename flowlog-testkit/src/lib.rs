@@ -6,6 +6,7 @@ use std::{
     net::TcpListener,
     path::PathBuf,
     process::Child,
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -231,6 +232,52 @@ pub fn pyarrow(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Log lines of the code under test, captured by a `tracing` subscriber of the test's own
+/// ([`LogCapture::subscriber`]), for counting what was logged (a condition logged once, not once
+/// per event).
+#[derive(Clone, Default)]
+pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
+    type Writer = LogCapture;
+
+    fn make_writer(&'a self) -> LogCapture {
+        self.clone()
+    }
+}
+
+impl LogCapture {
+    /// A subscriber that writes every event here, without colours (install it with
+    /// `tracing::subscriber::set_default` or `with_default`).
+    pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + use<> {
+        tracing_subscriber::fmt()
+            .with_writer(self.clone())
+            .with_ansi(false)
+            .finish()
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// How many logged lines contain `text`.
+    pub fn lines_containing(&self, text: &str) -> usize {
+        self.text().lines().filter(|l| l.contains(text)).count()
+    }
 }
 
 /// A free loopback port (nothing listens on it once this returns).
