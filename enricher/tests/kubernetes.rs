@@ -1,57 +1,27 @@
 //! Pod IP reuse through the whole pipeline, with real processes: a Kubernetes list/watch server
-//! (the one `flowlog-kubernetes`'s tests use: real object JSON, watches, bookmarks) →
+//! (`flowlog_testkit::kubernetes`: real object JSON, watches, bookmarks) →
 //! `flowlog-inventory --kubernetes-url` → the `flows.ownership` topic on the real broker →
 //! `flowlog-enricher --ownership-topic`. Every address is handed from one pod to another with a
 //! gap between them; flows started during the first tenure, in the gap and during the second
 //! must come out attributed to the first pod, to nobody, and to the second pod — never to the
 //! wrong one.
-#[path = "../../flowlog-kubernetes/tests/support/mod.rs"]
-mod support;
-
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    sync::mpsc,
-    thread,
-    time::Duration,
-};
+use std::{process::Command, thread, time::Duration};
 
 use flowlog_record::{Attribution, Direction, Family, FlowRecord, Outcome, avro, enriched_avro};
-use flowlog_testkit::{ChildGuard, PATIENCE, Topic, free_port, unique_name};
+use flowlog_testkit::{
+    PATIENCE, Topic, free_port,
+    kubernetes::{ApiServer, Kind, PodSpec, node, pod},
+    spawn_ready, unique_name,
+};
 use rdkafka::{
     ClientConfig, Message,
     producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
 };
-use support::{ApiServer, Kind, PodSpec, node, pod};
 
 const ADDRESSES: u8 = 8;
 const MS: u64 = 1_000_000;
 /// How long an address stays free between its two owners.
 const GAP_MS: u64 = 400;
-
-/// A child process whose stderr is echoed; `ready` is the log line that says it is up.
-fn spawn(program: &str, args: &[&str], ready: &'static str) -> ChildGuard {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {program}: {e}"));
-    let (tx, rx) = mpsc::channel();
-    let lines = BufReader::new(child.stderr.take().unwrap());
-    let tag = program.rsplit('/').next().unwrap_or(program).to_string();
-    thread::spawn(move || {
-        for line in lines.lines().map_while(Result::ok) {
-            eprintln!("{tag}: {line}");
-            if line.contains(ready) {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(PATIENCE)
-        .unwrap_or_else(|_| panic!("{program} did not log {ready:?}"));
-    ChildGuard(child)
-}
 
 /// A running pod named (and with the UID) `name`, holding `ip`.
 fn running<'a>(name: &'a str, ip: &'a str) -> PodSpec<'a> {
@@ -113,9 +83,8 @@ fn reused_pod_addresses_are_attributed_to_their_owner_at_the_flow_start() {
         Kind::Node,
         node("node-1", "node-uid", "192.0.2.1", None, "zone-a"),
     );
-    let inventory = spawn(
-        env!("CARGO_BIN_EXE_flowlog-inventory"),
-        &[
+    let inventory = spawn_ready(
+        Command::new(env!("CARGO_BIN_EXE_flowlog-inventory")).args([
             "--brokers",
             &ownership.brokers,
             "--ownership-topic",
@@ -124,7 +93,8 @@ fn reused_pod_addresses_are_attributed_to_their_owner_at_the_flow_start() {
             &server.url,
             "--metrics-addr",
             &format!("127.0.0.1:{}", free_port()),
-        ],
+        ]),
+        "flowlog-inventory",
         "publishing ownership",
     );
     // (address, first owner's tenure [open, close), second owner's open), ground truth as the
@@ -180,9 +150,8 @@ fn reused_pod_addresses_are_attributed_to_their_owner_at_the_flow_start() {
     }
     producer.flush(PATIENCE).unwrap();
 
-    let enricher = spawn(
-        env!("CARGO_BIN_EXE_flowlog-enricher"),
-        &[
+    let enricher = spawn_ready(
+        Command::new(env!("CARGO_BIN_EXE_flowlog-enricher")).args([
             "--brokers",
             &raw.brokers,
             "--input-topic",
@@ -199,7 +168,8 @@ fn reused_pod_addresses_are_attributed_to_their_owner_at_the_flow_start() {
             "2",
             "--metrics-addr",
             &format!("127.0.0.1:{}", free_port()),
-        ],
+        ]),
+        "flowlog-enricher",
         "enriching",
     );
     let expected = flows.len();

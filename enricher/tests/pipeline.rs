@@ -20,7 +20,9 @@ use flowlog_record::{
     Attribution, Direction, EnrichedFlow, Family, FlowRecord, IdentityKind, Outcome, avro,
     enriched_avro,
 };
-use flowlog_testkit::{ChildGuard, PATIENCE, Topic, free_port, pyarrow, temp_dir, unique_name};
+use flowlog_testkit::{
+    ChildGuard, PATIENCE, Topic, free_port, pyarrow, spawn_ready, temp_dir, unique_name,
+};
 use rdkafka::{
     ClientConfig, Message,
     message::{Headers, OwnedMessage},
@@ -501,33 +503,15 @@ fn a_consumer_group_member_killed_mid_stream_loses_nothing() {
 
 /// `flowlog-inventory` as a child process, killed on drop.
 fn start_inventory(ownership: &Topic, inventory: &str) -> ChildGuard {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flowlog-inventory"))
-        .args([
-            "--brokers",
-            &ownership.brokers,
-            "--ownership-topic",
-            &ownership.name,
-        ])
-        .args(["--static", inventory, "--static-interval", "200ms"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting flowlog-inventory");
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let lines = BufReader::new(child.stderr.take().unwrap());
-    thread::spawn(move || {
-        for line in lines.lines().map_while(Result::ok) {
-            eprintln!("inventory: {line}");
-            if line.contains("publishing ownership") {
-                let _ = ready_tx.send(());
-            }
-        }
-    });
-    ready_rx
-        .recv_timeout(PATIENCE)
-        .expect("flowlog-inventory did not start");
-    ChildGuard(child)
+    spawn_ready(
+        Command::new(env!("CARGO_BIN_EXE_flowlog-inventory"))
+            .args(["--brokers", &ownership.brokers])
+            .args(["--ownership-topic", &ownership.name])
+            .args(["--static", inventory, "--static-interval", "200ms"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())]),
+        "inventory",
+        "publishing ownership",
+    )
 }
 
 /// The `to_ns` of the closed tenure of static entry `name` in the ownership topic.

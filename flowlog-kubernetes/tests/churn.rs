@@ -11,7 +11,8 @@ use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use flowlog_identity::OwnershipChange;
 use flowlog_record::{Attribution, Identity};
-use support::{ApiServer, Kind, PodSpec, fast_settings, pod, start};
+use flowlog_testkit::kubernetes::{ApiServer, Kind, PodSpec, pod};
+use support::{fast_settings, start};
 
 const ADDRESSES: u32 = 50;
 const GENERATIONS: u32 = 15;

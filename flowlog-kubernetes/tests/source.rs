@@ -9,10 +9,9 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use flowlog_identity::OwnershipChange;
 use flowlog_record::{Attribution, Identity, IdentityKind, Workload};
+use flowlog_testkit::kubernetes::{ApiServer, Kind, PodSpec, node, pod, service};
 use serde_json::json;
-use support::{
-    ApiServer, Kind, PodSpec, briefs, fast_settings, identity_of, node, pod, service, start,
-};
+use support::{briefs, fast_settings, identity_of, start};
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs

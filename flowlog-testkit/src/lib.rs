@@ -1,12 +1,16 @@
 //! Scaffolding shared by flowlog's integration tests (a dev-dependency only): a Kafka topic of
 //! a test's own on the real broker (`FLOWLOG_TEST_KAFKA`, started by `scripts/kafka start`),
-//! reading a topic back, pyarrow's view of Parquet output, fresh temp directories, and child
-//! processes killed on drop.
+//! reading a topic back, pyarrow's view of Parquet output, fresh temp directories, child
+//! processes killed on drop, and a Kubernetes list/watch API server ([`kubernetes`]). The
+//! benchmarks under `benches/` use it too.
+pub mod kubernetes;
+
 use std::{
+    io::{BufRead, BufReader},
     net::TcpListener,
     path::PathBuf,
-    process::Child,
-    sync::{Arc, Mutex},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -294,6 +298,34 @@ pub fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Starts `command` with its stderr echoed line by line (prefixed with `tag`) and returns once a
+/// line contains `ready` (the log line that says the process is up); panics naming the program
+/// if that line has not come within [`PATIENCE`].
+pub fn spawn_ready(command: &mut Command, tag: &str, ready: &'static str) -> ChildGuard {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {tag}: {e}"));
+    let (tx, rx) = mpsc::channel();
+    let lines = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let prefix = tag.to_owned();
+    thread::spawn(move || {
+        for line in lines.lines().map_while(Result::ok) {
+            eprintln!("{prefix}: {line}");
+            if line.contains(ready) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let mut guard = ChildGuard(child);
+    if rx.recv_timeout(PATIENCE).is_err() {
+        let status = guard.0.try_wait();
+        panic!("{tag} did not log {ready:?} within {PATIENCE:?} ({status:?})");
+    }
+    guard
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped, so a failing test leaves nothing

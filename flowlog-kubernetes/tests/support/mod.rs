@@ -1,19 +1,16 @@
-//! Shared test scaffolding: the list/watch server ([`apiserver`]), object JSON as the API server
-//! writes it, and a collector that runs a [`KubernetesSource`] against the server and reads what
+//! Shared test scaffolding: the list/watch server and object JSON (from
+//! `flowlog_testkit::kubernetes`), a kube client of the server, and a collector that runs a [`KubernetesSource`] against the server and reads what
 //! it sends.
 #![allow(dead_code)] // each test file uses a part
-
-pub mod apiserver;
 
 use std::{sync::Arc, time::Duration};
 
 use flowlog_identity::{IdentityIndex, InventorySource, OwnershipChange, spawn_source};
 use flowlog_kubernetes::{KubernetesSettings, KubernetesSource};
-use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use apiserver::{ApiServer, Kind};
+use flowlog_testkit::kubernetes::ApiServer;
 
 /// Settings with short times, so that failures and recoveries show within a test.
 pub fn fast_settings() -> KubernetesSettings {
@@ -26,94 +23,10 @@ pub fn fast_settings() -> KubernetesSettings {
     }
 }
 
-/// A pod as the API server has it. `ip: None` is a pod without an address yet.
-pub struct PodSpec<'a> {
-    pub namespace: &'a str,
-    pub name: &'a str,
-    pub uid: &'a str,
-    pub ip: Option<&'a str>,
-    pub phase: &'a str,
-    pub node: &'a str,
-    pub labels: Value,
-    pub owner: Option<(&'a str, &'a str)>,
-    pub host_network: bool,
-    pub deleting: bool,
-}
-
-impl Default for PodSpec<'_> {
-    fn default() -> Self {
-        Self {
-            namespace: "default",
-            name: "pod",
-            uid: "uid",
-            ip: None,
-            phase: "Pending",
-            node: "node-1",
-            labels: json!({}),
-            owner: None,
-            host_network: false,
-            deleting: false,
-        }
-    }
-}
-
-pub fn pod(spec: &PodSpec<'_>) -> Value {
-    let mut pod = json!({
-        "metadata": {
-            "name": spec.name, "namespace": spec.namespace, "uid": spec.uid,
-            "creationTimestamp": "2026-11-26T01:00:00Z", "labels": spec.labels,
-        },
-        "spec": {
-            "nodeName": spec.node, "hostNetwork": spec.host_network,
-            "containers": [{"name": "main", "image": "registry.example/app:1"}],
-        },
-        "status": {"phase": spec.phase},
-    });
-    if let Some((kind, name)) = spec.owner {
-        pod["metadata"]["ownerReferences"] = json!([{
-            "apiVersion": "apps/v1", "kind": kind, "name": name,
-            "uid": format!("owner-{name}"), "controller": true, "blockOwnerDeletion": true,
-        }]);
-    }
-    if let Some(ip) = spec.ip {
-        pod["status"]["podIP"] = json!(ip);
-        pod["status"]["podIPs"] = json!([{"ip": ip}]);
-        pod["status"]["startTime"] = json!("2026-11-26T01:00:01Z");
-    }
-    if spec.deleting {
-        pod["metadata"]["deletionTimestamp"] = json!("2026-11-26T01:05:00Z");
-        pod["metadata"]["deletionGracePeriodSeconds"] = json!(30);
-    }
-    pod
-}
-
-pub fn service(namespace: &str, name: &str, uid: &str, cluster_ips: &[&str]) -> Value {
-    json!({
-        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": {"app": name}},
-        "spec": {
-            "clusterIP": cluster_ips.first().copied().unwrap_or("None"),
-            "clusterIPs": cluster_ips,
-            "ports": [{"port": 80, "protocol": "TCP"}],
-        },
-    })
-}
-
-pub fn node(name: &str, uid: &str, internal: &str, external: Option<&str>, zone: &str) -> Value {
-    let mut addresses = vec![
-        json!({"type": "Hostname", "address": name}),
-        json!({"type": "InternalIP", "address": internal}),
-    ];
-    if let Some(external) = external {
-        addresses.push(json!({"type": "ExternalIP", "address": external}));
-    }
-    json!({
-        "metadata": {"name": name, "uid": uid, "labels": {
-            "kubernetes.io/hostname": name,
-            "topology.kubernetes.io/zone": zone,
-            "topology.kubernetes.io/region": "eu-west-1",
-        }},
-        "status": {"addresses": addresses},
-    })
+/// A `kube` client of `server` (plain HTTP, no auth).
+pub fn client(server: &ApiServer) -> kube::Client {
+    let config = kube::Config::new(server.url.parse().expect("the server's URL"));
+    kube::Client::try_from(config).expect("a kube client")
 }
 
 /// Starts a source against `server` into a channel that the returned [`Collector`] reads.
@@ -121,7 +34,7 @@ pub fn start(server: &ApiServer, settings: KubernetesSettings) -> Collector {
     let (tx, rx) = mpsc::channel(65_536);
     let shutdown = CancellationToken::new();
     let source: Box<dyn InventorySource> =
-        Box::new(KubernetesSource::new(server.client(), settings));
+        Box::new(KubernetesSource::new(client(server), settings));
     spawn_source(source, tx, shutdown.clone());
     Collector {
         rx,

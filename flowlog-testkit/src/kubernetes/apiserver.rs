@@ -21,7 +21,6 @@ use axum::{
     response::{IntoResponse, Response},
     serve::ListenerExt,
 };
-use flowlog_identity::now_ns;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -98,6 +97,14 @@ pub struct ApiServer {
     pub url: String,
 }
 
+/// Now, in ns since the Unix epoch (the clock ownership intervals are measured on).
+fn now_ns() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970");
+    u64::try_from(since.as_nanos()).expect("ns since 1970 fit in u64")
+}
+
 fn line(value: &Value) -> Bytes {
     let mut text = serde_json::to_vec(value).expect("JSON");
     text.push(b'\n');
@@ -136,12 +143,6 @@ impl ApiServer {
         });
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self { inner, url }
-    }
-
-    /// A `kube` client for this server (no auth).
-    pub fn client(&self) -> kube::Client {
-        let config = kube::Config::new(self.url.parse().unwrap());
-        kube::Client::try_from(config).unwrap()
     }
 
     /// Adds or replaces an object (ADDED or MODIFIED); returns when it happened (ns, read
