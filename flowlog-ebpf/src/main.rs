@@ -2,32 +2,42 @@
 //! `TCP_CLOSE` and emit one [`FlowEvent`] per flow end (and per interim report) through a ring
 //! buffer.
 //!
-//! - `sock:inet_sock_set_state` (raw tracepoint: the socket and both states come as arguments,
-//!   without the cost of formatting a trace record) starts a flow (`CLOSE→SYN_SENT` outbound,
-//!   `LISTEN→SYN_RECV` inbound), completes it (`ESTABLISHED`, `FIN_WAIT1`/`LAST_ACK`), and ends it
-//!   (`→CLOSE`), reading the socket's counters from `struct tcp_sock` at that moment.
+//! - `sock:inet_sock_set_state` starts a flow (`CLOSE→SYN_SENT` outbound, `LISTEN→SYN_RECV`
+//!   inbound), completes it (`ESTABLISHED`, `FIN_WAIT1`/`LAST_ACK`), and ends it (`→CLOSE`),
+//!   reading the socket's counters from `struct tcp_sock` at that moment. Two programs implement
+//!   it, and the agent attaches one: `inet_sock_set_state_btf`, a BTF-typed raw tracepoint
+//!   (`tp_btf`) whose socket is a typed pointer, so every field is one load instruction checked by
+//!   the verifier ([`Direct`]); and `inet_sock_set_state`, a plain raw tracepoint that reads
+//!   fields with `bpf_probe_read_kernel` ([`ProbeRead`]), for kernels that refuse the first.
+//!   Both run the same code ([`on_set_state`]), generic over how fields are read.
 //! - `tcp:tcp_send_reset` / `tcp:tcp_receive_reset` (raw) count resets per flow.
 //! - `syscalls:sys_exit_accept{,4}` give an inbound flow its owning process (the accepting one).
 //! - `flowlog_sweep` is never attached: user space runs it with `BPF_PROG_TEST_RUN` to emit
 //!   interim snapshots of long-lived flows (and of all open flows at shutdown).
 //!
 //! No offsets are compiled in: the agent finds them in the running kernel's BTF and overrides the
-//! `CONFIG` and `ACCEPT` globals at load time. The hot path is kept short: state changes that do
-//! not concern a tracked flow return after one map lookup, and the socket's 4-tuple is read once.
+//! `CONFIG` and `ACCEPT` globals at load time (a frozen, read-only map: the verifier sees their
+//! values as constants, which is what lets it check the direct loads). The hot path is kept
+//! short: state changes that do not concern a tracked flow return after one map lookup, the
+//! socket's 4-tuple is read once, and no struct is zeroed or copied by Rust's `memset`/`memmove`
+//! (on BPF those are byte-by-byte loops in a subprogram: hundreds of instructions per flow).
 #![no_std]
 #![no_main]
 
-use core::ffi::c_void;
+use core::{
+    ffi::c_void,
+    mem::{MaybeUninit, offset_of},
+    ptr::{read_volatile, write_volatile},
+};
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated as helper,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated as helper,
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use flowlog_common::{
     AF_INET6, AcceptLayout, Config, FlowEvent, FlowState, IPPROTO_TCP, counter, direction,
@@ -54,7 +64,7 @@ macro_rules! global {
 #[inline(always)]
 fn load_global<T: Copy>(field: *const T) -> T {
     // SAFETY: `field` points into one of the immutable globals above.
-    unsafe { core::ptr::read_volatile(field) }
+    unsafe { read_volatile(field) }
 }
 
 /// Open flows, keyed by the kernel address of their socket. The agent sets its size.
@@ -95,15 +105,164 @@ static FLOW_SEQ: PerCpuArray<FlowSeq> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
 
+/// How a program reads the fields of a socket. The flow logic ([`on_set_state`] and what it
+/// calls) is generic over it, so the BTF-typed and the plain raw tracepoint run the same code.
+trait SockRead: Copy {
+    /// A reader for the socket at `sk` if it is a TCP socket (`check_protocol`), or for a socket
+    /// already known to be one (`!check_protocol`: found in the flow map).
+    fn tcp(sk: u64, check_protocol: bool) -> Option<Self>;
+    /// Reads a `T` (an integer) at `offset` bytes from the socket; zero if it cannot be read.
+    fn read<T: Copy + Default>(self, offset: u32) -> T;
+    /// Reads the 4-tuple block of `struct sock_common` ([`tuple_block`]): the IPv4 addresses
+    /// (remote, local) as one word, the remote port (network order) and the family.
+    fn tuple(self) -> (u64, u16, u16);
+    /// Reads the IPv6 remote and local addresses (`skc_v6_daddr`, `skc_v6_rcv_saddr`).
+    fn v6_addrs(self) -> [u64; 4];
+}
+
+/// Reads with `bpf_probe_read_kernel`: allowed in every program type, one helper call (a
+/// fault-safe copy with its checks) per read, so contiguous fields are read together.
+#[derive(Clone, Copy)]
+struct ProbeRead(*const u8);
+
+impl SockRead for ProbeRead {
+    #[inline(always)]
+    fn tcp(sk: u64, check_protocol: bool) -> Option<Self> {
+        let sock = ProbeRead(sk as *const u8);
+        if check_protocol {
+            // `sk_protocol` (a bitfield before Linux 5.6, hence the word, shift and mask).
+            let word: u32 = sock.read(global!(CONFIG.layout.sk_protocol_word));
+            let protocol = (word >> global!(CONFIG.layout.sk_protocol_shift))
+                & global!(CONFIG.layout.sk_protocol_mask);
+            if protocol != u32::from(IPPROTO_TCP) {
+                return None;
+            }
+        }
+        Some(sock)
+    }
+
+    #[inline(always)]
+    fn read<T: Copy + Default>(self, offset: u32) -> T {
+        // SAFETY: the helper checks the address; a failed read leaves the default.
+        unsafe { bpf_probe_read_kernel(self.0.add(offset as usize) as *const T) }
+            .unwrap_or_default()
+    }
+
+    #[inline(always)]
+    fn tuple(self) -> (u64, u16, u16) {
+        // One read for the whole block instead of three.
+        let block: [u64; 3] = self.words(global!(CONFIG.layout.sk_daddr));
+        let dport = (block[tuple_block::DPORT / 8] >> ((tuple_block::DPORT % 8) * 8)) as u16;
+        let family = (block[tuple_block::FAMILY / 8] >> ((tuple_block::FAMILY % 8) * 8)) as u16;
+        (block[0], dport, family)
+    }
+
+    #[inline(always)]
+    fn v6_addrs(self) -> [u64; 4] {
+        self.words(global!(CONFIG.layout.sk_v6_daddr))
+    }
+}
+
+impl ProbeRead {
+    /// `N` words at `offset` in one helper call; zeros if it fails.
+    #[inline(always)]
+    fn words<const N: usize>(self, offset: u32) -> [u64; N] {
+        let mut out = MaybeUninit::<[u64; N]>::uninit();
+        let dst = out.as_mut_ptr() as *mut u64;
+        let ret = unsafe {
+            helper::bpf_probe_read_kernel(
+                dst as *mut c_void,
+                (N * 8) as u32,
+                self.0.add(offset as usize) as *const c_void,
+            )
+        };
+        if ret != 0 {
+            for i in 0..N {
+                unsafe { write_volatile(dst.add(i), 0) };
+            }
+        }
+        // SAFETY: written by the helper, or zeroed above.
+        unsafe { out.assume_init() }
+    }
+}
+
+/// Direct loads through the `struct tcp_sock` pointer that `bpf_skc_to_tcp_sock` returns in a
+/// BTF-typed program. The verifier checks each load against the kernel's BTF (the offset must
+/// be a constant: it comes from the frozen `CONFIG`), and the JIT turns it into one load
+/// instruction guarded by an exception-table entry: a few cycles, where a probe read is a
+/// helper call costing tens of nanoseconds. Volatile loads, so that the compiler neither merges
+/// neighbouring fields into one wider load (the verifier refuses a load that crosses a member)
+/// nor splits them.
+#[derive(Clone, Copy)]
+struct Direct(*const u8);
+
+impl SockRead for Direct {
+    #[inline(always)]
+    fn tcp(sk: u64, _check_protocol: bool) -> Option<Self> {
+        // Always checked: the verifier only lets `tcp_sock` fields be read through the pointer
+        // this returns (NULL unless a full socket with `sk_protocol == IPPROTO_TCP`).
+        let tp = unsafe { helper::bpf_skc_to_tcp_sock(sk as *mut c_void) };
+        if tp.is_null() {
+            None
+        } else {
+            Some(Direct(tp as *const u8))
+        }
+    }
+
+    #[inline(always)]
+    fn read<T: Copy + Default>(self, offset: u32) -> T {
+        // SAFETY: a checked load (see the type's documentation).
+        unsafe { read_volatile(self.0.add(offset as usize) as *const T) }
+    }
+
+    #[inline(always)]
+    fn tuple(self) -> (u64, u16, u16) {
+        let daddr = global!(CONFIG.layout.sk_daddr);
+        (
+            // `skc_addrpair`: both IPv4 addresses as one member.
+            self.read::<u64>(daddr),
+            self.read::<u16>(daddr + tuple_block::DPORT as u32),
+            self.read::<u16>(daddr + tuple_block::FAMILY as u32),
+        )
+    }
+
+    #[inline(always)]
+    fn v6_addrs(self) -> [u64; 4] {
+        let at = global!(CONFIG.layout.sk_v6_daddr);
+        [
+            self.read(at),
+            self.read(at + 8),
+            self.read(at + 16),
+            self.read(at + 24),
+        ]
+    }
+}
+
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let sk: u64 = ctx.arg(0);
-    let oldstate = ctx.arg::<u64>(1) as u8;
-    let newstate = ctx.arg::<u64>(2) as u8;
+    on_set_state::<ProbeRead>(sk, ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
+    0
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    // The same arguments, with `sk` typed (`struct sock *`) for the verifier.
+    let sk: u64 = ctx.arg(0);
+    on_set_state::<Direct>(sk, ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
+    0
+}
+
+/// One state change of socket `sk`. Four of the ten changes of a typical connection need no
+/// work (`ESTABLISHED`, `CLOSE_WAIT`, `FIN_WAIT2`, `TIME_WAIT`) and return at the `match`.
+#[inline(always)]
+fn on_set_state<S: SockRead>(sk: u64, oldstate: u8, newstate: u8) {
     match newstate {
-        tcp_state::SYN_SENT => start_flow(sk, direction::OUTBOUND),
-        tcp_state::SYN_RECV if oldstate == tcp_state::LISTEN => start_flow(sk, direction::INBOUND),
+        tcp_state::SYN_SENT => start_flow::<S>(sk, direction::OUTBOUND),
+        tcp_state::SYN_RECV if oldstate == tcp_state::LISTEN => {
+            start_flow::<S>(sk, direction::INBOUND)
+        }
         // Both come from close()/shutdown() in the socket owner's context: an inbound flow whose
         // accept() was not seen (io_uring, no syscall tracepoints) gets its process here.
         tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => {
@@ -116,10 +275,9 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
         }
         // Nothing to do on the other changes (ESTABLISHED included): whether the handshake
         // completed and whether a FIN was sent follow from the state a snapshot is taken in.
-        tcp_state::CLOSE if oldstate != tcp_state::LISTEN => end_flow(sk, oldstate),
+        tcp_state::CLOSE if oldstate != tcp_state::LISTEN => end_flow::<S>(sk, oldstate),
         _ => {}
     }
-    0
 }
 
 #[raw_tracepoint(tracepoint = "tcp_send_reset")]
@@ -234,39 +392,39 @@ extern "C" fn sweep_one(
         } else {
             event_kind::INTERIM
         };
-        let sk = unsafe { *key };
+        // The sweep is a plain raw tracepoint program (run with BPF_PROG_TEST_RUN): probe reads.
+        let sock = ProbeRead(unsafe { *key } as *const u8);
         if state.flags & flow_flag::TUPLE_KNOWN == 0 {
-            read_tuple(sk, state);
+            read_tuple(sock, state);
         }
-        let tcp_state: u8 = unsafe {
-            read_sock(
-                sk as *const u8,
-                global!(CONFIG.layout.sk_daddr) + tuple_block::STATE as u32,
-            )
-        };
-        emit_snapshot(sk, state, kind, tcp_state, sweep.now);
+        let tcp_state: u8 = sock.read(global!(CONFIG.layout.sk_daddr) + tuple_block::STATE as u32);
+        emit_snapshot(sock, state, kind, tcp_state, sweep.now);
         state.last_report_ns = sweep.now;
     }
     0
 }
 
 #[inline(always)]
-fn start_flow(sk: u64, dir: u8) {
-    if protocol(sk) != IPPROTO_TCP {
+fn start_flow<S: SockRead>(sk: u64, dir: u8) {
+    if S::tcp(sk, true).is_none() {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut state = FlowState {
-        flow_id: next_flow_id(),
-        start_ns: now,
-        last_report_ns: now,
-        direction: dir,
-        ..FlowState::default()
+    let mut slot = MaybeUninit::<FlowState>::uninit();
+    let state = unsafe {
+        zero_words(slot.as_mut_ptr());
+        slot.assume_init_mut()
     };
+    state.flow_id = next_flow_id();
+    state.start_ns = now;
+    state.last_report_ns = now;
+    state.direction = dir;
     if dir == direction::OUTBOUND {
-        take_process(&mut state);
+        take_process(state);
     }
-    if FLOWS.insert(sk, state, 0).is_err() {
+    // By reference: a copy of the value would be a `memcpy` call.
+    let value = unsafe { slot.assume_init_ref() };
+    if FLOWS.insert(sk, value, 0).is_err() {
         count(counter::MAP_FULL);
     }
     // A CLOSED entry left by an earlier socket at this address is harmless: resets are charged
@@ -274,32 +432,29 @@ fn start_flow(sk: u64, dir: u8) {
 }
 
 #[inline(always)]
-fn end_flow(sk: u64, oldstate: u8) {
+fn end_flow<S: SockRead>(sk: u64, oldstate: u8) {
     let Some(state) = FLOWS.get_ptr_mut(sk) else {
         count(counter::UNTRACKED_CLOSE);
         return;
     };
     let state = unsafe { &mut *state };
+    let Some(sock) = S::tcp(sk, false) else {
+        // Tracked, so a TCP socket: cannot happen. Dropped from the map, not reported.
+        let _ = FLOWS.remove(sk);
+        return;
+    };
     // The tuple is read here, once, unless a sweep needed it earlier: by now the kernel has
     // bound the local port, and it clears the addresses only after this state change.
     if state.flags & flow_flag::TUPLE_KNOWN == 0 {
-        read_tuple(sk, state);
+        read_tuple(sock, state);
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let flags = emit_snapshot(sk, state, event_kind::END, oldstate, now);
+    let flags = emit_snapshot(sock, state, event_kind::END, oldstate, now);
     let flow_id = state.flow_id;
     let _ = FLOWS.remove(sk);
     if flags & flow_flag::MAY_RESET != 0 {
         let _ = CLOSED.insert(sk, flow_id, 0);
     }
-}
-
-/// `sk_protocol` of the socket (a bitfield before Linux 5.6, hence the word, shift and mask).
-#[inline(always)]
-fn protocol(sk: u64) -> u16 {
-    let word: u32 = unsafe { read_sock(sk as *const u8, global!(CONFIG.layout.sk_protocol_word)) };
-    ((word >> global!(CONFIG.layout.sk_protocol_shift)) & global!(CONFIG.layout.sk_protocol_mask))
-        as u16
 }
 
 /// Records the task on the CPU as the flow's process. Only called where the kernel runs in the
@@ -308,8 +463,10 @@ fn protocol(sk: u64) -> u16 {
 fn take_process(state: &mut FlowState) {
     state.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     state.cgroup_id = unsafe { helper::bpf_get_current_cgroup_id() };
-    if let Ok(comm) = bpf_get_current_comm() {
-        state.comm = comm;
+    // Straight into the state (aya's wrapper zeroes a stack copy first, then copies it).
+    let comm = &raw mut state.comm;
+    if unsafe { helper::bpf_get_current_comm(comm as *mut c_void, 16) } != 0 {
+        unsafe { zero16(comm) };
     }
     state.flags |= flow_flag::PROCESS_KNOWN;
 }
@@ -318,26 +475,28 @@ fn take_process(state: &mut FlowState) {
 /// (a `connect()` enters `SYN_SENT` before it picks one) the tuple is incomplete, so it is marked
 /// known only once the local port is set.
 #[inline(always)]
-fn read_tuple(sk: u64, state: &mut FlowState) {
-    let base = sk as *const u8;
-    let block: [u8; tuple_block::SIZE] =
-        unsafe { read_sock(base, global!(CONFIG.layout.sk_daddr)) };
-    let u16_at = |at: usize| u16::from_ne_bytes([block[at], block[at + 1]]);
-    let family = u16_at(tuple_block::FAMILY);
+fn read_tuple<S: SockRead>(sock: S, state: &mut FlowState) {
+    let (addrpair, dport, family) = sock.tuple();
     state.family = family as u8;
-    state.local_port =
-        u16::from_be(unsafe { read_sock::<u16>(base, global!(CONFIG.layout.inet_sport)) });
-    state.remote_port = u16::from_be(u16_at(tuple_block::DPORT));
-    if family == AF_INET6 {
-        let addrs: [u8; 32] = unsafe { read_sock(base, global!(CONFIG.layout.sk_v6_daddr)) };
-        state.remote_addr.copy_from_slice(&addrs[..16]);
-        state.local_addr.copy_from_slice(&addrs[16..]);
-    } else {
-        state.remote_addr = [0; 16];
-        state.local_addr = [0; 16];
-        state.remote_addr[..4].copy_from_slice(&block[tuple_block::DADDR..tuple_block::DADDR + 4]);
-        state.local_addr[..4]
-            .copy_from_slice(&block[tuple_block::RCV_SADDR..tuple_block::RCV_SADDR + 4]);
+    state.local_port = u16::from_be(sock.read::<u16>(global!(CONFIG.layout.inet_sport)));
+    state.remote_port = u16::from_be(dport);
+    let remote = &raw mut state.remote_addr as *mut u64;
+    let local = &raw mut state.local_addr as *mut u64;
+    unsafe {
+        if family == AF_INET6 {
+            let addrs = sock.v6_addrs();
+            write_volatile(remote, addrs[0]);
+            write_volatile(remote.add(1), addrs[1]);
+            write_volatile(local, addrs[2]);
+            write_volatile(local.add(1), addrs[3]);
+        } else {
+            // Little-endian word: the remote address (`skc_daddr`) is its low half, as it is
+            // in memory; the address bytes keep their order.
+            write_volatile(remote, addrpair & 0xffff_ffff);
+            write_volatile(remote.add(1), 0);
+            write_volatile(local, addrpair >> 32);
+            write_volatile(local.add(1), 0);
+        }
     }
     if state.local_port != 0 {
         state.flags |= flow_flag::TUPLE_KNOWN;
@@ -348,8 +507,7 @@ fn read_tuple(sk: u64, state: &mut FlowState) {
 /// `tcp_state` is the state the socket is in (or, for an end, the one it left). Returns the flags
 /// it reported.
 #[inline(always)]
-fn emit_snapshot(sk: u64, state: &FlowState, kind: u8, tcp_state: u8, now: u64) -> u8 {
-    let base = sk as *const u8;
+fn emit_snapshot<S: SockRead>(sock: S, state: &FlowState, kind: u8, tcp_state: u8, now: u64) -> u8 {
     let mut flags = state.flags;
     if tcp_state != tcp_state::SYN_SENT && tcp_state != tcp_state::SYN_RECV && tcp_state != 0 {
         flags |= flow_flag::ESTABLISHED;
@@ -364,12 +522,10 @@ fn emit_snapshot(sk: u64, state: &FlowState, kind: u8, tcp_state: u8, now: u64) 
     ) {
         flags |= flow_flag::FIN_SENT;
     }
-    let peer_fin = unsafe {
-        (read_sock::<u64>(base, global!(CONFIG.layout.sk_flags))
-            >> global!(CONFIG.layout.sock_done_bit))
-            & 1
-            != 0
-    };
+    let peer_fin = (sock.read::<u64>(global!(CONFIG.layout.sk_flags))
+        >> global!(CONFIG.layout.sock_done_bit))
+        & 1
+        != 0;
     if peer_fin {
         flags |= flow_flag::PEER_FIN;
     }
@@ -386,17 +542,17 @@ fn emit_snapshot(sk: u64, state: &FlowState, kind: u8, tcp_state: u8, now: u64) 
         (*ev).start_ns = state.start_ns;
         (*ev).report_ns = now;
         (*ev).cgroup_id = state.cgroup_id;
-        (*ev).bytes_acked = read_sock::<u64>(base, global!(CONFIG.layout.bytes_acked));
-        (*ev).bytes_received = read_sock::<u64>(base, global!(CONFIG.layout.bytes_received));
-        (*ev).local_addr = state.local_addr;
-        (*ev).remote_addr = state.remote_addr;
-        (*ev).segs_out = read_sock::<u32>(base, global!(CONFIG.layout.segs_out));
-        (*ev).segs_in = read_sock::<u32>(base, global!(CONFIG.layout.segs_in));
-        (*ev).total_retrans = read_sock::<u32>(base, global!(CONFIG.layout.total_retrans));
-        (*ev).srtt_us = read_sock::<u32>(base, global!(CONFIG.layout.srtt_us)) >> 3;
-        (*ev).min_rtt_us = read_sock::<u32>(base, global!(CONFIG.layout.min_rtt_us));
+        (*ev).bytes_acked = sock.read::<u64>(global!(CONFIG.layout.bytes_acked));
+        (*ev).bytes_received = sock.read::<u64>(global!(CONFIG.layout.bytes_received));
+        copy16(&raw mut (*ev).local_addr, &raw const state.local_addr);
+        copy16(&raw mut (*ev).remote_addr, &raw const state.remote_addr);
+        (*ev).segs_out = sock.read::<u32>(global!(CONFIG.layout.segs_out));
+        (*ev).segs_in = sock.read::<u32>(global!(CONFIG.layout.segs_in));
+        (*ev).total_retrans = sock.read::<u32>(global!(CONFIG.layout.total_retrans));
+        (*ev).srtt_us = sock.read::<u32>(global!(CONFIG.layout.srtt_us)) >> 3;
+        (*ev).min_rtt_us = sock.read::<u32>(global!(CONFIG.layout.min_rtt_us));
         (*ev).pid = state.pid;
-        (*ev).comm = state.comm;
+        copy16(&raw mut (*ev).comm, &raw const state.comm);
         (*ev).resets_sent = state.resets_sent;
         (*ev).resets_received = state.resets_received;
         (*ev).local_port = state.local_port;
@@ -405,8 +561,8 @@ fn emit_snapshot(sk: u64, state: &FlowState, kind: u8, tcp_state: u8, now: u64) 
         (*ev).family = state.family;
         (*ev).direction = state.direction;
         if flags & flow_flag::FIN_SENT != 0
-            && read_sock::<u32>(base, global!(CONFIG.layout.snd_una))
-                == read_sock::<u32>(base, global!(CONFIG.layout.write_seq))
+            && sock.read::<u32>(global!(CONFIG.layout.snd_una))
+                == sock.read::<u32>(global!(CONFIG.layout.write_seq))
         {
             flags |= flow_flag::FIN_ACKED;
         }
@@ -416,7 +572,12 @@ fn emit_snapshot(sk: u64, state: &FlowState, kind: u8, tcp_state: u8, now: u64) 
         } else {
             0
         };
-        (*ev)._pad = [0; 3];
+        // Byte by byte and volatile: an array store, or three adjacent zero bytes that the
+        // compiler may merge, becomes a `memset` call.
+        let pad = &raw mut (*ev)._pad as *mut u8;
+        write_volatile(pad, 0);
+        write_volatile(pad.add(1), 0);
+        write_volatile(pad.add(2), 0);
     }
     submit(entry);
     flags
@@ -444,12 +605,13 @@ fn emit_reset_after_end(flow_id: u64) {
         count(counter::RINGBUF_FULL);
         return;
     };
-    entry.write(FlowEvent {
-        flow_id,
-        resets_sent: 1,
-        kind: event_kind::RESET_AFTER_END,
-        ..FlowEvent::default()
-    });
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        zero_words(ev);
+        (*ev).flow_id = flow_id;
+        (*ev).resets_sent = 1;
+        (*ev).kind = event_kind::RESET_AFTER_END;
+    }
     submit(entry);
 }
 
@@ -470,11 +632,48 @@ fn submit(entry: aya_ebpf::maps::ring_buf::RingBufEntry<FlowEvent>) {
     entry.submit(flag.into());
 }
 
-/// Reads a `T` at `base + offset` in kernel memory; zero if it cannot be read.
+/// Zeroes a `T` in 8-byte stores. Volatile, so that LLVM does not merge them back into a
+/// `memset` call (a byte loop on BPF).
 #[inline(always)]
-unsafe fn read_sock<T: Default>(base: *const u8, offset: u32) -> T {
-    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }.unwrap_or_default()
+unsafe fn zero_words<T>(p: *mut T) {
+    let words = p as *mut u64;
+    for i in 0..size_of::<T>() / 8 {
+        unsafe { write_volatile(words.add(i), 0) };
+    }
 }
+
+/// Copies a 16-byte array (address, command name) as two 8-byte words; a plain assignment
+/// compiles to a byte-by-byte `memmove` subprogram. Both sides must be 8-byte aligned (checked
+/// for the fields it is used on, below).
+#[inline(always)]
+unsafe fn copy16(dst: *mut [u8; 16], src: *const [u8; 16]) {
+    let (dst, src) = (dst as *mut u64, src as *const u64);
+    unsafe {
+        write_volatile(dst, read_volatile(src));
+        write_volatile(dst.add(1), read_volatile(src.add(1)));
+    }
+}
+
+/// Zeroes a 16-byte array (see [`copy16`]).
+#[inline(always)]
+unsafe fn zero16(dst: *mut [u8; 16]) {
+    let dst = dst as *mut u64;
+    unsafe {
+        write_volatile(dst, 0);
+        write_volatile(dst.add(1), 0);
+    }
+}
+
+const _: () = {
+    assert!(size_of::<FlowState>().is_multiple_of(8) && align_of::<FlowState>() == 8);
+    assert!(size_of::<FlowEvent>().is_multiple_of(8) && align_of::<FlowEvent>() == 8);
+    assert!(offset_of!(FlowState, local_addr).is_multiple_of(8));
+    assert!(offset_of!(FlowState, remote_addr).is_multiple_of(8));
+    assert!(offset_of!(FlowState, comm).is_multiple_of(8));
+    assert!(offset_of!(FlowEvent, local_addr).is_multiple_of(8));
+    assert!(offset_of!(FlowEvent, remote_addr).is_multiple_of(8));
+    assert!(offset_of!(FlowEvent, comm).is_multiple_of(8));
+};
 
 /// Reads a `T` at `base + offset` in kernel memory.
 #[inline(always)]

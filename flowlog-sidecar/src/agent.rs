@@ -99,7 +99,12 @@ pub async fn run<S: RecordSink>(
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     }
     tokio::pin!(shutdown);
-    info!(host = %settings.host, interim = ?settings.interim, "capturing TCP flows");
+    info!(
+        host = %settings.host,
+        interim = ?settings.interim,
+        sockets = probe.sock_access().as_str(),
+        "capturing TCP flows"
+    );
 
     loop {
         tokio::select! {

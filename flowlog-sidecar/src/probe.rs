@@ -4,10 +4,11 @@
 use std::{path::PathBuf, time::Duration};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
-        Program, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint,
+        BtfTracePoint, Program, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun,
+        TracePoint,
     },
 };
 use flowlog_common::{Config, counter, stat};
@@ -66,21 +67,50 @@ pub struct ProbeSettings {
     pub ring_buffer_bytes: u32,
 }
 
-/// (program name in the object, tracepoint category, tracepoint name)
 /// Raw tracepoint programs: the program's name in the object is the tracepoint's name.
-const RAW_PROGRAMS: [&str; 3] = ["inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset"];
+const RAW_PROGRAMS: [&str; 2] = ["tcp_send_reset", "tcp_receive_reset"];
+/// The state-change tracepoint, and the BTF-typed program for it (its raw tracepoint program has
+/// the tracepoint's name).
+const SET_STATE: &str = "inet_sock_set_state";
+const SET_STATE_BTF: &str = "inet_sock_set_state_btf";
 const SWEEP: &str = "flowlog_sweep";
 const ACCEPT_PROGRAM: &str = "accept_exit";
+
+/// How the socket state-change program reads `struct tcp_sock`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SockAccess {
+    /// A BTF-typed raw tracepoint (`tp_btf`): direct loads, checked by the verifier.
+    Btf,
+    /// A raw tracepoint: one `bpf_probe_read_kernel` call per field (or block of fields).
+    ProbeRead,
+}
+
+impl SockAccess {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SockAccess::Btf => "btf",
+            SockAccess::ProbeRead => "probe-read",
+        }
+    }
+}
 
 /// The loaded, attached programs. Dropping it detaches them.
 pub struct Probe {
     ebpf: Ebpf,
     kernel: String,
+    access: SockAccess,
 }
 
 impl Probe {
-    /// Checks privileges, discovers the kernel layout, loads and attaches the programs.
+    /// Checks privileges, discovers the kernel layout, loads and attaches the programs; sockets
+    /// are read through the BTF-typed tracepoint where the kernel allows it.
     pub fn start(settings: &ProbeSettings) -> Result<Self, ProbeError> {
+        Self::start_with(settings, false)
+    }
+
+    /// [`Probe::start`], with the choice to use the plain raw tracepoint (probe reads) for
+    /// socket state changes even where the BTF-typed one can be attached (`--raw-tracepoints`).
+    pub fn start_with(settings: &ProbeSettings, raw_tracepoints: bool) -> Result<Self, ProbeError> {
         check_privileges()?;
         let kernel = layout::kernel_release();
         let btf_path = settings.btf.as_path();
@@ -108,7 +138,10 @@ impl Probe {
                 None
             }
         };
+        // Parsed once, for the loader's relocations and the BTF-typed program's attach point.
+        let vmlinux = Btf::from_sys_fs().ok();
         let mut ebpf = EbpfLoader::new()
+            .btf(vmlinux.as_ref())
             .override_global("CONFIG", &config, true)
             .override_global("ACCEPT", &accept.unwrap_or_default(), true)
             .map_max_entries("FLOWS", settings.max_flows)
@@ -118,6 +151,31 @@ impl Probe {
                 kernel: kernel.clone(),
                 source: Box::new(source),
             })?;
+        let btf_attached = match (&vmlinux, raw_tracepoints) {
+            (_, true) => Err("disabled by --raw-tracepoints".to_string()),
+            (None, false) => Err(format!("{} is not readable", settings.btf.display())),
+            (Some(vmlinux), false) => {
+                attach_btf_set_state(&mut ebpf, vmlinux).map_err(|e| crate::error_chain(&e))
+            }
+        };
+        drop(vmlinux);
+        let access = match btf_attached {
+            Ok(()) => SockAccess::Btf,
+            Err(reason) => {
+                if !raw_tracepoints {
+                    warn!(
+                        error = reason,
+                        "the BTF-typed tracepoint {SET_STATE} cannot be used on this kernel; \
+                         falling back to the raw tracepoint, which reads sockets with probe \
+                         reads (slower per connection, same records)"
+                    );
+                }
+                let prog: &mut RawTracePoint = load_program(&mut ebpf, SET_STATE, &kernel)?;
+                prog.attach(SET_STATE)
+                    .map_err(program_error(SET_STATE, &kernel))?;
+                SockAccess::ProbeRead
+            }
+        };
         for program in RAW_PROGRAMS {
             let prog: &mut RawTracePoint = load_program(&mut ebpf, program, &kernel)?;
             prog.attach(program)
@@ -135,7 +193,16 @@ impl Probe {
         }
         // Loaded, never attached: run on demand by `sweep`.
         let _: &mut RawTracePoint = load_program(&mut ebpf, SWEEP, &kernel)?;
-        Ok(Self { ebpf, kernel })
+        Ok(Self {
+            ebpf,
+            kernel,
+            access,
+        })
+    }
+
+    /// How the state-change program reads sockets on this kernel.
+    pub fn sock_access(&self) -> SockAccess {
+        self.access
     }
 
     /// Takes the ring buffer out of the probe (call once).
@@ -199,6 +266,20 @@ impl Probe {
         .map_err(map_err)?;
         map.get(&stat::TRACKED, 0).map_err(map_err)
     }
+}
+
+/// Loads and attaches the BTF-typed state-change program. Kernels refuse it where BTF-typed
+/// tracing programs are not allowed (some lock them down with EPERM, as they do fentry), and
+/// the verifier refuses it where a socket field cannot be read directly; the caller then falls
+/// back to the raw tracepoint. A failed load leaves nothing attached.
+fn attach_btf_set_state(ebpf: &mut Ebpf, vmlinux: &Btf) -> Result<(), ProgramError> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(SET_STATE_BTF)
+        .ok_or(ProgramError::NotLoaded)?
+        .try_into()?;
+    prog.load(SET_STATE, vmlinux)?;
+    prog.attach()?;
+    Ok(())
 }
 
 /// Wraps a program error with the program's name and the kernel.

@@ -119,11 +119,52 @@ struct Exchange {
     ending: Ending,
 }
 
+/// How the agent under test reads sockets: its default (the BTF-typed tracepoint where the kernel
+/// allows it), or the raw tracepoint with probe reads that it falls back to elsewhere. Both must
+/// give the same records; the tests that read the most fields run on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Default,
+    ProbeRead,
+}
+
+impl Access {
+    /// Starts the test's agent this way, and checks that it reports the access it was asked for.
+    fn start(self, test: &str) -> Agent {
+        let agent = match self {
+            Access::Default => Agent::start(test, NO_INTERIM),
+            Access::ProbeRead => {
+                Agent::start_with(test, &["--interim", NO_INTERIM, "--raw-tracepoints"])
+            }
+        };
+        let stderr = agent.stderr();
+        let expected: &[&str] = match self {
+            // Either, depending on the kernel; what it chose is logged.
+            Access::Default => &["sockets=\"btf\"", "sockets=\"probe-read\""],
+            Access::ProbeRead => &["sockets=\"probe-read\""],
+        };
+        assert!(
+            expected.iter().any(|e| stderr.contains(e)),
+            "{self:?}: expected one of {expected:?} in the agent's log:\n{stderr}"
+        );
+        agent
+    }
+}
+
 #[test]
 fn transfers_of_random_sizes_are_exact_on_both_ends() {
-    let net = NetnsPair::new(1);
+    transfers(1, "transfers", Access::Default);
+}
+
+#[test]
+fn transfers_of_random_sizes_are_exact_on_both_ends_with_probe_reads() {
+    transfers(12, "transfers-probe-read", Access::ProbeRead);
+}
+
+fn transfers(index: u8, test: &str, access: Access) {
+    let net = NetnsPair::new(index);
     let port = server_port();
-    let mut rng = rng("transfers");
+    let mut rng = rng(test);
     let mut exchanges = Vec::new();
     for v6 in [false, true] {
         for ending in [
@@ -165,7 +206,7 @@ fn transfers_of_random_sizes_are_exact_on_both_ends() {
     let v4 = net.listen(v4_addr);
     let v6 = net.listen(v6_addr);
 
-    let agent = Agent::start("transfers", NO_INTERIM);
+    let agent = access.start(test);
     let server = {
         let (exchanges, data) = (exchanges.clone(), data.clone());
         net.server("flt-server", move || {
@@ -426,9 +467,18 @@ fn expect_reset(s: &mut std::net::TcpStream) {
 
 #[test]
 fn abortive_close_is_reset_on_both_sides() {
-    let net = NetnsPair::new(3);
+    abortive_close(3, "linger", Access::Default);
+}
+
+#[test]
+fn abortive_close_is_reset_on_both_sides_with_probe_reads() {
+    abortive_close(13, "linger-probe-read", Access::ProbeRead);
+}
+
+fn abortive_close(index: u8, test: &str, access: Access) {
+    let net = NetnsPair::new(index);
     let port = server_port();
-    let mut rng = rng("linger");
+    let mut rng = rng(test);
     // (IPv6?, client aborts?, request, response); both sizes at least one byte (see below).
     let mut flows_spec: Vec<(bool, bool, usize, usize)> = Vec::new();
     for v6 in [false, true] {
@@ -444,7 +494,7 @@ fn abortive_close_is_reset_on_both_sides() {
     let v4 = net.listen(v4_addr);
     let v6 = net.listen(v6_addr);
 
-    let agent = Agent::start("linger", NO_INTERIM);
+    let agent = access.start(test);
     // Before either side aborts, all payload is acknowledged both ways, so that `bytes_sent`
     // (acknowledged payload) is exactly what was written: the response's segments carry the
     // acknowledgement of the request, and the server waits until the client has acknowledged
