@@ -3,10 +3,11 @@
 use std::{
     fs::OpenOptions,
     io::{BufWriter, Write},
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
-use crate::record::FlowRecord;
+use crate::record::{Direction, Family, FlowRecord, Outcome};
 
 /// Why a sink could not take records.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,8 @@ pub trait RecordSink {
 pub struct JsonLines<W: Write> {
     out: BufWriter<W>,
     target: String,
+    /// The batch's lines, reused from batch to batch.
+    lines: Vec<u8>,
 }
 
 impl JsonLines<std::io::Stdout> {
@@ -60,6 +63,7 @@ impl JsonLines<std::io::Stdout> {
         Self {
             out: BufWriter::with_capacity(64 * 1024, std::io::stdout()),
             target: "stdout".to_string(),
+            lines: Vec::new(),
         }
     }
 }
@@ -78,6 +82,7 @@ impl JsonLines<std::fs::File> {
         Ok(Self {
             out: BufWriter::with_capacity(64 * 1024, file),
             target: path.display().to_string(),
+            lines: Vec::new(),
         })
     }
 }
@@ -93,15 +98,273 @@ impl<W: Write> JsonLines<W> {
 
 impl<W: Write> RecordSink for JsonLines<W> {
     async fn write(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
+        self.lines.clear();
         for record in records {
-            serde_json::to_writer(&mut self.out, record)
-                .map_err(|e| self.io_err(std::io::Error::other(e)))?;
-            self.out.write_all(b"\n").map_err(|e| self.io_err(e))?;
+            write_json(&mut self.lines, record);
+            self.lines.push(b'\n');
         }
-        Ok(())
+        let result = self.out.write_all(&self.lines);
+        // A burst's buffer is not kept for the rest of the run.
+        if self.lines.capacity() > 1 << 20 {
+            self.lines = Vec::new();
+        }
+        result.map_err(|e| self.io_err(e))
     }
 
     async fn flush(&mut self) -> Result<(), SinkError> {
         self.out.flush().map_err(|e| self.io_err(e))
+    }
+}
+
+/// Appends `record` as one JSON object, byte for byte what `serde_json::to_writer` writes for it
+/// (the field names and order of its `Serialize`; a unit test compares the two). Written by
+/// hand because this is the agent's hottest path at high connection rates: serde_json escapes
+/// every field name and formats each address through a temporary buffer, and that was a third
+/// of the agent's CPU time at ~70k records/s.
+pub fn write_json(out: &mut Vec<u8>, r: &FlowRecord) {
+    out.extend_from_slice(b"{\"flow_id\":");
+    write_u64(out, r.flow_id);
+    out.extend_from_slice(b",\"host\":");
+    write_str(out, &r.host);
+    out.extend_from_slice(b",\"seq\":");
+    write_u64(out, u64::from(r.seq));
+    out.extend_from_slice(b",\"start_ns\":");
+    write_u64(out, r.start_ns);
+    out.extend_from_slice(b",\"end_ns\":");
+    write_u64(out, r.end_ns);
+    out.extend_from_slice(match r.family {
+        Family::Ipv4 => b",\"family\":\"ipv4\",\"local_addr\":" as &[u8],
+        Family::Ipv6 => b",\"family\":\"ipv6\",\"local_addr\":",
+    });
+    write_addr(out, r.local_addr);
+    out.extend_from_slice(b",\"local_port\":");
+    write_u64(out, u64::from(r.local_port));
+    out.extend_from_slice(b",\"remote_addr\":");
+    write_addr(out, r.remote_addr);
+    out.extend_from_slice(b",\"remote_port\":");
+    write_u64(out, u64::from(r.remote_port));
+    out.extend_from_slice(match r.direction {
+        Direction::Outbound => b",\"direction\":\"outbound\"" as &[u8],
+        Direction::Inbound => b",\"direction\":\"inbound\"",
+    });
+    out.extend_from_slice(match r.outcome {
+        Outcome::Closed => b",\"outcome\":\"closed\"" as &[u8],
+        Outcome::Reset => b",\"outcome\":\"reset\"",
+        Outcome::Failed => b",\"outcome\":\"failed\"",
+        Outcome::Open => b",\"outcome\":\"open\"",
+    });
+    // One literal per field (not a loop over names): fixed-length copies compile to a few
+    // stores, where variable-length ones are `memmove` calls.
+    out.extend_from_slice(b",\"bytes_sent\":");
+    write_u64(out, r.bytes_sent);
+    out.extend_from_slice(b",\"bytes_received\":");
+    write_u64(out, r.bytes_received);
+    out.extend_from_slice(b",\"segs_sent\":");
+    write_u64(out, r.segs_sent);
+    out.extend_from_slice(b",\"segs_received\":");
+    write_u64(out, r.segs_received);
+    out.extend_from_slice(b",\"retransmits\":");
+    write_u64(out, r.retransmits);
+    out.extend_from_slice(b",\"resets_sent\":");
+    write_u64(out, r.resets_sent);
+    out.extend_from_slice(b",\"resets_received\":");
+    write_u64(out, r.resets_received);
+    out.extend_from_slice(b",\"srtt_us\":");
+    write_u64(out, u64::from(r.srtt_us));
+    out.extend_from_slice(b",\"min_rtt_us\":");
+    write_u64(out, u64::from(r.min_rtt_us));
+    out.extend_from_slice(b",\"pid\":");
+    match r.pid {
+        Some(pid) => write_u64(out, u64::from(pid)),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"comm\":");
+    match &r.comm {
+        Some(comm) => write_str(out, comm),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"cgroup_id\":");
+    match r.cgroup_id {
+        Some(id) => write_u64(out, id),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
+}
+
+fn write_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// An address in its `Display` form (what serde writes for `IpAddr` in human-readable formats);
+/// it never needs escaping. IPv4 is written here (through `fmt` it cost more than the rest of
+/// the record); IPv6, with its zero-run compression rules, through `Display`.
+fn write_addr(out: &mut Vec<u8>, addr: IpAddr) {
+    out.push(b'"');
+    match addr {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            write_u8(out, a);
+            out.push(b'.');
+            write_u8(out, b);
+            out.push(b'.');
+            write_u8(out, c);
+            out.push(b'.');
+            write_u8(out, d);
+        }
+        // Writing into a Vec cannot fail.
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+    out.push(b'"');
+}
+
+fn write_u8(out: &mut Vec<u8>, n: u8) {
+    if n >= 100 {
+        out.push(b'0' + n / 100);
+    }
+    if n >= 10 {
+        out.push(b'0' + n / 10 % 10);
+    }
+    out.push(b'0' + n % 10);
+}
+
+/// A JSON string with serde_json's escapes: `"` and `\` backslashed, the C0 controls as `\b`,
+/// `\t`, `\n`, `\f`, `\r` or `\u00xx`; everything else (UTF-8 included) as is.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x08 => b"\\b",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            0x0c => b"\\f",
+            b'\r' => b"\\r",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> FlowRecord {
+        FlowRecord {
+            flow_id: u64::MAX,
+            host: "node-1.example".to_string(),
+            seq: 3,
+            start_ns: 1_764_000_000_123_456_789,
+            end_ns: 1_764_000_001_000_000_000,
+            family: Family::Ipv4,
+            local_addr: "198.51.100.1".parse().unwrap(),
+            local_port: 40_000,
+            remote_addr: "198.51.100.2".parse().unwrap(),
+            remote_port: 443,
+            direction: Direction::Outbound,
+            outcome: Outcome::Closed,
+            bytes_sent: 0,
+            bytes_received: 1,
+            segs_sent: 10,
+            segs_received: 9,
+            retransmits: 2,
+            resets_sent: 0,
+            resets_received: 1,
+            srtt_us: 51,
+            min_rtt_us: 12,
+            pid: Some(4242),
+            comm: Some("curl".to_string()),
+            cgroup_id: Some(9876),
+        }
+    }
+
+    fn assert_same_as_serde(r: &FlowRecord) {
+        let mut ours = Vec::new();
+        write_json(&mut ours, r);
+        let serde = serde_json::to_vec(r).unwrap();
+        assert_eq!(
+            String::from_utf8(ours).unwrap(),
+            String::from_utf8(serde).unwrap()
+        );
+    }
+
+    #[test]
+    fn json_is_byte_for_byte_what_serde_json_writes() {
+        let mut r = record();
+        assert_same_as_serde(&r);
+        for (local, remote) in [
+            ("0.0.0.0", "255.255.255.255"),
+            ("10.9.99.100", "1.20.103.7"),
+        ] {
+            r.local_addr = local.parse().unwrap();
+            r.remote_addr = remote.parse().unwrap();
+            assert_same_as_serde(&r);
+        }
+        // IPv6 (compressed, and IPv4-mapped forms), the other enum values, absent process.
+        r.family = Family::Ipv6;
+        r.local_addr = "2001:db8::1".parse().unwrap();
+        r.remote_addr = "::ffff:198.51.100.2".parse().unwrap();
+        r.direction = Direction::Inbound;
+        r.pid = None;
+        r.comm = None;
+        r.cgroup_id = None;
+        for outcome in Outcome::ALL {
+            r.outcome = outcome;
+            assert_same_as_serde(&r);
+        }
+        // Names that need escaping: every control character, quotes, backslashes, non-ASCII,
+        // and what a command name lossily decoded from the kernel can hold (U+FFFD).
+        let controls: String = (0u8..0x20).map(char::from).collect();
+        for name in [
+            controls.as_str(),
+            "a\"b\\c",
+            "\u{7f}é漢\u{fffd}",
+            "",
+            "\\",
+            "x\n",
+        ] {
+            r.host = name.to_string();
+            r.comm = Some(name.chars().rev().collect());
+            assert_same_as_serde(&r);
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_are_records_separated_by_newlines() {
+        let mut sink = JsonLines {
+            out: BufWriter::new(Vec::new()),
+            target: "memory".to_string(),
+            lines: Vec::new(),
+        };
+        let a = record();
+        let mut b = record();
+        b.seq = 4;
+        sink.write(&[a.clone(), b.clone()]).await.unwrap();
+        sink.write(&[]).await.unwrap();
+        sink.flush().await.unwrap();
+        let text = String::from_utf8(sink.out.into_inner().unwrap()).unwrap();
+        let parsed: Vec<FlowRecord> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(parsed, [a, b]);
+        assert!(text.ends_with("}\n"));
     }
 }
