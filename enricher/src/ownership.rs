@@ -406,43 +406,123 @@ pub async fn publish(
     let mut batch = Vec::with_capacity(BATCH);
     let mut errors = LogThrottle::default();
     while changes.recv_many(&mut batch, BATCH).await > 0 {
-        let mut messages: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+        let mut messages: Vec<Outgoing> = Vec::new();
         for change in batch.drain(..) {
             for record in tenures.apply(change) {
-                let value = serde_json::to_vec(&record).expect("records serialize");
-                messages.push((record.key(), Some(value)));
+                messages.push(Outgoing {
+                    key: record.key(),
+                    value: Some(serde_json::to_vec(&record).expect("records serialize")),
+                    watermark: matches!(record, OwnershipRecord::Watermark { .. }),
+                });
             }
         }
         let horizon = flowlog_identity::now_ns().saturating_sub(retention.as_nanos() as u64);
-        messages.extend(tenures.expire(horizon).into_iter().map(|k| (k, None)));
-        for (key, value) in &messages {
-            // In order, each acknowledged before the next: the topic's order is the sources'.
-            loop {
-                let mut record = FutureRecord::to(topic).partition(0).key(key.as_str());
-                if let Some(v) = value {
-                    record = record.payload(v.as_slice());
-                }
-                match producer.send(record, Duration::from_secs(30)).await {
-                    Ok(_) => {
-                        counter!("flowlog_inventory_published_total").increment(1);
-                        break;
-                    }
-                    Err((e, _)) => {
-                        counter!("flowlog_inventory_publish_errors_total", "kind" => flowlog_kafka::error_kind(&e)).increment(1);
-                        if errors.hit() {
-                            warn!(
-                                topic,
-                                count = errors.count,
-                                "publishing ownership: {e}; retrying"
-                            );
-                        }
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
+        messages.extend(tenures.expire(horizon).into_iter().map(|key| Outgoing {
+            key,
+            value: None,
+            watermark: false,
+        }));
+        // Tenures between two watermarks go out together (the idempotent producer keeps their
+        // order on the one partition); a watermark goes out only once everything before it is
+        // acknowledged, so no reader ever sees a watermark ahead of a change it covers.
+        for run in messages.split_inclusive(|m| m.watermark) {
+            let (changes, watermark) = match run.split_last() {
+                Some((last, rest)) if last.watermark => (rest, Some(last)),
+                _ => (run, None),
+            };
+            send_in_order(&producer, topic, changes, &mut errors).await;
+            if let Some(watermark) = watermark {
+                send_in_order(
+                    &producer,
+                    topic,
+                    std::slice::from_ref(watermark),
+                    &mut errors,
+                )
+                .await;
             }
         }
     }
     Ok(())
+}
+
+/// One message for the ownership topic (`value: None` is a tombstone).
+struct Outgoing {
+    key: String,
+    value: Option<Vec<u8>>,
+    watermark: bool,
+}
+
+/// Sends `messages` to partition 0 of `topic` all at once and waits for every acknowledgement.
+/// If any failed, everything from the first failure on is sent again one at a time, each
+/// acknowledged before the next: a key's latest message on the topic is then its latest
+/// state again, whatever got through out of order meanwhile (a tenure's open re-sent after its
+/// close got through is followed by that close, re-sent too).
+async fn send_in_order(
+    producer: &FutureProducer,
+    topic: &str,
+    messages: &[Outgoing],
+    errors: &mut LogThrottle,
+) {
+    fn record<'a>(topic: &'a str, m: &'a Outgoing) -> FutureRecord<'a, str, [u8]> {
+        let record = FutureRecord::to(topic).partition(0).key(m.key.as_str());
+        match &m.value {
+            Some(v) => record.payload(v.as_slice()),
+            None => record,
+        }
+    }
+    // Enqueued all at once (send_result does not wait), then acknowledged in order.
+    let deliveries: Vec<_> = messages
+        .iter()
+        .map(|m| producer.send_result(record(topic, m)).map_err(|(e, _)| e))
+        .collect();
+    let mut first_failure = None;
+    for (i, delivery) in deliveries.into_iter().enumerate() {
+        let outcome = match delivery {
+            Ok(acknowledged) => match acknowledged.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(e),
+                Err(_canceled) => Err(KafkaError::Canceled),
+            },
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => counter!("flowlog_inventory_published_total").increment(1),
+            Err(e) => {
+                note_publish_error(topic, &e, errors);
+                first_failure.get_or_insert(i);
+            }
+        }
+    }
+    let Some(from) = first_failure else { return };
+    for m in &messages[from..] {
+        loop {
+            match producer
+                .send(record(topic, m), Duration::from_secs(30))
+                .await
+            {
+                Ok(_) => {
+                    counter!("flowlog_inventory_published_total").increment(1);
+                    break;
+                }
+                Err((e, _)) => {
+                    note_publish_error(topic, &e, errors);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+}
+
+fn note_publish_error(topic: &str, e: &KafkaError, errors: &mut LogThrottle) {
+    counter!("flowlog_inventory_publish_errors_total", "kind" => flowlog_kafka::error_kind(e))
+        .increment(1);
+    if errors.hit() {
+        warn!(
+            topic,
+            count = errors.count,
+            "publishing ownership: {e}; retrying"
+        );
+    }
 }
 
 /// An enricher's view of the topic, as an inventory source named [`OWNERSHIP_SOURCE`]: replays

@@ -161,6 +161,33 @@ impl Topic {
         }
     }
 
+    /// Every message the topic holds now: reads each partition up to its high watermark as
+    /// of this call (offsets may have gaps, e.g. after compaction).
+    pub fn read_all(&self) -> Vec<OwnedMessage> {
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .expect("creating the consumer");
+        let ends: Vec<(i32, i64)> = self
+            .partitions(&probe)
+            .into_iter()
+            .map(|p| {
+                let (low, high) = probe
+                    .fetch_watermarks(&self.name, p, Duration::from_secs(10))
+                    .expect("reading the partition's watermarks");
+                (p, if high > low { high - 1 } else { -1 })
+            })
+            .collect();
+        self.read_until(|messages| {
+            ends.iter().all(|&(p, last)| {
+                last < 0
+                    || messages
+                        .iter()
+                        .any(|m| m.partition() == p && m.offset() >= last)
+            })
+        })
+    }
+
     /// The topic's partition ids. tansu's metadata may briefly show a topic without its
     /// partitions while other topics are created or deleted: asked again until they appear.
     fn partitions(&self, consumer: &BaseConsumer) -> Vec<i32> {
