@@ -11,7 +11,9 @@
 //!   fields with `bpf_probe_read_kernel` ([`ProbeRead`]), for kernels that refuse the first.
 //!   Both run the same code ([`on_set_state`]), generic over how fields are read.
 //! - `tcp:tcp_send_reset` / `tcp:tcp_receive_reset` (raw) count resets per flow.
-//! - `syscalls:sys_exit_accept{,4}` give an inbound flow its owning process (the accepting one).
+//! - `syscalls:sys_exit_accept{,4}` give an inbound flow its owning process (the accepting one);
+//!   `accept_exit_btf` walks from the task to the socket with direct loads where it can,
+//!   `accept_exit` with probe reads.
 //! - `flowlog_sweep` is never attached: user space runs it with `BPF_PROG_TEST_RUN` to emit
 //!   interim snapshots of long-lived flows (and of all open flows at shutdown).
 //!
@@ -310,25 +312,47 @@ pub fn tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
 /// descriptor and records this process as the inbound flow's owner.
 #[tracepoint]
 pub fn accept_exit(ctx: TracePointContext) -> u32 {
-    let _ = on_accept_exit(&ctx);
+    let _ = on_accept_exit::<false>(&ctx);
+    0
+}
+
+/// The same, walking from the task to its descriptor table with direct loads through the typed
+/// task pointer of `bpf_get_current_task_btf` (four fewer probe reads); the agent falls back to
+/// [`accept_exit`] where the kernel refuses it.
+#[tracepoint]
+pub fn accept_exit_btf(ctx: TracePointContext) -> u32 {
+    let _ = on_accept_exit::<true>(&ctx);
     0
 }
 
 #[inline(always)]
-fn on_accept_exit(ctx: &TracePointContext) -> Result<(), i32> {
+fn on_accept_exit<const DIRECT: bool>(ctx: &TracePointContext) -> Result<(), i32> {
     let fd = unsafe { ctx.read_at::<i64>(global!(ACCEPT.ret) as usize)? };
     if fd < 0 {
         return Ok(());
     }
-    let task = unsafe { helper::bpf_get_current_task() } as *const u8;
     unsafe {
-        let files: *const u8 = read_field(task, global!(ACCEPT.task_files))?;
-        let fdt: *const u8 = read_field(files, global!(ACCEPT.files_fdt))?;
-        let max_fds: u32 = read_field(fdt, global!(ACCEPT.fdtable_max_fds))?;
-        if fd as u64 >= u64::from(max_fds) {
+        let (max_fds, fds) = if DIRECT {
+            // task_struct → files_struct → fdtable are typed pointers: checked loads. The
+            // descriptor array (`struct file **`) is not, so the rest are probe reads.
+            let task = Direct(helper::bpf_get_current_task_btf() as *const u8);
+            let files = Direct(task.read::<u64>(global!(ACCEPT.task_files)) as *const u8);
+            let fdt = Direct(files.read::<u64>(global!(ACCEPT.files_fdt)) as *const u8);
+            (
+                fdt.read::<u32>(global!(ACCEPT.fdtable_max_fds)),
+                fdt.read::<u64>(global!(ACCEPT.fdtable_fd)) as *const *const u8,
+            )
+        } else {
+            let task = helper::bpf_get_current_task() as *const u8;
+            let files: *const u8 = read_field(task, global!(ACCEPT.task_files))?;
+            let fdt: *const u8 = read_field(files, global!(ACCEPT.files_fdt))?;
+            let max_fds: u32 = read_field(fdt, global!(ACCEPT.fdtable_max_fds))?;
+            let fds: *const *const u8 = read_field(fdt, global!(ACCEPT.fdtable_fd))?;
+            (max_fds, fds)
+        };
+        if fd as u64 >= u64::from(max_fds) || fds.is_null() {
             return Ok(());
         }
-        let fds: *const *const u8 = read_field(fdt, global!(ACCEPT.fdtable_fd))?;
         let file = bpf_probe_read_kernel(fds.add(fd as usize))?;
         let socket: *const u8 = read_field(file, global!(ACCEPT.file_private_data))?;
         let sk: u64 = read_field(socket, global!(ACCEPT.socket_sk))?;

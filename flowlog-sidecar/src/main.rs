@@ -75,12 +75,12 @@ struct Args {
     /// The running kernel's BTF, for `struct tcp_sock` offsets.
     #[arg(long, env = "FLOWLOG_BTF", default_value = "/sys/kernel/btf/vmlinux")]
     btf: PathBuf,
-    /// Read sockets through the plain raw tracepoint (a probe read per field) even where the
-    /// BTF-typed tracepoint (direct loads, cheaper per connection) can be attached. Records are
-    /// the same either way; without this flag the agent falls back by itself when the kernel
-    /// refuses the BTF-typed one.
-    #[arg(long, env = "FLOWLOG_RAW_TRACEPOINTS")]
-    raw_tracepoints: bool,
+    /// Read kernel structures with probe reads only (the plain raw tracepoint for socket state
+    /// changes) even where the kernel allows typed pointers (a BTF-typed tracepoint with direct
+    /// loads, cheaper per connection). Records are the same either way; without this flag the
+    /// agent falls back by itself when the kernel refuses the typed programs.
+    #[arg(long, env = "FLOWLOG_PROBE_READS")]
+    probe_reads: bool,
     /// How often the ring buffer is drained when the kernel has not woken the agent.
     #[arg(long, env = "FLOWLOG_DRAIN_INTERVAL", default_value = "100ms", value_parser = flowlog_cli::parse_duration)]
     drain_interval: Duration,
@@ -142,7 +142,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_flows: args.max_flows,
             ring_buffer_bytes: args.ring_buffer_bytes,
         },
-        args.raw_tracepoints,
+        args.probe_reads,
     )
     .context("starting the kernel probe")?;
     let settings = AgentSettings {

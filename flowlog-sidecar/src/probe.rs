@@ -75,6 +75,8 @@ const SET_STATE: &str = "inet_sock_set_state";
 const SET_STATE_BTF: &str = "inet_sock_set_state_btf";
 const SWEEP: &str = "flowlog_sweep";
 const ACCEPT_PROGRAM: &str = "accept_exit";
+/// The same with direct loads through the typed task pointer, where the kernel allows it.
+const ACCEPT_BTF: &str = "accept_exit_btf";
 
 /// How the socket state-change program reads `struct tcp_sock`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,9 +110,10 @@ impl Probe {
         Self::start_with(settings, false)
     }
 
-    /// [`Probe::start`], with the choice to use the plain raw tracepoint (probe reads) for
-    /// socket state changes even where the BTF-typed one can be attached (`--raw-tracepoints`).
-    pub fn start_with(settings: &ProbeSettings, raw_tracepoints: bool) -> Result<Self, ProbeError> {
+    /// [`Probe::start`], with the choice to read kernel structures with probe reads only (the
+    /// plain raw tracepoint for socket state changes, the probe-read accept program) even where
+    /// the kernel allows typed pointers (`--probe-reads`).
+    pub fn start_with(settings: &ProbeSettings, probe_reads: bool) -> Result<Self, ProbeError> {
         check_privileges()?;
         let kernel = layout::kernel_release();
         let btf_path = settings.btf.as_path();
@@ -148,8 +151,8 @@ impl Probe {
                 kernel: kernel.clone(),
                 source: Box::new(source),
             })?;
-        let btf_attached = if raw_tracepoints {
-            Err("disabled by --raw-tracepoints".to_string())
+        let btf_attached = if probe_reads {
+            Err("disabled by --probe-reads".to_string())
         } else {
             // The kernel's own BTF names the attach point. Parsed only now that the loader,
             // which parses its own copy, is gone: two copies at once cost 12 MiB of peak RSS
@@ -167,7 +170,7 @@ impl Probe {
         let access = match btf_attached {
             Ok(()) => SockAccess::Btf,
             Err(reason) => {
-                if !raw_tracepoints {
+                if !probe_reads {
                     warn!(
                         error = reason,
                         "the BTF-typed tracepoint {SET_STATE} cannot be used on this kernel; \
@@ -187,13 +190,35 @@ impl Probe {
                 .map_err(program_error(program, &kernel))?;
         }
         if accept.is_some() {
-            let prog: &mut TracePoint = load_program(&mut ebpf, ACCEPT_PROGRAM, &kernel)?;
+            let btf_loaded = match access {
+                SockAccess::ProbeRead => None,
+                SockAccess::Btf => Some(load_program::<TracePoint>(&mut ebpf, ACCEPT_BTF, &kernel)),
+            };
+            let program = match btf_loaded {
+                Some(Ok(_)) => ACCEPT_BTF,
+                other => {
+                    if let Some(Err(e)) = other {
+                        warn!(
+                            error = crate::error_chain(&e),
+                            "the accept program with typed task pointers cannot be loaded on \
+                             this kernel; using the one with probe reads"
+                        );
+                    }
+                    let _: &mut TracePoint = load_program(&mut ebpf, ACCEPT_PROGRAM, &kernel)?;
+                    ACCEPT_PROGRAM
+                }
+            };
+            let prog: &mut TracePoint = ebpf
+                .program_mut(program)
+                .ok_or(ProbeError::MissingProgram(program))?
+                .try_into()
+                .map_err(program_error(program, &kernel))?;
             for tracepoint in layout::ACCEPT_TRACEPOINTS {
                 let (category, name) = tracepoint
                     .split_once('/')
                     .unwrap_or(("syscalls", tracepoint));
                 prog.attach(category, name)
-                    .map_err(program_error(ACCEPT_PROGRAM, &kernel))?;
+                    .map_err(program_error(program, &kernel))?;
             }
         }
         // Loaded, never attached: run on demand by `sweep`.

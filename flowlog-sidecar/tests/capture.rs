@@ -134,7 +134,7 @@ impl Access {
         let agent = match self {
             Access::Default => Agent::start(test, NO_INTERIM),
             Access::ProbeRead => {
-                Agent::start_with(test, &["--interim", NO_INTERIM, "--raw-tracepoints"])
+                Agent::start_with(test, &["--interim", NO_INTERIM, "--probe-reads"])
             }
         };
         let stderr = agent.stderr();
@@ -850,20 +850,37 @@ fn a_thousand_short_connections_give_two_thousand_records_and_no_drop() {
 
 #[test]
 fn pid_comm_and_cgroup_are_those_of_the_connecting_thread() {
-    let net = NetnsPair::new(7);
+    process(7, "process", Access::Default);
+}
+
+#[test]
+fn pid_comm_and_cgroup_are_those_of_the_connecting_thread_with_probe_reads() {
+    process(14, "process-probe-read", Access::ProbeRead);
+}
+
+fn process(index: u8, test: &str, access: Access) {
+    let net = NetnsPair::new(index);
     let port = server_port();
     let v4_addr = SocketAddr::new(net.server_v4, port);
     let v6_addr = SocketAddr::new(net.server_v6, port);
     let v4 = net.listen(v4_addr);
     let v6 = net.listen(v6_addr);
 
-    let agent = Agent::start("process", NO_INTERIM);
+    let agent = access.start(test);
+    // One thread accepts, another one talks and closes: the record names the one that accepted
+    // (the accept program saw it), not the one that closed.
     let server = net.server("flt-acceptor", move || {
-        for listener in [&v4, &v6] {
-            let (mut s, _) = accept(listener);
-            assert_eq!(read_to_end(&mut s), b"hello");
-            s.write_all(b"bye").expect("response");
-        }
+        let streams: Vec<_> = [&v4, &v6].into_iter().map(|l| accept(l).0).collect();
+        let closer = thread::Builder::new()
+            .name("flt-closer".into())
+            .spawn(move || {
+                for mut s in streams {
+                    assert_eq!(read_to_end(&mut s), b"hello");
+                    s.write_all(b"bye").expect("response");
+                }
+            })
+            .expect("spawning the closer");
+        join(closer);
     });
     // One thread connects, another one talks and closes: the record names the one that connected.
     let client = net.client("flt-connector", move || {
@@ -900,7 +917,6 @@ fn pid_comm_and_cgroup_are_those_of_the_connecting_thread() {
             Some(id) => assert_eq!(out.cgroup_id, Some(id), "cgroup: {out:#?}"),
             None => assert!(out.cgroup_id.is_some(), "cgroup: {out:#?}"),
         }
-        // Inbound flows name the process that closed the socket (record.rs documents this).
         let inb = inbound(&records, client, server);
         assert_eq!(inb.pid, Some(std::process::id()), "pid: {inb:#?}");
         assert_eq!(inb.comm.as_deref(), Some("flt-acceptor"), "comm: {inb:#?}");
