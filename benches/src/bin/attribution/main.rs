@@ -293,6 +293,24 @@ fn cpu_seconds(child: &ChildGuard) -> f64 {
     ticks as f64 / hz
 }
 
+/// Busy and total jiffies of the whole machine (/proc/stat's first line; steal left out of
+/// busy, so a noisy hypervisor neighbour does not count as our work).
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = [0, 1, 2, 5, 6].iter().filter_map(|&i| v.get(i)).sum();
+    let total = v.iter().take(8).sum();
+    (busy, total)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let shape = Shape {
@@ -362,6 +380,7 @@ fn main() -> anyhow::Result<()> {
         args.addresses, args.duration, args.tenure_min, args.tenure_max, args.gap_min, args.gap_max
     );
     let started = Instant::now();
+    let jiffies_before = machine_jiffies();
     let mut value = Vec::with_capacity(256);
     let mut produce_errors = 0u64;
     let truth = Scenario::new(shape.clone(), &server).run(|record| {
@@ -385,6 +404,9 @@ fn main() -> anyhow::Result<()> {
         }
     });
     let churn_time = started.elapsed();
+    let jiffies_after = machine_jiffies();
+    let machine_busy = (jiffies_after.0 - jiffies_before.0) as f64
+        / (jiffies_after.1 - jiffies_before.1).max(1) as f64;
     producer
         .flush(Duration::from_secs(60))
         .context("delivering the flow records")?;
@@ -449,8 +471,11 @@ fn main() -> anyhow::Result<()> {
             &enriched,
             missing,
             &lag,
-            cpu,
-            churn_time,
+            Load {
+                cpu,
+                machine_busy,
+                churn_time,
+            },
             hold_expired
         )
     );
@@ -467,6 +492,15 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the run cost, and how busy the machine was meanwhile.
+struct Load {
+    /// CPU seconds of flowlog-inventory and flowlog-enricher.
+    cpu: (f64, f64),
+    /// Share of all CPUs busy during the churn (everything on the machine).
+    machine_busy: f64,
+    churn_time: Duration,
+}
+
 /// The result as Markdown.
 #[allow(clippy::too_many_arguments)]
 fn report(
@@ -476,10 +510,14 @@ fn report(
     enriched: &Enriched,
     missing: u64,
     lag: &Lag,
-    cpu: (f64, f64),
-    churn_time: Duration,
+    load: Load,
     hold_expired: Option<f64>,
 ) -> String {
+    let Load {
+        cpu,
+        machine_busy,
+        churn_time,
+    } = load;
     let mut out = String::new();
     let flows = truth.flows.len() as u64;
     let owned = tally.owned_flows();
@@ -586,11 +624,12 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "CPU over the run ({:.0} s): flowlog-inventory {:.1} s ({:.1}% of a core), \
+        "CPU over the run ({:.0} s; the whole machine {:.0}% busy, this run and anything else): flowlog-inventory {:.1} s ({:.1}% of a core), \
          flowlog-enricher {:.1} s ({:.1}% of a core). Enricher output: {} duplicate messages \
          ({} disagreeing), {} undecodable, {} flows missing; flows released unattributed after the \
          hold: {}. Churn actions more than 50 ms late: {}.\n",
         churn_time.as_secs_f64(),
+        machine_busy * 100.0,
         cpu.0,
         cpu.0 * 100.0 / churn_time.as_secs_f64(),
         cpu.1,
