@@ -20,13 +20,14 @@ use std::{
 };
 
 use flowlog_identity::{BoxFuture, InventorySource, OwnershipChange, SourceError};
-use flowlog_kafka::LogThrottle;
+use flowlog_kafka::{ClientErrors, LogThrottle};
 use flowlog_record::Identity;
 use ipnet::IpNet;
 use metrics::counter;
 use rdkafka::{
-    ClientConfig, Message, Offset, TopicPartitionList,
-    consumer::{BaseConsumer, Consumer},
+    ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
+    config::RDKafkaLogLevel,
+    consumer::{BaseConsumer, Consumer, ConsumerContext},
     error::KafkaError,
     producer::{FutureProducer, FutureRecord},
 };
@@ -293,9 +294,43 @@ pub enum OwnershipError {
     Topic(#[from] flowlog_kafka::TopicError),
 }
 
+/// Kafka client errors of the ownership topic's reader and publisher, by `kind`.
+pub const OWNERSHIP_KAFKA_ERRORS: &str = "flowlog_ownership_kafka_errors_total";
+
+/// The ownership topic's client context: librdkafka's log lines and client errors go through
+/// `flowlog_kafka` (counted, logged once a minute) instead of rdkafka's default, which logs
+/// every error — including the end-of-partition events that the reader asks for and handles —
+/// at ERROR level.
+pub struct OwnershipContext {
+    errors: ClientErrors,
+}
+
+impl OwnershipContext {
+    fn new(brokers: &str) -> Self {
+        Self {
+            errors: ClientErrors::new(OWNERSHIP_KAFKA_ERRORS, brokers, "retrying"),
+        }
+    }
+}
+
+impl ClientContext for OwnershipContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        flowlog_kafka::log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Reaching the end of the partition is how the reader knows a replay is complete.
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            self.errors.report(&error, reason);
+        }
+    }
+}
+
+impl ConsumerContext for OwnershipContext {}
+
 /// A consumer that reads partition 0 of `topic` from the beginning, with no group offsets.
-fn reader(brokers: &str, topic: &str) -> Result<BaseConsumer, OwnershipError> {
-    let consumer: BaseConsumer = ClientConfig::new()
+fn reader(brokers: &str, topic: &str) -> Result<BaseConsumer<OwnershipContext>, OwnershipError> {
+    let consumer: BaseConsumer<OwnershipContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set(
             "group.id",
@@ -305,7 +340,7 @@ fn reader(brokers: &str, topic: &str) -> Result<BaseConsumer, OwnershipError> {
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
         .set("allow.auto.create.topics", "false")
-        .create()
+        .create_with_context(OwnershipContext::new(brokers))
         .map_err(|source| OwnershipError::Client {
             brokers: brokers.to_string(),
             source,
@@ -330,7 +365,11 @@ enum Polled {
     Nothing,
 }
 
-fn poll(consumer: &BaseConsumer, topic: &str, wait: Duration) -> Result<Polled, OwnershipError> {
+fn poll(
+    consumer: &BaseConsumer<OwnershipContext>,
+    topic: &str,
+    wait: Duration,
+) -> Result<Polled, OwnershipError> {
     match consumer.poll(wait) {
         None => Ok(Polled::Nothing),
         Some(Err(KafkaError::PartitionEOF(_))) => Ok(Polled::End),
@@ -381,8 +420,8 @@ pub fn replay_tenures(brokers: &str, topic: &str) -> Result<Tenures, OwnershipEr
     Ok(tenures)
 }
 
-/// Publishes every change of `changes` to `topic` (partition 0), waiting for each batch's
-/// acknowledgement; expires tenures closed longer than `retention` ago. Runs until the channel
+/// Publishes every change of `changes` to `topic` (partition 0) in order, each watermark only
+/// once everything before it is acknowledged; expires tenures closed longer than `retention` ago. Runs until the channel
 /// closes (the sources stopped).
 pub async fn publish(
     brokers: &str,
@@ -391,14 +430,14 @@ pub async fn publish(
     mut changes: mpsc::Receiver<OwnershipChange>,
     retention: Duration,
 ) -> Result<(), OwnershipError> {
-    let producer: FutureProducer = ClientConfig::new()
+    let producer: FutureProducer<OwnershipContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("compression.type", "zstd")
         .set("linger.ms", "5")
         .set("allow.auto.create.topics", "false")
-        .create()
+        .create_with_context(OwnershipContext::new(brokers))
         .map_err(|source| OwnershipError::Client {
             brokers: brokers.to_string(),
             source,
@@ -458,7 +497,7 @@ struct Outgoing {
 /// state again, whatever got through out of order meanwhile (a tenure's open re-sent after its
 /// close got through is followed by that close, re-sent too).
 async fn send_in_order(
-    producer: &FutureProducer,
+    producer: &FutureProducer<OwnershipContext>,
     topic: &str,
     messages: &[Outgoing],
     errors: &mut LogThrottle,

@@ -1,9 +1,10 @@
 //! Scaffolding shared by flowlog's integration tests (a dev-dependency only): a Kafka topic of
 //! a test's own on the real broker (`FLOWLOG_TEST_KAFKA`, started by `scripts/kafka start`),
 //! reading a topic back, pyarrow's view of Parquet output, fresh temp directories, child
-//! processes killed on drop, and a Kubernetes list/watch API server ([`kubernetes`]). The
-//! benchmarks under `benches/` use it too.
+//! processes killed on drop, a Kubernetes list/watch API server ([`kubernetes`]) and pod address
+//! churn with its ground truth ([`pod_churn`]). The benchmarks under `benches/` use it too.
 pub mod kubernetes;
+pub mod pod_churn;
 
 use std::{
     io::{BufRead, BufReader},
@@ -45,6 +46,14 @@ pub fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
         .set("bootstrap.servers", brokers)
         .create()
         .expect("creating the Kafka admin client")
+}
+
+/// Now, in ns since the Unix epoch (the clock flow records and ownership intervals use).
+pub fn now_ns() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970");
+    u64::try_from(since.as_nanos()).expect("ns since 1970 fit in u64")
 }
 
 /// A name no other test or run uses: `flowlog-test-<what>-<pid>-<ns>`.

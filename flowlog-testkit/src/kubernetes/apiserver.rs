@@ -22,6 +22,8 @@ use axum::{
     serve::ListenerExt,
 };
 use serde_json::{Value, json};
+
+use crate::now_ns;
 use tokio::sync::mpsc;
 
 /// The collections served, by kind.
@@ -95,14 +97,6 @@ struct Inner {
 pub struct ApiServer {
     inner: Arc<Mutex<Inner>>,
     pub url: String,
-}
-
-/// Now, in ns since the Unix epoch (the clock ownership intervals are measured on).
-fn now_ns() -> u64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("the clock is after 1970");
-    u64::try_from(since.as_nanos()).expect("ns since 1970 fit in u64")
 }
 
 fn line(value: &Value) -> Bytes {

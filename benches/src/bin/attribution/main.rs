@@ -7,15 +7,12 @@
 //! unchanged) → `flowlog-inventory --kubernetes-url` → the `flows.ownership` topic on a real
 //! Kafka-protocol broker → `flowlog-enricher --ownership-topic`, fed flow records on its input
 //! topic and read back from its output topic. Each of `--addresses` pod addresses is handed
-//! from pod to pod for `--duration` (scenario.rs); flows start just after an open, just before
+//! from pod to pod for `--duration` (`flowlog_testkit::pod_churn`); flows start just after an open, just before
 //! a close, in the gap between owners, and across a reassignment. Every flow is scored twice
 //! against the API server's own record of who held the address when the flow started:
 //! flowlog's answer (as of the flow's start), and a latest-owner lookup made when the flow's
 //! record is exported — given the cluster's true current state with zero lag, the best case
 //! for that design.
-mod scenario;
-mod tally;
-
 use std::{
     collections::HashMap,
     fmt::Write as _,
@@ -26,7 +23,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -36,6 +33,10 @@ use flowlog_record::{Attribution, IdentityKind, avro, enriched_avro};
 use flowlog_testkit::{
     ChildGuard, Topic, free_port,
     kubernetes::{ApiServer, Kind, node},
+    pod_churn::{
+        self, Placement, Scenario, SentFlow, Shape, Truth,
+        score::{Answer, FLOWLOG, LATEST, Score, Tally, quantile, share},
+    },
     spawn_ready, unique_name,
 };
 use rdkafka::{
@@ -43,8 +44,6 @@ use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
 };
-use scenario::{Placement, Scenario, Shape, Truth};
-use tally::{Answer, FLOWLOG, LATEST, Score, Tally, quantile, share};
 
 /// Target from the issue: at most this share of flows with an owner come out unknown.
 const MAX_UNKNOWN_SHARE: f64 = 0.001;
@@ -99,14 +98,6 @@ struct Args {
     /// Which flowlog code was measured (for the report).
     #[arg(long, default_value = "unknown")]
     revision: String,
-}
-
-/// Now, in ns since the Unix epoch (the clock every component stamps with).
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970")
-        .as_nanos() as u64
 }
 
 /// What the enricher wrote for each flow: its remote end's answer.
@@ -227,12 +218,12 @@ fn inventory_lag(stamps: &Stamps, truth: &Truth) -> anyhow::Result<Lag> {
 
 /// One wrong answer of flowlog's, explained on stderr: where the flow started against the
 /// truth and against the inventory's stamps of the address's tenures.
-fn explain(flow: &scenario::SentFlow, answer: &Answer, truth: &Truth, stamps: &Stamps) {
+fn explain(flow: &SentFlow, answer: &Answer, truth: &Truth, stamps: &Stamps) {
     let ms = |t: u64| (t as i64 - flow.start_ns as i64) as f64 / 1e6;
     let mut line = format!(
         "attribution: wrong: {:?} flow to {} answered {answer:?}; tenures relative to its start (truth → inventory stamp, ms):",
         flow.placement,
-        scenario::address(flow.address),
+        pod_churn::address(flow.address),
     );
     for t in &truth.tenures[flow.address as usize] {
         if t.to_ns

@@ -1,6 +1,9 @@
-//! The churn: pod addresses handed from pod to pod on the list/watch server, and flows whose
-//! start times sit right where attribution goes wrong — just after a pod got its address, just
-//! before it gave it up, in the gap between two owners, and across a reassignment.
+//! Pod address churn with a ground truth, for the attribution benchmark (`benches/attribution`)
+//! and its smaller twin in the enricher's tests: pod addresses handed from pod to pod on the
+//! list/watch server ([`crate::kubernetes`]), and flows whose start times sit right where
+//! attribution goes wrong — just after a pod got its address, just before it gave it up, in the
+//! gap between two owners, and across a reassignment. [`score`] counts a lookup's answers
+//! against the truth.
 //!
 //! Everything runs on one thread from a schedule of timed actions. The ground truth is what the
 //! API server did and when (the times [`ApiServer::apply`] and [`ApiServer::delete`] return,
@@ -15,11 +18,15 @@ use std::{
     time::Duration,
 };
 
+pub mod score;
+
 use flowlog_record::{Direction, Family, FlowRecord, Outcome};
-use flowlog_testkit::kubernetes::{ApiServer, Kind, PodSpec, pod};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use crate::now_ns;
+use crate::{
+    kubernetes::{ApiServer, Kind, PodSpec, pod},
+    now_ns,
+};
 
 const MS: u64 = 1_000_000;
 /// How long the short flows (just after an open, just before a close) last.
@@ -289,7 +296,7 @@ impl<'a> Scenario<'a> {
             if now_ns() - last_report > 10_000 * MS {
                 last_report = now_ns();
                 eprintln!(
-                    "attribution: {:.0} s in, {} reassignments, {} flows planned, {} actions pending",
+                    "pod churn: {:.0} s in, {} reassignments, {} flows planned, {} actions pending",
                     (last_report - start) as f64 / 1e9,
                     self.out.reassignments,
                     self.next_flow - 1,

@@ -2,7 +2,7 @@
 //! address when the flow started.
 use std::collections::BTreeMap;
 
-use crate::scenario::Placement;
+use super::Placement;
 
 /// What a lookup said about a flow's remote address.
 #[derive(Debug, Clone, PartialEq, Eq)]
