@@ -7,8 +7,10 @@
 //!
 //! Everything runs on one thread from a schedule of timed actions. The ground truth is what the
 //! API server did and when (the times [`ApiServer::apply`] and [`ApiServer::delete`] return,
-//! read before any watch can see the change); flows are placed relative to those actual times,
-//! not to the planned ones, so a late schedule never falsifies the truth.
+//! read before any watch can see the change). A pod's flows are planned when it gets its
+//! address — relative to that actual open and to its planned close, so that each record is
+//! exported when an agent would export it — and scored against the actual times
+//! ([`Truth::owner_at`]), so a late schedule never falsifies the truth.
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap},
