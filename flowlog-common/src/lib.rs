@@ -157,6 +157,11 @@ pub struct AcceptLayout {
     pub _pad: u32,
 }
 
+/// Flow ends a CPU collects before it moves them into the ring buffer as one record of
+/// `BATCH_LEN × size_of::<FlowEvent>()` bytes or fewer (a flush moves a partial batch); the agent
+/// splits every record into `FlowEvent`s.
+pub const BATCH_LEN: usize = 8;
+
 /// Run-time settings for the kernel programs, passed as a read-only global with the layout.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! flowlog's kernel programs: track every TCP socket of the host from its first state change to
 //! `TCP_CLOSE` and emit one [`FlowEvent`] per flow end (and per interim report) through a ring
-//! buffer.
+//! buffer. Flow ends are collected per CPU and enter the ring buffer several at a time
+//! ([`Batch`]); `flowlog_flush`, run by the agent on every CPU at each drain, moves the rest.
 //!
 //! - `sock:inet_sock_set_state` starts a flow (`CLOSE→SYN_SENT` outbound, `LISTEN→SYN_RECV`
 //!   inbound), completes it (`ESTABLISHED`, `FIN_WAIT1`/`LAST_ACK`), and ends it (`→CLOSE`),
@@ -42,8 +43,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use flowlog_common::{
-    AF_INET6, AcceptLayout, Config, FlowEvent, FlowState, IPPROTO_TCP, counter, direction,
-    event_kind, flow_flag, stat, tcp_state, tuple_block,
+    AF_INET6, AcceptLayout, BATCH_LEN, Config, FlowEvent, FlowState, IPPROTO_TCP, counter,
+    direction, event_kind, flow_flag, stat, tcp_state, tuple_block,
 };
 
 /// Layout and settings, overridden by the agent at load time (`EbpfLoader::override_global`).
@@ -106,6 +107,25 @@ static FLOW_SEQ: PerCpuArray<FlowSeq> = PerCpuArray::with_max_entries(1, 0);
 /// Single values reported by the sweep (indexes in `flowlog_common::stat`).
 #[map]
 static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
+
+/// Records of this CPU not yet in the ring buffer (see [`Batch`]).
+#[map]
+static BATCH: PerCpuArray<Batch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flow ends written on one CPU, moved to the ring buffer [`BATCH_LEN`] at a time by one
+/// `bpf_ringbuf_output`. A reservation takes the ring buffer's lock and writes its producer
+/// position, which every CPU shares: one per record was the largest kernel-side cost per
+/// connection after the programs themselves. The agent runs [`flowlog_flush`] on every CPU at each
+/// drain, so a record waits no longer than it would in the ring buffer.
+#[repr(C)]
+struct Batch {
+    /// Non-zero while a run on this CPU is adding to or flushing the batch: a run that interrupts
+    /// it (the agent's flush, or a nested state change on older kernels) leaves the batch alone.
+    busy: u64,
+    /// Records in `events`.
+    len: u64,
+    events: [FlowEvent; BATCH_LEN],
+}
 
 /// How a program reads the fields of a socket. The flow logic ([`on_set_state`] and what it
 /// calls) is generic over it, so the BTF-typed and the plain raw tracepoint run the same code.
@@ -422,7 +442,9 @@ extern "C" fn sweep_one(
             read_tuple(sock, state);
         }
         let tcp_state: u8 = sock.read(global!(CONFIG.layout.sk_daddr) + tuple_block::STATE as u32);
-        emit_snapshot(sock, state, kind, tcp_state, sweep.now);
+        // Straight into the ring buffer: the sweep runs on any CPU, and an interim record must
+        // not wait behind that CPU's batch.
+        emit_snapshot(sock, state, kind, tcp_state, sweep.now, Emit::Direct);
         state.last_report_ns = sweep.now;
     }
     0
@@ -449,7 +471,7 @@ fn start_flow<S: SockRead>(sk: u64, dir: u8) {
     // By reference: a copy of the value would be a `memcpy` call.
     let value = unsafe { slot.assume_init_ref() };
     if FLOWS.insert(sk, value, 0).is_err() {
-        count(counter::MAP_FULL);
+        count(counter::MAP_FULL, 1);
     }
     // A CLOSED entry left by an earlier socket at this address is harmless: resets are charged
     // to the live flow first, and a reset of this socket after its own close replaces the entry.
@@ -458,7 +480,7 @@ fn start_flow<S: SockRead>(sk: u64, dir: u8) {
 #[inline(always)]
 fn end_flow<S: SockRead>(sk: u64, oldstate: u8) {
     let Some(state) = FLOWS.get_ptr_mut(sk) else {
-        count(counter::UNTRACKED_CLOSE);
+        count(counter::UNTRACKED_CLOSE, 1);
         return;
     };
     let state = unsafe { &mut *state };
@@ -473,7 +495,7 @@ fn end_flow<S: SockRead>(sk: u64, oldstate: u8) {
         read_tuple(sock, state);
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let flags = emit_snapshot(sock, state, event_kind::END, oldstate, now);
+    let flags = emit_snapshot(sock, state, event_kind::END, oldstate, now, Emit::Batched);
     let flow_id = state.flow_id;
     let _ = FLOWS.remove(sk);
     if flags & flow_flag::MAY_RESET != 0 {
@@ -527,11 +549,27 @@ fn read_tuple<S: SockRead>(sock: S, state: &mut FlowState) {
     }
 }
 
-/// Writes one snapshot of `state` and of the socket's counters into the ring buffer.
-/// `tcp_state` is the state the socket is in (or, for an end, the one it left). Returns the flags
-/// it reported.
+/// Where a record goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Emit {
+    /// Into this CPU's [`Batch`] (flow ends).
+    Batched,
+    /// Into the ring buffer at once (the sweep's records).
+    Direct,
+}
+
+/// Writes one snapshot of `state` and of the socket's counters, into this CPU's batch or the ring
+/// buffer. `tcp_state` is the state the socket is in (or, for an end, the one it left). Returns
+/// the flags it reported.
 #[inline(always)]
-fn emit_snapshot<S: SockRead>(sock: S, state: &FlowState, kind: u8, tcp_state: u8, now: u64) -> u8 {
+fn emit_snapshot<S: SockRead>(
+    sock: S,
+    state: &FlowState,
+    kind: u8,
+    tcp_state: u8,
+    now: u64,
+    emit: Emit,
+) -> u8 {
     let mut flags = state.flags;
     if tcp_state != tcp_state::SYN_SENT && tcp_state != tcp_state::SYN_RECV && tcp_state != 0 {
         flags |= flow_flag::ESTABLISHED;
@@ -556,11 +594,54 @@ fn emit_snapshot<S: SockRead>(sock: S, state: &FlowState, kind: u8, tcp_state: u
     if kind == event_kind::END && may_reset(tcp_state, peer_fin) {
         flags |= flow_flag::MAY_RESET;
     }
+    if emit == Emit::Batched
+        && let Some(batch) = BATCH.get_ptr_mut(0)
+    {
+        unsafe {
+            let busy = &raw mut (*batch).busy;
+            let len_at = &raw mut (*batch).len;
+            let len = read_volatile(len_at);
+            // Full only if a flush failed half-way (cannot happen): then the ring buffer, as
+            // when the batch is busy.
+            if read_volatile(busy) == 0 && len < BATCH_LEN as u64 {
+                write_volatile(busy, 1);
+                let ev = (&raw mut (*batch).events as *mut FlowEvent).add(len as usize);
+                let flags = write_event(ev, sock, state, kind, flags, tcp_state, now);
+                let len = len + 1;
+                // An end that a reset may follow goes out at once, so that the reset, sent
+                // straight to the ring buffer from any CPU, cannot overtake it.
+                if len == BATCH_LEN as u64 || flags & flow_flag::MAY_RESET != 0 {
+                    output_batch(batch, len);
+                    write_volatile(len_at, 0);
+                } else {
+                    write_volatile(len_at, len);
+                }
+                write_volatile(busy, 0);
+                return flags;
+            }
+        }
+    }
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
-        count(counter::RINGBUF_FULL);
+        count(counter::RINGBUF_FULL, 1);
         return flags;
     };
-    let ev = entry.as_mut_ptr();
+    let flags =
+        unsafe { write_event(entry.as_mut_ptr(), sock, state, kind, flags, tcp_state, now) };
+    submit(entry);
+    flags
+}
+
+/// Fills the record at `ev`; returns `flags` with `FIN_ACKED` added where it applies.
+#[inline(always)]
+unsafe fn write_event<S: SockRead>(
+    ev: *mut FlowEvent,
+    sock: S,
+    state: &FlowState,
+    kind: u8,
+    mut flags: u8,
+    tcp_state: u8,
+    now: u64,
+) -> u8 {
     unsafe {
         (*ev).flow_id = state.flow_id;
         (*ev).start_ns = state.start_ns;
@@ -603,8 +684,55 @@ fn emit_snapshot<S: SockRead>(sock: S, state: &FlowState, kind: u8, tcp_state: u
         write_volatile(pad.add(1), 0);
         write_volatile(pad.add(2), 0);
     }
-    submit(entry);
     flags
+}
+
+/// Copies the first `len` records of `batch` into the ring buffer as one record (the agent splits
+/// it); if the ring buffer is full, all of them are counted as lost. The caller holds `busy` and
+/// empties the batch.
+#[inline(always)]
+unsafe fn output_batch(batch: *mut Batch, len: u64) {
+    if len == 0 || len > BATCH_LEN as u64 {
+        return;
+    }
+    let bytes = len * size_of::<FlowEvent>() as u64;
+    let flag = wakeup_flag(
+        EVENTS.query(BPF_RB_AVAIL_DATA.into()) + bytes + 8,
+        bytes + 8,
+    );
+    let ret = unsafe {
+        helper::bpf_ringbuf_output(
+            &EVENTS as *const RingBuf as *mut c_void,
+            &raw mut (*batch).events as *mut c_void,
+            bytes,
+            flag,
+        )
+    };
+    if ret != 0 {
+        count(counter::RINGBUF_FULL, len);
+    }
+}
+
+/// Run by the agent on each CPU (`BPF_PROG_TEST_RUN` pinned to it) at every drain and at
+/// shutdown: moves that CPU's batch into the ring buffer. Left for the next drain if the flush
+/// interrupted a run that is using the batch.
+#[raw_tracepoint]
+pub fn flowlog_flush(_ctx: RawTracePointContext) -> i32 {
+    let Some(batch) = BATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        let busy = &raw mut (*batch).busy;
+        if read_volatile(busy) != 0 {
+            return 1;
+        }
+        write_volatile(busy, 1);
+        let len_at = &raw mut (*batch).len;
+        output_batch(batch, read_volatile(len_at));
+        write_volatile(len_at, 0);
+        write_volatile(busy, 0);
+    }
+    0
 }
 
 /// Whether a close from `oldstate` can be followed by a reset of the same socket: the kernel's
@@ -626,7 +754,7 @@ fn may_reset(oldstate: u8, peer_fin: bool) -> bool {
 #[inline(always)]
 fn emit_reset_after_end(flow_id: u64) {
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
-        count(counter::RINGBUF_FULL);
+        count(counter::RINGBUF_FULL, 1);
         return;
     };
     let ev = entry.as_mut_ptr();
@@ -644,16 +772,22 @@ fn emit_reset_after_end(flow_id: u64) {
 /// has been woken already, and waking it again for every record would only interrupt the CPU.
 #[inline(always)]
 fn submit(entry: aya_ebpf::maps::ring_buf::RingBufEntry<FlowEvent>) {
-    let threshold = global!(CONFIG.wakeup_bytes);
     // Includes this record: reserved space counts as produced.
     let waiting = EVENTS.query(BPF_RB_AVAIL_DATA.into());
-    let record = (size_of::<FlowEvent>() + 8) as u64;
-    let flag = if waiting >= threshold && waiting < threshold + record {
-        BPF_RB_FORCE_WAKEUP
+    entry.submit(wakeup_flag(waiting, (size_of::<FlowEvent>() + 8) as u64));
+}
+
+/// `BPF_RB_FORCE_WAKEUP` if the record of `added` bytes (header included) that brings the data
+/// waiting in the ring buffer to `waiting` takes it across the wake-up threshold, else
+/// `BPF_RB_NO_WAKEUP`.
+#[inline(always)]
+fn wakeup_flag(waiting: u64, added: u64) -> u64 {
+    let threshold = global!(CONFIG.wakeup_bytes);
+    if waiting >= threshold && waiting < threshold + added {
+        BPF_RB_FORCE_WAKEUP.into()
     } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flag.into());
+        BPF_RB_NO_WAKEUP.into()
+    }
 }
 
 /// Zeroes a `T` in 8-byte stores. Volatile, so that LLVM does not merge them back into a
@@ -745,9 +879,9 @@ fn random_flow_id() -> u64 {
 }
 
 #[inline(always)]
-fn count(index: u32) {
+fn count(index: u32, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
 

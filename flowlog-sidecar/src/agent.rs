@@ -114,7 +114,12 @@ pub async fn run<S: RecordSink>(
                 drain(guard.get_inner_mut(), &mut assembler, &mut out);
                 guard.clear_ready();
             }
-            _ = drain_tick.tick() => drain(ring.get_mut(), &mut assembler, &mut out),
+            _ = drain_tick.tick() => {
+                if let Err(e) = probe.flush_batches() {
+                    reporter.flush_failed(&e);
+                }
+                drain(ring.get_mut(), &mut assembler, &mut out);
+            }
             _ = sweep_tick.tick() => {
                 if let Err(e) = probe.sweep(false) {
                     reporter.sweep_failed(&e);
@@ -131,6 +136,9 @@ pub async fn run<S: RecordSink>(
     }
 
     info!("shutting down: reporting open flows");
+    if let Err(e) = probe.flush_batches() {
+        reporter.flush_failed(&e);
+    }
     drain(ring.get_mut(), &mut assembler, &mut out);
     assembler.start_flush();
     if let Err(e) = probe.sweep(true) {
@@ -166,18 +174,21 @@ fn drain(ring: &mut RingBuf<MapData>, assembler: &mut Assembler, out: &mut Vec<F
     let now = Instant::now();
     let mut counts = [0u64; EVENT_KINDS.len()];
     while let Some(item) = ring.next() {
-        if item.len() < size_of::<FlowEvent>() {
+        // One FlowEvent, or a CPU's batch of them.
+        if item.is_empty() || !item.len().is_multiple_of(size_of::<FlowEvent>()) {
             assembler.note_malformed();
             continue;
         }
-        // SAFETY: the kernel wrote a FlowEvent (repr(C), valid for any bytes) of this size.
-        let ev: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-        let slot = EVENT_KINDS
-            .iter()
-            .position(|(kind, _)| *kind == ev.kind)
-            .unwrap_or(EVENT_KINDS.len() - 1);
-        counts[slot] += 1;
-        assembler.on_event(&ev, now, out);
+        for bytes in item.chunks_exact(size_of::<FlowEvent>()) {
+            // SAFETY: the kernel wrote a FlowEvent (repr(C), valid for any bytes) of this size.
+            let ev: FlowEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            let slot = EVENT_KINDS
+                .iter()
+                .position(|(kind, _)| *kind == ev.kind)
+                .unwrap_or(EVENT_KINDS.len() - 1);
+            counts[slot] += 1;
+            assembler.on_event(&ev, now, out);
+        }
     }
     for ((_, label), n) in EVENT_KINDS.iter().zip(counts) {
         if n > 0 {
@@ -222,6 +233,7 @@ struct Reporter {
     ringbuf_full_log: LogThrottle,
     map_full_log: LogThrottle,
     sweep_log: LogThrottle,
+    flush_log: LogThrottle,
     sink_log: LogThrottle,
     ringbuf_full: u64,
     map_full: u64,
@@ -270,6 +282,16 @@ impl Reporter {
             warn!(
                 error = crate::error_chain(e),
                 "interim sweep failed; long-lived flows get no interim record"
+            );
+        }
+    }
+
+    fn flush_failed(&mut self, e: &crate::probe::ProbeError) {
+        if self.flush_log.due() {
+            warn!(
+                error = crate::error_chain(e),
+                "moving the CPUs' batched flow records to the ring buffer failed; they wait \
+                 for the next drain"
             );
         }
     }

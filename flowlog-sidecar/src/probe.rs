@@ -45,6 +45,11 @@ pub enum ProbeError {
         kernel: String,
         source: aya::programs::ProgramError,
     },
+    #[error("reading the online CPUs from {path}")]
+    Cpus {
+        path: &'static str,
+        source: std::io::Error,
+    },
     #[error("eBPF map `{map}`")]
     Map {
         map: &'static str,
@@ -74,6 +79,7 @@ const RAW_PROGRAMS: [&str; 2] = ["tcp_send_reset", "tcp_receive_reset"];
 const SET_STATE: &str = "inet_sock_set_state";
 const SET_STATE_BTF: &str = "inet_sock_set_state_btf";
 const SWEEP: &str = "flowlog_sweep";
+const FLUSH: &str = "flowlog_flush";
 const ACCEPT_PROGRAM: &str = "accept_exit";
 /// The same with direct loads through the typed task pointer, where the kernel allows it.
 const ACCEPT_BTF: &str = "accept_exit_btf";
@@ -101,6 +107,8 @@ pub struct Probe {
     ebpf: Ebpf,
     kernel: String,
     access: SockAccess,
+    /// CPUs whose batch of records `flush_batches` moves to the ring buffer.
+    cpus: Vec<u32>,
 }
 
 impl Probe {
@@ -221,12 +229,16 @@ impl Probe {
                     .map_err(program_error(program, &kernel))?;
             }
         }
-        // Loaded, never attached: run on demand by `sweep`.
+        // Loaded, never attached: run on demand by `sweep` and `flush_batches`.
         let _: &mut RawTracePoint = load_program(&mut ebpf, SWEEP, &kernel)?;
+        let _: &mut RawTracePoint = load_program(&mut ebpf, FLUSH, &kernel)?;
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, source)| ProbeError::Cpus { path, source })?;
         Ok(Self {
             ebpf,
             kernel,
             access,
+            cpus,
         })
     }
 
@@ -260,6 +272,27 @@ impl Probe {
         args[0] = u64::from(flush);
         prog.test_run(RawTracePointRunOptions { args, cpu: None })
             .map_err(err)?;
+        Ok(())
+    }
+
+    /// Moves the records that each CPU has batched into the ring buffer (flow ends go there
+    /// several at a time; see the kernel's `Batch`). Run before each drain, so that a record
+    /// waits no longer than the drain interval.
+    pub fn flush_batches(&self) -> Result<(), ProbeError> {
+        let err = program_error(FLUSH, &self.kernel);
+        let prog: &RawTracePoint = self
+            .ebpf
+            .program(FLUSH)
+            .ok_or(ProbeError::MissingProgram(FLUSH))?
+            .try_into()
+            .map_err(&err)?;
+        for &cpu in &self.cpus {
+            prog.test_run(RawTracePointRunOptions {
+                args: [0; 12],
+                cpu: Some(cpu),
+            })
+            .map_err(&err)?;
+        }
         Ok(())
     }
 
