@@ -147,6 +147,10 @@ pub async fn run<S: RecordSink>(
             "could not report open flows at shutdown"
         );
     }
+    // Ends batched on the CPUs since the first flush.
+    if let Err(e) = probe.flush_batches() {
+        reporter.flush_failed(&e);
+    }
     drain(ring.get_mut(), &mut assembler, &mut out);
     assembler.release_all(&mut out);
     emit(&mut sink, &mut out, &mut reporter).await;
