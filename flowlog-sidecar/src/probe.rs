@@ -107,7 +107,8 @@ pub struct Probe {
     ebpf: Ebpf,
     kernel: String,
     access: SockAccess,
-    /// CPUs whose batch of records `flush_batches` moves to the ring buffer.
+    /// The online CPUs at start-up: whose batches `flush_batches` moves to the ring buffer should
+    /// the list of online CPUs become unreadable later.
     cpus: Vec<u32>,
 }
 
@@ -277,7 +278,8 @@ impl Probe {
 
     /// Moves the records that each CPU has batched into the ring buffer (flow ends go there
     /// several at a time; see the kernel's `Batch`). Run before each drain, so that a record
-    /// waits no longer than the drain interval.
+    /// waits no longer than the drain interval. The online CPUs are read each time (a few
+    /// microseconds): a CPU brought online later must not keep its records.
     pub fn flush_batches(&self) -> Result<(), ProbeError> {
         let err = program_error(FLUSH, &self.kernel);
         let prog: &RawTracePoint = self
@@ -286,7 +288,9 @@ impl Probe {
             .ok_or(ProbeError::MissingProgram(FLUSH))?
             .try_into()
             .map_err(&err)?;
-        for &cpu in &self.cpus {
+        let online = aya::util::online_cpus();
+        let cpus = online.as_deref().unwrap_or(&self.cpus);
+        for &cpu in cpus {
             prog.test_run(RawTracePointRunOptions {
                 args: [0; 12],
                 cpu: Some(cpu),
