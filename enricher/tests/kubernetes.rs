@@ -9,7 +9,7 @@
 //! latest-owner lookup in the same run gets many wrong.
 use std::{process::Command, time::Duration};
 
-use flowlog_record::{Attribution, avro, enriched_avro};
+use flowlog_record::{avro, enriched_avro};
 use flowlog_testkit::{
     PATIENCE, Topic, free_port,
     kubernetes::{ApiServer, Kind, node},
@@ -122,27 +122,15 @@ fn reused_pod_addresses_are_attributed_to_their_owner_at_the_flow_start() {
         let e =
             enriched_avro::decode_expecting(message.payload().unwrap(), OUTPUT_SCHEMA_ID).unwrap();
         let flow = &truth.flows[&e.flow.flow_id];
-        let answer = match (e.remote.status, &e.remote.identity) {
-            (Attribution::Exact, Some(identity)) => Answer::Owner(identity.name.clone()),
-            (Attribution::Ambiguous, _) => Answer::Ambiguous,
-            _ => Answer::Unknown,
-        };
+        let answer = Answer::of(&e.remote);
         let owner = truth.owner_at(flow.address, flow.start_ns);
-        let right = match (owner, &answer) {
-            (Some(t), Answer::Owner(got)) => got == t,
-            (None, Answer::Unknown) => true,
-            _ => false,
-        };
-        if !right {
+        if !answer.is_right(owner) {
             wrong.push(format!(
                 "{:?} flow {} to {}: truth {owner:?}, got {answer:?}",
                 flow.placement, e.flow.flow_id, e.flow.remote_addr
             ));
         }
-        let latest = flow
-            .latest_owner
-            .clone()
-            .map_or(Answer::Unknown, Answer::Owner);
+        let latest = Answer::latest(flow.latest_owner.as_ref());
         tally.add(flow.placement, owner, &answer, &latest);
     }
     let flowlog = tally.total(FLOWLOG);

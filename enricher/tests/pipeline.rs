@@ -13,7 +13,7 @@ use std::{
     process::{Command, Stdio},
     sync::{Arc, Mutex, mpsc},
     thread,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use flowlog_record::{
@@ -21,7 +21,7 @@ use flowlog_record::{
     enriched_avro,
 };
 use flowlog_testkit::{
-    ChildGuard, PATIENCE, Topic, free_port, pyarrow, spawn_ready, temp_dir, unique_name,
+    ChildGuard, PATIENCE, Topic, free_port, now_ns, pyarrow, spawn_ready, temp_dir, unique_name,
 };
 use rdkafka::{
     ClientConfig, Message,
@@ -41,13 +41,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 /// The enriched schema id the tests give the enricher.
 const OUT_ID: u32 = 7;
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
 
 /// A flow record from `local_addr` to `remote`, started at `start_ns`.
 fn record(flow_id: u64, remote: &str, start_ns: u64) -> FlowRecord {

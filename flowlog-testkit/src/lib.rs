@@ -49,12 +49,7 @@ pub fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
 }
 
 /// Now, in ns since the Unix epoch (the clock flow records and ownership intervals use).
-pub fn now_ns() -> u64 {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970");
-    u64::try_from(since.as_nanos()).expect("ns since 1970 fit in u64")
-}
+pub use flowlog_identity::now_ns;
 
 /// A name no other test or run uses: `flowlog-test-<what>-<pid>-<ns>`.
 pub fn unique_name(what: &str) -> String {

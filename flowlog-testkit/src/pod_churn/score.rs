@@ -2,6 +2,8 @@
 //! address when the flow started.
 use std::collections::BTreeMap;
 
+use flowlog_record::{Attribution, Endpoint};
+
 use super::Placement;
 
 /// What a lookup said about a flow's remote address.
@@ -13,6 +15,31 @@ pub enum Answer {
     Ambiguous,
     /// No owner known.
     Unknown,
+}
+
+impl Answer {
+    /// What an enriched flow's end says.
+    pub fn of(end: &Endpoint) -> Self {
+        match (end.status, &end.identity) {
+            (Attribution::Exact, Some(identity)) => Answer::Owner(identity.name.clone()),
+            (Attribution::Ambiguous, _) => Answer::Ambiguous,
+            _ => Answer::Unknown,
+        }
+    }
+
+    /// What a latest-owner lookup that found `owner` says.
+    pub fn latest(owner: Option<&String>) -> Self {
+        owner.map_or(Answer::Unknown, |o| Answer::Owner(o.clone()))
+    }
+
+    /// The owner that held the address (`truth`), or `Unknown` for an address nobody held.
+    pub fn is_right(&self, truth: Option<&str>) -> bool {
+        match (truth, self) {
+            (Some(t), Answer::Owner(got)) => got == t,
+            (None, Answer::Unknown) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Counts of one lookup's answers against the truth.
@@ -31,12 +58,15 @@ pub struct Score {
 impl Score {
     pub fn add(&mut self, truth: Option<&str>, answer: &Answer) {
         self.flows += 1;
-        match (truth, answer) {
-            (Some(t), Answer::Owner(got)) if got == t => self.correct += 1,
-            (None, Answer::Unknown) => self.correct += 1,
-            (_, Answer::Owner(_)) => self.misattributed += 1,
-            (_, Answer::Ambiguous) => self.ambiguous += 1,
-            (Some(_), Answer::Unknown) => self.unknown += 1,
+        if answer.is_right(truth) {
+            self.correct += 1;
+            return;
+        }
+        match answer {
+            Answer::Owner(_) => self.misattributed += 1,
+            Answer::Ambiguous => self.ambiguous += 1,
+            // Right for an address nobody held, so here the address had an owner.
+            Answer::Unknown => self.unknown += 1,
         }
     }
 

@@ -13,6 +13,11 @@
 //! flowlog's answer (as of the flow's start), and a latest-owner lookup made when the flow's
 //! record is exported — given the cluster's true current state with zero lag, the best case
 //! for that design.
+// The churn harness's reading of /proc, shared rather than copied.
+#[allow(dead_code)]
+#[path = "../churn/procfs.rs"]
+mod procfs;
+
 use std::{
     collections::HashMap,
     fmt::Write as _,
@@ -29,7 +34,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use flowlog_enricher::ownership::OwnershipRecord;
-use flowlog_record::{Attribution, IdentityKind, avro, enriched_avro};
+use flowlog_record::{IdentityKind, avro, enriched_avro};
 use flowlog_testkit::{
     ChildGuard, Topic, free_port,
     kubernetes::{ApiServer, Kind, node},
@@ -139,11 +144,7 @@ fn read_enriched(
                 enriched.undecodable += 1;
                 continue;
             };
-            let answer = match (flow.remote.status, &flow.remote.identity) {
-                (Attribution::Exact, Some(identity)) => Answer::Owner(identity.name.clone()),
-                (Attribution::Ambiguous, _) => Answer::Ambiguous,
-                _ => Answer::Unknown,
-            };
+            let answer = Answer::of(&flow.remote);
             match enriched.answers.insert(flow.flow.flow_id, answer.clone()) {
                 None => {}
                 Some(before) => {
@@ -268,38 +269,9 @@ fn scrape(addr: &str, name: &str) -> Option<f64> {
         .then(|| values.iter().fold(0.0, |sum, v| sum + v))
 }
 
-/// utime + stime of a child process, in seconds.
-fn cpu_seconds(child: &ChildGuard) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.0.id())).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime and stime are 12th and 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = fields
-        .get(11..13)
-        .map_or(0, |f| f.iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum());
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks as f64 / hz
-}
-
-/// Busy and total jiffies of the whole machine (/proc/stat's first line; steal left out of
-/// busy, so a noisy hypervisor neighbour does not count as our work).
-fn machine_jiffies() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy = [0, 1, 2, 5, 6].iter().filter_map(|&i| v.get(i)).sum();
-    let total = v.iter().take(8).sum();
-    (busy, total)
+/// CPU seconds (utime + stime) of a child process.
+fn cpu_seconds(child: &ChildGuard) -> anyhow::Result<f64> {
+    Ok(procfs::cpu_ticks(child.0.id())? as f64 / procfs::clock_ticks_per_second()? as f64)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -371,7 +343,7 @@ fn main() -> anyhow::Result<()> {
         args.addresses, args.duration, args.tenure_min, args.tenure_max, args.gap_min, args.gap_max
     );
     let started = Instant::now();
-    let jiffies_before = machine_jiffies();
+    let cpu_before = procfs::HostCpu::read()?;
     let mut value = Vec::with_capacity(256);
     let mut produce_errors = 0u64;
     let truth = Scenario::new(shape.clone(), &server).run(|record| {
@@ -395,9 +367,8 @@ fn main() -> anyhow::Result<()> {
         }
     });
     let churn_time = started.elapsed();
-    let jiffies_after = machine_jiffies();
-    let machine_busy = (jiffies_after.0 - jiffies_before.0) as f64
-        / (jiffies_after.1 - jiffies_before.1).max(1) as f64;
+    let host = procfs::HostCpu::read()?.since(cpu_before);
+    let machine_busy = host.pct(host.busy) / 100.0;
     producer
         .flush(Duration::from_secs(60))
         .context("delivering the flow records")?;
@@ -415,7 +386,7 @@ fn main() -> anyhow::Result<()> {
         }
         thread::sleep(Duration::from_millis(200));
     }
-    let cpu = (cpu_seconds(&inventory), cpu_seconds(&enricher));
+    let cpu = (cpu_seconds(&inventory)?, cpu_seconds(&enricher)?);
     let hold_expired = scrape(&enricher_metrics, "flowlog_enricher_hold_expired_total");
     stop.store(true, Ordering::Relaxed);
     reader.join().expect("the output reader");
@@ -437,17 +408,9 @@ fn main() -> anyhow::Result<()> {
             missing += 1;
             continue;
         };
-        let latest = flow
-            .latest_owner
-            .clone()
-            .map_or(Answer::Unknown, Answer::Owner);
+        let latest = Answer::latest(flow.latest_owner.as_ref());
         let owner = truth.owner_at(flow.address, flow.start_ns);
-        let right = match (owner, flowlog) {
-            (Some(t), Answer::Owner(got)) => got == t,
-            (None, Answer::Unknown) => true,
-            _ => false,
-        };
-        if !right && explained < 20 {
+        if !flowlog.is_right(owner) && explained < 20 {
             explained += 1;
             explain(flow, flowlog, &truth, &stamps);
         }
