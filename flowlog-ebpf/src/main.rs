@@ -600,24 +600,30 @@ fn emit_snapshot<S: SockRead>(
         unsafe {
             let busy = &raw mut (*batch).busy;
             let len_at = &raw mut (*batch).len;
-            let len = read_volatile(len_at);
-            // Full only if a flush failed half-way (cannot happen): then the ring buffer, as
-            // when the batch is busy.
-            if read_volatile(busy) == 0 && len < BATCH_LEN as u64 {
+            if read_volatile(busy) == 0 {
+                // `len` is read only once `busy` is set. Read before, it could be stale: a
+                // softirq's run interrupting this one between the check and the mark would add
+                // its record at `len`, and this run would then write over it.
                 write_volatile(busy, 1);
-                let ev = (&raw mut (*batch).events as *mut FlowEvent).add(len as usize);
-                let flags = write_event(ev, sock, state, kind, flags, tcp_state, now);
-                let len = len + 1;
-                // An end that a reset may follow goes out at once, so that the reset, sent
-                // straight to the ring buffer from any CPU, cannot overtake it.
-                if len == BATCH_LEN as u64 || flags & flow_flag::MAY_RESET != 0 {
-                    output_batch(batch, len);
-                    write_volatile(len_at, 0);
-                } else {
-                    write_volatile(len_at, len);
+                let len = read_volatile(len_at);
+                // Full only if a flush failed half-way (cannot happen): then the ring buffer,
+                // as when the batch is busy.
+                if len < BATCH_LEN as u64 {
+                    let ev = (&raw mut (*batch).events as *mut FlowEvent).add(len as usize);
+                    let flags = write_event(ev, sock, state, kind, flags, tcp_state, now);
+                    let len = len + 1;
+                    // An end that a reset may follow goes out at once, so that the reset, sent
+                    // straight to the ring buffer from any CPU, cannot overtake it.
+                    if len == BATCH_LEN as u64 || flags & flow_flag::MAY_RESET != 0 {
+                        output_batch(batch, len);
+                        write_volatile(len_at, 0);
+                    } else {
+                        write_volatile(len_at, len);
+                    }
+                    write_volatile(busy, 0);
+                    return flags;
                 }
                 write_volatile(busy, 0);
-                return flags;
             }
         }
     }
