@@ -236,11 +236,13 @@ async fn emit<S: RecordSink>(sink: &mut S, out: &mut Vec<FlowRecord>, reporter: 
 struct Reporter {
     ringbuf_full_log: LogThrottle,
     map_full_log: LogThrottle,
+    skipped_run_log: LogThrottle,
     sweep_log: LogThrottle,
     flush_log: LogThrottle,
     sink_log: LogThrottle,
     ringbuf_full: u64,
     map_full: u64,
+    skipped_runs: u64,
 }
 
 impl Reporter {
@@ -269,6 +271,25 @@ impl Reporter {
                 self.map_full = map_full;
             }
             Err(e) => warn!(error = crate::error_chain(&e), "reading kernel counters"),
+        }
+        match probe.skipped_runs() {
+            Ok(Some(skipped)) => {
+                counter!(m::KERNEL_DROPS, "reason" => "skipped_run").absolute(skipped);
+                if skipped > self.skipped_runs && self.skipped_run_log.due() {
+                    warn!(
+                        skipped_runs = skipped,
+                        "the kernel skipped flowlog programs that interrupted themselves on one \
+                         CPU: those socket events were not seen (a flow untracked, or reported \
+                         open until the agent stops)"
+                    );
+                }
+                self.skipped_runs = skipped;
+            }
+            Ok(None) => {}
+            Err(e) => warn!(
+                error = crate::error_chain(&e),
+                "reading kernel program counters"
+            ),
         }
         if let Ok(tracked) = probe.tracked() {
             gauge!(m::SOCKETS_TRACKED).set(tracked as f64);

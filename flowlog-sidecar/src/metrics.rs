@@ -39,7 +39,7 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     describe_counter!(EVENTS, "Events read from the kernel ring buffer, by kind.");
     describe_counter!(
         KERNEL_DROPS,
-        "Data lost in the kernel, by reason (ringbuf_full: records lost; map_full: flows not tracked)."
+        "Data lost in the kernel, by reason (ringbuf_full: records lost; map_full: flows not tracked; skipped_run: socket events the kernel did not hand to a program already running on that CPU)."
     );
     describe_counter!(
         UNTRACKED_CLOSES,

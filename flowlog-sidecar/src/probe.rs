@@ -1,7 +1,11 @@
 //! Loads flowlog's kernel programs with the running kernel's layout, attaches them to their
 //! tracepoints, and gives the agent what it needs from them: the ring buffer, the interim sweep,
 //! and the kernel-side counters.
-use std::{path::PathBuf, time::Duration};
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    path::PathBuf,
+    time::Duration,
+};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -48,6 +52,11 @@ pub enum ProbeError {
     #[error("reading the online CPUs from {path}")]
     Cpus {
         path: &'static str,
+        source: std::io::Error,
+    },
+    #[error("reading the kernel's accounting of eBPF program `{program}`")]
+    Info {
+        program: String,
         source: std::io::Error,
     },
     #[error("eBPF map `{map}`")]
@@ -319,6 +328,29 @@ impl Probe {
         Ok(out)
     }
 
+    /// Runs of the attached programs that the kernel skipped, summed over the programs: a
+    /// program is not re-entered on a CPU where it is already running, so a state change made by
+    /// a softirq that interrupted the same program on that CPU goes unseen (a missed start leaves
+    /// the flow untracked; a missed end leaves it open until the agent stops). The kernel counts
+    /// them per program (`recursion_misses` in `/proc/<pid>/fdinfo/<program fd>`, Linux 5.12+;
+    /// `None` before).
+    pub fn skipped_runs(&self) -> Result<Option<u64>, ProbeError> {
+        let mut total = None;
+        for (name, program) in self.ebpf.programs() {
+            // Programs not loaded on this kernel (the other variant of one) have no descriptor.
+            let Ok(fd) = program.fd() else { continue };
+            let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+            let info = std::fs::read_to_string(&path).map_err(|source| ProbeError::Info {
+                program: name.to_string(),
+                source,
+            })?;
+            if let Some(misses) = recursion_misses(&info) {
+                *total.get_or_insert(0) += misses;
+            }
+        }
+        Ok(total)
+    }
+
     /// Sockets in the flow map at the last sweep.
     pub fn tracked(&self) -> Result<u64, ProbeError> {
         let map_err = |source| ProbeError::Map {
@@ -333,6 +365,14 @@ impl Probe {
         .map_err(map_err)?;
         map.get(&stat::TRACKED, 0).map_err(map_err)
     }
+}
+
+/// The `recursion_misses` field of a program's fdinfo text.
+fn recursion_misses(fdinfo: &str) -> Option<u64> {
+    fdinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("recursion_misses:"))
+        .and_then(|value| value.trim().parse().ok())
 }
 
 /// Loads and attaches the BTF-typed state-change program. Kernels refuse it where BTF-typed
@@ -448,4 +488,21 @@ fn random_u64() -> u64 {
 /// Possible CPUs (every CPU id the kernel may report is below it): the flow id stride.
 fn possible_cpus() -> u64 {
     aya::util::nr_cpus().map_or(1024, |n| n as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recursion_misses;
+
+    #[test]
+    fn recursion_misses_is_read_from_fdinfo() {
+        // As Linux 6.18 prints it for a program descriptor.
+        let fdinfo = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t2077\nprog_type:\t26\n\
+                      prog_jited:\t1\nprog_tag:\t5c8a4bc5d4e1a3f2\nmemlock:\t8192\n\
+                      prog_id:\t412\nrun_time_ns:\t0\nrun_cnt:\t0\nrecursion_misses:\t17\n\
+                      verified_insns:\t312\n";
+        assert_eq!(recursion_misses(fdinfo), Some(17));
+        // Before Linux 5.12 the line is absent.
+        assert_eq!(recursion_misses("prog_type:\t26\nrun_cnt:\t0\n"), None);
+    }
 }

@@ -384,6 +384,9 @@ fn timed_out_connect(net: &NetnsPair, port: u16, thread: &str) -> (SocketAddr, S
     (local, addr, retransmits)
 }
 
+/// The reasons of `flowlog_sidecar_kernel_drops_total`, each exported from the first second on.
+const KERNEL_DROP_REASONS: [&str; 3] = ["ringbuf_full", "map_full", "skipped_run"];
+
 #[test]
 fn timed_out_connect_is_failed() {
     let net = NetnsPair::new(10);
@@ -787,7 +790,7 @@ fn a_thousand_short_connections_give_two_thousand_records_and_no_drop() {
     let deadline = Instant::now() + PATIENCE;
     let page = loop {
         let page = agent.metrics();
-        let exported = ["ringbuf_full", "map_full"].iter().all(|reason| {
+        let exported = KERNEL_DROP_REASONS.iter().all(|reason| {
             let sample = format!("flowlog_sidecar_kernel_drops_total{{reason=\"{reason}\"}}");
             Agent::metric(&page, &sample).is_some()
         });
@@ -797,7 +800,7 @@ fn a_thousand_short_connections_give_two_thousand_records_and_no_drop() {
         assert!(Instant::now() < deadline, "no drop counters in:\n{page}");
         thread::sleep(Duration::from_millis(100));
     };
-    for reason in ["ringbuf_full", "map_full"] {
+    for reason in KERNEL_DROP_REASONS {
         let sample = format!("flowlog_sidecar_kernel_drops_total{{reason=\"{reason}\"}}");
         assert_eq!(
             Agent::metric(&page, &sample),
