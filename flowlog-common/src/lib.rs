@@ -77,6 +77,10 @@ pub mod counter {
     /// A socket closed that the flow map did not know (opened before the agent started, or evicted
     /// from the LRU map): no record.
     pub const UNTRACKED_CLOSE: u32 = 2;
+    /// The sweep found a tracked flow whose socket is closed, or was re-used for a socket not
+    /// yet connected: its end was not seen (the kernel skipped the program's run, see the
+    /// agent's `skipped_run`). Removed from the map without an end record.
+    pub const MISSED_END: u32 = 3;
     /// Number of counters.
     pub const COUNT: u32 = 4;
 }

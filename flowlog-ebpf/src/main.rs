@@ -438,16 +438,45 @@ extern "C" fn sweep_one(
         };
         // The sweep is a plain raw tracepoint program (run with BPF_PROG_TEST_RUN): probe reads.
         let sock = ProbeRead(unsafe { *key } as *const u8);
+        let tcp_state: u8 = sock.read(global!(CONFIG.layout.sk_daddr) + tuple_block::STATE as u32);
+        // A tracked socket is never seen closed or listening: its move to `TCP_CLOSE` ends the
+        // flow (and the state is stored only after the program has run). Seen so, its end was
+        // missed, or its memory now holds a new socket. Its counters are no longer its own:
+        // dropped without a record, counted. A flow younger than a second may be a socket whose
+        // state is stored just after its start was recorded.
+        if !tracked_state(tcp_state) && sweep.now.saturating_sub(state.start_ns) >= 1_000_000_000 {
+            if FLOWS.remove(unsafe { *key }).is_ok() {
+                count(counter::MISSED_END, 1);
+            }
+            return 0;
+        }
         if state.flags & flow_flag::TUPLE_KNOWN == 0 {
             read_tuple(sock, state);
         }
-        let tcp_state: u8 = sock.read(global!(CONFIG.layout.sk_daddr) + tuple_block::STATE as u32);
         // Straight into the ring buffer: the sweep runs on any CPU, and an interim record must
         // not wait behind that CPU's batch.
         emit_snapshot(sock, state, kind, tcp_state, sweep.now, Emit::Direct);
         state.last_report_ns = sweep.now;
     }
     0
+}
+
+/// Whether a socket in `tcp_state` can be a tracked flow: any state between its start and its
+/// close (not `TCP_CLOSE`, `TCP_LISTEN`, nor the request and inactive states above them).
+#[inline(always)]
+fn tracked_state(tcp_state: u8) -> bool {
+    matches!(
+        tcp_state,
+        tcp_state::ESTABLISHED
+            | tcp_state::SYN_SENT
+            | tcp_state::SYN_RECV
+            | tcp_state::FIN_WAIT1
+            | tcp_state::FIN_WAIT2
+            | tcp_state::TIME_WAIT
+            | tcp_state::CLOSE_WAIT
+            | tcp_state::LAST_ACK
+            | tcp_state::CLOSING
+    )
 }
 
 #[inline(always)]

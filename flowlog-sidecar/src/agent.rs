@@ -125,6 +125,7 @@ pub async fn run<S: RecordSink>(
                     reporter.sweep_failed(&e);
                 }
                 drain(ring.get_mut(), &mut assembler, &mut out);
+                assembler.forget_vanished(Instant::now());
             }
             _ = stats_tick.tick() => {
                 assembler.set_clock(Clock::now());
@@ -237,12 +238,16 @@ struct Reporter {
     ringbuf_full_log: LogThrottle,
     map_full_log: LogThrottle,
     skipped_run_log: LogThrottle,
+    missed_end_log: LogThrottle,
+    vanished_log: LogThrottle,
     sweep_log: LogThrottle,
     flush_log: LogThrottle,
     sink_log: LogThrottle,
     ringbuf_full: u64,
     map_full: u64,
     skipped_runs: u64,
+    missed_ends: u64,
+    vanished_flows: u64,
 }
 
 impl Reporter {
@@ -254,6 +259,16 @@ impl Reporter {
                 counter!(m::KERNEL_DROPS, "reason" => "ringbuf_full").absolute(ringbuf_full);
                 counter!(m::KERNEL_DROPS, "reason" => "map_full").absolute(map_full);
                 counter!(m::UNTRACKED_CLOSES).absolute(c[counter::UNTRACKED_CLOSE as usize]);
+                let missed_ends = c[counter::MISSED_END as usize];
+                counter!(m::MISSED_ENDS).absolute(missed_ends);
+                if missed_ends > self.missed_ends && self.missed_end_log.due() {
+                    warn!(
+                        missed_ends,
+                        "flows whose socket closed unseen were dropped from the kernel flow map \
+                         without an end record (see skipped_run)"
+                    );
+                }
+                self.missed_ends = missed_ends;
                 if ringbuf_full > self.ringbuf_full && self.ringbuf_full_log.due() {
                     warn!(
                         lost_records = ringbuf_full,
@@ -300,6 +315,17 @@ impl Reporter {
         counter!(m::LATE_RESETS).absolute(stats.late_resets);
         counter!(m::COUNTER_REGRESSIONS).absolute(stats.counter_regressions);
         counter!(m::UNKNOWN_EVENTS).absolute(stats.unknown_events);
+        counter!(m::VANISHED_FLOWS).absolute(stats.vanished_flows);
+        if stats.vanished_flows > self.vanished_flows && self.vanished_log.due() {
+            warn!(
+                vanished_flows = stats.vanished_flows,
+                "flows with interim records left the kernel flow map without an end (evicted: \
+                 raise --max-flows if map_full also grows; or a missed end); their last record \
+                 stands as their last"
+            );
+        }
+        self.vanished_flows = stats.vanished_flows;
+        counter!(m::VANISHED_EVENTS).absolute(stats.vanished_events);
     }
 
     fn sweep_failed(&mut self, e: &crate::probe::ProbeError) {

@@ -9,6 +9,11 @@
 //!   can reach us after the flow's end. Ended flows that were old enough to be swept are
 //!   remembered for a while ([`Tombstones`]) and late snapshots of them are ignored (their
 //!   counters are already in the end record).
+//! - A flow can leave the kernel's map without an end: evicted when the map is full, or dropped
+//!   by the sweep when its end was missed. The sweep reports every tracked flow once per interim
+//!   period, so a flow with records that gets no snapshot for [`VANISH_PERIODS`] periods is gone;
+//!   it is forgotten ([`Assembler::forget_vanished`]), so the agent's memory stays bounded, and
+//!   any later event of it is ignored rather than restarting its records at `seq` 0.
 //! - The kernel moves a socket to `TCP_CLOSE` *before* it sends the reset of an abortive close,
 //!   so an end record that the kernel marks `MAY_RESET` waits [`RESET_GRACE`] for a
 //!   `RESET_AFTER_END` amendment before it is released. Ordinary closes are released at once.
@@ -31,6 +36,10 @@ pub const RESET_GRACE: Duration = Duration::from_millis(300);
 /// How long an ended flow is remembered, to recognise interim snapshots that lost the race with
 /// its end. Far longer than the ring buffer's delivery delay.
 const TOMBSTONE_GENERATION: Duration = Duration::from_secs(10);
+
+/// Interim periods without a snapshot after which a flow with records is taken to have left
+/// the kernel's map. The sweep reports each tracked flow at most a twelfth of a period late.
+pub const VANISH_PERIODS: u32 = 3;
 
 /// Cumulative counters of a flow, payload-adjusted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -155,26 +164,34 @@ pub struct AssemblyStats {
     pub counter_regressions: u64,
     /// Events of a kind this agent does not know (a newer kernel program?).
     pub unknown_events: u64,
+    /// Flows with records that stopped getting snapshots (left the kernel's map without an
+    /// end): forgotten, their last record stands as their last.
+    pub vanished_flows: u64,
+    /// Events of vanished flows that arrived after all: ignored (their counters since the last
+    /// record are not reported).
+    pub vanished_events: u64,
 }
 
-/// Remembers recently ended flows in two rotating generations.
+/// Remembers flow ids for one to two `generation`s, in two rotating sets.
 struct Tombstones {
     current: HashSet<u64>,
     previous: HashSet<u64>,
     rotated_at: Instant,
+    generation: Duration,
 }
 
 impl Tombstones {
-    fn new(now: Instant) -> Self {
+    fn new(now: Instant, generation: Duration) -> Self {
         Self {
             current: HashSet::default(),
             previous: HashSet::default(),
             rotated_at: now,
+            generation,
         }
     }
 
     fn insert(&mut self, flow_id: u64, now: Instant) {
-        if now.duration_since(self.rotated_at) >= TOMBSTONE_GENERATION {
+        if now.duration_since(self.rotated_at) >= self.generation {
             self.previous = std::mem::take(&mut self.current);
             self.rotated_at = now;
         }
@@ -193,6 +210,8 @@ struct Reported {
     /// `start_ns` as first reported, so every record of the flow carries the same value even
     /// if the clock offset is re-measured in between.
     start_ns: u64,
+    /// When its last snapshot was processed.
+    seen_at: Instant,
 }
 
 /// An end record held back for [`RESET_GRACE`].
@@ -212,6 +231,12 @@ pub struct Assembler {
     flushing: bool,
     reported: HashMap<u64, Reported>,
     ended: Tombstones,
+    /// Flows forgotten by [`Assembler::forget_vanished`].
+    vanished: Tombstones,
+    /// A flow in `reported` without a snapshot for this long has vanished.
+    vanish_after: Duration,
+    /// When `reported` is next scanned for vanished flows.
+    next_vanish_scan: Instant,
     pending: HashMap<u64, PendingEnd>,
     pending_order: VecDeque<u64>,
     stats: AssemblyStats,
@@ -219,13 +244,17 @@ pub struct Assembler {
 
 impl Assembler {
     pub fn new(host: String, clock: Clock, interim: Duration, now: Instant) -> Self {
+        let vanish_after = interim * VANISH_PERIODS;
         Self {
             host,
             clock,
             interim_ns: interim.as_nanos() as u64,
             flushing: false,
             reported: HashMap::default(),
-            ended: Tombstones::new(now),
+            ended: Tombstones::new(now, TOMBSTONE_GENERATION),
+            vanished: Tombstones::new(now, vanish_after),
+            vanish_after,
+            next_vanish_scan: now + interim,
             pending: HashMap::default(),
             pending_order: VecDeque::new(),
             stats: AssemblyStats::default(),
@@ -239,6 +268,30 @@ impl Assembler {
     /// Flows with at least one interim record (what the agent keeps per open flow).
     pub fn open_reported(&self) -> usize {
         self.reported.len()
+    }
+
+    /// Forgets the flows with records that got no snapshot for [`VANISH_PERIODS`] interim
+    /// periods: they left the kernel's map without an end (see the module docs). Scans at most
+    /// once per interim period; call right after draining the ring buffer, so that snapshots
+    /// waiting in it are not mistaken for absent ones.
+    pub fn forget_vanished(&mut self, now: Instant) {
+        if now < self.next_vanish_scan {
+            return;
+        }
+        self.next_vanish_scan = now + self.vanish_after / VANISH_PERIODS;
+        let vanish_after = self.vanish_after;
+        let mut gone = Vec::new();
+        self.reported.retain(|&flow_id, r| {
+            let keep = now.saturating_duration_since(r.seen_at) < vanish_after;
+            if !keep {
+                gone.push(flow_id);
+            }
+            keep
+        });
+        self.stats.vanished_flows += gone.len() as u64;
+        for flow_id in gone {
+            self.vanished.insert(flow_id, now);
+        }
     }
 
     /// Call before running the shutdown flush sweep.
@@ -262,13 +315,21 @@ impl Assembler {
 
     /// Processes one kernel event; records that are ready are pushed to `out`.
     pub fn on_event(&mut self, ev: &FlowEvent, now: Instant, out: &mut Vec<FlowRecord>) {
+        if matches!(
+            ev.kind,
+            event_kind::INTERIM | event_kind::FLUSH | event_kind::END
+        ) && self.vanished.contains(ev.flow_id)
+        {
+            self.stats.vanished_events += 1;
+            return;
+        }
         match ev.kind {
             event_kind::INTERIM | event_kind::FLUSH => {
                 if self.ended.contains(ev.flow_id) {
                     self.stats.stale_snapshots += 1;
                     return;
                 }
-                let record = self.record(ev, Outcome::Open);
+                let record = self.record(ev, Outcome::Open, now);
                 if ev.kind == event_kind::FLUSH {
                     self.reported.remove(&ev.flow_id);
                 }
@@ -276,7 +337,7 @@ impl Assembler {
             }
             event_kind::END => {
                 let outcome = end_outcome(ev);
-                let record = self.record(ev, outcome);
+                let record = self.record(ev, outcome, now);
                 self.reported.remove(&ev.flow_id);
                 let age = ev.report_ns.saturating_sub(ev.start_ns);
                 if self.flushing || age >= self.interim_ns {
@@ -331,7 +392,7 @@ impl Assembler {
         }
     }
 
-    fn record(&mut self, ev: &FlowEvent, outcome: Outcome) -> FlowRecord {
+    fn record(&mut self, ev: &FlowEvent, outcome: Outcome, now: Instant) -> FlowRecord {
         let now_cum = cumulative(ev);
         let mut start_ns = self.clock.to_epoch_ns(ev.start_ns);
         let (seq, delta) = match self.reported.get_mut(&ev.flow_id) {
@@ -344,6 +405,7 @@ impl Assembler {
                 r.next_seq += 1;
                 start_ns = r.start_ns;
                 r.baseline = now_cum.max(&r.baseline);
+                r.seen_at = now;
                 (seq, delta)
             }
             None => {
@@ -354,6 +416,7 @@ impl Assembler {
                             next_seq: 1,
                             baseline: now_cum,
                             start_ns,
+                            seen_at: now,
                         },
                     );
                 }
@@ -513,6 +576,69 @@ mod tests {
         assert_eq!(out[2].end_ns, 5_010);
         assert_eq!(out[2].comm.as_deref(), Some("curl"));
         assert_eq!(out[2].local_addr, "198.51.100.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn flows_without_snapshots_for_three_periods_are_forgotten() {
+        let interim = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut a = Assembler::new("h".into(), Clock::with_offset(0), interim, t0);
+        let mut out = Vec::new();
+        let mut quiet = event(event_kind::INTERIM, 101, 50, 0);
+        quiet.flow_id = 1;
+        let mut live = event(event_kind::INTERIM, 201, 70, 0);
+        live.flow_id = 2;
+        a.on_event(&quiet, t0, &mut out);
+        a.on_event(&live, t0, &mut out);
+        // `live` gets its snapshot every period; `quiet` none after its first.
+        for period in 1..=3u32 {
+            let now = t0 + interim * period;
+            live.bytes_acked += 10;
+            a.on_event(&live, now, &mut out);
+            a.forget_vanished(now);
+        }
+        assert_eq!(
+            a.open_reported(),
+            1,
+            "the quiet flow is forgotten after 3 periods"
+        );
+        assert_eq!(a.stats().vanished_flows, 1);
+        // Its end, should it come after all, does not restart its records at seq 0.
+        let mut end = event(event_kind::END, 501, 90, 0);
+        end.flow_id = 1;
+        let records = out.len();
+        a.on_event(&end, t0 + interim * 3, &mut out);
+        assert_eq!(
+            out.len(),
+            records,
+            "no record for an event of a vanished flow"
+        );
+        assert_eq!(a.stats().vanished_events, 1);
+        // The live flow's records carry on: seq 0..=3, 10 bytes a period after the first 100.
+        let live_sent: Vec<(u32, u64)> = out
+            .iter()
+            .filter(|r| r.flow_id == 2)
+            .map(|r| (r.seq, r.bytes_sent))
+            .collect();
+        assert_eq!(live_sent, [(0, 200), (1, 10), (2, 10), (3, 10)]);
+        assert_eq!(a.stats().vanished_flows, 1);
+    }
+
+    #[test]
+    fn vanished_scan_runs_once_per_period() {
+        let interim = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut a = Assembler::new("h".into(), Clock::with_offset(0), interim, t0);
+        let mut out = Vec::new();
+        a.on_event(&event(event_kind::INTERIM, 101, 50, 0), t0, &mut out);
+        // Three periods and a second since its snapshot, but the last scan was a second ago
+        // (at 3 periods, when the flow was just short of vanishing): not scanned again yet.
+        a.forget_vanished(t0 + interim * 3 - Duration::from_secs(1));
+        a.forget_vanished(t0 + interim * 3 + Duration::from_secs(1));
+        assert_eq!(a.open_reported(), 1);
+        a.forget_vanished(t0 + interim * 4);
+        assert_eq!(a.open_reported(), 0);
+        assert_eq!(a.stats().vanished_flows, 1);
     }
 
     #[test]

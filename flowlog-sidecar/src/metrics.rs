@@ -16,6 +16,9 @@ pub const STALE_SNAPSHOTS: &str = "flowlog_sidecar_stale_snapshots_total";
 pub const LATE_RESETS: &str = "flowlog_sidecar_late_resets_total";
 pub const COUNTER_REGRESSIONS: &str = "flowlog_sidecar_counter_regressions_total";
 pub const UNKNOWN_EVENTS: &str = "flowlog_sidecar_unknown_events_total";
+pub const MISSED_ENDS: &str = "flowlog_sidecar_missed_ends_total";
+pub const VANISHED_FLOWS: &str = "flowlog_sidecar_vanished_flows_total";
+pub const VANISHED_EVENTS: &str = "flowlog_sidecar_vanished_events_total";
 pub const SINK_ERRORS: &str = "flowlog_sidecar_sink_errors_total";
 pub const KAFKA_RECORDS_SENT: &str = "flowlog_sidecar_kafka_records_sent_total";
 pub const KAFKA_DELIVERY_ERRORS: &str = "flowlog_sidecar_kafka_delivery_errors_total";
@@ -69,6 +72,18 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     describe_counter!(
         UNKNOWN_EVENTS,
         "Ring buffer events of an unknown kind or size."
+    );
+    describe_counter!(
+        MISSED_ENDS,
+        "Tracked flows the sweep found with their socket closed or re-used: their end was not seen (see kernel_drops skipped_run); dropped without an end record."
+    );
+    describe_counter!(
+        VANISHED_FLOWS,
+        "Flows with records that got no snapshot for three interim periods (evicted from the kernel map, or a missed end): forgotten."
+    );
+    describe_counter!(
+        VANISHED_EVENTS,
+        "Events of vanished flows that arrived after all: ignored, their counters since the last record unreported."
     );
     describe_counter!(SINK_ERRORS, "Failed writes to the output.");
     describe_counter!(

@@ -808,6 +808,13 @@ fn a_thousand_short_connections_give_two_thousand_records_and_no_drop() {
             "{sample}:\n{page}"
         );
     }
+    // No flow was taken for one whose end went unseen, nor lost track of.
+    for sample in [
+        "flowlog_sidecar_missed_ends_total",
+        "flowlog_sidecar_vanished_flows_total",
+    ] {
+        assert_eq!(Agent::metric(&page, sample), Some(0.0), "{sample}:\n{page}");
+    }
     let host = agent.host.clone();
     let records: Vec<FlowRecord> = agent.stop().into_iter().filter(&flows).collect();
     assert_eq!(records.len(), 2 * CONNECTIONS, "records of the traffic");
