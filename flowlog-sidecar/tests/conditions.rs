@@ -1,6 +1,7 @@
 //! Bad conditions: a kernel (or a view of one) without what the agent needs, a process without
-//! the capabilities to load programs, and a burst that overflows the kernel ring buffer. Each must
-//! end in a clear error or a counted, logged condition, never a crash or a silent loss.
+//! the capabilities to load programs, a burst that overflows the kernel ring buffer, and a flow map
+//! too small for the open sockets. Each must end in a clear error or a counted, logged condition,
+//! never a crash or a silent loss.
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
@@ -11,7 +12,7 @@ use std::{
 };
 
 use flowlog_common::BATCH_LEN;
-use flowlog_sidecar::record::FlowRecord;
+use flowlog_sidecar::record::{FlowRecord, Outcome};
 use flowlog_testkit::{free_port, temp_dir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowlog-sidecar");
@@ -223,6 +224,16 @@ impl Agent {
         }
     }
 
+    /// Records written so far (complete lines only).
+    fn records_so_far(&self) -> Vec<FlowRecord> {
+        let text = std::fs::read_to_string(&self.output).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+        complete
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a flow record"))
+            .collect()
+    }
+
     fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
@@ -341,4 +352,128 @@ fn ring_buffer_overflow_is_counted_logged_once_and_survived() {
     assert_eq!((outbound.len(), inbound.len()), (1, 1), "{ours:#?}");
     assert_eq!((outbound[0].bytes_sent, outbound[0].bytes_received), (4, 4));
     assert_eq!((inbound[0].bytes_sent, inbound[0].bytes_received), (4, 4));
+}
+
+/// A flow map of 64 entries: 4 connections stay open until each of their 8 flows has an interim
+/// record, then 60 more connections open (120 sockets more than fit) and the kernel's LRU map
+/// evicts. An evicted flow gets no snapshot again and its close is untracked: the agent must
+/// count it, log it once and forget it, and write nothing more for it (no record restarting at
+/// `seq` 0), while the flows that stayed in the map end with exact records.
+#[test]
+fn flows_evicted_from_a_full_map_vanish_counted_and_logged_once() {
+    const FIRST: usize = 4;
+    const MORE: usize = 60;
+    let mut agent = Agent::start("evicted", &["--max-flows", "64", "--interim", "1s"]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        (0..FIRST + MORE)
+            .map(|_| {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 4];
+                s.read_exact(&mut buf).unwrap();
+                s.write_all(b"pong").unwrap();
+                s
+            })
+            .collect::<Vec<TcpStream>>()
+    });
+    let open = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|_| {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.write_all(b"ping").unwrap();
+                let mut buf = [0u8; 4];
+                s.read_exact(&mut buf).unwrap();
+                s
+            })
+            .collect()
+    };
+    let ours = |r: &FlowRecord| r.local_port == port || r.remote_port == port;
+
+    let first = open(FIRST);
+    let first_ports: Vec<u16> = first
+        .iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect();
+    let of_first = |r: &FlowRecord| {
+        first_ports.contains(&r.local_port) || first_ports.contains(&r.remote_port)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let interim: std::collections::HashSet<u64> = agent
+            .records_so_far()
+            .iter()
+            .filter(|r| ours(r) && of_first(r))
+            .map(|r| r.flow_id)
+            .collect();
+        if interim.len() == 2 * FIRST {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "interim records of the first flows"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let more = open(MORE);
+    agent.wait_for_log(
+        "left the kernel flow map without an end",
+        Duration::from_secs(15),
+    );
+    // Any new socket on the host (a metrics scrape too) may evict another flow: close ours,
+    // then give every evicted one three interim periods and a scan to be forgotten.
+    drop(first);
+    drop(more);
+    drop(server.join().unwrap());
+    std::thread::sleep(Duration::from_secs(5));
+    let vanished = agent.metric("flowlog_sidecar_vanished_flows_total");
+    // An evicted flow never has another event; a live flow taken for vanished would (its end).
+    let ignored = agent.metric("flowlog_sidecar_vanished_events_total");
+    let (records, log) = agent.stop();
+    assert_eq!(ignored, 0.0, "events of flows wrongly forgotten");
+
+    let ours: Vec<&FlowRecord> = records.iter().filter(|r| ours(r)).collect();
+    let mut flows: std::collections::HashMap<u64, Vec<&FlowRecord>> = Default::default();
+    for r in &ours {
+        flows.entry(r.flow_id).or_default().push(r);
+    }
+    // Every connection closed before the agent stopped, so a flow whose records are all
+    // interim ones (`open`) was evicted after being reported.
+    let evicted_reported = flows
+        .values()
+        .filter(|rs| rs.iter().all(|r| r.outcome == Outcome::Open))
+        .count();
+    let first_evicted = flows
+        .values()
+        .filter(|rs| of_first(rs[0]) && rs.iter().all(|r| r.outcome == Outcome::Open))
+        .count();
+    assert!(
+        first_evicted > 0,
+        "the 120 sockets beyond the map's room evicted none of the 8 oldest flows"
+    );
+    assert!(
+        vanished >= evicted_reported as f64,
+        "{vanished} vanished counted, {evicted_reported} of ours were reported then evicted"
+    );
+    for (flow_id, rs) in &flows {
+        // One record per seq, from 0, none after the flow vanished: no restart at seq 0.
+        let mut seqs: Vec<u32> = rs.iter().map(|r| r.seq).collect();
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (0..rs.len() as u32).collect::<Vec<_>>(),
+            "flow {flow_id}: {rs:#?}"
+        );
+        // Flows that stayed tracked end with their exact totals: 4 bytes each way.
+        if let Some(end) = rs.iter().find(|r| r.outcome != Outcome::Open) {
+            let sent: u64 = rs.iter().map(|r| r.bytes_sent).sum();
+            let received: u64 = rs.iter().map(|r| r.bytes_received).sum();
+            assert_eq!((sent, received), (4, 4), "flow {flow_id}: {end:#?}");
+        }
+    }
+    let warnings = log
+        .iter()
+        .filter(|l| l.contains("left the kernel flow map without an end"))
+        .count();
+    assert_eq!(warnings, 1, "log:\n{}", log.join("\n"));
 }
