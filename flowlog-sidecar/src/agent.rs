@@ -125,7 +125,8 @@ pub async fn run<S: RecordSink>(
                     reporter.sweep_failed(&e);
                 }
                 drain(ring.get_mut(), &mut assembler, &mut out);
-                assembler.forget_vanished(Instant::now());
+                let lost = reporter.take_snapshots_lost();
+                assembler.forget_vanished(Instant::now(), lost);
             }
             _ = stats_tick.tick() => {
                 assembler.set_clock(Clock::now());
@@ -248,6 +249,8 @@ struct Reporter {
     skipped_runs: u64,
     missed_ends: u64,
     vanished_flows: u64,
+    /// Set when `ringbuf_full` grows; taken by [`Reporter::take_snapshots_lost`].
+    snapshots_lost: bool,
 }
 
 impl Reporter {
@@ -281,6 +284,9 @@ impl Reporter {
                         untracked_flows = map_full,
                         "kernel flow map full: new flows were not tracked; raise --max-flows"
                     );
+                }
+                if ringbuf_full > self.ringbuf_full {
+                    self.snapshots_lost = true;
                 }
                 self.ringbuf_full = ringbuf_full;
                 self.map_full = map_full;
@@ -326,6 +332,12 @@ impl Reporter {
         }
         self.vanished_flows = stats.vanished_flows;
         counter!(m::VANISHED_EVENTS).absolute(stats.vanished_events);
+    }
+
+    /// Whether records were lost in the kernel since the last call: an interim snapshot may be
+    /// among them, so a quiet flow is not proof that it left the map.
+    fn take_snapshots_lost(&mut self) -> bool {
+        std::mem::take(&mut self.snapshots_lost)
     }
 
     fn sweep_failed(&mut self, e: &crate::probe::ProbeError) {

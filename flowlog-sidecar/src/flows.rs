@@ -13,7 +13,9 @@
 //!   by the sweep when its end was missed. The sweep reports every tracked flow once per interim
 //!   period, so a flow with records that gets no snapshot for [`VANISH_PERIODS`] periods is gone;
 //!   it is forgotten ([`Assembler::forget_vanished`]), so the agent's memory stays bounded, and
-//!   any later event of it is ignored rather than restarting its records at `seq` 0.
+//!   any later event of it is ignored rather than restarting its records at `seq` 0. Silence
+//!   counts only while the agent keeps up: after kernel record losses or a stall of the agent
+//!   every flow starts its three periods afresh.
 //! - The kernel moves a socket to `TCP_CLOSE` *before* it sends the reset of an abortive close,
 //!   so an end record that the kernel marks `MAY_RESET` waits [`RESET_GRACE`] for a
 //!   `RESET_AFTER_END` amendment before it is released. Ordinary closes are released at once.
@@ -235,7 +237,8 @@ pub struct Assembler {
     vanished: Tombstones,
     /// A flow in `reported` without a snapshot for this long has vanished.
     vanish_after: Duration,
-    /// When `reported` is next scanned for vanished flows.
+    /// When `reported` was last and is next scanned for vanished flows.
+    last_vanish_scan: Instant,
     next_vanish_scan: Instant,
     pending: HashMap<u64, PendingEnd>,
     pending_order: VecDeque<u64>,
@@ -254,6 +257,7 @@ impl Assembler {
             ended: Tombstones::new(now, TOMBSTONE_GENERATION),
             vanished: Tombstones::new(now, vanish_after),
             vanish_after,
+            last_vanish_scan: now,
             next_vanish_scan: now + interim,
             pending: HashMap::default(),
             pending_order: VecDeque::new(),
@@ -274,11 +278,25 @@ impl Assembler {
     /// periods: they left the kernel's map without an end (see the module docs). Scans at most
     /// once per interim period; call right after draining the ring buffer, so that snapshots
     /// waiting in it are not mistaken for absent ones.
-    pub fn forget_vanished(&mut self, now: Instant) {
+    ///
+    /// Absence proves nothing when snapshots may have been lost on the way (`snapshots_lost`:
+    /// the ring buffer overflowed since the last call) or when the agent itself did not run for
+    /// two periods: then every flow gets a fresh start instead, and a live flow is never
+    /// forgotten for the agent's own trouble.
+    pub fn forget_vanished(&mut self, now: Instant, snapshots_lost: bool) {
         if now < self.next_vanish_scan {
             return;
         }
-        self.next_vanish_scan = now + self.vanish_after / VANISH_PERIODS;
+        let period = self.vanish_after / VANISH_PERIODS;
+        let stalled = now.saturating_duration_since(self.last_vanish_scan) > 2 * period;
+        self.last_vanish_scan = now;
+        self.next_vanish_scan = now + period;
+        if stalled || snapshots_lost {
+            for r in self.reported.values_mut() {
+                r.seen_at = now;
+            }
+            return;
+        }
         let vanish_after = self.vanish_after;
         let mut gone = Vec::new();
         self.reported.retain(|&flow_id, r| {
@@ -595,7 +613,7 @@ mod tests {
             let now = t0 + interim * period;
             live.bytes_acked += 10;
             a.on_event(&live, now, &mut out);
-            a.forget_vanished(now);
+            a.forget_vanished(now, false);
         }
         assert_eq!(
             a.open_reported(),
@@ -631,13 +649,49 @@ mod tests {
         let mut a = Assembler::new("h".into(), Clock::with_offset(0), interim, t0);
         let mut out = Vec::new();
         a.on_event(&event(event_kind::INTERIM, 101, 50, 0), t0, &mut out);
-        // Three periods and a second since its snapshot, but the last scan was a second ago
-        // (at 3 periods, when the flow was just short of vanishing): not scanned again yet.
-        a.forget_vanished(t0 + interim * 3 - Duration::from_secs(1));
-        a.forget_vanished(t0 + interim * 3 + Duration::from_secs(1));
+        let half = interim / 2;
+        a.forget_vanished(t0 + interim, false);
+        // Scanned half a period late: the next scan is a period after this one.
+        a.forget_vanished(t0 + interim * 2 + half, false);
         assert_eq!(a.open_reported(), 1);
-        a.forget_vanished(t0 + interim * 4);
+        // Three periods and a second since its snapshot, but not a period since the last scan.
+        a.forget_vanished(t0 + interim * 3 + Duration::from_secs(1), false);
+        assert_eq!(a.open_reported(), 1);
+        a.forget_vanished(t0 + interim * 3 + half, false);
         assert_eq!(a.open_reported(), 0);
+        assert_eq!(a.stats().vanished_flows, 1);
+    }
+
+    #[test]
+    fn lost_snapshots_or_a_stalled_agent_give_flows_a_fresh_start() {
+        let interim = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut a = Assembler::new("h".into(), Clock::with_offset(0), interim, t0);
+        let mut out = Vec::new();
+        a.on_event(&event(event_kind::INTERIM, 101, 50, 0), t0, &mut out);
+        a.forget_vanished(t0 + interim, false);
+        a.forget_vanished(t0 + interim * 2, false);
+        // Three quiet periods, but the ring buffer overflowed: its snapshot may have been lost.
+        a.forget_vanished(t0 + interim * 3, true);
+        assert_eq!(a.open_reported(), 1);
+        a.forget_vanished(t0 + interim * 4, false);
+        assert_eq!(
+            a.open_reported(),
+            1,
+            "quiet for one period since the fresh start"
+        );
+        // The agent did not scan for three periods (its loop was stuck): absence proves nothing.
+        a.forget_vanished(t0 + interim * 7, false);
+        assert_eq!(a.open_reported(), 1);
+        a.forget_vanished(t0 + interim * 8, false);
+        a.forget_vanished(t0 + interim * 9, false);
+        assert_eq!(a.open_reported(), 1);
+        a.forget_vanished(t0 + interim * 10, false);
+        assert_eq!(
+            a.open_reported(),
+            0,
+            "three quiet periods after the fresh start"
+        );
         assert_eq!(a.stats().vanished_flows, 1);
     }
 
