@@ -104,6 +104,27 @@ struct FlowSeq {
 #[map]
 static FLOW_SEQ: PerCpuArray<FlowSeq> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per CPU: the last socket state change the main state-change program finished.
+///
+/// The kernel does not re-enter a program already running on a CPU: a state change made by a
+/// softirq that interrupts the program in process context (a SYN timeout, a received FIN) is
+/// skipped for it, and was lost. A second program on the same tracepoint, attached after the
+/// first and so run right after it for every change, finds its change marked here when the first
+/// ran, and handles it itself when not. An interrupted first program's change is marked only
+/// once it finishes, so the interrupting change is not mistaken for it. Left: an interrupt in
+/// the few instructions between the second program's start and its read of the mark sees the
+/// interrupting change's mark, and handles a change twice (a second start replaces the first's
+/// fresh entry; a second end finds no entry and counts an untracked close).
+#[repr(C)]
+struct Handled {
+    sk: u64,
+    /// `oldstate << 8 | newstate`.
+    states: u64,
+}
+
+#[map]
+static HANDLED: PerCpuArray<Handled> = PerCpuArray::with_max_entries(1, 0);
+
 /// Single values reported by the sweep (indexes in `flowlog_common::stat`).
 #[map]
 static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
@@ -264,7 +285,21 @@ impl SockRead for Direct {
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let sk: u64 = ctx.arg(0);
-    on_set_state::<ProbeRead>(sk, ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
+    let (old, new) = (ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
+    on_set_state::<ProbeRead>(sk, old, new);
+    mark_handled(sk, old, new);
+    0
+}
+
+/// Attached after [`inet_sock_set_state`]: handles the state changes the kernel did not hand to
+/// it (see [`HANDLED`]).
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state_catch(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let (old, new) = (ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
+    if !was_handled(sk, old, new) {
+        on_set_state::<ProbeRead>(sk, old, new);
+    }
     0
 }
 
@@ -272,8 +307,69 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     // The same arguments, with `sk` typed (`struct sock *`) for the verifier.
     let sk: u64 = ctx.arg(0);
-    on_set_state::<Direct>(sk, ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
+    let (old, new) = (ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
+    on_set_state::<Direct>(sk, old, new);
+    mark_handled(sk, old, new);
     0
+}
+
+/// Attached after [`inet_sock_set_state_btf`]: handles the state changes the kernel did not
+/// hand to it (see [`HANDLED`]).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf_catch(ctx: BtfTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let (old, new) = (ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
+    if !was_handled(sk, old, new) {
+        on_set_state::<Direct>(sk, old, new);
+    }
+    0
+}
+
+/// Whether [`on_set_state`] has anything to do for this change; the others are not marked
+/// handled nor caught.
+#[inline(always)]
+fn needs_work(oldstate: u8, newstate: u8) -> bool {
+    match newstate {
+        tcp_state::SYN_SENT | tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => true,
+        tcp_state::SYN_RECV => oldstate == tcp_state::LISTEN,
+        tcp_state::CLOSE => oldstate != tcp_state::LISTEN,
+        _ => false,
+    }
+}
+
+/// Records, on this CPU, that the main state-change program has finished with this change.
+#[inline(always)]
+fn mark_handled(sk: u64, oldstate: u8, newstate: u8) {
+    if !needs_work(oldstate, newstate) {
+        return;
+    }
+    if let Some(last) = HANDLED.get_ptr_mut(0) {
+        unsafe {
+            write_volatile(&raw mut (*last).sk, sk);
+            write_volatile(
+                &raw mut (*last).states,
+                u64::from(oldstate) << 8 | u64::from(newstate),
+            );
+        }
+    }
+}
+
+/// Whether the main program handled this change: it marks every change it finishes, and the
+/// catching program runs right after it for the same change, unless the main one was skipped.
+#[inline(always)]
+fn was_handled(sk: u64, oldstate: u8, newstate: u8) -> bool {
+    if !needs_work(oldstate, newstate) {
+        return true;
+    }
+    match HANDLED.get_ptr(0) {
+        Some(last) => unsafe {
+            read_volatile(&raw const (*last).sk) == sk
+                && read_volatile(&raw const (*last).states)
+                    == u64::from(oldstate) << 8 | u64::from(newstate)
+        },
+        // Cannot happen (a per-CPU array of one); handling twice would be worse than missing.
+        None => true,
+    }
 }
 
 /// One state change of socket `sk`. Four of the ten changes of a typical connection need no

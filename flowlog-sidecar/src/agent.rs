@@ -295,16 +295,17 @@ impl Reporter {
         }
         match probe.skipped_runs() {
             Ok(Some(skipped)) => {
-                counter!(m::KERNEL_DROPS, "reason" => "skipped_run").absolute(skipped);
-                if skipped > self.skipped_runs && self.skipped_run_log.due() {
+                counter!(m::KERNEL_DROPS, "reason" => "skipped_run").absolute(skipped.lost);
+                counter!(m::CAUGHT_STATE_CHANGES).absolute(skipped.caught);
+                if skipped.lost > self.skipped_runs && self.skipped_run_log.due() {
                     warn!(
-                        skipped_runs = skipped,
+                        skipped_runs = skipped.lost,
                         "the kernel skipped flowlog programs that interrupted themselves on one \
-                         CPU: those socket events were not seen (a flow untracked, or reported \
-                         open until the agent stops)"
+                         CPU: those socket events were not seen (a flow untracked, or its end \
+                         missed)"
                     );
                 }
-                self.skipped_runs = skipped;
+                self.skipped_runs = skipped.lost;
             }
             Ok(None) => {}
             Err(e) => warn!(

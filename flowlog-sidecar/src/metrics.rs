@@ -17,6 +17,7 @@ pub const LATE_RESETS: &str = "flowlog_sidecar_late_resets_total";
 pub const COUNTER_REGRESSIONS: &str = "flowlog_sidecar_counter_regressions_total";
 pub const UNKNOWN_EVENTS: &str = "flowlog_sidecar_unknown_events_total";
 pub const MISSED_ENDS: &str = "flowlog_sidecar_missed_ends_total";
+pub const CAUGHT_STATE_CHANGES: &str = "flowlog_sidecar_caught_state_changes_total";
 pub const VANISHED_FLOWS: &str = "flowlog_sidecar_vanished_flows_total";
 pub const VANISHED_EVENTS: &str = "flowlog_sidecar_vanished_events_total";
 pub const SINK_ERRORS: &str = "flowlog_sidecar_sink_errors_total";
@@ -42,7 +43,7 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     describe_counter!(EVENTS, "Events read from the kernel ring buffer, by kind.");
     describe_counter!(
         KERNEL_DROPS,
-        "Data lost in the kernel, by reason (ringbuf_full: records lost; map_full: flows not tracked; skipped_run: socket events the kernel did not hand to a program already running on that CPU)."
+        "Data lost in the kernel, by reason (ringbuf_full: records lost; map_full: flows not tracked; skipped_run: socket events no program saw, the kernel not re-entering a program already running on that CPU)."
     );
     describe_counter!(
         UNTRACKED_CLOSES,
@@ -72,6 +73,10 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     describe_counter!(
         UNKNOWN_EVENTS,
         "Ring buffer events of an unknown kind or size."
+    );
+    describe_counter!(
+        CAUGHT_STATE_CHANGES,
+        "Socket state changes the kernel skipped the main program for (a softirq interrupting it) and the second program handled: nothing lost."
     );
     describe_counter!(
         MISSED_ENDS,

@@ -87,6 +87,10 @@ const RAW_PROGRAMS: [&str; 2] = ["tcp_send_reset", "tcp_receive_reset"];
 /// the tracepoint's name).
 const SET_STATE: &str = "inet_sock_set_state";
 const SET_STATE_BTF: &str = "inet_sock_set_state_btf";
+/// Attached after each of those: handles the changes the kernel skipped them for (the kernel
+/// does not re-enter a program that a softirq interrupts on its CPU).
+const SET_STATE_CATCH: &str = "inet_sock_set_state_catch";
+const SET_STATE_BTF_CATCH: &str = "inet_sock_set_state_btf_catch";
 const SWEEP: &str = "flowlog_sweep";
 const FLUSH: &str = "flowlog_flush";
 const ACCEPT_PROGRAM: &str = "accept_exit";
@@ -119,6 +123,18 @@ pub struct Probe {
     /// The online CPUs at start-up: whose batches `flush_batches` moves to the ring buffer should
     /// the list of online CPUs become unreadable later.
     cpus: Vec<u32>,
+    /// Whether the catching state-change program is attached: the main one's skipped runs are
+    /// then caught, not lost.
+    catching: bool,
+}
+
+/// Runs of the attached programs that the kernel skipped ([`Probe::skipped_runs`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SkippedRuns {
+    /// State changes the main program was skipped for and the catching program handled.
+    pub caught: u64,
+    /// Events no program saw.
+    pub lost: u64,
 }
 
 impl Probe {
@@ -176,17 +192,16 @@ impl Probe {
             // which parses its own copy, is gone: two copies at once cost 12 MiB of peak RSS
             // (and kept the heap from shrinking back).
             match Btf::from_sys_fs() {
-                Ok(vmlinux) => {
-                    attach_btf_set_state(&mut ebpf, &vmlinux).map_err(|e| crate::error_chain(&e))
-                }
+                Ok(vmlinux) => attach_btf_set_state(&mut ebpf, &vmlinux, &kernel)
+                    .map_err(|e| crate::error_chain(&e)),
                 Err(e) => Err(format!(
                     "reading /sys/kernel/btf/vmlinux: {}",
                     crate::error_chain(&e)
                 )),
             }
         };
-        let access = match btf_attached {
-            Ok(()) => SockAccess::Btf,
+        let (access, catching) = match btf_attached {
+            Ok(catching) => (SockAccess::Btf, catching),
             Err(reason) => {
                 if !probe_reads {
                     warn!(
@@ -199,7 +214,12 @@ impl Probe {
                 let prog: &mut RawTracePoint = load_program(&mut ebpf, SET_STATE, &kernel)?;
                 prog.attach(SET_STATE)
                     .map_err(program_error(SET_STATE, &kernel))?;
-                SockAccess::ProbeRead
+                let catching = load_program::<RawTracePoint>(&mut ebpf, SET_STATE_CATCH, &kernel)
+                    .and_then(|prog| {
+                        prog.attach(SET_STATE)
+                            .map_err(program_error(SET_STATE_CATCH, &kernel))
+                    });
+                (SockAccess::ProbeRead, caught_or_warn(catching))
             }
         };
         for program in RAW_PROGRAMS {
@@ -249,6 +269,7 @@ impl Probe {
             kernel,
             access,
             cpus,
+            catching,
         })
     }
 
@@ -328,14 +349,14 @@ impl Probe {
         Ok(out)
     }
 
-    /// Runs of the attached programs that the kernel skipped, summed over the programs: a
-    /// program is not re-entered on a CPU where it is already running, so a state change made by
-    /// a softirq that interrupted the same program on that CPU goes unseen (a missed start leaves
-    /// the flow untracked; a missed end leaves it open until the agent stops). The kernel counts
-    /// them per program (`recursion_misses` in `/proc/<pid>/fdinfo/<program fd>`, Linux 5.12+;
-    /// `None` before).
-    pub fn skipped_runs(&self) -> Result<Option<u64>, ProbeError> {
-        let mut total = None;
+    /// Runs of the attached programs that the kernel skipped: a program is not re-entered on a
+    /// CPU where it is already running, so an event raised by a softirq that interrupted it goes
+    /// unseen by it. The main state-change program's are caught by the catching one when it is
+    /// attached, and the catching one's were seen by the main one; any other is lost (a missed start leaves the flow untracked; a missed end is
+    /// found by the sweep and counted). The kernel counts them per program (`recursion_misses`
+    /// in `/proc/<pid>/fdinfo/<program fd>`, Linux 5.12+; `None` before).
+    pub fn skipped_runs(&self) -> Result<Option<SkippedRuns>, ProbeError> {
+        let mut total: Option<SkippedRuns> = None;
         for (name, program) in self.ebpf.programs() {
             // Programs not loaded on this kernel (the other variant of one) have no descriptor.
             let Ok(fd) = program.fd() else { continue };
@@ -345,7 +366,14 @@ impl Probe {
                 source,
             })?;
             if let Some(misses) = recursion_misses(&info) {
-                *total.get_or_insert(0) += misses;
+                let total = total.get_or_insert_default();
+                match name {
+                    SET_STATE | SET_STATE_BTF if self.catching => total.caught += misses,
+                    // Skipped only while it runs itself, in which case the change that
+                    // interrupted it reached the main program, which is not running then.
+                    SET_STATE_CATCH | SET_STATE_BTF_CATCH => {}
+                    _ => total.lost += misses,
+                }
             }
         }
         Ok(total)
@@ -379,14 +407,44 @@ fn recursion_misses(fdinfo: &str) -> Option<u64> {
 /// tracing programs are not allowed (some lock them down with EPERM, as they do fentry), and
 /// the verifier refuses it where a socket field cannot be read directly; the caller then falls
 /// back to the raw tracepoint. A failed load leaves nothing attached.
-fn attach_btf_set_state(ebpf: &mut Ebpf, vmlinux: &Btf) -> Result<(), ProgramError> {
+fn attach_btf_set_state(
+    ebpf: &mut Ebpf,
+    vmlinux: &Btf,
+    kernel: &str,
+) -> Result<bool, ProgramError> {
     let prog: &mut BtfTracePoint = ebpf
         .program_mut(SET_STATE_BTF)
         .ok_or(ProgramError::NotLoaded)?
         .try_into()?;
     prog.load(SET_STATE, vmlinux)?;
     prog.attach()?;
-    Ok(())
+    // After the main program, so that it runs after it for each change.
+    let catching = (|| {
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(SET_STATE_BTF_CATCH)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        prog.load(SET_STATE, vmlinux)?;
+        prog.attach()?;
+        Ok(())
+    })()
+    .map_err(program_error(SET_STATE_BTF_CATCH, kernel));
+    Ok(caught_or_warn(catching))
+}
+
+/// Whether the catching program is attached; if not, says once what that costs.
+fn caught_or_warn<T>(attached: Result<T, ProbeError>) -> bool {
+    match attached {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(
+                error = crate::error_chain(&e),
+                "the second state-change program cannot be attached: state changes made by a \
+                 softirq that interrupts the first one are missed (counted as skipped_run)"
+            );
+            false
+        }
+    }
 }
 
 /// Wraps a program error with the program's name and the kernel.
