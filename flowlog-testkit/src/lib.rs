@@ -65,8 +65,8 @@ pub fn unique_name(what: &str) -> String {
 /// Never deleted: tansu 0.6, the test broker, panics in its storage actor on a fetch for a topic
 /// that is gone ("more or less than one row") — a consumer being torn down may still have one
 /// in flight — and fails every request after that until it restarts, failing every test still
-/// to run. `scripts/kafka start` gives a new broker a fresh database instead, so test topics do
-/// not pile up from one run to the next.
+/// to run. `scripts/test` starts the broker on a fresh database instead (`scripts/kafka fresh`),
+/// so test topics do not pile up from one run to the next.
 pub struct Topic {
     pub name: String,
     pub brokers: String,
