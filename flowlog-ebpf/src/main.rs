@@ -339,12 +339,7 @@ pub fn inet_sock_set_state_btf_catch(ctx: BtfTracePointContext) -> i32 {
 /// handled nor caught.
 #[inline(always)]
 fn needs_work(oldstate: u8, newstate: u8) -> bool {
-    match newstate {
-        tcp_state::SYN_SENT | tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => true,
-        tcp_state::SYN_RECV => oldstate == tcp_state::LISTEN,
-        tcp_state::CLOSE => oldstate != tcp_state::LISTEN,
-        _ => false,
-    }
+    !matches!(classify(oldstate, newstate), Change::Nothing)
 }
 
 /// Records, on this CPU, that the main state-change program has finished with this change.
@@ -386,14 +381,9 @@ fn was_handled(sk: u64, oldstate: u8, newstate: u8) -> bool {
 /// work (`ESTABLISHED`, `CLOSE_WAIT`, `FIN_WAIT2`, `TIME_WAIT`) and return at the `match`.
 #[inline(always)]
 fn on_set_state<S: SockRead>(sk: u64, oldstate: u8, newstate: u8) {
-    match newstate {
-        tcp_state::SYN_SENT => start_flow::<S>(sk, direction::OUTBOUND),
-        tcp_state::SYN_RECV if oldstate == tcp_state::LISTEN => {
-            start_flow::<S>(sk, direction::INBOUND)
-        }
-        // Both come from close()/shutdown() in the socket owner's context: an inbound flow whose
-        // accept() was not seen (io_uring, no syscall tracepoints) gets its process here.
-        tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => {
+    match classify(oldstate, newstate) {
+        Change::Start(dir) => start_flow::<S>(sk, dir),
+        Change::Closing => {
             if let Some(state) = FLOWS.get_ptr_mut(sk) {
                 let state = unsafe { &mut *state };
                 if state.flags & flow_flag::PROCESS_KNOWN == 0 {
@@ -401,10 +391,36 @@ fn on_set_state<S: SockRead>(sk: u64, oldstate: u8, newstate: u8) {
                 }
             }
         }
-        // Nothing to do on the other changes (ESTABLISHED included): whether the handshake
-        // completed and whether a FIN was sent follow from the state a snapshot is taken in.
-        tcp_state::CLOSE if oldstate != tcp_state::LISTEN => end_flow::<S>(sk, oldstate),
-        _ => {}
+        Change::End => end_flow::<S>(sk, oldstate),
+        Change::Nothing => {}
+    }
+}
+
+/// What a socket state change means for its flow.
+#[derive(Clone, Copy)]
+enum Change {
+    /// A connect (`SYN_SENT`) or a handshake completed on a listener (`LISTEN→SYN_RECV`).
+    Start(u8),
+    /// `FIN_WAIT1` or `LAST_ACK`: both come from close()/shutdown() in the socket owner's
+    /// context, so an inbound flow whose accept() was not seen (io_uring, no syscall
+    /// tracepoints) gets its process here.
+    Closing,
+    /// `→CLOSE`, except from `LISTEN` (a listener closing is no flow).
+    End,
+    /// Nothing to do (`ESTABLISHED` included): whether the handshake completed and whether a FIN
+    /// was sent follow from the state a snapshot is taken in.
+    Nothing,
+}
+
+/// The one place that decides which changes [`on_set_state`] acts on ([`needs_work`] too).
+#[inline(always)]
+fn classify(oldstate: u8, newstate: u8) -> Change {
+    match newstate {
+        tcp_state::SYN_SENT => Change::Start(direction::OUTBOUND),
+        tcp_state::SYN_RECV if oldstate == tcp_state::LISTEN => Change::Start(direction::INBOUND),
+        tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK => Change::Closing,
+        tcp_state::CLOSE if oldstate != tcp_state::LISTEN => Change::End,
+        _ => Change::Nothing,
     }
 }
 

@@ -290,15 +290,25 @@ impl Probe {
         })
     }
 
-    /// Runs the sweep: interim snapshots of flows due for one, or of every open flow (`flush`).
-    pub fn sweep(&self, flush: bool) -> Result<(), ProbeError> {
-        let err = program_error(SWEEP, &self.kernel);
+    /// A program that is loaded but never attached (run with `BPF_PROG_TEST_RUN`), and how to
+    /// wrap its errors.
+    fn run_on_demand(
+        &self,
+        program: &'static str,
+    ) -> Result<(&RawTracePoint, impl Fn(ProgramError) -> ProbeError), ProbeError> {
+        let err = program_error(program, &self.kernel);
         let prog: &RawTracePoint = self
             .ebpf
-            .program(SWEEP)
-            .ok_or(ProbeError::MissingProgram(SWEEP))?
+            .program(program)
+            .ok_or(ProbeError::MissingProgram(program))?
             .try_into()
             .map_err(&err)?;
+        Ok((prog, err))
+    }
+
+    /// Runs the sweep: interim snapshots of flows due for one, or of every open flow (`flush`).
+    pub fn sweep(&self, flush: bool) -> Result<(), ProbeError> {
+        let (prog, err) = self.run_on_demand(SWEEP)?;
         let mut args = [0u64; 12];
         args[0] = u64::from(flush);
         prog.test_run(RawTracePointRunOptions { args, cpu: None })
@@ -311,13 +321,7 @@ impl Probe {
     /// waits no longer than the drain interval. The online CPUs are read each time (a few
     /// microseconds): a CPU brought online later must not keep its records.
     pub fn flush_batches(&self) -> Result<(), ProbeError> {
-        let err = program_error(FLUSH, &self.kernel);
-        let prog: &RawTracePoint = self
-            .ebpf
-            .program(FLUSH)
-            .ok_or(ProbeError::MissingProgram(FLUSH))?
-            .try_into()
-            .map_err(&err)?;
+        let (prog, err) = self.run_on_demand(FLUSH)?;
         let online = aya::util::online_cpus();
         let cpus = online.as_deref().unwrap_or(&self.cpus);
         for &cpu in cpus {
@@ -412,24 +416,22 @@ fn attach_btf_set_state(
     vmlinux: &Btf,
     kernel: &str,
 ) -> Result<bool, ProgramError> {
+    attach_btf(ebpf, SET_STATE_BTF, vmlinux)?;
+    // After the main program, so that it runs after it for each change.
+    let catching = attach_btf(ebpf, SET_STATE_BTF_CATCH, vmlinux)
+        .map_err(program_error(SET_STATE_BTF_CATCH, kernel));
+    Ok(caught_or_warn(catching))
+}
+
+/// Loads `program` as a BTF-typed tracepoint on the state-change tracepoint and attaches it.
+fn attach_btf(ebpf: &mut Ebpf, program: &str, vmlinux: &Btf) -> Result<(), ProgramError> {
     let prog: &mut BtfTracePoint = ebpf
-        .program_mut(SET_STATE_BTF)
+        .program_mut(program)
         .ok_or(ProgramError::NotLoaded)?
         .try_into()?;
     prog.load(SET_STATE, vmlinux)?;
     prog.attach()?;
-    // After the main program, so that it runs after it for each change.
-    let catching = (|| {
-        let prog: &mut BtfTracePoint = ebpf
-            .program_mut(SET_STATE_BTF_CATCH)
-            .ok_or(ProgramError::NotLoaded)?
-            .try_into()?;
-        prog.load(SET_STATE, vmlinux)?;
-        prog.attach()?;
-        Ok(())
-    })()
-    .map_err(program_error(SET_STATE_BTF_CATCH, kernel));
-    Ok(caught_or_warn(catching))
+    Ok(())
 }
 
 /// Whether the catching program is attached; if not, says once what that costs.

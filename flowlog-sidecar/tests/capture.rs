@@ -361,14 +361,7 @@ fn timed_out_connect(net: &NetnsPair, port: u16, thread: &str) -> (SocketAddr, S
     net.add_server_input_rule(&format!("tcp dport {port} drop"));
     let addr = SocketAddr::new(net.server_v4, port);
     let (local, retransmits) = join(net.client(thread, move || {
-        let socket = ipv4_socket();
-        set_syn_count(&socket, 1);
-        socket.set_nonblocking(true).expect("non-blocking");
-        match connect_v4(&socket, addr) {
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-            other => panic!("non-blocking connect: {other:?}"),
-        }
-        // connect() has chosen the local port before sending the SYN.
+        let socket = start_syn_limited_connect(addr);
         let local = socket.local_addr().unwrap();
         wait_writable(&socket);
         let error = socket.take_error().expect("SO_ERROR");

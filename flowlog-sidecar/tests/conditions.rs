@@ -224,27 +224,21 @@ impl Agent {
             if left.is_zero() {
                 return false;
             }
-            if let Ok(line) = self
-                .stderr
-                .recv_timeout(left.min(Duration::from_millis(50)))
-            {
-                self.log.push(line);
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                // The agent exited: nothing more will come.
+                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
         }
     }
 
     fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.log.iter().any(|l| l.contains(needle)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(line) => self.log.push(line),
-                Err(_) => panic!(
-                    "agent never logged `{needle}`; log:\n{}",
-                    self.log.join("\n")
-                ),
-            }
-        }
+        assert!(
+            self.logged(needle, timeout),
+            "agent never logged `{needle}`; log:\n{}",
+            self.log.join("\n")
+        );
     }
 
     fn signal(&self, sig: i32) {

@@ -25,9 +25,7 @@ use std::{
 };
 
 use flowlog_sidecar::record::{FlowRecord, Outcome};
-use support::{
-    Agent, NetnsPair, PATIENCE, connect_v4, ipv4_socket, join, server_port, set_syn_count,
-};
+use support::{Agent, NetnsPair, PATIENCE, join, server_port, start_syn_limited_connect};
 
 /// Connects per round whose SYNs go unanswered, one every [`SPACING`].
 const TIMEOUTS: usize = 1_000;
@@ -100,13 +98,7 @@ fn unanswered_connects(
         let mut sockets = Vec::with_capacity(TIMEOUTS);
         let mut ports = Vec::with_capacity(TIMEOUTS);
         for _ in 0..TIMEOUTS {
-            let socket = ipv4_socket();
-            set_syn_count(&socket, 1);
-            socket.set_nonblocking(true).expect("non-blocking");
-            match connect_v4(&socket, addr) {
-                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-                other => panic!("non-blocking connect: {other:?}"),
-            }
+            let socket = start_syn_limited_connect(addr);
             ports.push(socket.local_addr().unwrap().port());
             sockets.push(socket);
             thread::sleep(SPACING);

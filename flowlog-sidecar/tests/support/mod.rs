@@ -473,6 +473,20 @@ pub fn set_syn_count(socket: &impl AsRawFd, count: libc::c_int) {
     assert_eq!(rc, 0, "TCP_SYNCNT: {}", std::io::Error::last_os_error());
 }
 
+/// Starts a non-blocking connect of a new IPv4 socket to `addr` with `TCP_SYNCNT` 1, so that if
+/// nothing answers the SYN the kernel gives up after about 3 s (SYN at 0 s, retransmit at 1 s).
+/// Call it in the namespace to connect from; connect() has chosen the local port on return.
+pub fn start_syn_limited_connect(addr: SocketAddr) -> TcpStream {
+    let socket = ipv4_socket();
+    set_syn_count(&socket, 1);
+    socket.set_nonblocking(true).expect("non-blocking");
+    match connect_v4(&socket, addr) {
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        other => panic!("non-blocking connect: {other:?}"),
+    }
+    socket
+}
+
 /// Waits until a socket is writable (a non-blocking connect has finished, one way or the other).
 pub fn wait_writable(socket: &impl AsRawFd) {
     let mut fds = libc::pollfd {
