@@ -78,11 +78,14 @@ pub mod counter {
     /// from the LRU map): no record.
     pub const UNTRACKED_CLOSE: u32 = 2;
     /// The sweep found a tracked flow whose socket is closed, or was re-used for a socket not
-    /// yet connected: its end was not seen (the kernel skipped the program's run, see the
-    /// agent's `skipped_run`). Removed from the map without an end record.
+    /// yet connected: its end never reached the programs. Removed from the map without an end
+    /// record.
     pub const MISSED_END: u32 = 3;
+    /// Flow ends the catching program recorded because the kernel skipped the main program for
+    /// them (the only work of that program that a test can count: nothing else is lost to it).
+    pub const CAUGHT_END: u32 = 4;
     /// Number of counters.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Indexes of the `STATS` array (single values written by the sweep program).

@@ -262,13 +262,14 @@ impl Reporter {
                 counter!(m::KERNEL_DROPS, "reason" => "ringbuf_full").absolute(ringbuf_full);
                 counter!(m::KERNEL_DROPS, "reason" => "map_full").absolute(map_full);
                 counter!(m::UNTRACKED_CLOSES).absolute(c[counter::UNTRACKED_CLOSE as usize]);
+                counter!(m::CAUGHT_ENDS).absolute(c[counter::CAUGHT_END as usize]);
                 let missed_ends = c[counter::MISSED_END as usize];
                 counter!(m::MISSED_ENDS).absolute(missed_ends);
                 if missed_ends > self.missed_ends && self.missed_end_log.due() {
                     warn!(
                         missed_ends,
                         "flows whose socket closed unseen were dropped from the kernel flow map \
-                         without an end record (see skipped_run)"
+                         without an end record (the kernel ran no program for their close)"
                     );
                 }
                 self.missed_ends = missed_ends;

@@ -18,6 +18,7 @@ pub const COUNTER_REGRESSIONS: &str = "flowlog_sidecar_counter_regressions_total
 pub const UNKNOWN_EVENTS: &str = "flowlog_sidecar_unknown_events_total";
 pub const MISSED_ENDS: &str = "flowlog_sidecar_missed_ends_total";
 pub const CAUGHT_STATE_CHANGES: &str = "flowlog_sidecar_caught_state_changes_total";
+pub const CAUGHT_ENDS: &str = "flowlog_sidecar_caught_ends_total";
 pub const VANISHED_FLOWS: &str = "flowlog_sidecar_vanished_flows_total";
 pub const VANISHED_EVENTS: &str = "flowlog_sidecar_vanished_events_total";
 pub const SINK_ERRORS: &str = "flowlog_sidecar_sink_errors_total";
@@ -79,8 +80,12 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "Socket state changes the kernel skipped the main program for (a softirq interrupting it) and the second program handled: nothing lost."
     );
     describe_counter!(
+        CAUGHT_ENDS,
+        "Flow ends among the caught state changes: end records the second program wrote."
+    );
+    describe_counter!(
         MISSED_ENDS,
-        "Tracked flows the sweep found with their socket closed or re-used: their end was not seen (see kernel_drops skipped_run); dropped without an end record."
+        "Tracked flows the sweep found with their socket closed or re-used: their end never reached the programs (a softirq the kernel ran no program for, or a skipped run); dropped without an end record."
     );
     describe_counter!(
         VANISHED_FLOWS,

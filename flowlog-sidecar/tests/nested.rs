@@ -2,13 +2,14 @@
 //! kernel does not re-enter a program that is already running there, so without the second,
 //! catching program such a change was lost: 60 of 2,000 SYN timeouts under a connect/close
 //! churn, when this was first measured. Here the timeouts (timer softirq) fire while both CPUs
-//! churn loopback connections (the program in process context). The agent must show that it
-//! caught interrupted changes, and every timed-out connect must have its `failed` record or be
-//! counted as a missed end (the sweep finds the flow's socket closed): nothing unaccounted for.
-//! Not yet all caught: with `--interim 3600s`, in about one run in five, a few of a batch of
-//! interrupted SYN timeouts (3 of 14 in one run) were neither handled by the second program nor
-//! skipped for it; with the `--interim 1s` used here, none in 13 runs. The sweep finds such
-//! flows and counts them (see the note at `flowlog-ebpf`'s `HANDLED`).
+//! churn loopback connections (the program in process context). The agent must show that the
+//! second program wrote end records for interrupted changes, and every timed-out connect must
+//! have its `failed` record or be counted as a missed end (the sweep finds the flow's socket
+//! closed): nothing unaccounted for. Missed ends do happen here: in about one run in four, the
+//! kernel runs neither program for a whole softirq's batch of timeouts (11–26 of them) and
+//! counts no skipped run either, while tracefs records every one of those changes, each in a
+//! softirq that interrupted one thread of this VM's init process (see `flowlog-ebpf`'s
+//! `HANDLED`).
 //! A test binary of its own: the churn would slow every test running beside it.
 mod support;
 
@@ -149,15 +150,16 @@ fn state_changes_interrupting_the_program_are_caught() {
         ports.extend(round_ports);
         // The agent exports its counters once a second.
         thread::sleep(Duration::from_millis(1_200));
-        if metric("flowlog_sidecar_caught_state_changes_total") > 0.0 {
+        if metric("flowlog_sidecar_caught_ends_total") > 0.0 {
             break;
         }
     }
     let caught = metric("flowlog_sidecar_caught_state_changes_total");
+    let caught_ends = metric("flowlog_sidecar_caught_ends_total");
     assert!(
-        caught > 0.0,
-        "no state change interrupted the program in {rounds} rounds of {TIMEOUTS} timeouts under \
-         a churn of {churned} connections"
+        caught_ends > 0.0,
+        "the second program wrote no end record in {rounds} rounds of {TIMEOUTS} timeouts under \
+         a churn of {churned} connections ({caught} interrupted state changes caught)"
     );
 
     let flows = net.flows(port);
@@ -203,8 +205,8 @@ fn state_changes_interrupting_the_program_are_caught() {
     let missing_count: usize = missing.iter().map(|(_, n)| n).sum();
     eprintln!(
         "{rounds} rounds: {} timed-out connects under a churn of {churned} connections; \
-         {caught} interrupted state changes caught, {missing_count} without a record and \
-         counted as missed ends ({missed}), {lost} skipped runs lost",
+         {caught} interrupted state changes caught ({caught_ends} ends), {missing_count} without \
+         a record, {missed} missed ends counted, {lost} skipped runs lost",
         ports.len()
     );
     let ends = records
@@ -220,13 +222,16 @@ fn state_changes_interrupting_the_program_are_caught() {
         failed.iter().all(|(port, n)| expected.get(port) >= Some(n)),
         "more failed records than connects from a port"
     );
-    assert_eq!(
-        missing_count as f64, missed,
-        "connects without a record ({missing:?}) against missed ends counted"
-    );
+    // The churn's own flows can lose ends the same way: at least every missing record counted.
     assert!(
-        missed <= caught,
-        "{missed} missed ends, more than the {caught} interrupted changes"
+        missing_count as f64 <= missed,
+        "connects without a record ({missing:?}) against {missed} missed ends counted"
+    );
+    // A few batches of a softirq's timeouts at most, not a share of every round.
+    assert!(
+        missed * 20.0 <= ports.len() as f64,
+        "{missed} missed ends of {} connects",
+        ports.len()
     );
     assert_eq!(lost, 0.0, "skipped runs lost");
 }
