@@ -79,13 +79,17 @@ pub mod counter {
     pub const UNTRACKED_CLOSE: u32 = 2;
     /// The sweep found a tracked flow whose socket is closed, or was re-used for a socket not
     /// yet connected: its end never reached the programs. Removed from the map without an end
-    /// record.
+    /// record (unless it is a `RECOVERED_END`).
     pub const MISSED_END: u32 = 3;
     /// Flow ends the catching program recorded because the kernel skipped the main program for
     /// them (the only work of that program that a test can count: nothing else is lost to it).
     pub const CAUGHT_END: u32 = 4;
+    /// The sweep found a tracked outbound flow whose socket closed unseen before its handshake
+    /// completed (a failed connect) and wrote its end record itself (see `MISSED_END` for the
+    /// ends it cannot write).
+    pub const RECOVERED_END: u32 = 5;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Indexes of the `STATS` array (single values written by the sweep program).

@@ -125,7 +125,8 @@ static FLOW_SEQ: PerCpuArray<FlowSeq> = PerCpuArray::with_max_entries(1, 0);
 /// `recursion_misses` is counted for either program; and an ftrace `stacktrace` trigger records
 /// no stack for those events while it does for every other. What the kernel does on that thread
 /// could not be inspected here (lockdown denies its stack, `/proc/kcore` and KVM statistics).
-/// The sweep finds such flows' sockets closed, and counts and drops them (`missed_ends`).
+/// The sweep finds such flows' sockets closed: it writes a failed connect's end record itself
+/// ([`recover_failed_connect`]), and counts and drops any other (`missed_ends`).
 #[repr(C)]
 struct Handled {
     sk: u64,
@@ -559,14 +560,23 @@ extern "C" fn sweep_one(
     let tcp_state: u8 = sock.read(global!(CONFIG.layout.sk_daddr) + tuple_block::STATE as u32);
     // A tracked socket is never seen closed or listening: its move to `TCP_CLOSE` ends the flow
     // (and the state is stored only after the programs have run). Seen so, its end never reached
-    // them (see `HANDLED`), or its memory now holds a new socket. Its counters are no longer
-    // its own: dropped without a record, counted. Checked for every flow at every sweep, so
-    // such a flow is counted within a sweep period, not only once it is due for an interim
-    // record. A flow younger than a second may be a socket whose state is stored just after its
-    // start was recorded.
+    // them (see `HANDLED`), or its memory now holds a new socket. A failed connect's end is
+    // written from the socket as it is (`recover_failed_connect`); any other is dropped without
+    // a record and counted. Checked for every flow at every sweep, so such a flow is dealt with
+    // within a sweep period, not only once it is due for an interim record. A flow younger than
+    // a second may be a socket whose state is stored just after its start was recorded.
     if !tracked_state(tcp_state) && sweep.now.saturating_sub(state.start_ns) >= 1_000_000_000 {
+        let recovered =
+            tcp_state == tcp_state::CLOSE && recover_failed_connect(sock, state, sweep.now);
         if FLOWS.remove(unsafe { *key }).is_ok() {
-            count(counter::MISSED_END, 1);
+            count(
+                if recovered {
+                    counter::RECOVERED_END
+                } else {
+                    counter::MISSED_END
+                },
+                1,
+            );
         }
         return 0;
     }
@@ -586,6 +596,42 @@ extern "C" fn sweep_one(
         state.last_report_ns = sweep.now;
     }
     0
+}
+
+/// Writes the end record of an outbound flow whose socket closed unseen before the handshake
+/// completed (`bytes_acked` counts the SYN once acknowledged: 0 means it never was), so that a
+/// failed connect is reported even when its end never reached the programs. Such a flow has no
+/// payload and its counters are final, so the record is exact but for `end_ns` (the sweep's
+/// time, at most a sweep period late). Only if the socket still holds the flow's ports: memory
+/// re-used for a socket not yet bound reads 0, and one that connected would have replaced the
+/// flow at its start. Returns whether it wrote the record.
+#[inline(always)]
+fn recover_failed_connect(sock: ProbeRead, state: &mut FlowState, now: u64) -> bool {
+    if state.direction != direction::OUTBOUND
+        || sock.read::<u64>(global!(CONFIG.layout.bytes_acked)) != 0
+    {
+        return false;
+    }
+    let known = state.flags & flow_flag::TUPLE_KNOWN != 0;
+    let (local_port, remote_port) = (state.local_port, state.remote_port);
+    read_tuple(sock, state);
+    let same = if known {
+        state.local_port == local_port && state.remote_port == remote_port
+    } else {
+        state.local_port != 0 && state.remote_port != 0
+    };
+    if !same {
+        return false;
+    }
+    emit_snapshot(
+        sock,
+        state,
+        event_kind::END,
+        tcp_state::SYN_SENT,
+        now,
+        Emit::Direct,
+    );
+    true
 }
 
 /// Whether a socket in `tcp_state` can be a tracked flow: any state between its start and its

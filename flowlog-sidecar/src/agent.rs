@@ -263,6 +263,7 @@ impl Reporter {
                 counter!(m::KERNEL_DROPS, "reason" => "map_full").absolute(map_full);
                 counter!(m::UNTRACKED_CLOSES).absolute(c[counter::UNTRACKED_CLOSE as usize]);
                 counter!(m::CAUGHT_ENDS).absolute(c[counter::CAUGHT_END as usize]);
+                counter!(m::RECOVERED_ENDS).absolute(c[counter::RECOVERED_END as usize]);
                 let missed_ends = c[counter::MISSED_END as usize];
                 counter!(m::MISSED_ENDS).absolute(missed_ends);
                 if missed_ends > self.missed_ends && self.missed_end_log.due() {

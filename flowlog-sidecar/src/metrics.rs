@@ -17,6 +17,7 @@ pub const LATE_RESETS: &str = "flowlog_sidecar_late_resets_total";
 pub const COUNTER_REGRESSIONS: &str = "flowlog_sidecar_counter_regressions_total";
 pub const UNKNOWN_EVENTS: &str = "flowlog_sidecar_unknown_events_total";
 pub const MISSED_ENDS: &str = "flowlog_sidecar_missed_ends_total";
+pub const RECOVERED_ENDS: &str = "flowlog_sidecar_recovered_ends_total";
 pub const CAUGHT_STATE_CHANGES: &str = "flowlog_sidecar_caught_state_changes_total";
 pub const CAUGHT_ENDS: &str = "flowlog_sidecar_caught_ends_total";
 pub const VANISHED_FLOWS: &str = "flowlog_sidecar_vanished_flows_total";
@@ -84,8 +85,12 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "Flow ends among the caught state changes: end records the second program wrote."
     );
     describe_counter!(
+        RECOVERED_ENDS,
+        "Failed connects whose close never reached the programs: the sweep found the socket closed and wrote the end record itself (end_ns at most one sweep period late)."
+    );
+    describe_counter!(
         MISSED_ENDS,
-        "Tracked flows the sweep found with their socket closed or re-used: their end never reached the programs (a softirq the kernel ran no program for, or a skipped run); dropped without an end record."
+        "Tracked flows the sweep found with their socket closed or re-used: their end never reached the programs (a softirq the kernel ran no program for, or a skipped run), and it was not a failed connect (see recovered_ends); dropped without an end record."
     );
     describe_counter!(
         VANISHED_FLOWS,

@@ -804,6 +804,7 @@ fn a_thousand_short_connections_give_two_thousand_records_and_no_drop() {
     // No flow was taken for one whose end went unseen, nor lost track of.
     for sample in [
         "flowlog_sidecar_missed_ends_total",
+        "flowlog_sidecar_recovered_ends_total",
         "flowlog_sidecar_vanished_flows_total",
     ] {
         assert_eq!(Agent::metric(&page, sample), Some(0.0), "{sample}:\n{page}");
