@@ -193,6 +193,32 @@ pub struct Config {
     /// bytes per record there, these ~4).
     pub flow_id_base: u64,
     pub flow_id_stride: u64,
+    /// A CPU's batch of flow ends goes to the ring buffer once its first record is this old,
+    /// when the next end is added to it; the agent moves older ones on CPUs with no further ends
+    /// (see [`Batch`]).
+    pub batch_age_ns: u64,
+}
+
+/// Flow ends written on one CPU, moved to the ring buffer [`BATCH_LEN`] at a time by one
+/// `bpf_ringbuf_output`: a reservation takes the ring buffer's lock and writes its producer
+/// position, which every CPU shares, and one per record was the largest kernel-side cost per
+/// connection after the programs themselves. A batch also goes out when a record in it may be
+/// followed by a reset, and, when an end is added, once its first record is
+/// [`Config::batch_age_ns`] old. The agent reads every CPU's batch at each drain and runs the
+/// flush program (`BPF_PROG_TEST_RUN` pinned to that CPU: an interrupt to it) only on CPUs whose
+/// batch is that old, so a record waits at most the age plus one drain interval, and a CPU that
+/// keeps ending flows is never interrupted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Batch {
+    /// Non-zero while a run on this CPU is adding to or flushing the batch: a run that interrupts
+    /// it (the agent's flush, or a nested state change on older kernels) leaves the batch alone.
+    pub busy: u64,
+    /// Records in `events`.
+    pub len: u64,
+    /// `CLOCK_MONOTONIC` ns of the first record in `events` (meaningless while `len` is 0).
+    pub first_ns: u64,
+    pub events: [FlowEvent; BATCH_LEN],
 }
 
 /// Per-socket state kept in the kernel's LRU flow map, keyed by the socket's address.
@@ -267,6 +293,7 @@ mod pod {
     unsafe impl aya::Pod for super::AcceptLayout {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::Batch {}
 }
 
 // The kernel and user space must agree on these sizes; a change here is a layout change.

@@ -43,7 +43,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use flowlog_common::{
-    AF_INET6, AcceptLayout, BATCH_LEN, Config, FlowEvent, FlowState, IPPROTO_TCP, counter,
+    AF_INET6, AcceptLayout, BATCH_LEN, Batch, Config, FlowEvent, FlowState, IPPROTO_TCP, counter,
     direction, event_kind, flow_flag, stat, tcp_state, tuple_block,
 };
 
@@ -144,21 +144,6 @@ static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
 /// Records of this CPU not yet in the ring buffer (see [`Batch`]).
 #[map]
 static BATCH: PerCpuArray<Batch> = PerCpuArray::with_max_entries(1, 0);
-
-/// Flow ends written on one CPU, moved to the ring buffer [`BATCH_LEN`] at a time by one
-/// `bpf_ringbuf_output`. A reservation takes the ring buffer's lock and writes its producer
-/// position, which every CPU shares: one per record was the largest kernel-side cost per
-/// connection after the programs themselves. The agent runs [`flowlog_flush`] on every CPU at each
-/// drain, so a record waits no longer than it would in the ring buffer.
-#[repr(C)]
-struct Batch {
-    /// Non-zero while a run on this CPU is adding to or flushing the batch: a run that interrupts
-    /// it (the agent's flush, or a nested state change on older kernels) leaves the batch alone.
-    busy: u64,
-    /// Records in `events`.
-    len: u64,
-    events: [FlowEvent; BATCH_LEN],
-}
 
 /// How a program reads the fields of a socket. The flow logic ([`on_set_state`] and what it
 /// calls) is generic over it, so the BTF-typed and the plain raw tracepoint run the same code.
@@ -815,10 +800,21 @@ fn emit_snapshot<S: SockRead>(
                 if len < BATCH_LEN as u64 {
                     let ev = (&raw mut (*batch).events as *mut FlowEvent).add(len as usize);
                     let flags = write_event(ev, sock, state, kind, flags, tcp_state, now);
+                    let first_at = &raw mut (*batch).first_ns;
+                    let first = if len == 0 {
+                        write_volatile(first_at, now);
+                        now
+                    } else {
+                        read_volatile(first_at)
+                    };
                     let len = len + 1;
                     // An end that a reset may follow goes out at once, so that the reset, sent
-                    // straight to the ring buffer from any CPU, cannot overtake it.
-                    if len == BATCH_LEN as u64 || flags & flow_flag::MAY_RESET != 0 {
+                    // straight to the ring buffer from any CPU, cannot overtake it. An old batch
+                    // goes out here rather than by the agent's flush, which interrupts this CPU.
+                    if len == BATCH_LEN as u64
+                        || flags & flow_flag::MAY_RESET != 0
+                        || now.wrapping_sub(first) >= global!(CONFIG.batch_age_ns)
+                    {
                         output_batch(batch, len);
                         write_volatile(len_at, 0);
                     } else {
@@ -923,8 +919,8 @@ unsafe fn output_batch(batch: *mut Batch, len: u64) {
     }
 }
 
-/// Run by the agent on each CPU (`BPF_PROG_TEST_RUN` pinned to it) at every drain and at
-/// shutdown: moves that CPU's batch into the ring buffer. Left for the next drain if the flush
+/// Run by the agent on a CPU (`BPF_PROG_TEST_RUN` pinned to it) whose batch it found old at a
+/// drain, and on every CPU at shutdown: moves that CPU's batch into the ring buffer. Left for the next drain if the flush
 /// interrupted a run that is using the batch.
 #[raw_tracepoint]
 pub fn flowlog_flush(_ctx: RawTracePointContext) -> i32 {

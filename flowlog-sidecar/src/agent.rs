@@ -115,7 +115,7 @@ pub async fn run<S: RecordSink>(
                 guard.clear_ready();
             }
             _ = drain_tick.tick() => {
-                if let Err(e) = probe.flush_batches() {
+                if let Err(e) = probe.flush_batches(false) {
                     reporter.flush_failed(&e);
                 }
                 drain(ring.get_mut(), &mut assembler, &mut out);
@@ -138,7 +138,7 @@ pub async fn run<S: RecordSink>(
     }
 
     info!("shutting down: reporting open flows");
-    if let Err(e) = probe.flush_batches() {
+    if let Err(e) = probe.flush_batches(true) {
         reporter.flush_failed(&e);
     }
     drain(ring.get_mut(), &mut assembler, &mut out);
@@ -150,7 +150,7 @@ pub async fn run<S: RecordSink>(
         );
     }
     // Ends batched on the CPUs since the first flush.
-    if let Err(e) = probe.flush_batches() {
+    if let Err(e) = probe.flush_batches(true) {
         reporter.flush_failed(&e);
     }
     drain(ring.get_mut(), &mut assembler, &mut out);

@@ -141,6 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             interim: args.interim,
             max_flows: args.max_flows,
             ring_buffer_bytes: args.ring_buffer_bytes,
+            drain_interval: args.drain_interval,
         },
         args.probe_reads,
     )

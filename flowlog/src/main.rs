@@ -26,6 +26,8 @@ mod summary;
 /// How often the host's addresses and the static files are checked. Each check is also the
 /// source's watermark, so it must be well under `--hold`: flows newer than the last check wait.
 const INVENTORY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the capture's ring buffer is drained (the agent's own default).
+const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Records every TCP connection of this host with who was on each end, into Parquet files.
 #[derive(Debug, Parser)]
@@ -91,6 +93,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         interim: args.interim,
         max_flows: 131_072,
         ring_buffer_bytes: 4 << 20,
+        drain_interval: DRAIN_INTERVAL,
     })
     .context("starting the kernel probe")?;
     let summary = summary::Summary::new(args.summary_interval, Box::new(std::io::stdout()));
@@ -105,7 +108,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let settings = AgentSettings {
         host,
         interim: args.interim,
-        drain_interval: Duration::from_millis(100),
+        drain_interval: DRAIN_INTERVAL,
     };
     let result = agent::run(probe, sink, settings, signal).await;
     stop_inventory.cancel();
