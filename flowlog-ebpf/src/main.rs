@@ -283,8 +283,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let sk: u64 = ctx.arg(0);
     let (old, new) = (ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
-    on_set_state::<ProbeRead>(sk, old, new);
-    mark_handled(sk, old, new);
+    handle_set_state::<ProbeRead>(sk, old, new);
     0
 }
 
@@ -294,9 +293,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
 pub fn inet_sock_set_state_catch(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let (old, new) = (ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
-    if !was_handled(sk, old, new) && on_set_state::<ProbeRead>(sk, old, new) {
-        count(counter::CAUGHT_END, 1);
-    }
+    catch_set_state::<ProbeRead>(sk, old, new);
     0
 }
 
@@ -305,8 +302,7 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     // The same arguments, with `sk` typed (`struct sock *`) for the verifier.
     let sk: u64 = ctx.arg(0);
     let (old, new) = (ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
-    on_set_state::<Direct>(sk, old, new);
-    mark_handled(sk, old, new);
+    handle_set_state::<Direct>(sk, old, new);
     0
 }
 
@@ -316,10 +312,23 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
 pub fn inet_sock_set_state_btf_catch(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let (old, new) = (ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
-    if !was_handled(sk, old, new) && on_set_state::<Direct>(sk, old, new) {
+    catch_set_state::<Direct>(sk, old, new);
+    0
+}
+
+/// The main state-change programs' work: the change, then its mark (see [`HANDLED`]).
+#[inline(always)]
+fn handle_set_state<S: SockRead>(sk: u64, oldstate: u8, newstate: u8) {
+    on_set_state::<S>(sk, oldstate, newstate);
+    mark_handled(sk, oldstate, newstate);
+}
+
+/// The catching programs' work: a change the main program did not mark as finished on this CPU.
+#[inline(always)]
+fn catch_set_state<S: SockRead>(sk: u64, oldstate: u8, newstate: u8) {
+    if !was_handled(sk, oldstate, newstate) && on_set_state::<S>(sk, oldstate, newstate) {
         count(counter::CAUGHT_END, 1);
     }
-    0
 }
 
 /// Whether [`on_set_state`] has anything to do for this change; the others are not marked
@@ -920,8 +929,8 @@ unsafe fn output_batch(batch: *mut Batch, len: u64) {
 }
 
 /// Run by the agent on a CPU (`BPF_PROG_TEST_RUN` pinned to it) whose batch it found old at a
-/// drain, and on every CPU at shutdown: moves that CPU's batch into the ring buffer. Left for the next drain if the flush
-/// interrupted a run that is using the batch.
+/// drain, and on every CPU at shutdown: moves that CPU's batch into the ring buffer. Left for the
+/// next drain if the flush interrupted a run that is using the batch.
 #[raw_tracepoint]
 pub fn flowlog_flush(_ctx: RawTracePointContext) -> i32 {
     let Some(batch) = BATCH.get_ptr_mut(0) else {

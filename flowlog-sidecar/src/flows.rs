@@ -121,6 +121,17 @@ fn cumulative(ev: &FlowEvent) -> Counters {
     }
 }
 
+/// Now on `clock`, in ns.
+pub(crate) fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
 /// Converts kernel timestamps (`CLOCK_MONOTONIC`, what `bpf_ktime_get_ns` returns) to ns since
 /// the Unix epoch.
 #[derive(Debug, Clone, Copy)]
@@ -131,17 +142,8 @@ pub struct Clock {
 impl Clock {
     /// Measures the current offset between the realtime and monotonic clocks.
     pub fn now() -> Self {
-        let read = |clock| {
-            let mut ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: clock_gettime writes into the timespec we own.
-            unsafe { libc::clock_gettime(clock, &mut ts) };
-            i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
-        };
         Self {
-            offset_ns: read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC),
+            offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
         }
     }
 

@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, Program, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun,
         TracePoint,
@@ -291,10 +291,7 @@ impl Probe {
             .ebpf
             .take_map("EVENTS")
             .ok_or(ProbeError::MissingMap("EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
-            map: "EVENTS",
-            source,
-        })
+        RingBuf::try_from(map).map_err(map_error("EVENTS"))
     }
 
     /// A program that is loaded but never attached (run with `BPF_PROG_TEST_RUN`), and how to
@@ -333,7 +330,8 @@ impl Probe {
     pub fn flush_batches(&self, all: bool) -> Result<(), ProbeError> {
         let (prog, err) = self.run_on_demand(FLUSH)?;
         let batches = if all { None } else { Some(self.batches()?) };
-        let now = monotonic_ns();
+        // The clock of `bpf_ktime_get_ns`, which stamps `first_ns`.
+        let now = crate::flows::clock_ns(libc::CLOCK_MONOTONIC) as u64;
         let age = self.batch_age.as_nanos() as u64;
         let online = aya::util::online_cpus();
         let cpus = online.as_deref().unwrap_or(&self.cpus);
@@ -357,34 +355,27 @@ impl Probe {
 
     /// Every possible CPU's batch, indexed by CPU.
     fn batches(&self) -> Result<Vec<Batch>, ProbeError> {
-        let map_err = |source| ProbeError::Map {
-            map: "BATCH",
-            source,
-        };
-        let map: PerCpuArray<_, Batch> = PerCpuArray::try_from(
-            self.ebpf
-                .map("BATCH")
-                .ok_or(ProbeError::MissingMap("BATCH"))?,
-        )
-        .map_err(map_err)?;
-        Ok(map.get(&0, 0).map_err(map_err)?.iter().copied().collect())
+        let map: PerCpuArray<_, Batch> = self.typed_map("BATCH")?;
+        let batches = map.get(&0, 0).map_err(map_error("BATCH"))?;
+        Ok(batches.iter().copied().collect())
+    }
+
+    /// The loaded map `name` as a typed view, with errors naming it.
+    fn typed_map<'a, T>(&'a self, name: &'static str) -> Result<T, ProbeError>
+    where
+        T: TryFrom<&'a Map, Error = MapError>,
+    {
+        let map = self.ebpf.map(name).ok_or(ProbeError::MissingMap(name))?;
+        T::try_from(map).map_err(map_error(name))
     }
 
     /// Kernel-side counters summed over CPUs, indexed by `flowlog_common::counter`.
     pub fn counters(&self) -> Result<[u64; counter::COUNT as usize], ProbeError> {
-        let map_err = |source| ProbeError::Map {
-            map: "COUNTERS",
-            source,
-        };
-        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map("COUNTERS")
-                .ok_or(ProbeError::MissingMap("COUNTERS"))?,
-        )
-        .map_err(map_err)?;
+        let map_err = map_error("COUNTERS");
+        let map: PerCpuArray<_, u64> = self.typed_map("COUNTERS")?;
         let mut out = [0u64; counter::COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            *slot = map.get(&(i as u32), 0).map_err(map_err)?.iter().sum();
+            *slot = map.get(&(i as u32), 0).map_err(&map_err)?.iter().sum();
         }
         Ok(out)
     }
@@ -392,9 +383,10 @@ impl Probe {
     /// Runs of the attached programs that the kernel skipped: a program is not re-entered on a
     /// CPU where it is already running, so an event raised by a softirq that interrupted it goes
     /// unseen by it. The main state-change program's are caught by the catching one when it is
-    /// attached, and the catching one's were seen by the main one; any other is lost (a missed start leaves the flow untracked; a missed end is
-    /// found by the sweep and counted). The kernel counts them per program (`recursion_misses`
-    /// in `/proc/<pid>/fdinfo/<program fd>`, Linux 5.12+; `None` before).
+    /// attached, and the catching one's were seen by the main one; any other is lost (a missed
+    /// start leaves the flow untracked; a missed end is found by the sweep and counted). The
+    /// kernel counts them per program (`recursion_misses` in `/proc/<pid>/fdinfo/<program fd>`,
+    /// Linux 5.12+; `None` before).
     pub fn skipped_runs(&self) -> Result<Option<SkippedRuns>, ProbeError> {
         let mut total: Option<SkippedRuns> = None;
         for (name, program) in self.ebpf.programs() {
@@ -421,17 +413,8 @@ impl Probe {
 
     /// Sockets in the flow map at the last sweep.
     pub fn tracked(&self) -> Result<u64, ProbeError> {
-        let map_err = |source| ProbeError::Map {
-            map: "STATS",
-            source,
-        };
-        let map: Array<_, u64> = Array::try_from(
-            self.ebpf
-                .map("STATS")
-                .ok_or(ProbeError::MissingMap("STATS"))?,
-        )
-        .map_err(map_err)?;
-        map.get(&stat::TRACKED, 0).map_err(map_err)
+        let map: Array<_, u64> = self.typed_map("STATS")?;
+        map.get(&stat::TRACKED, 0).map_err(map_error("STATS"))
     }
 }
 
@@ -483,6 +466,11 @@ fn caught_or_warn<T>(attached: Result<T, ProbeError>) -> bool {
             false
         }
     }
+}
+
+/// Wraps a map error with the map's name.
+fn map_error(map: &'static str) -> impl Fn(MapError) -> ProbeError {
+    move |source| ProbeError::Map { map, source }
 }
 
 /// Wraps a program error with the program's name and the kernel.
@@ -582,17 +570,6 @@ fn random_u64() -> u64 {
 }
 
 /// Possible CPUs (every CPU id the kernel may report is below it): the flow id stride.
-/// `CLOCK_MONOTONIC` now in ns: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec that we own; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn possible_cpus() -> u64 {
     aya::util::nr_cpus().map_or(1024, |n| n as u64)
 }
