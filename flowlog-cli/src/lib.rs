@@ -2,10 +2,16 @@
 //! `flowlog-inventory`) does around its work, in one place: logs with `tracing` to stderr
 //! (level from `FLOWLOG_LOG`, `EnvFilter` syntax, default `info`; colours only on a terminal),
 //! a tokio runtime, and a failure's whole error chain logged once with exit status 1; and the
-//! TOML configuration file of the long-running services ([`config_file_to_env`]).
+//! TOML configuration file of the long-running services ([`config_file_to_env`]); and the
+//! listener for `/metrics`, `/healthz` and `/readyz` ([`telemetry`], [`health`]).
 use std::{future::Future, io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use tracing::error;
+
+pub mod health;
+pub mod telemetry;
+
+pub use health::Health;
 
 /// Which tokio runtime the binary runs on.
 #[derive(Debug, Clone, Copy)]
