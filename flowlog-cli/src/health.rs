@@ -142,7 +142,11 @@ impl Health {
 
     /// `/healthz`: alive unless the loop stopped beating.
     pub fn alive(&self) -> Result<(), NotReady> {
-        let last = self.inner.last_beat_ms.load(Ordering::Relaxed).saturating_sub(1);
+        let last = self
+            .inner
+            .last_beat_ms
+            .load(Ordering::Relaxed)
+            .saturating_sub(1);
         let age = Duration::from_millis(self.now_ms().saturating_sub(last));
         if age > self.inner.stall_after {
             return Err(NotReady(vec![format!(

@@ -56,7 +56,11 @@ pub async fn serve(
 
 /// Serves the three paths on `listener` with an existing recorder's `metrics` (tests, and
 /// processes that install their recorder themselves).
-pub async fn serve_on(listener: tokio::net::TcpListener, metrics: PrometheusHandle, health: Health) {
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    metrics: PrometheusHandle,
+    health: Health,
+) {
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
