@@ -85,7 +85,8 @@ struct Args {
     /// (and open Parquet files close early).
     #[arg(long, env = "FLOWLOG_MAX_PENDING", default_value_t = 500_000)]
     max_pending: usize,
-    /// Prometheus metrics listener (serves /metrics).
+    /// Listener for Prometheus metrics (/metrics) and the health probes (/healthz: the pipeline's
+    /// loop turns; /readyz: partitions assigned and the inventory complete to within the hold).
     #[arg(long, env = "FLOWLOG_METRICS_ADDR", default_value = "127.0.0.1:9465")]
     metrics_addr: SocketAddr,
 }
@@ -93,7 +94,9 @@ struct Args {
 async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     flowlog_enricher::inventory::cancel_on_signal(shutdown.clone())?;
-    metrics::install(args.metrics_addr)?;
+    let health = flowlog_cli::Health::new(pipeline::STALL_LIMIT);
+    pipeline::declare_readiness(&health);
+    metrics::serve(args.metrics_addr, health.clone()).await?;
     let parquet = match args.parquet.as_str() {
         "none" => None,
         url => {
@@ -128,6 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut settings = PipelineSettings::new(kafka);
     settings.hold = args.hold;
     settings.max_pending = args.max_pending;
+    settings.health = Some(health);
     let result = pipeline::run(settings, inventory.index.clone(), parquet, shutdown.clone()).await;
     shutdown.cancel();
     inventory.stopped().await;

@@ -29,23 +29,21 @@ pub const LATENCY: &str = "flowlog_enricher_latency_seconds";
 /// Input offsets stored for commit (every output durable up to them).
 pub const OFFSETS_STORED: &str = "flowlog_enricher_offsets_stored_total";
 
-/// Why the exporter could not start.
-#[derive(Debug, thiserror::Error)]
-#[error("serving Prometheus metrics on {addr}")]
-pub struct MetricsError {
-    addr: SocketAddr,
-    source: metrics_exporter_prometheus::BuildError,
-}
-
-/// Serves `/metrics` on `addr`, with the latency histogram's buckets.
-pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
+/// The Prometheus recorder's settings: the latency histogram's buckets.
+pub fn builder() -> PrometheusBuilder {
     PrometheusBuilder::new()
-        .with_http_listener(addr)
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(LATENCY.to_string()),
             &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0],
         )
-        .map_err(|source| MetricsError { addr, source })?
-        .install()
-        .map_err(|source| MetricsError { addr, source })
+        .expect("the latency buckets are not empty")
+}
+
+/// Installs the recorder and serves `/metrics`, `/healthz` and `/readyz` (from `health`) on
+/// `addr`. Returns the address it listens on.
+pub async fn serve(
+    addr: SocketAddr,
+    health: flowlog_cli::Health,
+) -> Result<SocketAddr, flowlog_cli::telemetry::TelemetryError> {
+    flowlog_cli::telemetry::serve(addr, builder(), health).await
 }

@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use flowlog_cli::Health;
 use flowlog_identity::SharedIndex;
 use flowlog_kafka::LogThrottle;
 use flowlog_record::{EnrichedFlow, avro, enriched_avro};
@@ -53,7 +54,41 @@ pub struct PipelineSettings {
     pub max_pending: usize,
     /// How long shutdown waits for the producer's outstanding deliveries.
     pub shutdown_wait: Duration,
+    /// What `/healthz` and `/readyz` answer, if the process serves them: the loop beats it; it
+    /// is ready while partitions are assigned ([`PARTITIONS_ASSIGNED`]) and the inventory is
+    /// complete to within the hold ([`INVENTORY_CAUGHT_UP`]).
+    pub health: Option<Health>,
 }
+
+/// Readiness check: this replica was assigned at least one partition of the input topic. A
+/// replica without partitions (more replicas than partitions) does no work and says so.
+pub const PARTITIONS_ASSIGNED: &str = "partitions_assigned";
+/// Readiness check: every inventory source has reported up to at least `now - hold`, so flows
+/// arriving now are attributed rather than held until they go out `unknown`.
+pub const INVENTORY_CAUGHT_UP: &str = "inventory_caught_up";
+/// Readiness check that fails once shutdown began.
+pub const NOT_STOPPING: &str = "not_stopping";
+/// How long the loop may go without a turn before `/healthz` fails. Its tick turns it every
+/// 100 ms, also while it waits on a full producer queue; a Parquet upload retrying against an
+/// unreachable store holds it, so the limit is generous.
+pub const STALL_LIMIT: Duration = Duration::from_secs(120);
+/// Declares the pipeline's readiness checks, all failing until the pipeline runs and finds
+/// them true: call it before the health is served, so that no probe sees a process that has
+/// declared nothing yet as ready.
+pub fn declare_readiness(health: &Health) {
+    health.expect(NOT_STOPPING, "starting: the pipeline is not running yet");
+    health.expect(
+        PARTITIONS_ASSIGNED,
+        "waiting for the consumer group's assignment",
+    );
+    health.expect(
+        INVENTORY_CAUGHT_UP,
+        "waiting for the inventory's first watermark",
+    );
+}
+
+/// How often readiness is re-evaluated (the assignment is a call into librdkafka).
+const HEALTH_PERIOD: Duration = Duration::from_secs(1);
 
 impl PipelineSettings {
     pub fn new(kafka: KafkaSettings) -> Self {
@@ -62,6 +97,7 @@ impl PipelineSettings {
             hold: Duration::from_secs(5),
             max_pending: 500_000,
             shutdown_wait: Duration::from_secs(30),
+            health: None,
         }
     }
 }
@@ -103,6 +139,10 @@ struct Pipeline {
     value: Vec<u8>,
     receive_errors: LogThrottle,
     delivery_errors: LogThrottle,
+    /// The index the attributor reads, for the readiness check of its watermark.
+    index: SharedIndex,
+    /// When readiness was last evaluated.
+    health_checked: Option<Instant>,
 }
 
 type Consumer = StreamConsumer<Context>;
@@ -128,7 +168,9 @@ pub async fn run(
         "enriching"
     );
     let mut p = Pipeline {
-        attributor: Attributor::new(index, None, settings.hold),
+        attributor: Attributor::new(index.clone(), None, settings.hold),
+        index,
+        health_checked: None,
         settings,
         producer,
         shared,
@@ -142,6 +184,10 @@ pub async fn run(
         receive_errors: LogThrottle::default(),
         delivery_errors: LogThrottle::default(),
     };
+    if let Some(health) = &p.settings.health {
+        declare_readiness(health);
+        health.set_ready(NOT_STOPPING);
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -161,6 +207,12 @@ pub async fn run(
             }
         }
         p.write_ready().await?;
+    }
+    if let Some(health) = &p.settings.health {
+        health.set_not_ready(
+            NOT_STOPPING,
+            "shutting down: flushing outputs and committing",
+        );
     }
     p.shutdown(&consumer).await
 }
@@ -302,6 +354,9 @@ impl Pipeline {
                     // keep moving.
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     self.apply_reports();
+                    if let Some(health) = &self.settings.health {
+                        health.beat();
+                    }
                 }
                 Err((e, _)) => {
                     // Not retriable by waiting (message too large, unknown topic): counted,
@@ -366,7 +421,50 @@ impl Pipeline {
         self.offsets.revoke(&self.shared.take_revoked());
         self.apply_reports();
         self.store_offsets(consumer);
+        self.report_health(consumer, now);
         Ok(())
+    }
+
+    /// Beats the health's loop and, every [`HEALTH_PERIOD`], re-evaluates readiness.
+    fn report_health(&mut self, consumer: &Consumer, now: Instant) {
+        let Some(health) = &self.settings.health else {
+            return;
+        };
+        health.beat();
+        if self
+            .health_checked
+            .is_some_and(|at| now.duration_since(at) < HEALTH_PERIOD)
+        {
+            return;
+        }
+        self.health_checked = Some(now);
+        match consumer.assignment() {
+            Ok(list) if list.count() > 0 => health.set_ready(PARTITIONS_ASSIGNED),
+            Ok(_) => health.set_not_ready(
+                PARTITIONS_ASSIGNED,
+                format!(
+                    "no partition of {} assigned (more replicas than partitions, or the group is rebalancing)",
+                    self.settings.kafka.input_topic
+                ),
+            ),
+            Err(e) => health.set_not_ready(PARTITIONS_ASSIGNED, format!("reading the assignment: {e}")),
+        }
+        let wanted = now_ns().saturating_sub(self.settings.hold.as_nanos() as u64);
+        match self.index.read().caught_up_to() {
+            Some(w) if w >= wanted => health.set_ready(INVENTORY_CAUGHT_UP),
+            Some(w) => health.set_not_ready(
+                INVENTORY_CAUGHT_UP,
+                format!(
+                    "the inventory is complete only up to {:.1} s ago, more than the hold ({:.1} s)",
+                    now_ns().saturating_sub(w) as f64 / 1e9,
+                    self.settings.hold.as_secs_f64()
+                ),
+            ),
+            None => health.set_not_ready(
+                INVENTORY_CAUGHT_UP,
+                "an inventory source has not reported yet",
+            ),
+        }
     }
 
     fn store_offsets(&mut self, consumer: &Consumer) {

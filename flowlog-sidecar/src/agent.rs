@@ -35,7 +35,22 @@ pub struct AgentSettings {
     pub host: String,
     pub interim: Duration,
     pub drain_interval: Duration,
+    /// What `/healthz` and `/readyz` answer: the loop beats it at every turn, and it is ready
+    /// while the programs are attached ([`PROGRAMS_ATTACHED`]) and the ring buffer was drained
+    /// recently ([`RING_BUFFER_DRAINED`]).
+    pub health: flowlog_cli::Health,
 }
+
+/// Readiness check: the kernel programs are loaded and attached (set by the caller while the
+/// probe starts, and by [`run`] once it holds the started probe).
+pub const PROGRAMS_ATTACHED: &str = "programs_attached";
+/// Readiness check: the ring buffer was drained within [`AgentSettings::drained_within`].
+pub const RING_BUFFER_DRAINED: &str = "ring_buffer_drained";
+/// Readiness check that fails once shutdown began (the agent is flushing, then exits).
+pub const NOT_STOPPING: &str = "not_stopping";
+/// How long the loop may go without a turn before `/healthz` fails: the drain tick turns it
+/// every `--drain-interval`, so only a loop stuck for this long (a blocked thread) fails it.
+pub const STALL_LIMIT: Duration = Duration::from_secs(60);
 
 impl AgentSettings {
     /// The sweep walks every open flow, so it runs only as often as the interim interval needs:
@@ -43,6 +58,12 @@ impl AgentSettings {
     /// and the sweep runs at most ten times a second.
     fn sweep_period(&self) -> Duration {
         (self.interim / 12).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    /// The agent is not ready when its last drain of the ring buffer is older than this: twenty
+    /// drain intervals, at least 10 s (a loaded host may delay a few ticks).
+    pub fn drained_within(&self) -> Duration {
+        (self.drain_interval * 20).max(Duration::from_secs(10))
     }
 }
 
@@ -99,6 +120,10 @@ pub async fn run<S: RecordSink>(
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     }
     tokio::pin!(shutdown);
+    let health = settings.health.clone();
+    health.set_ready(PROGRAMS_ATTACHED);
+    health.set_ready(NOT_STOPPING);
+    health.expect_fresh(RING_BUFFER_DRAINED, settings.drained_within());
     info!(
         host = %settings.host,
         interim = ?settings.interim,
@@ -113,12 +138,14 @@ pub async fn run<S: RecordSink>(
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 drain(guard.get_inner_mut(), &mut assembler, &mut out);
                 guard.clear_ready();
+                health.touch(RING_BUFFER_DRAINED);
             }
             _ = drain_tick.tick() => {
                 if let Err(e) = probe.flush_batches(false) {
                     reporter.flush_failed(&e);
                 }
                 drain(ring.get_mut(), &mut assembler, &mut out);
+                health.touch(RING_BUFFER_DRAINED);
             }
             _ = sweep_tick.tick() => {
                 if let Err(e) = probe.sweep(false) {
@@ -135,8 +162,10 @@ pub async fn run<S: RecordSink>(
         }
         assembler.release_due(Instant::now(), &mut out);
         emit(&mut sink, &mut out, &mut reporter).await;
+        health.beat();
     }
 
+    health.set_not_ready(NOT_STOPPING, "shutting down: reporting open flows");
     info!("shutting down: reporting open flows");
     if let Err(e) = probe.flush_batches(true) {
         reporter.flush_failed(&e);

@@ -57,7 +57,8 @@ struct Args {
     /// A flow open this long gets an interim record (with deltas) each interval.
     #[arg(long, env = "FLOWLOG_INTERIM", default_value = "60s", value_parser = flowlog_cli::parse_duration)]
     interim: Duration,
-    /// Prometheus metrics listener (serves /metrics).
+    /// Listener for Prometheus metrics (/metrics) and the health probes (/healthz: the event
+    /// loop turns; /readyz: programs attached and the ring buffer drained recently).
     #[arg(long, env = "FLOWLOG_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     metrics_addr: SocketAddr,
     /// Name of this host in records (default: the kernel's hostname).
@@ -128,7 +129,12 @@ fn kafka_sink(args: &Args) -> anyhow::Result<KafkaSink> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = agent::shutdown_signal().context("installing the signal handlers")?;
-    metrics::install(args.metrics_addr)?;
+    let health = flowlog_cli::Health::new(agent::STALL_LIMIT);
+    health.expect(
+        agent::PROGRAMS_ATTACHED,
+        "starting: loading the kernel programs",
+    );
+    metrics::serve(args.metrics_addr, health.clone()).await?;
     // Checked before the kernel probe starts: a configuration error should cost nothing.
     let kafka = match args.output {
         Output::Kafka => Some(kafka_sink(&args)?),
@@ -150,6 +156,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         host: args.host.unwrap_or_else(agent::hostname),
         interim: args.interim,
         drain_interval: args.drain_interval,
+        health,
     };
     match args.output {
         Output::Jsonl => agent::run(probe, JsonLines::stdout(), settings, shutdown).await,

@@ -35,12 +35,13 @@ pub const SPOOL_BYTES: &str = "flowlog_sidecar_spool_bytes";
 pub const SPOOL_DROPPED: &str = "flowlog_sidecar_spool_dropped_total";
 pub const SPOOL_ERRORS: &str = "flowlog_sidecar_spool_errors_total";
 
-/// Starts the exporter's HTTP listener on `addr` (serves `/metrics`) and describes every metric.
-pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| anyhow::anyhow!("starting the metrics listener on {addr}: {e}"))?;
+/// Installs the metrics recorder, serves `/metrics`, `/healthz` and `/readyz` (from `health`)
+/// on `addr`, and describes every metric. Returns the address it listens on.
+pub async fn serve(
+    addr: SocketAddr,
+    health: flowlog_cli::Health,
+) -> Result<SocketAddr, flowlog_cli::telemetry::TelemetryError> {
+    let bound = flowlog_cli::telemetry::serve(addr, PrometheusBuilder::new(), health).await?;
     describe_counter!(RECORDS, "Flow records written, by outcome.");
     describe_counter!(EVENTS, "Events read from the kernel ring buffer, by kind.");
     describe_counter!(
@@ -142,7 +143,7 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
         "Flow records dropped because the Kafka spool was full (drop-newest policy)."
     );
     describe_counter!(SPOOL_ERRORS, "Failed spool operations, by operation.");
-    Ok(())
+    Ok(bound)
 }
 
 /// CPU seconds (user + system) used by this process so far.

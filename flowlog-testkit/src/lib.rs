@@ -7,8 +7,8 @@ pub mod kubernetes;
 pub mod pod_churn;
 
 use std::{
-    io::{BufRead, BufReader},
-    net::TcpListener,
+    io::{BufRead, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, mpsc},
@@ -320,6 +320,50 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("binding an ephemeral port")
         .port()
+}
+
+/// One plain HTTP/1.1 GET of `path` from a process's metrics listener at `addr` (its
+/// `/metrics`, `/healthz` or `/readyz`): the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let malformed = || std::io::Error::other(format!("malformed HTTP response: {response:?}"));
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(malformed)?;
+    let status = head
+        .get(9..12)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(malformed)?;
+    Ok((status, body.to_string()))
+}
+
+/// Polls `GET path` on `addr` every 100 ms until `done` holds for the answer; returns that
+/// answer, or panics with the last one after [`PATIENCE`].
+pub fn wait_for_http(
+    addr: SocketAddr,
+    path: &str,
+    done: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let answer = http_get(addr, path);
+        if let Ok((status, body)) = &answer
+            && done(*status, body)
+        {
+            return (*status, body.clone());
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "GET {path} on {addr}: not the awaited answer within {PATIENCE:?}; last: {answer:?}"
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A fresh, empty directory of this test process under the system temp dir.

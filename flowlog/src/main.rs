@@ -54,7 +54,7 @@ struct Args {
     /// Longest a flow newer than the inventory waits for it.
     #[arg(long, env = "FLOWLOG_HOLD", default_value = "5s", value_parser = flowlog_cli::parse_duration)]
     hold: Duration,
-    /// Prometheus metrics listener (serves /metrics).
+    /// Listener for Prometheus metrics (/metrics) and the health probes (/healthz, /readyz).
     #[arg(long, env = "FLOWLOG_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     metrics_addr: SocketAddr,
     /// Name of this host in records (default: the kernel's hostname).
@@ -64,7 +64,12 @@ struct Args {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let signal = agent::shutdown_signal().context("installing the signal handlers")?;
-    metrics::install(args.metrics_addr)?;
+    let health = flowlog_cli::Health::new(agent::STALL_LIMIT);
+    health.expect(
+        agent::PROGRAMS_ATTACHED,
+        "starting: loading the kernel programs",
+    );
+    metrics::serve(args.metrics_addr, health.clone()).await?;
     let host = args.host.clone().unwrap_or_else(agent::hostname);
     let parquet = ParquetSink::open(ParquetSettings {
         url: args.out.clone(),
@@ -109,6 +114,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         host,
         interim: args.interim,
         drain_interval: DRAIN_INTERVAL,
+        health,
     };
     let result = agent::run(probe, sink, settings, signal).await;
     stop_inventory.cancel();

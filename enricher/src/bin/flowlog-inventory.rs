@@ -41,7 +41,11 @@ struct Args {
 async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     flowlog_enricher::inventory::cancel_on_signal(shutdown.clone())?;
-    metrics::install(args.metrics_addr)?;
+    metrics::serve(
+        args.metrics_addr,
+        flowlog_cli::Health::new(Duration::from_secs(60)),
+    )
+    .await?;
     let sources = args.sources.sources().await?;
     anyhow::ensure!(
         !sources.is_empty(),

@@ -709,28 +709,16 @@ impl Agent {
     }
 
     fn try_metrics(&self) -> Result<String, String> {
-        let mut stream = TcpStream::connect_timeout(&self.metrics_addr, PATIENCE)
-            .map_err(|e| format!("connecting to {}: {e}", self.metrics_addr))?;
-        stream
-            .set_read_timeout(Some(IO_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.metrics_addr
-        )
-        .map_err(|e| format!("sending the request: {e}"))?;
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .map_err(|e| format!("reading the response: {e}"))?;
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| format!("malformed HTTP response: {response}"))?;
-        if !head.starts_with("HTTP/1.1 200") {
-            return Err(format!("request failed: {head}"));
+        match self.get("/metrics")? {
+            (200, body) => Ok(body),
+            (status, body) => Err(format!("request failed: {status} {body}")),
         }
-        Ok(body.to_string())
+    }
+
+    /// One GET of `path` on the agent's metrics listener: the status code and the body.
+    pub fn get(&self, path: &str) -> Result<(u16, String), String> {
+        flowlog_testkit::http_get(self.metrics_addr, path)
+            .map_err(|e| format!("GET {path} on {}: {e}", self.metrics_addr))
     }
 
     /// The agent's kernel drop counters, for failure messages: the agent sees every flow of the
