@@ -72,7 +72,10 @@ pub fn parse_objects(yaml: &str) -> anyhow::Result<Vec<Value>> {
         ensure!(
             object.get("apiVersion").and_then(Value::as_str).is_some()
                 && object.get("kind").and_then(Value::as_str).is_some()
-                && object.pointer("/metadata/name").and_then(Value::as_str).is_some(),
+                && object
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .is_some(),
             "document {i} has no apiVersion, kind or metadata.name: {object}"
         );
     }
@@ -97,7 +100,10 @@ pub fn object_id(object: &Value) -> String {
 
 /// `Kind namespace/name` (or `Kind name` for cluster-scoped objects), for messages.
 pub fn describe(object: &Value) -> String {
-    match object.pointer("/metadata/namespace").and_then(Value::as_str) {
+    match object
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+    {
         Some(ns) => format!(
             "{} {ns}/{}",
             str_at(object, "/kind"),
@@ -209,7 +215,8 @@ fn image_rules(dir: &Path) -> anyhow::Result<Vec<ImageRule>> {
     for image in images.into_iter().flatten() {
         let field = |key: &str| image.get(key).and_then(Value::as_str).map(str::to_string);
         rules.push(ImageRule {
-            name: field("name").with_context(|| format!("an image without a name in {}", dir.display()))?,
+            name: field("name")
+                .with_context(|| format!("an image without a name in {}", dir.display()))?,
             new_name: field("newName"),
             new_tag: field("newTag"),
         });

@@ -198,7 +198,9 @@ fn check_pod(
     }
     let namespace = str_at(object, "/metadata/namespace");
     match enforced.get(namespace) {
-        None => violations.push(format!("{what}: namespace {namespace:?} is not in the manifests")),
+        None => violations.push(format!(
+            "{what}: namespace {namespace:?} is not in the manifests"
+        )),
         Some(None) => violations.push(format!(
             "{what}: namespace {namespace} has no pod-security.kubernetes.io/enforce level"
         )),
@@ -233,7 +235,9 @@ fn check_container(
     }
     let drop = strings(context("capabilities/drop"));
     if drop != BTreeSet::from(["ALL".to_string()]) {
-        violations.push(format!("{at}: capabilities.drop is {drop:?}, not [\"ALL\"]"));
+        violations.push(format!(
+            "{at}: capabilities.drop is {drop:?}, not [\"ALL\"]"
+        ));
     }
     let add = strings(context("capabilities/add"));
     let allowed = if is_agent {
@@ -256,7 +260,9 @@ fn check_container(
     }
     let seccomp = effective(pod, container, "seccompProfile/type").and_then(Value::as_str);
     if !matches!(seccomp, Some("RuntimeDefault" | "Localhost")) {
-        violations.push(format!("{at}: seccompProfile is {seccomp:?}, not RuntimeDefault"));
+        violations.push(format!(
+            "{at}: seccompProfile is {seccomp:?}, not RuntimeDefault"
+        ));
     }
     let image = str_at(container, "/image");
     if !policy.images.contains(image) {
@@ -267,7 +273,10 @@ fn check_container(
     }
     for kind in ["requests", "limits"] {
         for resource in ["cpu", "memory"] {
-            if container.pointer(&format!("/resources/{kind}/{resource}")).is_none() {
+            if container
+                .pointer(&format!("/resources/{kind}/{resource}"))
+                .is_none()
+            {
                 violations.push(format!("{at}: no resources.{kind}.{resource}"));
             }
         }
@@ -277,7 +286,9 @@ fn check_container(
             .pointer(&format!("/{probe}/httpGet/path"))
             .and_then(Value::as_str);
         if got != Some(path) {
-            violations.push(format!("{at}: {probe} is not an HTTP GET of {path} (found {got:?})"));
+            violations.push(format!(
+                "{at}: {probe} is not an HTTP GET of {path} (found {got:?})"
+            ));
         }
     }
 }
@@ -319,7 +330,9 @@ pub fn pod_security_level(pod: &Value) -> Level {
         if context("privileged").and_then(Value::as_bool) == Some(true)
             || host_port
             || seccomp == Some("Unconfined")
-            || !add.iter().all(|c| BASELINE_CAPABILITIES.contains(&c.as_str()))
+            || !add
+                .iter()
+                .all(|c| BASELINE_CAPABILITIES.contains(&c.as_str()))
         {
             baseline = false;
         }
@@ -350,7 +363,11 @@ fn check_rules(object: &Value, violations: &mut Vec<String>) {
         let groups = strings(rule.get("apiGroups"));
         let resources = strings(rule.get("resources"));
         let verbs = strings(rule.get("verbs"));
-        for (field, values) in [("apiGroups", &groups), ("resources", &resources), ("verbs", &verbs)] {
+        for (field, values) in [
+            ("apiGroups", &groups),
+            ("resources", &resources),
+            ("verbs", &verbs),
+        ] {
             if values.contains("*") {
                 violations.push(format!("{what} rule {i}: {field} has a wildcard"));
             }
@@ -361,14 +378,13 @@ fn check_rules(object: &Value, violations: &mut Vec<String>) {
         let lease_rule = str_at(object, "/kind") == "Role"
             && groups == BTreeSet::from(["coordination.k8s.io".to_string()])
             && resources == BTreeSet::from(["leases".to_string()]);
-        let extra: BTreeSet<&String> = verbs
-            .iter()
-            .filter(|v| {
-                !READ_VERBS.contains(&v.as_str()) && !(lease_rule && LEASE_VERBS.contains(&v.as_str()))
-            })
-            .collect();
+        let allowed =
+            |verb: &str| READ_VERBS.contains(&verb) || (lease_rule && LEASE_VERBS.contains(&verb));
+        let extra: BTreeSet<&String> = verbs.iter().filter(|v| !allowed(v)).collect();
         if !extra.is_empty() {
-            violations.push(format!("{what} rule {i}: verbs {extra:?} beyond get/list/watch"));
+            violations.push(format!(
+                "{what} rule {i}: verbs {extra:?} beyond get/list/watch"
+            ));
         }
     }
 }

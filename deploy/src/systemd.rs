@@ -54,7 +54,10 @@ pub fn verify_root(parent: &Path, binaries: &Path) -> anyhow::Result<PathBuf> {
         .arg(&lib)
         .status()
         .context("copying /usr/lib/systemd/system into the verify root")?;
-    ensure!(status.success(), "cp -a /usr/lib/systemd/system failed: {status}");
+    ensure!(
+        status.success(),
+        "cp -a /usr/lib/systemd/system failed: {status}"
+    );
     for (unit, binary) in UNITS {
         let from = binaries.join(binary);
         ensure!(

@@ -11,8 +11,7 @@ use std::{
 use flowlog_deploy::{
     kubernetes::{
         KUBERNETES_VERSIONS, agent_capabilities, containers, expected_images, is_custom_resource,
-        kubernetes_dir, kustomize, object_id, overlays, parse_objects, pod_spec, str_at,
-        validate,
+        kubernetes_dir, kustomize, object_id, overlays, parse_objects, pod_spec, str_at, validate,
     },
     posture::{Level, Policy, check, pod_security_level},
     repo_root,
@@ -33,7 +32,8 @@ fn renderings() -> Vec<(String, PathBuf)> {
 /// A kustomization of overlays/dev with components/podmonitor (an optional component no
 /// overlay includes), made under the target directory.
 fn podmonitor_kustomization() -> PathBuf {
-    let dir = flowlog_deploy::binaries_dir().join(format!("kustomize-podmonitor-{}", std::process::id()));
+    let dir =
+        flowlog_deploy::binaries_dir().join(format!("kustomize-podmonitor-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let k = kubernetes_dir();
     std::fs::write(
@@ -51,7 +51,11 @@ fn podmonitor_kustomization() -> PathBuf {
 /// `to` as a path relative to the directory `from` (kustomize refuses absolute paths).
 fn relative(from: &Path, to: &Path) -> PathBuf {
     let (from, to) = (from.canonicalize().unwrap(), to.canonicalize().unwrap());
-    let common = from.components().zip(to.components()).take_while(|(a, b)| a == b).count();
+    let common = from
+        .components()
+        .zip(to.components())
+        .take_while(|(a, b)| a == b)
+        .count();
     let mut path = PathBuf::new();
     for _ in from.components().skip(common) {
         path.push("..");
@@ -83,7 +87,10 @@ fn env(workload: &Value, name: &str) -> Option<String> {
     if let Some(v) = var.get("value").and_then(Value::as_str) {
         return Some(v.to_string());
     }
-    if let Some(key) = var.pointer("/valueFrom/configMapKeyRef/key").and_then(Value::as_str) {
+    if let Some(key) = var
+        .pointer("/valueFrom/configMapKeyRef/key")
+        .and_then(Value::as_str)
+    {
         return Some(format!("configMap:{key}"));
     }
     var.pointer("/valueFrom/fieldRef/fieldPath")
@@ -118,8 +125,16 @@ fn every_object_of_every_overlay_validates_on_kubernetes_1_30_to_1_33() {
                 .collect();
             for (version, run) in runs {
                 let validation = run.join().unwrap();
-                assert!(validation.success, "{name} on {version}:\n{}", validation.output);
-                assert_eq!(validation.passed, expected, "{name} on {version}:\n{}", validation.output);
+                assert!(
+                    validation.success,
+                    "{name} on {version}:\n{}",
+                    validation.output
+                );
+                assert_eq!(
+                    validation.passed, expected,
+                    "{name} on {version}:\n{}",
+                    validation.output
+                );
             }
         });
         eprintln!(
@@ -135,16 +150,29 @@ fn every_object_of_every_overlay_validates_on_kubernetes_1_30_to_1_33() {
 fn custom_resources_name_what_exists() {
     let keda = render(&kubernetes_dir().join("overlays/keda"));
     // KEDA replaces the CPU autoscaler: two autoscalers on one Deployment would fight.
-    assert!(!keda.iter().any(|o| str_at(o, "/kind") == "HorizontalPodAutoscaler"));
+    assert!(
+        !keda
+            .iter()
+            .any(|o| str_at(o, "/kind") == "HorizontalPodAutoscaler")
+    );
     let scaled = find(&keda, "ScaledObject", "flowlog-enricher");
     assert_eq!(str_at(scaled, "/spec/scaleTargetRef/kind"), "Deployment");
     let enricher = find(&keda, "Deployment", "flowlog-enricher");
-    assert_eq!(str_at(scaled, "/spec/scaleTargetRef/name"), "flowlog-enricher");
+    assert_eq!(
+        str_at(scaled, "/spec/scaleTargetRef/name"),
+        "flowlog-enricher"
+    );
     let trigger = scaled.pointer("/spec/triggers/0").unwrap();
     assert_eq!(str_at(trigger, "/type"), "kafka");
     // The trigger watches the lag of the group and topic the enricher consumes, on its brokers.
-    assert_eq!(env(enricher, "FLOWLOG_GROUP").unwrap(), str_at(trigger, "/metadata/consumerGroup"));
-    assert_eq!(env(enricher, "FLOWLOG_INPUT_TOPIC").unwrap(), str_at(trigger, "/metadata/topic"));
+    assert_eq!(
+        env(enricher, "FLOWLOG_GROUP").unwrap(),
+        str_at(trigger, "/metadata/consumerGroup")
+    );
+    assert_eq!(
+        env(enricher, "FLOWLOG_INPUT_TOPIC").unwrap(),
+        str_at(trigger, "/metadata/topic")
+    );
     let settings = keda
         .iter()
         .find(|o| {
@@ -158,12 +186,19 @@ fn custom_resources_name_what_exists() {
         str_at(settings, "/data/FLOWLOG_KAFKA_BROKERS")
     );
     assert!(str_at(trigger, "/metadata/bootstrapServers").ends_with(":9096"));
-    find(&keda, "TriggerAuthentication", str_at(trigger, "/authenticationRef/name"));
+    find(
+        &keda,
+        "TriggerAuthentication",
+        str_at(trigger, "/authenticationRef/name"),
+    );
 
     let monitored = render(&podmonitor_kustomization());
     let monitor = find(&monitored, "PodMonitor", "flowlog");
     let port = str_at(monitor, "/spec/podMetricsEndpoints/0/port");
-    let label = str_at(monitor, "/spec/selector/matchLabels/app.kubernetes.io~1part-of");
+    let label = str_at(
+        monitor,
+        "/spec/selector/matchLabels/app.kubernetes.io~1part-of",
+    );
     let namespaces: BTreeSet<&str> = monitor
         .pointer("/spec/namespaceSelector/matchNames")
         .unwrap()
@@ -184,7 +219,9 @@ fn custom_resources_name_what_exists() {
     }
     assert_eq!(
         selected,
-        BTreeSet::from(["flowlog-agent", "flowlog-enricher", "flowlog-inventory"].map(String::from))
+        BTreeSet::from(
+            ["flowlog-agent", "flowlog-enricher", "flowlog-inventory"].map(String::from)
+        )
     );
 }
 
@@ -204,7 +241,12 @@ fn every_overlay_meets_the_posture() {
         // The checks saw the three workloads, at the Pod Security level of their namespace.
         let levels: BTreeMap<String, Level> = objects
             .iter()
-            .filter_map(|o| Some((str_at(o, "/metadata/name").to_string(), pod_security_level(pod_spec(o)?))))
+            .filter_map(|o| {
+                Some((
+                    str_at(o, "/metadata/name").to_string(),
+                    pod_security_level(pod_spec(o)?),
+                ))
+            })
             .collect();
         assert_eq!(
             levels,
@@ -223,7 +265,13 @@ fn every_overlay_meets_the_posture() {
 fn images_follow_each_overlays_images_list() {
     assert_eq!(
         expected_images(&kubernetes_dir().join("overlays/dev")).unwrap(),
-        BTreeSet::from(["flowlog/flowlog-agent:0.1.0", "flowlog/flowlog-enricher:0.1.0"].map(String::from))
+        BTreeSet::from(
+            [
+                "flowlog/flowlog-agent:0.1.0",
+                "flowlog/flowlog-enricher:0.1.0"
+            ]
+            .map(String::from)
+        )
     );
     let ecr = BTreeSet::from(
         [
@@ -232,8 +280,14 @@ fn images_follow_each_overlays_images_list() {
         ]
         .map(String::from),
     );
-    assert_eq!(expected_images(&kubernetes_dir().join("overlays/eks")).unwrap(), ecr);
-    assert_eq!(expected_images(&kubernetes_dir().join("overlays/keda")).unwrap(), ecr);
+    assert_eq!(
+        expected_images(&kubernetes_dir().join("overlays/eks")).unwrap(),
+        ecr
+    );
+    assert_eq!(
+        expected_images(&kubernetes_dir().join("overlays/keda")).unwrap(),
+        ecr
+    );
 }
 
 #[test]
@@ -259,7 +313,10 @@ fn inventory_rbac_grants_list_and_watch_on_what_flowlog_kubernetes_watches_and_t
         ])
     );
     let inventory = find(&objects, "Deployment", "flowlog-inventory");
-    assert_eq!(env(inventory, "FLOWLOG_LEASE_NAME").as_deref(), Some("flowlog-inventory"));
+    assert_eq!(
+        env(inventory, "FLOWLOG_LEASE_NAME").as_deref(),
+        Some("flowlog-inventory")
+    );
     for kind in ["ClusterRoleBinding", "RoleBinding"] {
         let binding = objects
             .iter()
@@ -296,34 +353,62 @@ fn each_workload_gets_the_settings_its_binary_reads() {
         };
         let tls = overlay != "dev";
         let kafka_config = tls.then_some("/etc/flowlog/kafka/client.properties");
-        expect(agent, &[
-            ("FLOWLOG_OUTPUT", Some("kafka")),
-            ("FLOWLOG_HOST", Some("field:spec.nodeName")),
-            ("FLOWLOG_METRICS_ADDR", Some("0.0.0.0:9464")),
-            ("FLOWLOG_SPOOL_DIR", Some("/var/lib/flowlog/spool")),
-            ("FLOWLOG_TRACEFS", Some("/sys/kernel/tracing")),
-            ("FLOWLOG_BTF", Some("/sys/kernel/btf/vmlinux")),
-            ("FLOWLOG_KAFKA_BROKERS", Some("configMap:FLOWLOG_KAFKA_BROKERS")),
-            ("FLOWLOG_KAFKA_CONFIG", kafka_config),
-        ]);
-        expect(enricher, &[
-            ("FLOWLOG_METRICS_ADDR", Some("0.0.0.0:9465")),
-            ("FLOWLOG_OWNERSHIP_TOPIC", Some("flows.ownership")),
-            ("FLOWLOG_KAFKA_BROKERS", Some("configMap:FLOWLOG_KAFKA_BROKERS")),
-            ("FLOWLOG_KAFKA_CONFIG", kafka_config),
-            ("FLOWLOG_PARQUET", Some(if tls { "configMap:FLOWLOG_PARQUET" } else { "/var/lib/flowlog/parquet" })),
-            ("FLOWLOG_S3_REGION", tls.then_some("configMap:FLOWLOG_AWS_REGION")),
-        ]);
-        expect(inventory, &[
-            ("FLOWLOG_METRICS_ADDR", Some("0.0.0.0:9466")),
-            ("FLOWLOG_KUBERNETES", Some("true")),
-            ("FLOWLOG_LEADER_ELECTION", Some("true")),
-            ("FLOWLOG_LEASE_NAMESPACE", Some("field:metadata.namespace")),
-            ("FLOWLOG_LEASE_IDENTITY", Some("field:metadata.name")),
-            ("FLOWLOG_KAFKA_CONFIG", kafka_config),
-            ("FLOWLOG_EC2", tls.then_some("true")),
-            ("FLOWLOG_EC2_REGION", tls.then_some("configMap:FLOWLOG_AWS_REGION")),
-        ]);
+        expect(
+            agent,
+            &[
+                ("FLOWLOG_OUTPUT", Some("kafka")),
+                ("FLOWLOG_HOST", Some("field:spec.nodeName")),
+                ("FLOWLOG_METRICS_ADDR", Some("0.0.0.0:9464")),
+                ("FLOWLOG_SPOOL_DIR", Some("/var/lib/flowlog/spool")),
+                ("FLOWLOG_TRACEFS", Some("/sys/kernel/tracing")),
+                ("FLOWLOG_BTF", Some("/sys/kernel/btf/vmlinux")),
+                (
+                    "FLOWLOG_KAFKA_BROKERS",
+                    Some("configMap:FLOWLOG_KAFKA_BROKERS"),
+                ),
+                ("FLOWLOG_KAFKA_CONFIG", kafka_config),
+            ],
+        );
+        expect(
+            enricher,
+            &[
+                ("FLOWLOG_METRICS_ADDR", Some("0.0.0.0:9465")),
+                ("FLOWLOG_OWNERSHIP_TOPIC", Some("flows.ownership")),
+                (
+                    "FLOWLOG_KAFKA_BROKERS",
+                    Some("configMap:FLOWLOG_KAFKA_BROKERS"),
+                ),
+                ("FLOWLOG_KAFKA_CONFIG", kafka_config),
+                (
+                    "FLOWLOG_PARQUET",
+                    Some(if tls {
+                        "configMap:FLOWLOG_PARQUET"
+                    } else {
+                        "/var/lib/flowlog/parquet"
+                    }),
+                ),
+                (
+                    "FLOWLOG_S3_REGION",
+                    tls.then_some("configMap:FLOWLOG_AWS_REGION"),
+                ),
+            ],
+        );
+        expect(
+            inventory,
+            &[
+                ("FLOWLOG_METRICS_ADDR", Some("0.0.0.0:9466")),
+                ("FLOWLOG_KUBERNETES", Some("true")),
+                ("FLOWLOG_LEADER_ELECTION", Some("true")),
+                ("FLOWLOG_LEASE_NAMESPACE", Some("field:metadata.namespace")),
+                ("FLOWLOG_LEASE_IDENTITY", Some("field:metadata.name")),
+                ("FLOWLOG_KAFKA_CONFIG", kafka_config),
+                ("FLOWLOG_EC2", tls.then_some("true")),
+                (
+                    "FLOWLOG_EC2_REGION",
+                    tls.then_some("configMap:FLOWLOG_AWS_REGION"),
+                ),
+            ],
+        );
         // The Kafka client file comes from the Secret flowlog-kafka where Kafka needs TLS, and
         // no Secret is mounted at all in dev.
         for workload in [agent, enricher, inventory] {
@@ -335,8 +420,13 @@ fn each_workload_gets_the_settings_its_binary_reads() {
                 .flatten()
                 .filter_map(|v| v.pointer("/secret/secretName").and_then(Value::as_str))
                 .collect();
-            assert_eq!(secrets, if tls { vec!["flowlog-kafka"] } else { vec![] }, "{overlay}");
-            let mounted = containers(pod).flat_map(|c| c["volumeMounts"].as_array().cloned().unwrap_or_default())
+            assert_eq!(
+                secrets,
+                if tls { vec!["flowlog-kafka"] } else { vec![] },
+                "{overlay}"
+            );
+            let mounted = containers(pod)
+                .flat_map(|c| c["volumeMounts"].as_array().cloned().unwrap_or_default())
                 .any(|m| m["mountPath"] == "/etc/flowlog/kafka" && m["readOnly"] == true);
             assert_eq!(mounted, tls, "{overlay}");
         }
@@ -454,7 +544,9 @@ fn broken(index: usize, f: impl FnOnce(&mut Value)) -> Vec<String> {
 }
 
 fn at<'a>(object: &'a mut Value, pointer: &str) -> &'a mut Value {
-    object.pointer_mut(pointer).unwrap_or_else(|| panic!("{pointer}"))
+    object
+        .pointer_mut(pointer)
+        .unwrap_or_else(|| panic!("{pointer}"))
 }
 
 const AGENT: usize = 2;
@@ -471,11 +563,16 @@ fn posture_passes_the_good_manifest() {
 
 #[test]
 fn posture_fails_a_privileged_container() {
-    let v = broken(ENRICHER, |o| at(o, &format!("{ENRICHER_C}/securityContext"))["privileged"] = json!(true));
-    assert_eq!(v, [
-        "Deployment app/e container enricher: privileged",
-        "Deployment app/e: needs Pod Security level Privileged, namespace app enforces Restricted",
-    ]);
+    let v = broken(ENRICHER, |o| {
+        at(o, &format!("{ENRICHER_C}/securityContext"))["privileged"] = json!(true)
+    });
+    assert_eq!(
+        v,
+        [
+            "Deployment app/e container enricher: privileged",
+            "Deployment app/e: needs Pod Security level Privileged, namespace app enforces Restricted",
+        ]
+    );
 }
 
 #[test]
@@ -488,112 +585,237 @@ fn posture_fails_host_namespaces() {
 
 #[test]
 fn posture_fails_capabilities_other_than_the_documented_set() {
-    let v = broken(AGENT, |o| at(o, &format!("{AGENT_C}/securityContext/capabilities/add")).as_array_mut().unwrap().push(json!("SYS_ADMIN")));
-    assert_eq!(v, [r#"DaemonSet agent/a container agent: capabilities.add is {"BPF", "PERFMON", "SYS_ADMIN"}, not {"BPF", "PERFMON"}"#]);
-    let v = broken(AGENT, |o| *at(o, &format!("{AGENT_C}/securityContext/capabilities/add")) = json!(["BPF"]));
-    assert_eq!(v, [r#"DaemonSet agent/a container agent: capabilities.add is {"BPF"}, not {"BPF", "PERFMON"}"#]);
-    let v = broken(ENRICHER, |o| at(o, &format!("{ENRICHER_C}/securityContext/capabilities"))["add"] = json!(["CHOWN"]));
-    assert_eq!(v, [
-        r#"Deployment app/e container enricher: capabilities.add is {"CHOWN"}, not {}"#,
-        "Deployment app/e: needs Pod Security level Baseline, namespace app enforces Restricted",
-    ]);
-    let v = broken(ENRICHER, |o| *at(o, &format!("{ENRICHER_C}/securityContext/capabilities/drop")) = json!(["NET_RAW"]));
-    assert_eq!(v, [
-        r#"Deployment app/e container enricher: capabilities.drop is {"NET_RAW"}, not ["ALL"]"#,
-        "Deployment app/e: needs Pod Security level Baseline, namespace app enforces Restricted",
-    ]);
+    let v = broken(AGENT, |o| {
+        at(o, &format!("{AGENT_C}/securityContext/capabilities/add"))
+            .as_array_mut()
+            .unwrap()
+            .push(json!("SYS_ADMIN"))
+    });
+    assert_eq!(
+        v,
+        [
+            r#"DaemonSet agent/a container agent: capabilities.add is {"BPF", "PERFMON", "SYS_ADMIN"}, not {"BPF", "PERFMON"}"#
+        ]
+    );
+    let v = broken(AGENT, |o| {
+        *at(o, &format!("{AGENT_C}/securityContext/capabilities/add")) = json!(["BPF"])
+    });
+    assert_eq!(
+        v,
+        [
+            r#"DaemonSet agent/a container agent: capabilities.add is {"BPF"}, not {"BPF", "PERFMON"}"#
+        ]
+    );
+    let v = broken(ENRICHER, |o| {
+        at(o, &format!("{ENRICHER_C}/securityContext/capabilities"))["add"] = json!(["CHOWN"])
+    });
+    assert_eq!(
+        v,
+        [
+            r#"Deployment app/e container enricher: capabilities.add is {"CHOWN"}, not {}"#,
+            "Deployment app/e: needs Pod Security level Baseline, namespace app enforces Restricted",
+        ]
+    );
+    let v = broken(ENRICHER, |o| {
+        *at(
+            o,
+            &format!("{ENRICHER_C}/securityContext/capabilities/drop"),
+        ) = json!(["NET_RAW"])
+    });
+    assert_eq!(
+        v,
+        [
+            r#"Deployment app/e container enricher: capabilities.drop is {"NET_RAW"}, not ["ALL"]"#,
+            "Deployment app/e: needs Pod Security level Baseline, namespace app enforces Restricted",
+        ]
+    );
 }
 
 #[test]
 fn posture_fails_missing_resources_and_probes() {
     let v = broken(ENRICHER, |o| {
-        at(o, &format!("{ENRICHER_C}/resources")).as_object_mut().unwrap().remove("limits");
+        at(o, &format!("{ENRICHER_C}/resources"))
+            .as_object_mut()
+            .unwrap()
+            .remove("limits");
     });
-    assert_eq!(v, [
-        "Deployment app/e container enricher: no resources.limits.cpu",
-        "Deployment app/e container enricher: no resources.limits.memory",
-    ]);
+    assert_eq!(
+        v,
+        [
+            "Deployment app/e container enricher: no resources.limits.cpu",
+            "Deployment app/e container enricher: no resources.limits.memory",
+        ]
+    );
     let v = broken(AGENT, |o| {
-        at(o, AGENT_C).as_object_mut().unwrap().remove("readinessProbe");
+        at(o, AGENT_C)
+            .as_object_mut()
+            .unwrap()
+            .remove("readinessProbe");
     });
-    assert_eq!(v, ["DaemonSet agent/a container agent: readinessProbe is not an HTTP GET of /readyz (found None)"]);
-    let v = broken(AGENT, |o| *at(o, &format!("{AGENT_C}/livenessProbe/httpGet/path")) = json!("/metrics"));
-    assert_eq!(v, [r#"DaemonSet agent/a container agent: livenessProbe is not an HTTP GET of /healthz (found Some("/metrics"))"#]);
+    assert_eq!(
+        v,
+        [
+            "DaemonSet agent/a container agent: readinessProbe is not an HTTP GET of /readyz (found None)"
+        ]
+    );
+    let v = broken(AGENT, |o| {
+        *at(o, &format!("{AGENT_C}/livenessProbe/httpGet/path")) = json!("/metrics")
+    });
+    assert_eq!(
+        v,
+        [
+            r#"DaemonSet agent/a container agent: livenessProbe is not an HTTP GET of /healthz (found Some("/metrics"))"#
+        ]
+    );
 }
 
 #[test]
 fn posture_fails_a_writable_root_file_system_and_privilege_escalation() {
-    let v = broken(AGENT, |o| at(o, &format!("{AGENT_C}/securityContext"))["readOnlyRootFilesystem"] = json!(false));
-    assert_eq!(v, ["DaemonSet agent/a container agent: readOnlyRootFilesystem is not true"]);
-    let v = broken(ENRICHER, |o| {
-        at(o, &format!("{ENRICHER_C}/securityContext")).as_object_mut().unwrap().remove("allowPrivilegeEscalation");
+    let v = broken(AGENT, |o| {
+        at(o, &format!("{AGENT_C}/securityContext"))["readOnlyRootFilesystem"] = json!(false)
     });
-    assert_eq!(v, [
-        "Deployment app/e container enricher: allowPrivilegeEscalation is not false",
-        "Deployment app/e: needs Pod Security level Baseline, namespace app enforces Restricted",
-    ]);
+    assert_eq!(
+        v,
+        ["DaemonSet agent/a container agent: readOnlyRootFilesystem is not true"]
+    );
+    let v = broken(ENRICHER, |o| {
+        at(o, &format!("{ENRICHER_C}/securityContext"))
+            .as_object_mut()
+            .unwrap()
+            .remove("allowPrivilegeEscalation");
+    });
+    assert_eq!(
+        v,
+        [
+            "Deployment app/e container enricher: allowPrivilegeEscalation is not false",
+            "Deployment app/e: needs Pod Security level Baseline, namespace app enforces Restricted",
+        ]
+    );
 }
 
 #[test]
 fn posture_fails_root_outside_the_agent() {
     let v = broken(ENRICHER, |o| {
-        at(o, "/spec/template/spec/securityContext").as_object_mut().unwrap().remove("runAsNonRoot");
+        at(o, "/spec/template/spec/securityContext")
+            .as_object_mut()
+            .unwrap()
+            .remove("runAsNonRoot");
     });
-    assert_eq!(v, [
-        "Deployment app/e container enricher: runAsNonRoot is not true",
-        "Deployment app/e: needs Pod Security level Baseline, namespace app enforces Restricted",
-    ]);
-    let v = broken(ENRICHER, |o| at(o, &format!("{ENRICHER_C}/securityContext"))["runAsUser"] = json!(0));
-    assert_eq!(v, [
-        "Deployment app/e container enricher: runAsUser is 0",
-        "Deployment app/e: needs Pod Security level Baseline, namespace app enforces Restricted",
-    ]);
+    assert_eq!(
+        v,
+        [
+            "Deployment app/e container enricher: runAsNonRoot is not true",
+            "Deployment app/e: needs Pod Security level Baseline, namespace app enforces Restricted",
+        ]
+    );
+    let v = broken(ENRICHER, |o| {
+        at(o, &format!("{ENRICHER_C}/securityContext"))["runAsUser"] = json!(0)
+    });
+    assert_eq!(
+        v,
+        [
+            "Deployment app/e container enricher: runAsUser is 0",
+            "Deployment app/e: needs Pod Security level Baseline, namespace app enforces Restricted",
+        ]
+    );
 }
 
 #[test]
 fn posture_fails_host_paths_outside_the_agent_or_not_read_only() {
     let v = broken(ENRICHER, |o| {
-        at(o, "/spec/template/spec/volumes").as_array_mut().unwrap().push(json!({"name": "h", "hostPath": {"path": "/var/lib/flowlog"}}));
+        at(o, "/spec/template/spec/volumes")
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "h", "hostPath": {"path": "/var/lib/flowlog"}}));
     });
-    assert_eq!(v, [
-        "Deployment app/e: hostPath volume h (/var/lib/flowlog)",
-        "Deployment app/e: needs Pod Security level Privileged, namespace app enforces Restricted",
-    ]);
+    assert_eq!(
+        v,
+        [
+            "Deployment app/e: hostPath volume h (/var/lib/flowlog)",
+            "Deployment app/e: needs Pod Security level Privileged, namespace app enforces Restricted",
+        ]
+    );
     let v = broken(AGENT, |o| {
-        at(o, &format!("{AGENT_C}/volumeMounts/0")).as_object_mut().unwrap().remove("readOnly");
+        at(o, &format!("{AGENT_C}/volumeMounts/0"))
+            .as_object_mut()
+            .unwrap()
+            .remove("readOnly");
     });
-    assert_eq!(v, ["DaemonSet agent/a container agent: hostPath /sys/kernel/tracing is not mounted read-only"]);
-    let v = broken(AGENT, |o| *at(o, "/spec/template/spec/volumes/1/hostPath/path") = json!("/"));
+    assert_eq!(
+        v,
+        [
+            "DaemonSet agent/a container agent: hostPath /sys/kernel/tracing is not mounted read-only"
+        ]
+    );
+    let v = broken(AGENT, |o| {
+        *at(o, "/spec/template/spec/volumes/1/hostPath/path") = json!("/")
+    });
     assert_eq!(v, ["DaemonSet agent/a: hostPath volume state (/)"]);
 }
 
 #[test]
 fn posture_fails_images_not_in_the_kustomization() {
-    let v = broken(ENRICHER, |o| *at(o, &format!("{ENRICHER_C}/image")) = json!("docker.io/library/busybox"));
-    assert_eq!(v, [r#"Deployment app/e container enricher: image "docker.io/library/busybox" is not one of the kustomization's images {"reg/agent:1", "reg/enricher:1"}"#]);
+    let v = broken(ENRICHER, |o| {
+        *at(o, &format!("{ENRICHER_C}/image")) = json!("docker.io/library/busybox")
+    });
+    assert_eq!(
+        v,
+        [
+            r#"Deployment app/e container enricher: image "docker.io/library/busybox" is not one of the kustomization's images {"reg/agent:1", "reg/enricher:1"}"#
+        ]
+    );
 }
 
 #[test]
 fn posture_fails_a_pod_above_its_namespaces_level() {
     // The agent moved into the restricted namespace.
     let v = broken(AGENT, |o| *at(o, "/metadata/namespace") = json!("app"));
-    assert_eq!(v, ["DaemonSet app/a: needs Pod Security level Privileged, namespace app enforces Restricted"]);
-    let v = broken(AGENT, |o| *at(o, "/spec/template/spec/securityContext/seccompProfile/type") = json!("Unconfined"));
-    assert_eq!(v, [r#"DaemonSet agent/a container agent: seccompProfile is Some("Unconfined"), not RuntimeDefault"#]);
+    assert_eq!(
+        v,
+        ["DaemonSet app/a: needs Pod Security level Privileged, namespace app enforces Restricted"]
+    );
+    let v = broken(AGENT, |o| {
+        *at(o, "/spec/template/spec/securityContext/seccompProfile/type") = json!("Unconfined")
+    });
+    assert_eq!(
+        v,
+        [
+            r#"DaemonSet agent/a container agent: seccompProfile is Some("Unconfined"), not RuntimeDefault"#
+        ]
+    );
 }
 
 #[test]
 fn posture_fails_rbac_beyond_reading_and_the_lease() {
-    let v = broken(CLUSTER_ROLE, |o| *at(o, "/rules/0/verbs") = json!(["list", "watch", "delete"]));
-    assert_eq!(v, [r#"ClusterRole c rule 0: verbs {"delete"} beyond get/list/watch"#]);
+    let v = broken(CLUSTER_ROLE, |o| {
+        *at(o, "/rules/0/verbs") = json!(["list", "watch", "delete"])
+    });
+    assert_eq!(
+        v,
+        [r#"ClusterRole c rule 0: verbs {"delete"} beyond get/list/watch"#]
+    );
     // create/update are the Lease's only, in a Role.
-    let v = broken(CLUSTER_ROLE, |o| *at(o, "/rules/0") = json!({"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]}));
-    assert_eq!(v, [r#"ClusterRole c rule 0: verbs {"create"} beyond get/list/watch"#]);
-    let v = broken(ROLE, |o| *at(o, "/rules/0/resources") = json!(["leases", "secrets"]));
-    assert_eq!(v, [r#"Role app/r rule 0: verbs {"create", "update"} beyond get/list/watch"#]);
+    let v = broken(
+        CLUSTER_ROLE,
+        |o| *at(o, "/rules/0") = json!({"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]}),
+    );
+    assert_eq!(
+        v,
+        [r#"ClusterRole c rule 0: verbs {"create"} beyond get/list/watch"#]
+    );
+    let v = broken(ROLE, |o| {
+        *at(o, "/rules/0/resources") = json!(["leases", "secrets"])
+    });
+    assert_eq!(
+        v,
+        [r#"Role app/r rule 0: verbs {"create", "update"} beyond get/list/watch"#]
+    );
     let v = broken(ROLE, |o| *at(o, "/rules/0/verbs") = json!(["*"]));
-    assert_eq!(v, [
-        "Role app/r rule 0: verbs has a wildcard",
-        r#"Role app/r rule 0: verbs {"*"} beyond get/list/watch"#,
-    ]);
+    assert_eq!(
+        v,
+        [
+            "Role app/r rule 0: verbs has a wildcard",
+            r#"Role app/r rule 0: verbs {"*"} beyond get/list/watch"#,
+        ]
+    );
 }

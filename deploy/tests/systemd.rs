@@ -64,7 +64,10 @@ fn exposure_scores_are_at_most_the_recorded_ones() {
     for (unit, recorded) in EXPOSURE {
         let score = exposure(&systemd_dir().join(unit)).unwrap();
         eprintln!("{unit}: exposure {score} (recorded {recorded})");
-        assert!(score <= recorded, "{unit}: exposure {score} > recorded {recorded}");
+        assert!(
+            score <= recorded,
+            "{unit}: exposure {score} > recorded {recorded}"
+        );
     }
 }
 
@@ -92,7 +95,10 @@ fn the_agent_unit_adds_the_daemonsets_capabilities_and_only_dac_read_search() {
     assert_eq!(directive(&agent, "StateDirectory"), ["flowlog"]);
     // The system calls the agent is about are allowed, and the spool is where the unit keeps it.
     let filter = set(&directive(&agent, "SystemCallFilter"));
-    assert!(filter.contains("bpf") && filter.contains("perf_event_open"), "{filter:?}");
+    assert!(
+        filter.contains("bpf") && filter.contains("perf_event_open"),
+        "{filter:?}"
+    );
     assert!(
         directive(&agent, "Environment")
             .iter()
@@ -100,7 +106,10 @@ fn the_agent_unit_adds_the_daemonsets_capabilities_and_only_dac_read_search() {
     );
     // The system user exists through sysusers.d.
     let sysusers = std::fs::read_to_string(systemd_dir().join("sysusers.d/flowlog.conf")).unwrap();
-    assert!(sysusers.lines().any(|l| l.starts_with("u flowlog ")), "{sysusers}");
+    assert!(
+        sysusers.lines().any(|l| l.starts_with("u flowlog ")),
+        "{sysusers}"
+    );
 }
 
 #[test]
@@ -118,7 +127,11 @@ fn the_enricher_and_the_inventory_have_no_capabilities_and_dynamic_users() {
 fn every_unit_is_hardened_and_runs_its_binary_from_usr_local_bin() {
     for (name, binary) in UNITS {
         let unit = unit(name);
-        assert_eq!(directive(&unit, "ExecStart"), [format!("/usr/local/bin/{binary}")], "{name}");
+        assert_eq!(
+            directive(&unit, "ExecStart"),
+            [format!("/usr/local/bin/{binary}")],
+            "{name}"
+        );
         for (key, value) in [
             ("NoNewPrivileges", "yes"),
             ("ProtectSystem", "strict"),
