@@ -130,3 +130,114 @@ pub fn exposure(unit_file: &Path) -> anyhow::Result<f64> {
         .parse()
         .with_context(|| format!("the score {score:?} in {line:?}"))
 }
+
+/// A capability as `setpriv` names it: `CAP_BPF` → `bpf`.
+fn setpriv_name(capability: &str) -> String {
+    capability
+        .strip_prefix("CAP_")
+        .unwrap_or(capability)
+        .to_lowercase()
+}
+
+/// How a run of the agent as a non-root user ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentRun {
+    /// It logged "capturing TCP flows" (programs loaded and attached), then exited with this
+    /// code on SIGTERM; its warnings and errors until it captured (a degraded start, e.g. a
+    /// tracepoint it could not attach).
+    Captured {
+        exit_code: Option<i32>,
+        warnings: Vec<String>,
+    },
+    /// It exited before capturing; its log.
+    Failed { exit_code: Option<i32>, log: String },
+}
+
+/// Runs the agent binary `agent` as `uid`:`uid` (not root) with exactly `capabilities`
+/// (`CAP_*` names) as its ambient, inheritable and bounding sets, as systemd's `User=` and
+/// `AmbientCapabilities=` would, through `setpriv`; JSON lines to /dev/null, metrics on
+/// `metrics_addr`. Waits up to `timeout` for the agent to capture, then stops it with SIGTERM.
+pub fn run_agent_as(
+    agent: &Path,
+    uid: u32,
+    capabilities: &[String],
+    metrics_addr: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<AgentRun> {
+    use std::io::{BufRead as _, BufReader};
+    let caps = capabilities
+        .iter()
+        .map(|c| format!(",+{}", setpriv_name(c)))
+        .collect::<String>();
+    let mut child = Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
+        .arg(format!("--inh-caps=-all{caps}"))
+        .arg(format!("--ambient-caps=-all{caps}"))
+        .arg(format!("--bounding-set=-all{caps}"))
+        .arg("--")
+        .arg(agent)
+        .args(["--output", "jsonl", "--metrics-addr", metrics_addr])
+        .args([
+            "--tracefs",
+            "/sys/kernel/tracing",
+            "--btf",
+            "/sys/kernel/btf/vmlinux",
+        ])
+        .env("FLOWLOG_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running the agent through setpriv (util-linux)")?;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let mut log = String::new();
+    let mut captured = false;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                log.push_str(&line);
+                log.push('\n');
+                if line.contains("capturing TCP flows") {
+                    captured = true;
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    if captured {
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .context("sending SIGTERM to the agent")?;
+    } else if child.try_wait()?.is_none() {
+        child.kill()?;
+    }
+    let status = child.wait()?;
+    let _ = reader.join();
+    Ok(if captured {
+        AgentRun::Captured {
+            exit_code: status.code(),
+            warnings: log
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .map(str::to_string)
+                .collect(),
+        }
+    } else {
+        log.extend(rx.try_iter().map(|l| l + "\n"));
+        AgentRun::Failed {
+            exit_code: status.code(),
+            log,
+        }
+    })
+}

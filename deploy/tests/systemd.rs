@@ -4,11 +4,15 @@
 //! one recorded here and in README; and the units grant exactly the documented capabilities.
 use std::collections::BTreeSet;
 
+use std::time::Duration;
+
 use flowlog_deploy::{
     binaries_dir,
     kubernetes::agent_capabilities,
     repo_root,
-    systemd::{UNITS, directive, exposure, systemd_dir, verify, verify_root},
+    systemd::{
+        AgentRun, UNITS, directive, exposure, run_agent_as, systemd_dir, verify, verify_root,
+    },
 };
 
 /// The exposure scores measured with systemd 252 (`systemd-analyze security --offline=true`;
@@ -155,4 +159,66 @@ fn every_unit_is_hardened_and_runs_its_binary_from_usr_local_bin() {
         let seconds: u64 = stop[0].trim_end_matches('s').parse().unwrap();
         assert!(seconds >= 30, "{name}: TimeoutStopSec {stop:?}");
     }
+}
+
+/// The user the agent runs as in the proof below: `nobody`, a non-root user with no files.
+const NOBODY: u32 = 65534;
+
+/// What the unit's `User=flowlog` and `AmbientCapabilities=` amount to, run for real (as root,
+/// through setpriv, without systemd's other sandboxing): the agent loads and attaches all its
+/// programs as a non-root user with exactly the unit's capabilities, and without any one of
+/// them it either fails at start or starts degraded, saying so. (Without CAP_DAC_READ_SEARCH
+/// it cannot read tracefs, so the `syscalls:sys_exit_accept*` tracepoints are not attached and
+/// inbound flows lose their process at accept time.)
+#[test]
+fn the_agent_captures_as_a_non_root_user_with_exactly_its_units_capabilities() {
+    let capabilities: Vec<String> = set(&directive(
+        &unit("flowlog-agent.service"),
+        "AmbientCapabilities",
+    ))
+    .into_iter()
+    .collect();
+    // A copy that a non-root user can execute (the target directory may be under /root).
+    let dir = std::env::temp_dir().join(format!("flowlog-deploy-agent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let agent = dir.join("flowlog-sidecar");
+    std::fs::copy(binaries_dir().join("flowlog-sidecar"), &agent)
+        .expect("the flowlog-sidecar binary (cargo test --all-targets builds it)");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = |caps: &[String]| {
+        run_agent_as(&agent, NOBODY, caps, "127.0.0.1:0", Duration::from_secs(30)).unwrap()
+    };
+    assert_eq!(
+        run(&capabilities),
+        AgentRun::Captured {
+            exit_code: Some(0),
+            warnings: vec![]
+        }
+    );
+    for missing in &capabilities {
+        let fewer: Vec<String> = capabilities
+            .iter()
+            .filter(|c| *c != missing)
+            .cloned()
+            .collect();
+        match run(&fewer) {
+            AgentRun::Failed { exit_code, log } => {
+                assert_ne!(exit_code, Some(0), "without {missing}: {log}");
+                eprintln!(
+                    "without {missing}: failed, exit {exit_code:?}: {}",
+                    log.trim()
+                );
+            }
+            AgentRun::Captured { warnings, .. } => {
+                assert!(
+                    !warnings.is_empty(),
+                    "the agent captured fully without {missing}"
+                );
+                eprintln!("without {missing}: degraded: {}", warnings.join("\n"));
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
