@@ -30,21 +30,24 @@ fn renderings() -> Vec<(String, PathBuf)> {
 }
 
 /// A kustomization of overlays/dev with components/podmonitor (an optional component no
-/// overlay includes), made under the target directory.
+/// overlay includes), made under the target directory (one directory for every run; its file
+/// is replaced atomically, so concurrent tests and runs read a whole one).
 fn podmonitor_kustomization() -> PathBuf {
-    let dir =
-        flowlog_deploy::binaries_dir().join(format!("kustomize-podmonitor-{}", std::process::id()));
+    let dir = flowlog_deploy::binaries_dir().join("kustomize-podmonitor");
     std::fs::create_dir_all(&dir).unwrap();
     let k = kubernetes_dir();
-    std::fs::write(
-        dir.join("kustomization.yaml"),
-        format!(
-            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n  - {}\n",
-            relative(&dir, &k.join("overlays/dev")).display(),
-            relative(&dir, &k.join("components/podmonitor")).display()
-        ),
-    )
-    .unwrap();
+    let text = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n  - {}\n",
+        relative(&dir, &k.join("overlays/dev")).display(),
+        relative(&dir, &k.join("components/podmonitor")).display()
+    );
+    let tmp = dir.join(format!(
+        "kustomization.yaml.{}.{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join("kustomization.yaml")).unwrap();
     dir
 }
 
