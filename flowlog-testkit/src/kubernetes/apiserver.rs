@@ -92,6 +92,8 @@ pub(super) struct Inner {
     /// The cluster-wide resource version (etcd's revision): every write increments it.
     pub(super) rv: u64,
     failing: bool,
+    /// Lists and watches of the watched kinds fail (Leases still work).
+    failing_watches: bool,
     failed_requests: u64,
     /// Watches answered 410 Gone.
     gone: u64,
@@ -300,6 +302,18 @@ impl ApiServer {
         }
     }
 
+    /// While set, lists and watches of the watched kinds are answered 500 and open watches are
+    /// cut, but Leases keep working: an elected leader whose sources cannot sync.
+    pub fn set_failing_watches(&self, failing: bool) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.failing_watches = failing;
+        if failing {
+            for collection in inner.collections.values_mut() {
+                collection.watchers.clear();
+            }
+        }
+    }
+
     /// Watches answered 410 Gone so far.
     pub fn gone_responses(&self) -> u64 {
         self.inner.lock().unwrap().gone
@@ -368,6 +382,13 @@ async fn handle(
             ),
         );
     };
+    if inner.failing_watches {
+        inner.failed_requests += 1;
+        return json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &status(500, "InternalError", "injected failure"),
+        );
+    }
     let current = inner.rv;
     let mut gone_count = 0;
     let collection = inner.collections.entry(kind).or_default();
