@@ -37,6 +37,12 @@
 //!   margin `D − R` (5 s at the default 15 s) covers the difference of the two clocks' rates
 //!   over `D`, the time it takes to stop, and the network delay of a message already sent.
 //!
+//! What this cannot rule out, like every lease without fencing at the destination: a process
+//! frozen as a whole for longer than the margin (SIGSTOP, a paused VM) resumes all its threads
+//! at once, and a message already queued may leave before the fence thread runs. Only the
+//! broker could refuse it (Kafka transactions with one `transactional.id` shared by the
+//! replicas); that is not done here.
+//!
 //! A leader that fails to renew before its deadline does not become a candidate again in the
 //! same process: ending the process is the only way to be sure that no publish from its queues
 //! lands later, and Kubernetes restarts it as a standby (see `flowlog-inventory`). A restarted
