@@ -421,14 +421,17 @@ pub fn replay_tenures(brokers: &str, topic: &str) -> Result<Tenures, OwnershipEr
 }
 
 /// Publishes every change of `changes` to `topic` (partition 0) in order, each watermark only
-/// once everything before it is acknowledged; expires tenures closed longer than `retention` ago. Runs until the channel
-/// closes (the sources stopped).
+/// once everything before it is acknowledged; expires tenures closed longer than `retention` ago.
+/// Runs until the channel closes (the sources stopped). `acknowledged` is told of every
+/// acknowledged write — `Some(source)` for a source's watermark, `None` for tenures — so that
+/// the caller knows publishing works (its readiness).
 pub async fn publish(
     brokers: &str,
     topic: &str,
     mut tenures: Tenures,
     mut changes: mpsc::Receiver<OwnershipChange>,
     retention: Duration,
+    mut acknowledged: impl FnMut(Option<&str>) + Send,
 ) -> Result<(), OwnershipError> {
     let producer: FutureProducer<OwnershipContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -451,7 +454,10 @@ pub async fn publish(
                 messages.push(Outgoing {
                     key: record.key(),
                     value: Some(serde_json::to_vec(&record).expect("records serialize")),
-                    watermark: matches!(record, OwnershipRecord::Watermark { .. }),
+                    watermark: match &record {
+                        OwnershipRecord::Watermark { source, .. } => Some(source.clone()),
+                        OwnershipRecord::Tenure { .. } => None,
+                    },
                 });
             }
         }
@@ -459,17 +465,20 @@ pub async fn publish(
         messages.extend(tenures.expire(horizon).into_iter().map(|key| Outgoing {
             key,
             value: None,
-            watermark: false,
+            watermark: None,
         }));
         // Tenures between two watermarks go out together (the idempotent producer keeps their
         // order on the one partition); a watermark goes out only once everything before it is
         // acknowledged, so no reader ever sees a watermark ahead of a change it covers.
-        for run in messages.split_inclusive(|m| m.watermark) {
+        for run in messages.split_inclusive(|m| m.watermark.is_some()) {
             let (changes, watermark) = match run.split_last() {
-                Some((last, rest)) if last.watermark => (rest, Some(last)),
+                Some((last, rest)) if last.watermark.is_some() => (rest, Some(last)),
                 _ => (run, None),
             };
-            send_in_order(&producer, topic, changes, &mut errors).await;
+            if !changes.is_empty() {
+                send_in_order(&producer, topic, changes, &mut errors).await;
+                acknowledged(None);
+            }
             if let Some(watermark) = watermark {
                 send_in_order(
                     &producer,
@@ -478,6 +487,7 @@ pub async fn publish(
                     &mut errors,
                 )
                 .await;
+                acknowledged(watermark.watermark.as_deref());
             }
         }
     }
@@ -488,7 +498,8 @@ pub async fn publish(
 struct Outgoing {
     key: String,
     value: Option<Vec<u8>>,
-    watermark: bool,
+    /// The source whose watermark this is (`None`: a tenure or a tombstone).
+    watermark: Option<String>,
 }
 
 /// Sends `messages` to partition 0 of `topic` all at once and waits for every acknowledgement.

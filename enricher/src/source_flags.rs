@@ -63,9 +63,45 @@ pub struct SourceFlags {
 }
 
 impl SourceFlags {
+    /// Whether the flags ask for the Kubernetes source.
+    pub fn kubernetes_wanted(&self) -> bool {
+        self.kubernetes || self.kubernetes_url.is_some()
+    }
+
+    /// The Kubernetes client the flags describe: `--kubernetes-url` without credentials, else the
+    /// in-cluster service account or the kubeconfig. The Kubernetes source and leader election
+    /// (`flowlog-inventory --leader-election`) use the same one.
+    pub async fn kubernetes_client(&self) -> anyhow::Result<kube::Client> {
+        match &self.kubernetes_url {
+            Some(url) => {
+                let uri = url
+                    .parse()
+                    .with_context(|| format!("--kubernetes-url {url}"))?;
+                kube::Client::try_from(kube::Config::new(uri))
+                    .with_context(|| format!("a Kubernetes client for {url}"))
+            }
+            None => kube::Client::try_default()
+                .await
+                .context("the Kubernetes client (in-cluster or kubeconfig)"),
+        }
+    }
+
     /// The sources the flags ask for, opened (a static file that does not load is an error
     /// naming it).
     pub async fn sources(&self) -> anyhow::Result<Vec<Box<dyn InventorySource>>> {
+        let client = match self.kubernetes_wanted() {
+            true => Some(self.kubernetes_client().await?),
+            false => None,
+        };
+        self.sources_with(client).await
+    }
+
+    /// [`SourceFlags::sources`] with the Kubernetes client `kubernetes` (it must be `Some` if the
+    /// flags ask for the Kubernetes source).
+    pub async fn sources_with(
+        &self,
+        kubernetes: Option<kube::Client>,
+    ) -> anyhow::Result<Vec<Box<dyn InventorySource>>> {
         let mut sources: Vec<Box<dyn InventorySource>> = Vec::new();
         for path in &self.static_files {
             let source = StaticSource::open(path, self.static_interval)
@@ -95,25 +131,13 @@ impl SourceFlags {
             }
             sources.push(Box::new(Ec2Source::new(client, settings)));
         }
-        if self.kubernetes || self.kubernetes_url.is_some() {
+        if self.kubernetes_wanted() {
             let mut settings = KubernetesSettings::default();
             if !self.kubernetes_labels.is_empty() {
                 settings.labels = self.kubernetes_labels.clone();
             }
-            let source = match &self.kubernetes_url {
-                Some(url) => {
-                    let uri = url
-                        .parse()
-                        .with_context(|| format!("--kubernetes-url {url}"))?;
-                    let client = kube::Client::try_from(kube::Config::new(uri))
-                        .with_context(|| format!("a Kubernetes client for {url}"))?;
-                    KubernetesSource::new(client, settings)
-                }
-                None => KubernetesSource::from_default_config(settings)
-                    .await
-                    .context("the Kubernetes client (in-cluster or kubeconfig)")?,
-            };
-            sources.push(Box::new(source));
+            let client = kubernetes.context("the Kubernetes source needs a Kubernetes client")?;
+            sources.push(Box::new(KubernetesSource::new(client, settings)));
         }
         Ok(sources)
     }

@@ -6,6 +6,9 @@
 //! or from the in-cluster / kubeconfig defaults ([`KubernetesSource::from_default_config`]), with
 //! [`KubernetesSettings`] (label allow-list, watermark period, retry backoff).
 //!
+//! [`election`] is leader election on a `coordination.k8s.io/v1` Lease, so that one of several
+//! `flowlog-inventory` replicas publishes at a time.
+//!
 //! # What each watched kind contributes (all namespaces)
 //! - **Pods**: each pod IP (`status.podIPs`, or `podIP`; IPv4 and IPv6) as a `Pod` identity with
 //!   namespace, name, workload (the controlling owner; a ReplicaSet made by a Deployment is named
@@ -70,6 +73,7 @@
 //! watermark: a stuck watermark is the honest answer while the view may be missing changes, and
 //! changes that happened during an outage are dated when they are seen after it.
 pub mod claims;
+pub mod election;
 pub mod settings;
 pub mod source;
 pub mod tracker;

@@ -1,10 +1,11 @@
 //! A Kubernetes API server for tests and benchmarks ([`ApiServer`]: lists, watches, bookmarks,
-//! `410 Gone`), and object JSON as kube-apiserver writes it for the kinds flowlog watches.
+//! `410 Gone`; Leases; every call recorded as the RBAC authorizer sees it), and object JSON as kube-apiserver writes it for the kinds flowlog watches.
 mod apiserver;
+mod lease;
 
 use serde_json::{Value, json};
 
-pub use apiserver::{ApiServer, Kind};
+pub use apiserver::{ApiCall, ApiServer, Kind};
 
 /// A pod as the API server has it. `ip: None` is a pod without an address yet.
 pub struct PodSpec<'a> {

@@ -7,8 +7,13 @@
 //! drives it: objects are added, modified and deleted at moments it controls, watches can be cut
 //! with history compacted (so events are lost and a re-list must find out), and every request
 //! can be made to fail.
+//!
+//! It also serves namespaced `coordination.k8s.io/v1` Leases for leader election (get, create,
+//! update with optimistic concurrency: see [`lease`]), and records every request as the RBAC
+//! authorizer sees it ([`ApiCall`], [`ApiServer::calls`]), so a test can compare what a client did
+//! with what a Role grants.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     convert::Infallible,
     sync::{Arc, Mutex},
 };
@@ -17,12 +22,13 @@ use axum::{
     Router,
     body::{Body, Bytes},
     extract::{Query, State},
-    http::{StatusCode, Uri, header},
+    http::{Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
     serve::ListenerExt,
 };
 use serde_json::{Value, json};
 
+use super::lease;
 use crate::now_ns;
 use tokio::sync::mpsc;
 
@@ -82,14 +88,98 @@ impl Collection {
 }
 
 #[derive(Default)]
-struct Inner {
+pub(super) struct Inner {
     /// The cluster-wide resource version (etcd's revision): every write increments it.
-    rv: u64,
+    pub(super) rv: u64,
     failing: bool,
+    /// Lists and watches of the watched kinds fail (Leases still work).
+    failing_watches: bool,
     failed_requests: u64,
     /// Watches answered 410 Gone.
     gone: u64,
     collections: BTreeMap<Kind, Collection>,
+    /// Leases by `(namespace, name)`.
+    pub(super) leases: BTreeMap<(String, String), Value>,
+    /// Every request, as the authorizer sees it.
+    pub(super) calls: BTreeSet<ApiCall>,
+}
+
+/// One request as Kubernetes' RBAC authorizer sees it: a verb (`get`, `list`, `watch`, `create`,
+/// `update`, `patch`, `delete`, `deletecollection`) on a resource of an API group (`""` for the
+/// core group), in a namespace or cluster-wide (`namespace: None`), on one named object or a
+/// collection. A subresource is `resource/subresource`, as in a Role's rules. A non-resource
+/// request (discovery such as `/api` or `/version`) has its path as `resource`, an empty group
+/// and the lower-cased HTTP method as its verb.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ApiCall {
+    pub verb: String,
+    pub api_group: String,
+    pub resource: String,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+}
+
+impl ApiCall {
+    /// What the authorizer sees of `method` on `path` (with `watch` from the query): the
+    /// apiserver's RequestInfo rules for `/api/v1/...` and `/apis/<group>/<version>/...`.
+    pub fn of(method: &Method, path: &str, watch: bool) -> Self {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (api_group, rest) = match segments.as_slice() {
+            ["api", _version, rest @ ..] if !rest.is_empty() => ("", rest),
+            ["apis", group, _version, rest @ ..] if !rest.is_empty() => (*group, rest),
+            _ => {
+                return Self {
+                    verb: method.as_str().to_lowercase(),
+                    api_group: String::new(),
+                    resource: path.to_string(),
+                    namespace: None,
+                    name: None,
+                };
+            }
+        };
+        // `namespaces/<ns>/<resource>...` is namespaced; `namespaces/<ns>` alone is the
+        // Namespace object itself.
+        let (namespace, rest) = match rest {
+            ["namespaces", namespace, rest @ ..] if !rest.is_empty() => {
+                (Some(namespace.to_string()), rest)
+            }
+            _ => (None, rest),
+        };
+        let resource = match rest {
+            [resource, _name, subresource, ..] => format!("{resource}/{subresource}"),
+            [resource, ..] => resource.to_string(),
+            [] => unreachable!("rest is not empty"),
+        };
+        let name = rest.get(1).map(|n| n.to_string());
+        let verb = match (method.as_str(), &name) {
+            ("GET" | "HEAD", _) if watch => "watch",
+            ("GET" | "HEAD", Some(_)) => "get",
+            ("GET" | "HEAD", None) => "list",
+            ("POST", _) => "create",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("DELETE", Some(_)) => "delete",
+            ("DELETE", None) => "deletecollection",
+            (other, _) => return Self::of_unknown(other, path),
+        };
+        Self {
+            verb: verb.to_string(),
+            api_group: api_group.to_string(),
+            resource,
+            namespace,
+            name,
+        }
+    }
+
+    fn of_unknown(method: &str, path: &str) -> Self {
+        Self {
+            verb: method.to_lowercase(),
+            api_group: String::new(),
+            resource: path.to_string(),
+            namespace: None,
+            name: None,
+        }
+    }
 }
 
 /// The server; dropping it stops nothing (the runtime of the test ends it).
@@ -105,7 +195,7 @@ fn line(value: &Value) -> Bytes {
     Bytes::from(text)
 }
 
-fn status(code: u16, reason: &str, message: &str) -> Value {
+pub(super) fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {},
         "status": "Failure", "message": message, "reason": reason, "code": code,
@@ -212,6 +302,18 @@ impl ApiServer {
         }
     }
 
+    /// While set, lists and watches of the watched kinds are answered 500 and open watches are
+    /// cut, but Leases keep working: an elected leader whose sources cannot sync.
+    pub fn set_failing_watches(&self, failing: bool) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.failing_watches = failing;
+        if failing {
+            for collection in inner.collections.values_mut() {
+                collection.watchers.clear();
+            }
+        }
+    }
+
     /// Watches answered 410 Gone so far.
     pub fn gone_responses(&self) -> u64 {
         self.inner.lock().unwrap().gone
@@ -221,9 +323,24 @@ impl ApiServer {
     pub fn failed_requests(&self) -> u64 {
         self.inner.lock().unwrap().failed_requests
     }
+
+    /// Every request so far, as the RBAC authorizer saw it (also those answered with an error).
+    pub fn calls(&self) -> BTreeSet<ApiCall> {
+        self.inner.lock().unwrap().calls.clone()
+    }
+
+    /// The Lease `namespace/name` as the server has it now, if it exists.
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.inner
+            .lock()
+            .unwrap()
+            .leases
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
 }
 
-fn json_response(code: StatusCode, value: &Value) -> Response {
+pub(super) fn json_response(code: StatusCode, value: &Value) -> Response {
     (
         code,
         [(header::CONTENT_TYPE, "application/json")],
@@ -234,17 +351,38 @@ fn json_response(code: StatusCode, value: &Value) -> Response {
 
 async fn handle(
     State(inner): State<Arc<Mutex<Inner>>>,
+    method: Method,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
 ) -> Response {
-    let Some(kind) = Kind::ALL.into_iter().find(|k| k.path() == uri.path()) else {
+    let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let call = ApiCall::of(&method, uri.path(), watch);
+    let mut inner = inner.lock().unwrap();
+    // The authorizer sees every request, whatever its answer.
+    inner.calls.insert(call.clone());
+    if inner.failing {
+        inner.failed_requests += 1;
+        return json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &status(500, "InternalError", "injected failure"),
+        );
+    }
+    if call.api_group == lease::GROUP && call.resource == "leases" {
+        return lease::handle(&mut inner, &method, &call, &body);
+    }
+    let kind = Kind::ALL.into_iter().find(|k| k.path() == uri.path());
+    let Some(kind) = kind.filter(|_| method == Method::GET) else {
         return json_response(
             StatusCode::NOT_FOUND,
-            &status(404, "NotFound", &format!("no route {}", uri.path())),
+            &status(
+                404,
+                "NotFound",
+                &format!("no route {method} {}", uri.path()),
+            ),
         );
     };
-    let mut inner = inner.lock().unwrap();
-    if inner.failing {
+    if inner.failing_watches {
         inner.failed_requests += 1;
         return json_response(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -254,7 +392,7 @@ async fn handle(
     let current = inner.rv;
     let mut gone_count = 0;
     let collection = inner.collections.entry(kind).or_default();
-    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+    if watch {
         let from: u64 = query
             .get("resourceVersion")
             .and_then(|v| v.parse().ok())
