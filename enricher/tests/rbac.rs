@@ -1,20 +1,14 @@
 //! Least privilege, proven: the API calls `flowlog-inventory --leader-election` makes — recorded
 //! by the test API server as Kubernetes' RBAC authorizer sees them — against the rules of the
 //! ClusterRole `flowlog-inventory` and the Role `flowlog-inventory-lease` rendered from the
-//! manifests (`kubectl kustomize deploy/kubernetes/overlays/dev`, read with PyYAML, a reader
-//! nobody here wrote). The inventory is taken through leadership (it creates the Lease), a
+//! manifests (`kubectl kustomize deploy/kubernetes/overlays/dev`, read with the deploy tests' YAML
+//! reader). The inventory is taken through leadership (it creates the Lease), a
 //! re-list after `410 Gone`, a takeover by the standby after a kill, and a release on SIGTERM.
 //! Exact both ways: every call made is granted, and every verb on every resource (and name) a
 //! rule grants was used.
 mod inventory_support;
 
-use std::{
-    collections::BTreeSet,
-    io::Write as _,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::Instant,
-};
+use std::{collections::BTreeSet, time::Instant};
 
 use flowlog_testkit::{
     Topic,
@@ -31,54 +25,17 @@ verbs [list, watch]. Role flowlog-inventory-lease in the inventory's namespace: 
 resources [leases] resourceNames [flowlog-inventory] verbs [get, update] (create cannot be \
 limited to a name)";
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Every object of the dev overlay, as JSON.
+/// Every object of the dev overlay, as JSON (rendered and read by the deploy tests' helpers).
 fn rendered() -> Vec<Value> {
-    let root = repo_root();
-    let dir = root.join("deploy/kubernetes");
+    let dir = flowlog_deploy::kubernetes::kubernetes_dir();
     assert!(
         dir.is_dir(),
         "deploy/kubernetes is missing: this test compares the inventory's API calls with the \
          rules rendered from deploy/kubernetes/overlays/dev. Expected exactly: {EXPECTED}"
     );
-    let kustomize = Command::new("kubectl")
-        .args(["kustomize"])
-        .arg(dir.join("overlays/dev"))
-        .output()
-        .expect("running kubectl kustomize (kubectl is on the machine image)");
-    assert!(
-        kustomize.status.success(),
-        "kubectl kustomize deploy/kubernetes/overlays/dev: {}",
-        String::from_utf8_lossy(&kustomize.stderr)
-    );
-    let mut python = Command::new("python3")
-        .args([
-            "-c",
-            "import json, sys, yaml; \
-             json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("running python3 (scripts/bootstrap installs PyYAML)");
-    python
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&kustomize.stdout)
-        .unwrap();
-    let out = python.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "PyYAML could not read the rendered manifests"
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let yaml = flowlog_deploy::kubernetes::kustomize(&dir.join("overlays/dev"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    flowlog_deploy::kubernetes::parse_objects(&yaml).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// One RBAC rule.
