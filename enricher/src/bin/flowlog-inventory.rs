@@ -2,12 +2,13 @@
 //! EC2 as they are added) and publishes their ownership tenures to the compacted
 //! `flows.ownership` topic, which every `flowlog-enricher --ownership-topic` replica follows —
 //! so API servers are not watched once per replica. Run one (or one per cluster).
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
 use flowlog_enricher::{metrics, ownership, source_flags::SourceFlags};
 use flowlog_identity::spawn_source;
+use flowlog_kafka::ClientSettings;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -18,9 +19,14 @@ use tracing::info;
 struct Args {
     #[command(flatten)]
     config: flowlog_cli::ConfigFile,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    /// Kafka bootstrap servers [default: `bootstrap.servers` of `--kafka-config`, else
+    /// 127.0.0.1:9092].
+    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS")]
+    brokers: Option<String>,
+    /// A client.properties file of librdkafka options (`key=value` lines, `#` comments) for
+    /// every Kafka client of the inventory (its publisher and the replay at start): TLS, SASL, ...
+    #[arg(long, env = "FLOWLOG_KAFKA_CONFIG")]
+    kafka_config: Option<PathBuf>,
     /// The ownership topic (one partition, `cleanup.policy=compact`); it must exist.
     #[arg(
         long,
@@ -38,7 +44,7 @@ struct Args {
     metrics_addr: SocketAddr,
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, client: ClientSettings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     flowlog_enricher::inventory::cancel_on_signal(shutdown.clone())?;
     metrics::install(args.metrics_addr)?;
@@ -47,8 +53,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         !sources.is_empty(),
         "no inventory source: give --static, --host-source or --ec2"
     );
-    let (brokers, topic) = (args.brokers.clone(), args.ownership_topic.clone());
-    let tenures = tokio::task::spawn_blocking(move || ownership::replay_tenures(&brokers, &topic))
+    let (replay, topic) = (client.clone(), args.ownership_topic.clone());
+    let tenures = tokio::task::spawn_blocking(move || ownership::replay_tenures(&replay, &topic))
         .await?
         .with_context(|| format!("replaying {}", args.ownership_topic))?;
     let (tx, rx) = mpsc::channel(65_536);
@@ -58,15 +64,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     drop(tx);
     info!(topic = %args.ownership_topic, sources = tasks.len(), "publishing ownership");
-    ownership::publish(
-        &args.brokers,
-        &args.ownership_topic,
-        tenures,
-        rx,
-        args.retention,
-    )
-    .await
-    .with_context(|| format!("publishing to {}", args.ownership_topic))?;
+    ownership::publish(&client, &args.ownership_topic, tenures, rx, args.retention)
+        .await
+        .with_context(|| format!("publishing to {}", args.ownership_topic))?;
     for task in tasks {
         let _ = task.await;
     }
@@ -75,5 +75,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args: Args = flowlog_cli::parse_with_config_file();
-    flowlog_cli::main(flowlog_cli::Runtime::Workers(2), run(args))
+    let client = flowlog_cli::usage_checked::<Args, _, _>(
+        "'--kafka-config' (FLOWLOG_KAFKA_CONFIG)",
+        ClientSettings::load(args.brokers.as_deref(), args.kafka_config.as_deref()),
+    );
+    flowlog_cli::main(flowlog_cli::Runtime::Workers(2), run(args, client))
 }
