@@ -343,6 +343,8 @@ impl Proxy {
                     tokio::spawn(async move {
                         loop {
                             let Ok((tcp, peer)) = listener.accept().await else {
+                                // Out of file descriptors, say: not a reason to spin.
+                                tokio::time::sleep(Duration::from_millis(10)).await;
                                 continue;
                             };
                             tokio::spawn(relay(acceptor.clone(), tcp, peer, backend));
