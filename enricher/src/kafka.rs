@@ -13,10 +13,10 @@ use std::{
     time::Duration,
 };
 
-use flowlog_kafka::{ClientErrors, error_kind};
+use flowlog_kafka::{ClientErrors, ClientSettings, error_kind};
 use metrics::gauge;
 use rdkafka::{
-    ClientConfig, ClientContext, Statistics,
+    ClientContext, Statistics,
     config::RDKafkaLogLevel,
     consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer},
     error::KafkaError,
@@ -30,8 +30,8 @@ use crate::metrics as m;
 /// Where the enricher reads and writes.
 #[derive(Debug, Clone)]
 pub struct KafkaSettings {
-    /// `bootstrap.servers`.
-    pub brokers: String,
+    /// `bootstrap.servers` and the `--kafka-config` options, for every client of the process.
+    pub client: ClientSettings,
     /// Topic of flow records (`flows.raw`).
     pub input_topic: String,
     /// Consumer group shared by the enricher's replicas.
@@ -44,19 +44,22 @@ pub struct KafkaSettings {
     pub input_schema_id: u32,
     /// Registry id of `enriched_flow.v1.avsc`, written in every enriched message.
     pub output_schema_id: u32,
-    /// librdkafka consumer options, applied after (overriding) [`CONSUMER_DEFAULTS`].
+    /// librdkafka consumer options, applied after (overriding) [`CONSUMER_DEFAULTS`] and the
+    /// `--kafka-config` options.
     pub consumer_options: Vec<(String, String)>,
-    /// librdkafka producer options, applied after (overriding) [`PRODUCER_DEFAULTS`].
+    /// librdkafka producer options, applied after (overriding) [`PRODUCER_DEFAULTS`] and the
+    /// `--kafka-config` options.
     pub producer_options: Vec<(String, String)>,
     /// How long the start-up check waits for each topic's metadata.
     pub metadata_timeout: Duration,
 }
 
 impl KafkaSettings {
-    /// The defaults (`flows.raw` → `flows.enriched`, `flows.dlq`, group `flowlog-enricher`).
-    pub fn new(brokers: impl Into<String>) -> Self {
+    /// The defaults (`flows.raw` → `flows.enriched`, `flows.dlq`, group `flowlog-enricher`);
+    /// `client`: the brokers, or [`ClientSettings`] with the `--kafka-config` options.
+    pub fn new(client: impl Into<ClientSettings>) -> Self {
         Self {
-            brokers: brokers.into(),
+            client: client.into(),
             input_topic: "flows.raw".into(),
             group: "flowlog-enricher".into(),
             output_topic: Some("flows.enriched".into()),
@@ -145,7 +148,7 @@ pub struct Context {
 
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        flowlog_kafka::log(level, fac, message);
+        self.shared.errors.log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -197,23 +200,6 @@ impl ProducerContext for Context {
     }
 }
 
-/// librdkafka configuration: defaults, brokers, then the user's options.
-pub fn client_config(
-    defaults: &[(&str, &str)],
-    brokers: &str,
-    options: &[(String, String)],
-) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    for (k, v) in defaults {
-        config.set(*k, *v);
-    }
-    config.set("bootstrap.servers", brokers);
-    for (k, v) in options {
-        config.set(k, v);
-    }
-    config
-}
-
 /// Why the Kafka clients could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -223,6 +209,9 @@ pub enum ClientError {
         brokers: String,
         source: KafkaError,
     },
+    /// librdkafka refused an option of `--consumer-option` or `--producer-option`.
+    #[error(transparent)]
+    Option(flowlog_kafka::OptionError),
     #[error("subscribing to `{topic}`")]
     Subscribe { topic: String, source: KafkaError },
     #[error(transparent)]
@@ -243,43 +232,46 @@ impl Clients {
         let shared = Arc::new(Shared {
             reports: Mutex::default(),
             revoked: Mutex::default(),
-            errors: ClientErrors::new(m::KAFKA_ERRORS, &settings.brokers, "retrying"),
+            errors: ClientErrors::new(m::KAFKA_ERRORS, &settings.client.brokers, "retrying"),
         });
         let context = || Context {
             shared: Arc::clone(&shared),
         };
         let create_err = |what| {
-            move |source| ClientError::Create {
-                what,
-                brokers: settings.brokers.clone(),
-                source,
+            move |source| match flowlog_kafka::OptionError::from_kafka(&source) {
+                Some(option) => ClientError::Option(option),
+                None => ClientError::Create {
+                    what,
+                    brokers: settings.client.brokers.clone(),
+                    source,
+                },
             }
         };
-        let mut consumer_config = client_config(
-            CONSUMER_DEFAULTS,
-            &settings.brokers,
-            &settings.consumer_options,
-        );
+        let mut consumer_config = settings
+            .client
+            .client_config(CONSUMER_DEFAULTS, &settings.consumer_options);
         consumer_config.set("group.id", &settings.group);
         let consumer: StreamConsumer<Context> = consumer_config
             .create_with_context(context())
             .map_err(create_err("consumer"))?;
-        let producer: ThreadedProducer<Context> = client_config(
-            PRODUCER_DEFAULTS,
-            &settings.brokers,
-            &settings.producer_options,
-        )
-        .create_with_context(context())
-        .map_err(create_err("producer"))?;
+        let producer_config = settings
+            .client
+            .client_config(PRODUCER_DEFAULTS, &settings.producer_options);
+        let producer: ThreadedProducer<Context> = producer_config
+            .create_with_context(context())
+            .map_err(create_err("producer"))?;
         let topics = std::iter::once(&settings.input_topic)
             .chain(settings.output_topic.as_ref())
             .chain(std::iter::once(&settings.dlq_topic));
         for topic in topics {
+            // The producer's thread serves its events (and so the error callback).
             let partitions = flowlog_kafka::check_topic(
                 producer.client(),
+                &producer_config,
                 topic,
-                &settings.brokers,
                 settings.metadata_timeout,
+                &shared.errors,
+                || {},
             )?;
             info!(topic, partitions, "topic ready");
         }

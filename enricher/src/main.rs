@@ -1,6 +1,6 @@
 //! `flowlog-enricher`: one replica of the enricher. Reads `flows.raw` in a consumer group,
 //! attributes both ends of every flow as of its start, writes `flows.enriched` and Parquet.
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use flowlog_enricher::{
@@ -12,6 +12,7 @@ use flowlog_enricher::{
     source_flags::SourceFlags,
     storage::{ParquetSettings, ParquetSink, S3Options},
 };
+use flowlog_kafka::ClientSettings;
 use tokio_util::sync::CancellationToken;
 
 /// Attributes both ends of every flow in `flows.raw` to the workload that owned the address at
@@ -21,9 +22,15 @@ use tokio_util::sync::CancellationToken;
 struct Args {
     #[command(flatten)]
     config: flowlog_cli::ConfigFile,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    /// Kafka bootstrap servers [default: `bootstrap.servers` of `--kafka-config`, else
+    /// 127.0.0.1:9092].
+    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS")]
+    brokers: Option<String>,
+    /// A client.properties file of librdkafka options (`key=value` lines, `#` comments) for
+    /// every Kafka client of the enricher (consumer, producer, ownership topic): TLS, SASL, ...
+    /// `--consumer-option` and `--producer-option` win over it.
+    #[arg(long, env = "FLOWLOG_KAFKA_CONFIG")]
+    kafka_config: Option<PathBuf>,
     /// Topic of flow records.
     #[arg(long, env = "FLOWLOG_INPUT_TOPIC", default_value = "flows.raw")]
     input_topic: String,
@@ -91,7 +98,7 @@ struct Args {
     metrics_addr: SocketAddr,
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, client: ClientSettings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     flowlog_enricher::inventory::cancel_on_signal(shutdown.clone())?;
     let health = flowlog_cli::Health::new(pipeline::STALL_LIMIT);
@@ -116,10 +123,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut sources = args.sources.sources().await?;
     if let Some(topic) = &args.ownership_topic {
-        sources.push(Box::new(OwnershipTopicSource::new(&args.brokers, topic)));
+        sources.push(Box::new(OwnershipTopicSource::new(client.clone(), topic)));
     }
     let inventory = Inventory::start(sources, args.retention, &shutdown);
-    let mut kafka = KafkaSettings::new(&args.brokers);
+    let mut kafka = KafkaSettings::new(client);
     kafka.input_topic = args.input_topic;
     kafka.group = args.group;
     kafka.output_topic = (args.output_topic != "none").then_some(args.output_topic);
@@ -140,5 +147,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args: Args = flowlog_cli::parse_with_config_file();
-    flowlog_cli::main(flowlog_cli::Runtime::Workers(2), run(args))
+    let client = flowlog_cli::usage_checked::<Args, _, _>(
+        "'--kafka-config' (FLOWLOG_KAFKA_CONFIG)",
+        ClientSettings::load(args.brokers.as_deref(), args.kafka_config.as_deref()),
+    );
+    flowlog_cli::usage_checked::<Args, _, _>(
+        "'--consumer-option' (FLOWLOG_CONSUMER_OPTIONS)",
+        flowlog_kafka::check_options(&args.consumer_options),
+    );
+    flowlog_cli::usage_checked::<Args, _, _>(
+        "'--producer-option' (FLOWLOG_PRODUCER_OPTIONS)",
+        flowlog_kafka::check_options(&args.producer_options),
+    );
+    flowlog_cli::main(flowlog_cli::Runtime::Workers(2), run(args, client))
 }

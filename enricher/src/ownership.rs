@@ -20,12 +20,12 @@ use std::{
 };
 
 use flowlog_identity::{BoxFuture, InventorySource, OwnershipChange, SourceError};
-use flowlog_kafka::{ClientErrors, LogThrottle};
+use flowlog_kafka::{ClientErrors, ClientSettings, LogThrottle};
 use flowlog_record::Identity;
 use ipnet::IpNet;
 use metrics::counter;
 use rdkafka::{
-    ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
+    ClientContext, Message, Offset, TopicPartitionList,
     config::RDKafkaLogLevel,
     consumer::{BaseConsumer, Consumer, ConsumerContext},
     error::KafkaError,
@@ -315,7 +315,7 @@ impl OwnershipContext {
 
 impl ClientContext for OwnershipContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        flowlog_kafka::log(level, fac, message);
+        self.errors.log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -328,24 +328,57 @@ impl ClientContext for OwnershipContext {
 
 impl ConsumerContext for OwnershipContext {}
 
+/// The reader's librdkafka settings (before the `--kafka-config` options): no group offsets,
+/// end-of-partition events (how a replay knows it is complete), fetches answered within 10 ms.
+const READER_DEFAULTS: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.partition.eof", "true"),
+    ("fetch.wait.max.ms", "10"),
+    ("allow.auto.create.topics", "false"),
+];
+
+/// The publisher's librdkafka settings (before the `--kafka-config` options).
+const PUBLISHER_DEFAULTS: &[(&str, &str)] = &[
+    ("acks", "all"),
+    ("enable.idempotence", "true"),
+    ("compression.type", "zstd"),
+    ("linger.ms", "5"),
+    ("allow.auto.create.topics", "false"),
+];
+
 /// A consumer that reads partition 0 of `topic` from the beginning, with no group offsets.
-fn reader(brokers: &str, topic: &str) -> Result<BaseConsumer<OwnershipContext>, OwnershipError> {
-    let consumer: BaseConsumer<OwnershipContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set(
-            "group.id",
-            format!("flowlog-ownership-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "10")
-        .set("allow.auto.create.topics", "false")
-        .create_with_context(OwnershipContext::new(brokers))
+fn reader(
+    client: &ClientSettings,
+    topic: &str,
+) -> Result<BaseConsumer<OwnershipContext>, OwnershipError> {
+    let mut config = client.client_config(READER_DEFAULTS, &[]);
+    config.set(
+        "group.id",
+        format!("flowlog-ownership-{}", uuid::Uuid::new_v4()),
+    );
+    let consumer: BaseConsumer<OwnershipContext> = config
+        .create_with_context(OwnershipContext::new(&client.brokers))
         .map_err(|source| OwnershipError::Client {
-            brokers: brokers.to_string(),
+            brokers: client.brokers.clone(),
             source,
         })?;
-    flowlog_kafka::check_topic(consumer.client(), topic, brokers, Duration::from_secs(10))?;
+    // The consumer's events (log lines among them) reach the context only when it is polled;
+    // nothing is assigned yet, so polling returns no message.
+    let serve = || {
+        for _ in 0..64 {
+            if consumer.poll(Duration::ZERO).is_none() {
+                break;
+            }
+        }
+    };
+    flowlog_kafka::check_topic(
+        consumer.client(),
+        &config,
+        topic,
+        Duration::from_secs(10),
+        &consumer.context().errors,
+        serve,
+    )?;
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(topic, 0, Offset::Beginning)
         .expect("a valid offset");
@@ -397,8 +430,8 @@ fn poll(
 }
 
 /// Reads `topic` to its current end: the publisher's state before a restart.
-pub fn replay_tenures(brokers: &str, topic: &str) -> Result<Tenures, OwnershipError> {
-    let consumer = reader(brokers, topic)?;
+pub fn replay_tenures(client: &ClientSettings, topic: &str) -> Result<Tenures, OwnershipError> {
+    let consumer = reader(client, topic)?;
     let mut tenures = Tenures::default();
     let mut records = 0u64;
     loop {
@@ -426,23 +459,18 @@ pub fn replay_tenures(brokers: &str, topic: &str) -> Result<Tenures, OwnershipEr
 /// acknowledged write — `Some(source)` for a source's watermark, `None` for tenures — so that
 /// the caller knows publishing works (its readiness).
 pub async fn publish(
-    brokers: &str,
+    client: &ClientSettings,
     topic: &str,
     mut tenures: Tenures,
     mut changes: mpsc::Receiver<OwnershipChange>,
     retention: Duration,
     mut acknowledged: impl FnMut(Option<&str>) + Send,
 ) -> Result<(), OwnershipError> {
-    let producer: FutureProducer<OwnershipContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("compression.type", "zstd")
-        .set("linger.ms", "5")
-        .set("allow.auto.create.topics", "false")
-        .create_with_context(OwnershipContext::new(brokers))
+    let producer: FutureProducer<OwnershipContext> = client
+        .client_config(PUBLISHER_DEFAULTS, &[])
+        .create_with_context(OwnershipContext::new(&client.brokers))
         .map_err(|source| OwnershipError::Client {
-            brokers: brokers.to_string(),
+            brokers: client.brokers.clone(),
             source,
         })?;
     let mut batch = Vec::with_capacity(BATCH);
@@ -580,14 +608,15 @@ fn note_publish_error(topic: &str, e: &KafkaError, errors: &mut LogThrottle) {
 /// watermarks, and only once the replay has reached the end of the topic: until then, the index
 /// is not complete for any time.
 pub struct OwnershipTopicSource {
-    brokers: String,
+    client: ClientSettings,
     topic: String,
 }
 
 impl OwnershipTopicSource {
-    pub fn new(brokers: impl Into<String>, topic: impl Into<String>) -> Self {
+    /// `client`: the brokers, or [`ClientSettings`] with the `--kafka-config` options.
+    pub fn new(client: impl Into<ClientSettings>, topic: impl Into<String>) -> Self {
         Self {
-            brokers: brokers.into(),
+            client: client.into(),
             topic: topic.into(),
         }
     }
@@ -608,8 +637,8 @@ impl InventorySource for OwnershipTopicSource {
                 name: OWNERSHIP_SOURCE.to_string(),
                 message: format!("{:#}", anyhow::Error::from(e)),
             };
-            let Self { brokers, topic } = *self;
-            let consumer = reader(&brokers, &topic).map_err(fatal)?;
+            let Self { client, topic } = *self;
+            let consumer = reader(&client, &topic).map_err(fatal)?;
             let (tx, mut rx) = mpsc::channel::<Polled>(4096);
             // librdkafka's poll blocks: a thread of its own feeds the async side.
             let stop = shutdown.clone();

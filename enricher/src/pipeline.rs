@@ -160,7 +160,7 @@ pub async fn run(
         shared,
     } = Clients::connect(&settings.kafka)?;
     info!(
-        brokers = %settings.kafka.brokers,
+        brokers = %settings.kafka.client.brokers,
         input = %settings.kafka.input_topic,
         group = %settings.kafka.group,
         output = ?settings.kafka.output_topic,

@@ -2,7 +2,9 @@
 //! started by `scripts/kafka start`): dead letters, attribution over ownership intervals from a
 //! static inventory file, and a consumer group of two enrichers, one killed with SIGKILL
 //! mid-stream, losing nothing in Kafka or Parquet (read back with pyarrow, a reader nobody here
-//! wrote).
+//! wrote); and every Kafka client of the enricher and `flowlog-inventory` over TLS and
+//! SASL/SCRAM (`--kafka-config`) against a private broker behind TLS, and what a wrong CA, host
+//! name or password does at their start.
 //!
 //! Each test makes its own topics (unique names) and deletes them.
 use std::{
@@ -21,10 +23,12 @@ use flowlog_record::{
     enriched_avro,
 };
 use flowlog_testkit::{
-    ChildGuard, PATIENCE, Topic, free_port, now_ns, pyarrow, spawn_ready, temp_dir, unique_name,
+    ChildGuard, PATIENCE, Topic, free_port, now_ns, pyarrow, spawn_ready, temp_dir,
+    tls::{TlsBroker, with_option},
+    unique_name,
 };
 use rdkafka::{
-    ClientConfig, Message,
+    Message,
     message::{Headers, OwnedMessage},
     producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
 };
@@ -81,8 +85,8 @@ fn encoded(r: &FlowRecord) -> Vec<u8> {
 
 /// Produces `(key, payload)` messages to `topic`, in order, and waits until all are delivered.
 fn produce(topic: &Topic, messages: &[(Vec<u8>, Vec<u8>)]) {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &topic.brokers)
+    let producer: ThreadedProducer<DefaultProducerContext> = topic
+        .client_config()
         .set("linger.ms", "5")
         .create()
         .expect("creating the test producer");
@@ -494,14 +498,17 @@ fn a_consumer_group_member_killed_mid_stream_loses_nothing() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// `flowlog-inventory` as a child process, killed on drop.
-fn start_inventory(ownership: &Topic, inventory: &str) -> ChildGuard {
+const INVENTORY: &str = env!("CARGO_BIN_EXE_flowlog-inventory");
+
+/// `flowlog-inventory` as a child process with `extra` flags, killed on drop.
+fn start_inventory(ownership: &Topic, inventory: &str, extra: &[&str]) -> ChildGuard {
     spawn_ready(
-        Command::new(env!("CARGO_BIN_EXE_flowlog-inventory"))
+        Command::new(INVENTORY)
             .args(["--brokers", &ownership.brokers])
             .args(["--ownership-topic", &ownership.name])
             .args(["--static", inventory, "--static-interval", "200ms"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())]),
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(extra),
         "inventory",
         "publishing ownership",
     )
@@ -540,7 +547,7 @@ fn enrichers_follow_the_ownership_topic_of_one_inventory_process() {
         static_file(&dir, &toml)
     };
     let inventory = file(true);
-    let mut publisher = start_inventory(&ownership, &inventory);
+    let mut publisher = start_inventory(&ownership, &inventory, &[]);
     let f1 = record(31, "10.5.0.1", t0);
     let f2 = record(32, "10.5.0.2", t0);
     produce(
@@ -578,7 +585,7 @@ fn enrichers_follow_the_ownership_topic_of_one_inventory_process() {
     // tenure open, and closes it at the static source's first complete view.
     assert!(publisher.terminate(PATIENCE));
     let _ = file(false);
-    let _publisher = start_inventory(&ownership, &inventory);
+    let _publisher = start_inventory(&ownership, &inventory, &[]);
     let released = closed_at(&ownership, "gone");
     let f3 = record(33, "10.5.0.2", released + 1);
     produce(&raw, &[(avro::key(&f3), encoded(&f3))]);
@@ -676,5 +683,240 @@ fn a_full_window_of_pending_records_rolls_parquet_early() {
     enricher.stop();
     let rows = parquet_keys(&parquet);
     assert_eq!(rows.len() as u64, N, "every record in Parquet, once");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Runs `command` to its exit (killed after `within`): its status and stderr.
+fn run_to_exit(command: &mut Command, within: Duration) -> (std::process::ExitStatus, String) {
+    let mut child = ChildGuard(
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the process"),
+    );
+    let mut pipe = child.0.stderr.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process did not exit within {within:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().unwrap())
+}
+
+/// One file configures every Kafka client: the inventory's replay and publisher, the enricher's
+/// consumer, producer (enriched and dead letters) and ownership follower — over TLS with
+/// SCRAM-SHA-256 (the agent's test uses SCRAM-SHA-512).
+#[test]
+fn every_kafka_client_works_over_tls_and_scram() {
+    let broker = TlsBroker::start("enricher", true);
+    let (raw, enriched, dlq, ownership) = (
+        broker.topic("tls-raw", 1),
+        broker.topic("tls-enriched", 1),
+        broker.topic("tls-dlq", 1),
+        broker.topic("tls-ownership", 1),
+    );
+    let options = with_option(broker.client_options(), "sasl.mechanism", "SCRAM-SHA-256");
+    let config = broker.properties("client.properties", &options);
+    let config = config.to_str().unwrap();
+    let dir = temp_dir("tls-enricher");
+    let inventory = static_file(
+        &dir,
+        "[[entry]]\ncidr = \"10.7.0.1\"\nname = \"db\"\nkind = \"instance\"\n",
+    );
+    let _publisher = start_inventory(&ownership, &inventory, &["--kafka-config", config]);
+    let flow = record(51, "10.7.0.1", now_ns() - 600_000_000_000);
+    produce(
+        &raw,
+        &[
+            (avro::key(&flow), encoded(&flow)),
+            (b"k".to_vec(), b"not avro".to_vec()),
+        ],
+    );
+    let group = unique_name("tls-group");
+    let enricher = Enricher::start(
+        &raw,
+        &enriched,
+        &dlq,
+        &group,
+        &[
+            "--kafka-config",
+            config,
+            "--ownership-topic",
+            &ownership.name,
+        ],
+    );
+    let out = enriched_flows(&enriched.read_until(|m| !m.is_empty()));
+    let dead = dlq.read_until(|m| !m.is_empty());
+    enricher.stop();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].flow, flow);
+    assert_eq!(out[0].remote.status, Attribution::Exact);
+    let identity = out[0].remote.identity.as_ref().unwrap();
+    assert_eq!(
+        (identity.name.as_str(), identity.kind),
+        ("db", IdentityKind::Instance)
+    );
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload(), Some(&b"not avro"[..]));
+    assert_eq!(
+        raw.committed(&group),
+        vec![Some(2)],
+        "both offsets committed"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn tls_and_sasl_refusals_stop_the_enricher_and_the_inventory_at_start() {
+    let broker = TlsBroker::start("enricher-refused", true);
+    let (raw, enriched, dlq, ownership) = (
+        broker.topic("refused-raw", 1),
+        broker.topic("refused-enriched", 1),
+        broker.topic("refused-dlq", 1),
+        broker.topic("refused-ownership", 1),
+    );
+    let dir = temp_dir("refused");
+    let inventory = static_file(&dir, "[[entry]]\ncidr = \"10.7.0.2\"\nname = \"x\"\n");
+    let good = broker.client_options();
+    let password = broker.scram.as_ref().unwrap().password.clone();
+    let wrong_password = format!("not-{password}");
+    let localhost = broker.brokers();
+    let by_ip = format!("127.0.0.1:{}", broker.port);
+    let wrong_ca = with_option(
+        good.clone(),
+        "ssl.ca.location",
+        broker.other_ca.to_str().unwrap(),
+    );
+    let bad_password = with_option(good.clone(), "sasl.password", &wrong_password);
+    let tls_failed = |b: &str| format!("TLS handshake with Kafka broker {b} failed");
+    let sasl_failed = |b: &str| format!("SASL authentication with Kafka broker {b} failed");
+    let enricher = |brokers: &str, config: &Path| {
+        let mut command = Command::new(ENRICHER);
+        command
+            .args(["--brokers", brokers, "--input-topic", &raw.name])
+            .args(["--output-topic", &enriched.name, "--dlq-topic", &dlq.name])
+            .args(["--group", &unique_name("refused")])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .arg("--kafka-config")
+            .arg(config);
+        command
+    };
+    let inventory_process = |brokers: &str, config: &Path| {
+        let mut command = Command::new(INVENTORY);
+        command
+            .args(["--brokers", brokers, "--ownership-topic", &ownership.name])
+            .args(["--static", &inventory])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .arg("--kafka-config")
+            .arg(config);
+        command
+    };
+    let cases = [
+        (
+            "enricher, wrong CA",
+            enricher(&localhost, &broker.properties("a", &wrong_ca)),
+            tls_failed(&localhost),
+            "no CA of ssl.ca.location signed",
+        ),
+        (
+            "enricher, host name mismatch",
+            enricher(&by_ip, &broker.properties("b", &good)),
+            tls_failed(&by_ip),
+            "IP address mismatch",
+        ),
+        (
+            "enricher, wrong password",
+            enricher(&localhost, &broker.properties("c", &bad_password)),
+            sasl_failed(&localhost),
+            "SASL SCRAM authentication failed",
+        ),
+        (
+            "inventory, wrong CA",
+            inventory_process(&localhost, &broker.properties("d", &wrong_ca)),
+            tls_failed(&localhost),
+            "no CA of ssl.ca.location signed",
+        ),
+        (
+            "inventory, host name mismatch",
+            inventory_process(&by_ip, &broker.properties("f", &good)),
+            tls_failed(&by_ip),
+            "IP address mismatch",
+        ),
+        (
+            "inventory, wrong password",
+            inventory_process(&localhost, &broker.properties("e", &bad_password)),
+            sasl_failed(&localhost),
+            "SASL SCRAM authentication failed",
+        ),
+    ];
+    for (case, mut command, names_broker, cause) in cases {
+        let started = std::time::Instant::now();
+        let (status, stderr) = run_to_exit(&mut command, Duration::from_secs(20));
+        let took = started.elapsed();
+        assert_eq!(status.code(), Some(1), "{case}: stderr:\n{stderr}");
+        assert!(
+            took < Duration::from_secs(8),
+            "{case}: took {took:?}:\n{stderr}"
+        );
+        let error = stderr
+            .lines()
+            .find(|l| l.contains("ERROR"))
+            .unwrap_or_else(|| panic!("{case}: no error line in\n{stderr}"));
+        eprintln!("{case} ({took:?}): {error}");
+        assert!(error.contains(&names_broker), "{case}: {error}");
+        assert_eq!(
+            error.matches("://").count(),
+            0,
+            "{case}: one broker name: {error}"
+        );
+        assert!(error.contains(cause), "{case}: {error}");
+        assert!(
+            !stderr.contains(&password) && !stderr.contains(&wrong_password),
+            "{case}: a password was logged:\n{stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_kafka_config_or_option_librdkafka_refuses_is_a_usage_error() {
+    let dir = temp_dir("kafka-config");
+    let file = dir.join("client.properties");
+    std::fs::write(&file, "security.protocol=SSL\nssl.ca.locaton=/x.pem\n").unwrap();
+    let expected = format!(
+        "{} line 2: librdkafka option `ssl.ca.locaton`",
+        file.display()
+    );
+    for program in [ENRICHER, INVENTORY] {
+        let out = Command::new(program)
+            .arg("--kafka-config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{program}: {stderr}");
+        assert!(stderr.contains("'--kafka-config'"), "{program}: {stderr}");
+        assert!(stderr.contains(&expected), "{program}: {stderr}");
+    }
+    let out = Command::new(ENRICHER)
+        .args(["--consumer-option", "fetch.wait.max.ms=soon"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("'--consumer-option'"), "{stderr}");
+    assert!(stderr.contains("fetch.wait.max.ms"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }

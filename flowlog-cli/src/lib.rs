@@ -58,6 +58,25 @@ pub fn main(runtime: Runtime, work: impl Future<Output = anyhow::Result<()>>) ->
     }
 }
 
+/// Exits with a usage error of binary `A` (status 2), as clap reports a bad flag: `message`,
+/// the usage line and a pointer to `--help`. For flags whose values are checked after parsing
+/// (a file they name, options librdkafka must accept).
+pub fn usage_error<A: clap::CommandFactory>(message: impl std::fmt::Display) -> ! {
+    A::command()
+        .error(clap::error::ErrorKind::InvalidValue, message)
+        .exit()
+}
+
+/// The value a flag stands for once checked after parsing (`checked`), or a usage error of
+/// binary `A` naming the flag (`'--kafka-config' (FLOWLOG_KAFKA_CONFIG)`) and the error's chain.
+pub fn usage_checked<A: clap::CommandFactory, T, E: Into<anyhow::Error>>(
+    flag: &str,
+    checked: Result<T, E>,
+) -> T {
+    checked
+        .unwrap_or_else(|e| usage_error::<A>(format!("invalid value for {flag}: {:#}", e.into())))
+}
+
 /// Parses a duration flag (`5s`, `100ms`, `1h 30m`), which must be greater than zero (an
 /// interval of zero would spin).
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -34,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use flowlog_kafka::{ClientErrors, TopicError, error_kind};
+use flowlog_kafka::{ClientErrors, ClientSettings, OptionError, TopicError, error_kind};
 use flowlog_record::avro;
 use metrics::{Counter, Gauge, counter, gauge};
 use rdkafka::{
@@ -66,12 +66,13 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// Where and how to produce.
 #[derive(Debug, Clone)]
 pub struct KafkaSettings {
-    /// `bootstrap.servers`.
-    pub brokers: String,
+    /// `bootstrap.servers` and the options of `--kafka-config`, shared with the start-up check.
+    pub client: ClientSettings,
     pub topic: String,
     /// Schema-registry id of `schemas/flow_record.v1.avsc`, written in every message's header.
     pub schema_id: u32,
-    /// librdkafka options applied after (and so overriding) the defaults of [`PRODUCER_DEFAULTS`].
+    /// librdkafka options (`--kafka-option`) applied after (and so overriding) the defaults of
+    /// [`PRODUCER_DEFAULTS`] and the options of `client`.
     pub options: Vec<(String, String)>,
     /// How long the start-up check waits for the cluster's metadata.
     pub metadata_timeout: Duration,
@@ -99,10 +100,11 @@ impl std::fmt::Debug for StatsHook {
 }
 
 impl KafkaSettings {
-    /// Settings with the defaults for everything but where to produce.
-    pub fn new(brokers: impl Into<String>, topic: impl Into<String>) -> Self {
+    /// Settings with the defaults for everything but where to produce (`client`: the
+    /// brokers, or [`ClientSettings`] with the `--kafka-config` options).
+    pub fn new(client: impl Into<ClientSettings>, topic: impl Into<String>) -> Self {
         Self {
-            brokers: brokers.into(),
+            client: client.into(),
             topic: topic.into(),
             schema_id: 1,
             options: Vec::new(),
@@ -145,12 +147,8 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSinkError {
     /// librdkafka rejected an option (unknown name or bad value).
-    #[error("librdkafka option `{key}={value}`: {reason}")]
-    Option {
-        key: String,
-        value: String,
-        reason: String,
-    },
+    #[error(transparent)]
+    Option(OptionError),
     #[error("opening the spool")]
     Spool(#[source] SpoolError),
     #[error("creating the Kafka producer for {brokers}")]
@@ -191,7 +189,7 @@ impl ClientContext for Context {
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        flowlog_kafka::log(level, fac, message);
+        self.shared.broker_errors.log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -252,17 +250,12 @@ pub struct KafkaSink {
     spool_dropped: Counter,
 }
 
-/// The librdkafka configuration: defaults, brokers, then the user's options.
+/// The librdkafka configuration: defaults, brokers, the `--kafka-config` options, then the
+/// `--kafka-option`s.
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    for (k, v) in PRODUCER_DEFAULTS {
-        config.set(*k, *v);
-    }
-    config.set("bootstrap.servers", &settings.brokers);
-    for (k, v) in &settings.options {
-        config.set(k, v);
-    }
-    config
+    settings
+        .client
+        .client_config(PRODUCER_DEFAULTS, &settings.options)
 }
 
 impl KafkaSink {
@@ -276,7 +269,7 @@ impl KafkaSink {
             reports: Mutex::new(Vec::new()),
             broker_errors: ClientErrors::new(
                 m::KAFKA_BROKER_ERRORS,
-                &settings.brokers,
+                &settings.client.brokers,
                 "capturing anyway, records wait in the spool and are retried",
             ),
             sent_total: counter!(m::KAFKA_RECORDS_SENT),
@@ -287,17 +280,17 @@ impl KafkaSink {
             shared: Arc::clone(&shared),
             stats: settings.stats.clone(),
         };
-        let producer: ThreadedProducer<Context> = client_config(&settings)
-            .create_with_context(context)
-            .map_err(|e| match e {
-                KafkaError::ClientConfig(_, reason, key, value) => {
-                    KafkaSinkError::Option { key, value, reason }
-                }
-                source => KafkaSinkError::Create {
-                    brokers: settings.brokers.clone(),
-                    source,
-                },
-            })?;
+        let config = client_config(&settings);
+        let producer: ThreadedProducer<Context> =
+            config
+                .create_with_context(context)
+                .map_err(|e| match OptionError::from_kafka(&e) {
+                    Some(option) => KafkaSinkError::Option(option),
+                    None => KafkaSinkError::Create {
+                        brokers: settings.client.brokers.clone(),
+                        source: e,
+                    },
+                })?;
         let (spool, report) = Spool::open(&settings.spool_dir, settings.spool_max_bytes)
             .map_err(KafkaSinkError::Spool)?;
         for corruption in &report.corrupt {
@@ -341,20 +334,25 @@ impl KafkaSink {
             spool_bytes: gauge!(m::SPOOL_BYTES),
             spool_dropped: counter!(m::SPOOL_DROPPED),
         };
-        sink.check_topic()?;
+        sink.check_topic(&config)?;
         sink.export();
         Ok(sink)
     }
 
     /// Checks that the topic exists ([`flowlog_kafka::check_topic`]). Brokers that do not
-    /// answer are not an error: the agent captures while Kafka is down.
-    fn check_topic(&self) -> Result<(), KafkaSinkError> {
+    /// answer are not an error: the agent captures while Kafka is down. A broker that refuses
+    /// the client's TLS or SASL is: that is a configuration to fix, not an outage to wait out.
+    fn check_topic(&self, config: &ClientConfig) -> Result<(), KafkaSinkError> {
         let s = &self.settings;
         let client = self.producer.client();
-        match flowlog_kafka::check_topic(client, &s.topic, &s.brokers, s.metadata_timeout) {
+        let errors = &self.shared.broker_errors;
+        // The producer's own thread serves its events (and so the error callback).
+        let checked =
+            flowlog_kafka::check_topic(client, config, &s.topic, s.metadata_timeout, errors, || {});
+        match checked {
             Ok(partitions) => {
                 info!(
-                    brokers = %s.brokers,
+                    brokers = %s.client.brokers,
                     topic = %s.topic,
                     partitions,
                     "producing flow records to Kafka"
@@ -440,7 +438,7 @@ impl KafkaSink {
             self.rewind_pending = true;
             if self.failed_log.hit() {
                 warn!(
-                    brokers = %self.settings.brokers,
+                    brokers = %self.settings.client.brokers,
                     topic = %self.settings.topic,
                     records = failed,
                     "Kafka did not take records ({}); they stay in the spool and are produced \
@@ -626,7 +624,7 @@ impl Drop for KafkaSink {
         let left = self.spool.len_records();
         if left > 0 {
             error!(
-                brokers = %self.settings.brokers,
+                brokers = %self.settings.client.brokers,
                 topic = %self.settings.topic,
                 records = left,
                 spool = %self.settings.spool_dir.display(),
@@ -655,7 +653,7 @@ mod tests {
         let mut settings = KafkaSettings::new("127.0.0.1:1", "t");
         settings.options = vec![("no.such.option".into(), "1".into())];
         match KafkaSink::connect(settings) {
-            Err(KafkaSinkError::Option { key, .. }) => assert_eq!(key, "no.such.option"),
+            Err(KafkaSinkError::Option(e)) => assert_eq!(e.key, "no.such.option"),
             Err(e) => panic!("unexpected error: {e}"),
             Ok(_) => panic!("an unknown option was accepted"),
         }

@@ -2,7 +2,8 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, str::FromStr, time::Duration};
 
 use anyhow::Context as _;
-use clap::{CommandFactory as _, Parser};
+use clap::Parser;
+use flowlog_kafka::ClientSettings;
 use flowlog_sidecar::{
     agent::{self, AgentSettings},
     kafka::{KafkaSettings, KafkaSink, KafkaSinkError},
@@ -85,9 +86,14 @@ struct Args {
     /// How often the ring buffer is drained when the kernel has not woken the agent.
     #[arg(long, env = "FLOWLOG_DRAIN_INTERVAL", default_value = "100ms", value_parser = flowlog_cli::parse_duration)]
     drain_interval: Duration,
-    /// Kafka bootstrap servers (`--output kafka`).
-    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    kafka_brokers: String,
+    /// Kafka bootstrap servers (`--output kafka`) [default: `bootstrap.servers` of
+    /// `--kafka-config`, else 127.0.0.1:9092].
+    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// A client.properties file of librdkafka options (`key=value` lines, `#` comments) for
+    /// every Kafka client of the agent: TLS, SASL, ... `--kafka-option` wins over it.
+    #[arg(long, env = "FLOWLOG_KAFKA_CONFIG")]
+    kafka_config: Option<PathBuf>,
     /// Kafka topic for flow records; it must exist.
     #[arg(long, env = "FLOWLOG_KAFKA_TOPIC", default_value = "flows.raw")]
     kafka_topic: String,
@@ -108,21 +114,23 @@ struct Args {
     schema_id: u32,
 }
 
-/// The Kafka sink, or the process exits: a rejected librdkafka option is a usage error (exit 2).
+/// The Kafka sink, or the process exits: a `--kafka-config` file that cannot be used and a
+/// rejected librdkafka option are usage errors (exit 2).
 fn kafka_sink(args: &Args) -> anyhow::Result<KafkaSink> {
-    let mut settings = KafkaSettings::new(&args.kafka_brokers, &args.kafka_topic);
+    let client = flowlog_cli::usage_checked::<Args, _, _>(
+        "'--kafka-config' (FLOWLOG_KAFKA_CONFIG)",
+        ClientSettings::load(args.kafka_brokers.as_deref(), args.kafka_config.as_deref()),
+    );
+    let mut settings = KafkaSettings::new(client, &args.kafka_topic);
     settings.schema_id = args.schema_id;
     settings.options = args.kafka_options.clone();
     settings.spool_dir = args.spool_dir.clone();
     settings.spool_max_bytes = args.spool_max_bytes;
     match KafkaSink::connect(settings) {
         Ok(sink) => Ok(sink),
-        Err(e @ KafkaSinkError::Option { .. }) => Args::command()
-            .error(
-                clap::error::ErrorKind::InvalidValue,
-                format!("invalid value for '--kafka-option' (FLOWLOG_KAFKA_OPTIONS): {e}"),
-            )
-            .exit(),
+        Err(e @ KafkaSinkError::Option(_)) => flowlog_cli::usage_error::<Args>(format!(
+            "invalid value for '--kafka-option' (FLOWLOG_KAFKA_OPTIONS): {e}"
+        )),
         Err(e) => Err(e).context("starting the Kafka output"),
     }
 }

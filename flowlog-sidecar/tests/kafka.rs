@@ -3,8 +3,10 @@
 //! namespaces → agent `--output kafka` → a plain rdkafka consumer that decodes every message with
 //! apache-avro's generic reader and `schemas/flow_record.v1.avsc` (a reader we did not write);
 //! the bad configurations (missing topic, bad option, unreachable broker); broker outages and
-//! agent crashes against private brokers; and, driving a `KafkaSink` in this process (its
-//! metrics and logs captured per test), the full spool and the rewind after failed deliveries.
+//! agent crashes against private brokers; TLS and SASL/SCRAM (`--kafka-config`) against a
+//! private broker behind TLS (`flowlog_testkit::tls`), and what a wrong CA, host name or password
+//! does at start; and, driving a `KafkaSink` in this process (its metrics and logs captured per
+//! test), the full spool and the rewind after failed deliveries.
 //!
 //! Each test makes its own topic with a unique name and deletes it.
 mod support;
@@ -25,7 +27,10 @@ use flowlog_sidecar::{
     record::{Direction, Family, FlowRecord, Outcome},
     sink::RecordSink,
 };
-use flowlog_testkit::{LogCapture, Topic, admin, brokers, free_port, runtime, temp_dir};
+use flowlog_testkit::{
+    LogCapture, Topic, admin, brokers, free_port, runtime, temp_dir,
+    tls::{TlsBroker, with_option},
+};
 use rdkafka::{Message, message::OwnedMessage};
 use support::{AGENT, NetnsPair, PATIENCE, accept, connect, join_both, read_exact, server_port};
 
@@ -48,6 +53,17 @@ impl KafkaAgent {
     /// With a spool directory of its own (removed when the guard drops) unless `extra` names
     /// one.
     fn spawn(test: &str, topic: &str, brokers: &str, extra: &[&str]) -> Self {
+        Self::spawn_env(test, topic, brokers, extra, &[])
+    }
+
+    /// [`KafkaAgent::spawn`] with environment variables `env` set.
+    fn spawn_env(
+        test: &str,
+        topic: &str,
+        brokers: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let host = format!("test-kafka-{test}-{}", std::process::id());
         let mut command = Command::new(AGENT);
         let own_spool =
@@ -62,6 +78,8 @@ impl KafkaAgent {
             .args(extra)
             .env_remove("FLOWLOG_LOG")
             .env_remove("FLOWLOG_KAFKA_OPTIONS")
+            .env_remove("FLOWLOG_KAFKA_CONFIG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -976,4 +994,178 @@ fn delivery_failures_rewind_the_spool_and_every_record_arrives() {
     );
     std::mem::forget(topic);
     let _ = std::fs::remove_dir_all(&spool);
+}
+
+#[test]
+fn tls_and_scram_deliver_the_exact_records() {
+    let broker = TlsBroker::start("agent", true);
+    let topic = broker.topic("tls", 3);
+    let password = broker.scram.as_ref().unwrap().password.clone();
+    // Debug logs, librdkafka's own included (its configuration and security steps): the
+    // password must appear in none of them.
+    let options = with_option(broker.client_options(), "debug", "conf,security,broker");
+    let config = broker.properties("client.properties", &options);
+    let config = config.to_str().unwrap();
+    let agent = KafkaAgent::spawn_env(
+        "tls",
+        &topic.name,
+        &broker.brokers(),
+        &["--kafka-config", config],
+        &[("FLOWLOG_LOG", "debug")],
+    );
+    agent.wait_ready();
+    let (port, flows) = loopback_flows(5);
+    let host = agent.host.clone();
+    let all = consume(&topic, |rs| {
+        rs.iter()
+            .filter(|r| r.host == host && is_ours(r, port, &flows))
+            .count()
+            >= flows.len() * 2
+    });
+    let (status, _, stderr) = agent.terminate(PATIENCE);
+    assert!(status.success(), "agent exit {status}; stderr:\n{stderr}");
+    assert_eq!(check_loopback(&all, &host, port, &flows), 0, "duplicates");
+    assert!(
+        stderr.contains("security.protocol = sasl_ssl")
+            && stderr.contains("sasl.password = [redacted]"),
+        "librdkafka's debug logs are in the test's view: stderr:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains(&password),
+        "the password was logged:\n{stderr}"
+    );
+}
+
+#[test]
+fn tls_and_sasl_refusals_are_start_up_errors_naming_broker_and_cause() {
+    let broker = TlsBroker::start("agent-refused", true);
+    let topic = broker.topic("refused", 1);
+    let good = broker.client_options();
+    let password = broker.scram.as_ref().unwrap().password.clone();
+    let localhost = broker.brokers();
+    let by_ip = format!("127.0.0.1:{}", broker.port);
+    let wrong_password = format!("not-{password}");
+    let cases = [
+        (
+            "wrong CA",
+            localhost.clone(),
+            with_option(
+                good.clone(),
+                "ssl.ca.location",
+                broker.other_ca.to_str().unwrap(),
+            ),
+            format!("TLS handshake with Kafka broker {localhost} failed"),
+            "certificate verify failed: unable to get local issuer certificate (no CA of \
+             ssl.ca.location signed the broker's certificate)",
+        ),
+        (
+            // The certificate is for `localhost`, not for the address.
+            "host name mismatch",
+            by_ip.clone(),
+            good.clone(),
+            format!("TLS handshake with Kafka broker {by_ip} failed"),
+            "certificate verify failed: IP address mismatch (the broker's certificate is not \
+             for `127.0.0.1`)",
+        ),
+        (
+            "wrong password",
+            localhost.clone(),
+            with_option(good.clone(), "sasl.password", &wrong_password),
+            format!("SASL authentication with Kafka broker {localhost} failed"),
+            "SASL SCRAM authentication failed",
+        ),
+    ];
+    for (case, brokers, options, names_broker, cause) in cases {
+        let config = broker.properties("client.properties", &options);
+        let started = Instant::now();
+        let agent = KafkaAgent::spawn(
+            "refused",
+            &topic.name,
+            &brokers,
+            &["--kafka-config", config.to_str().unwrap()],
+        );
+        let (status, stderr) = agent.wait_exit(Duration::from_secs(15));
+        let took = started.elapsed();
+        assert_eq!(status.code(), Some(1), "{case}: stderr:\n{stderr}");
+        assert!(took < Duration::from_secs(8), "{case}: took {took:?}");
+        let error = stderr
+            .lines()
+            .find(|l| l.contains("ERROR"))
+            .unwrap_or_else(|| panic!("{case}: no error line in\n{stderr}"));
+        eprintln!("{case} ({took:?}): {error}");
+        assert!(error.contains(&names_broker), "{case}: {error}");
+        assert_eq!(
+            error.matches("://").count(),
+            0,
+            "{case}: one broker name: {error}"
+        );
+        assert!(error.contains(cause), "{case}: {error}");
+        assert!(!stderr.contains("capturing TCP flows"), "{case}: {stderr}");
+        assert!(
+            !stderr.contains(&password) && !stderr.contains(&wrong_password),
+            "{case}: a password was logged:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_kafka_config_file_that_cannot_be_used_is_a_usage_error_naming_it() {
+    let dir = temp_dir("kafka-config");
+    let file = dir.join("client.properties");
+    let shown = file.display().to_string();
+    let cases = [
+        (
+            "# TLS\nsecurity.protocol=SSL\nhunter2\n",
+            format!("{shown} line 3: expected `key=value`"),
+        ),
+        (
+            "security.protocol=SSL\nssl.ca.locaton=/etc/flowlog/kafka/ca.pem\n",
+            format!(
+                "{shown} line 2: librdkafka option `ssl.ca.locaton`: No such configuration property"
+            ),
+        ),
+        (
+            "security.protocol=SASL_SSL\nsasl.jaas.config=x required password=\"hunter2\";\n",
+            "librdkafka takes `sasl.username` and `sasl.password`".to_string(),
+        ),
+        (
+            "security.protocol=SSL\nssl.ca.location=/nonexistent/ca.pem\n",
+            format!("{shown}: librdkafka refused these settings: ssl.ca.location failed"),
+        ),
+    ];
+    for (text, expected) in cases {
+        std::fs::write(&file, text).unwrap();
+        let agent = KafkaAgent::spawn(
+            "config",
+            "flows.raw",
+            &brokers(),
+            &["--kafka-config", &shown],
+        );
+        let (status, stderr) = agent.wait_exit(PATIENCE);
+        assert_eq!(status.code(), Some(2), "{text}: stderr:\n{stderr}");
+        assert!(stderr.contains("'--kafka-config'"), "{stderr}");
+        assert!(
+            stderr.contains(&expected),
+            "expected {expected:?} in:\n{stderr}"
+        );
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+    }
+    let missing = dir.join("missing.properties");
+    let agent = KafkaAgent::spawn_env(
+        "config",
+        "flows.raw",
+        &brokers(),
+        &[],
+        &[("FLOWLOG_KAFKA_CONFIG", missing.to_str().unwrap())],
+    );
+    let (status, stderr) = agent.wait_exit(PATIENCE);
+    assert_eq!(status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "reading the Kafka client configuration {}: No such file",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

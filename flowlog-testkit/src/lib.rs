@@ -1,10 +1,12 @@
 //! Scaffolding shared by flowlog's integration tests (a dev-dependency only): a Kafka topic of
 //! a test's own on the real broker (`FLOWLOG_TEST_KAFKA`, started by `scripts/kafka start`),
 //! reading a topic back, pyarrow's view of Parquet output, fresh temp directories, child
-//! processes killed on drop, a Kubernetes list/watch API server ([`kubernetes`]) and pod address
-//! churn with its ground truth ([`pod_churn`]). The benchmarks under `benches/` use it too.
+//! processes killed on drop, a Kubernetes list/watch API server ([`kubernetes`]), pod address
+//! churn with its ground truth ([`pod_churn`]) and a private broker behind TLS and SASL
+//! ([`tls::TlsBroker`]). The benchmarks under `benches/` use it too.
 pub mod kubernetes;
 pub mod pod_churn;
+pub mod tls;
 
 use std::{
     io::{BufRead, BufReader, Read as _, Write as _},
@@ -42,10 +44,27 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// An admin client of `brokers`.
 pub fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    admin_with(brokers, &[])
+}
+
+/// An admin client of `brokers` with librdkafka `options` (TLS, SASL, ...).
+pub fn admin_with(
+    brokers: &str,
+    options: &[(String, String)],
+) -> AdminClient<DefaultClientContext> {
+    client_config(brokers, options)
         .create()
         .expect("creating the Kafka admin client")
+}
+
+/// A client configuration: `bootstrap.servers`, then `options`.
+pub fn client_config(brokers: &str, options: &[(String, String)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (k, v) in options {
+        config.set(k, v);
+    }
+    config
 }
 
 /// Now, in ns since the Unix epoch (the clock flow records and ownership intervals use).
@@ -70,6 +89,8 @@ pub fn unique_name(what: &str) -> String {
 pub struct Topic {
     pub name: String,
     pub brokers: String,
+    /// librdkafka options of every client the topic makes (TLS, SASL, ...).
+    pub options: Vec<(String, String)>,
 }
 
 impl Topic {
@@ -80,9 +101,19 @@ impl Topic {
     }
 
     pub fn create_on(brokers: &str, test: &str, partitions: i32) -> Self {
+        Self::create_with(brokers, &[], test, partitions)
+    }
+
+    /// [`Topic::create_on`] a broker whose clients need librdkafka `client_options`.
+    pub fn create_with(
+        brokers: &str,
+        client_options: &[(String, String)],
+        test: &str,
+        partitions: i32,
+    ) -> Self {
         let name = unique_name(test);
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let client = admin(brokers);
+        let client = admin_with(brokers, client_options);
         // A broker busy with other clients' work may time out a creation: asked again.
         let mut attempt = 0;
         let results = loop {
@@ -126,14 +157,21 @@ impl Topic {
         Self {
             name,
             brokers: brokers.to_string(),
+            options: client_options.to_vec(),
         }
+    }
+
+    /// A configuration for a client of the topic's broker: `bootstrap.servers` and the
+    /// topic's options.
+    pub fn client_config(&self) -> ClientConfig {
+        client_config(&self.brokers, &self.options)
     }
 
     /// Reads the topic from the beginning (every partition) until `done` says the messages
     /// read so far are enough; panics after [`PATIENCE`].
     pub fn read_until(&self, done: impl Fn(&[OwnedMessage]) -> bool) -> Vec<OwnedMessage> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+        let consumer: BaseConsumer = self
+            .client_config()
             .set("group.id", unique_name("reader"))
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "10")
@@ -174,8 +212,8 @@ impl Topic {
     /// Every message the topic holds now: reads each partition up to its high watermark as
     /// of this call (offsets may have gaps, e.g. after compaction).
     pub fn read_all(&self) -> Vec<OwnedMessage> {
-        let probe: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+        let probe: BaseConsumer = self
+            .client_config()
             .create()
             .expect("creating the consumer");
         let ends: Vec<(i32, i64)> = self
@@ -220,8 +258,8 @@ impl Topic {
 
     /// The committed offsets of `group` on this topic, by partition (`None`: nothing committed).
     pub fn committed(&self, group: &str) -> Vec<Option<i64>> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+        let consumer: BaseConsumer = self
+            .client_config()
             .set("group.id", group)
             .create()
             .expect("creating the consumer");

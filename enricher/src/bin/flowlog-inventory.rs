@@ -21,7 +21,11 @@
 //! a leader once every source's first complete view (its first watermark) has been published and
 //! a publish was acknowledged recently, a standby while it reads the Lease successfully.
 use std::{
-    collections::BTreeSet, future::Future, net::SocketAddr, path::Path, process::ExitCode,
+    collections::BTreeSet,
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
     time::Duration,
 };
 
@@ -30,6 +34,7 @@ use clap::Parser;
 use flowlog_cli::Health;
 use flowlog_enricher::{ownership, source_flags::SourceFlags};
 use flowlog_identity::{InventorySource, spawn_source};
+use flowlog_kafka::ClientSettings;
 use flowlog_kubernetes::election::{ElectionConfig, Elector, Lost, Term, spawn_fence};
 use metrics::{counter, gauge};
 use tokio::sync::mpsc;
@@ -55,9 +60,14 @@ const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/servicea
 struct Args {
     #[command(flatten)]
     config: flowlog_cli::ConfigFile,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
+    /// Kafka bootstrap servers [default: `bootstrap.servers` of `--kafka-config`, else
+    /// 127.0.0.1:9092].
+    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS")]
+    brokers: Option<String>,
+    /// A client.properties file of librdkafka options (`key=value` lines, `#` comments) for
+    /// every Kafka client of the inventory (its publisher and the replay at start): TLS, SASL, ...
+    #[arg(long, env = "FLOWLOG_KAFKA_CONFIG")]
+    kafka_config: Option<PathBuf>,
     /// The ownership topic (one partition, `cleanup.policy=compact`); it must exist.
     #[arg(
         long,
@@ -169,7 +179,7 @@ fn stop_now(why: &str) -> ! {
 
 /// What the leader publishes with.
 struct Publisher {
-    brokers: String,
+    client: ClientSettings,
     topic: String,
     retention: Duration,
     window: Duration,
@@ -181,7 +191,7 @@ impl Publisher {
     /// Replays the topic, runs the sources and publishes until they stop (after shutdown).
     async fn run(self, sources: Vec<Box<dyn InventorySource>>) -> anyhow::Result<()> {
         let Self {
-            brokers,
+            client,
             topic,
             retention,
             window,
@@ -198,8 +208,8 @@ impl Publisher {
         };
         health.expect("sources", waiting(&pending));
         health.expect_fresh("publishing", window);
-        let (b, t) = (brokers.clone(), topic.clone());
-        let tenures = tokio::task::spawn_blocking(move || ownership::replay_tenures(&b, &t))
+        let (c, t) = (client.clone(), topic.clone());
+        let tenures = tokio::task::spawn_blocking(move || ownership::replay_tenures(&c, &t))
             .await?
             .with_context(|| format!("replaying {topic}"))?;
         let (tx, rx) = mpsc::channel(65_536);
@@ -222,7 +232,7 @@ impl Publisher {
                 }
             }
         };
-        ownership::publish(&brokers, &topic, tenures, rx, retention, acknowledged)
+        ownership::publish(&client, &topic, tenures, rx, retention, acknowledged)
             .await
             .with_context(|| format!("publishing to {topic}"))?;
         for task in tasks {
@@ -232,7 +242,7 @@ impl Publisher {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, kafka: ClientSettings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     flowlog_enricher::inventory::cancel_on_signal(shutdown.clone())?;
     let health = Health::new(STALL_AFTER);
@@ -252,7 +262,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "no inventory source: give --static, --host-source, --ec2 or --kubernetes"
     );
     let publisher = Publisher {
-        brokers: args.brokers.clone(),
+        client: kafka,
         topic: args.ownership_topic.clone(),
         retention: args.retention,
         window: publish_window(&args.sources),
@@ -343,5 +353,9 @@ async fn lead(
 
 fn main() -> ExitCode {
     let args: Args = flowlog_cli::parse_with_config_file();
-    flowlog_cli::main(flowlog_cli::Runtime::Workers(2), run(args))
+    let client = flowlog_cli::usage_checked::<Args, _, _>(
+        "'--kafka-config' (FLOWLOG_KAFKA_CONFIG)",
+        ClientSettings::load(args.brokers.as_deref(), args.kafka_config.as_deref()),
+    );
+    flowlog_cli::main(flowlog_cli::Runtime::Workers(2), run(args, client))
 }
