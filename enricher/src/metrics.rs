@@ -26,6 +26,9 @@ pub const DELIVERY_ERRORS: &str = "flowlog_enricher_delivery_errors_total";
 pub const KAFKA_ERRORS: &str = "flowlog_enricher_kafka_errors_total";
 /// Flow end → enriched flow acknowledged by the output topic (or written), seconds.
 pub const LATENCY: &str = "flowlog_enricher_latency_seconds";
+/// How far behind now the inventory is complete (now minus the oldest source watermark), in
+/// seconds; +Inf while a source has not reported at all. Flows newer than that are held.
+pub const INVENTORY_LAG: &str = "flowlog_enricher_inventory_lag_seconds";
 /// Input offsets stored for commit (every output durable up to them).
 pub const OFFSETS_STORED: &str = "flowlog_enricher_offsets_stored_total";
 

@@ -13,6 +13,11 @@
 //! Order matters (a watermark must not overtake the change before it), so the topic has **one
 //! partition** and the publisher writes everything to it in order, each message acknowledged
 //! before the next batch. Create it with `cleanup.policy=compact`.
+//!
+//! Broker outages and restarts stop neither side: the publisher produces again until the
+//! broker acknowledges, and the follower keeps reading (librdkafka reconnects) or keeps trying to
+//! open the topic, while the index holds flows for it; a record that does not parse is counted,
+//! logged and skipped. Every client error is counted in [`OWNERSHIP_KAFKA_ERRORS`].
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
@@ -284,12 +289,6 @@ pub enum OwnershipError {
     Client { brokers: String, source: KafkaError },
     #[error("reading `{topic}`")]
     Read { topic: String, source: KafkaError },
-    #[error("a message of `{topic}` at offset {offset} is not an ownership record: {reason}")]
-    Malformed {
-        topic: String,
-        offset: i64,
-        reason: String,
-    },
     #[error(transparent)]
     Topic(#[from] flowlog_kafka::TopicError),
 }
@@ -332,6 +331,10 @@ impl ConsumerContext for OwnershipContext {}
 /// end-of-partition events (how a replay knows it is complete), fetches answered within 10 ms.
 const READER_DEFAULTS: &[(&str, &str)] = &[
     ("enable.auto.commit", "false"),
+    // An offset gone from the compacted topic (compaction ran while the reader was cut off):
+    // read on from the oldest left rather than skip to the end (re-reading is harmless, the
+    // index ignores what it already holds).
+    ("auto.offset.reset", "earliest"),
     ("enable.partition.eof", "true"),
     ("fetch.wait.max.ms", "10"),
     ("allow.auto.create.topics", "false"),
@@ -391,41 +394,56 @@ fn reader(
     Ok(consumer)
 }
 
-/// One poll's outcome: a record or a tombstone (`None`), the end of the partition, or nothing.
+/// One poll's outcome: a record or a tombstone (`None`), the end of the partition, or nothing
+/// (also what a client error or a malformed record comes to: see [`poll`]).
 enum Polled {
     Record(Option<OwnershipRecord>),
     End,
     Nothing,
 }
 
+/// Ownership records that could not be read (not JSON of an [`OwnershipRecord`]): skipped.
+pub const OWNERSHIP_MALFORMED: &str = "flowlog_ownership_malformed_total";
+
+/// One poll of the reader. Nothing read stops it: librdkafka reconnects by itself after a
+/// client error (brokers down, connections reset), which is counted and logged by the
+/// context's [`ClientErrors`]; a record that does not parse is counted in
+/// [`OWNERSHIP_MALFORMED`], logged (once, then at most once a minute) and skipped, so that one
+/// bad record cannot end attribution for every flow after it.
 fn poll(
     consumer: &BaseConsumer<OwnershipContext>,
     topic: &str,
     wait: Duration,
-) -> Result<Polled, OwnershipError> {
+    malformed: &mut LogThrottle,
+) -> Polled {
     match consumer.poll(wait) {
-        None => Ok(Polled::Nothing),
-        Some(Err(KafkaError::PartitionEOF(_))) => Ok(Polled::End),
-        Some(Err(source)) => Err(OwnershipError::Read {
-            topic: topic.to_string(),
-            source,
-        }),
-        Some(Ok(m)) => {
-            let offset = m.offset();
-            let record = match m.payload() {
-                None => None,
-                Some(p) => {
-                    Some(
-                        serde_json::from_slice(p).map_err(|e| OwnershipError::Malformed {
-                            topic: topic.to_string(),
-                            offset,
-                            reason: e.to_string(),
-                        })?,
-                    )
-                }
-            };
-            Ok(Polled::Record(record))
+        None => Polled::Nothing,
+        Some(Err(KafkaError::PartitionEOF(_))) => Polled::End,
+        Some(Err(e)) => {
+            consumer
+                .context()
+                .errors
+                .report(&e, &format!("reading {topic}: {e}"));
+            Polled::Nothing
         }
+        Some(Ok(m)) => match m.payload() {
+            None => Polled::Record(None),
+            Some(p) => match serde_json::from_slice(p) {
+                Ok(record) => Polled::Record(Some(record)),
+                Err(e) => {
+                    counter!(OWNERSHIP_MALFORMED).increment(1);
+                    if malformed.hit() {
+                        tracing::error!(
+                            topic,
+                            offset = m.offset(),
+                            count = malformed.count,
+                            "skipping an ownership record that does not parse: {e}"
+                        );
+                    }
+                    Polled::Nothing
+                }
+            },
+        },
     }
 }
 
@@ -434,8 +452,9 @@ pub fn replay_tenures(client: &ClientSettings, topic: &str) -> Result<Tenures, O
     let consumer = reader(client, topic)?;
     let mut tenures = Tenures::default();
     let mut records = 0u64;
+    let mut malformed = LogThrottle::default();
     loop {
-        match poll(&consumer, topic, Duration::from_millis(500))? {
+        match poll(&consumer, topic, Duration::from_millis(500), &mut malformed) {
             Polled::Record(Some(record)) => {
                 records += 1;
                 tenures.replay(&record);
@@ -633,24 +652,11 @@ impl InventorySource for OwnershipTopicSource {
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
         Box::pin(async move {
-            let fatal = |e: OwnershipError| SourceError::Other {
-                name: OWNERSHIP_SOURCE.to_string(),
-                message: format!("{:#}", anyhow::Error::from(e)),
-            };
             let Self { client, topic } = *self;
-            let consumer = reader(&client, &topic).map_err(fatal)?;
             let (tx, mut rx) = mpsc::channel::<Polled>(4096);
             // librdkafka's poll blocks: a thread of its own feeds the async side.
             let stop = shutdown.clone();
-            let reading = tokio::task::spawn_blocking(move || -> Result<(), OwnershipError> {
-                while !stop.is_cancelled() {
-                    let polled = poll(&consumer, &topic, Duration::from_millis(100))?;
-                    if !matches!(polled, Polled::Nothing) && tx.blocking_send(polled).is_err() {
-                        break;
-                    }
-                }
-                Ok(())
-            });
+            let reading = tokio::task::spawn_blocking(move || follow(&client, &topic, &stop, &tx));
             let mut upstream: BTreeMap<String, u64> = BTreeMap::new();
             let mut caught_up = false;
             let mut sent_watermark = None;
@@ -690,11 +696,51 @@ impl InventorySource for OwnershipTopicSource {
                     }
                 }
             }
-            match reading.await {
-                Ok(Ok(())) | Err(_) => Ok(()),
-                Ok(Err(e)) => Err(fatal(e)),
-            }
+            let _ = reading.await;
+            Ok(())
         })
+    }
+}
+
+/// Longest wait between two attempts to open the ownership topic.
+const REOPEN_MAX: Duration = Duration::from_secs(30);
+
+/// The follower's reading thread: opens the topic (again and again, backing off, while the
+/// brokers cannot be reached or refuse: the index holds flows meanwhile, and `/readyz` and
+/// [`OWNERSHIP_KAFKA_ERRORS`] say why), then reads it until `stop`, through broker outages and
+/// restarts, handing what it reads to `tx`. Never gives up: a follower that stopped would leave
+/// every later flow `unknown` until the process restarted.
+fn follow(
+    client: &ClientSettings,
+    topic: &str,
+    stop: &CancellationToken,
+    tx: &mpsc::Sender<Polled>,
+) {
+    let opening = ClientErrors::new(OWNERSHIP_KAFKA_ERRORS, client.brokers.clone(), "retrying");
+    let mut delay = Duration::from_secs(1);
+    let consumer = loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        match reader(client, topic) {
+            Ok(consumer) => break consumer,
+            Err(e) => {
+                let what = format!("opening {topic}: {:#}", anyhow::Error::from(e));
+                opening.note("open_failed", &what);
+                let until = std::time::Instant::now() + delay;
+                while std::time::Instant::now() < until && !stop.is_cancelled() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                delay = (delay * 2).min(REOPEN_MAX);
+            }
+        }
+    };
+    let mut malformed = LogThrottle::default();
+    while !stop.is_cancelled() {
+        let polled = poll(&consumer, topic, Duration::from_millis(100), &mut malformed);
+        if !matches!(polled, Polled::Nothing) && tx.blocking_send(polled).is_err() {
+            return;
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use flowlog_cli::Health;
 use flowlog_identity::SharedIndex;
 use flowlog_kafka::LogThrottle;
 use flowlog_record::{EnrichedFlow, avro, enriched_avro};
-use metrics::{counter, histogram};
+use metrics::{counter, gauge, histogram};
 use rdkafka::{
     consumer::StreamConsumer,
     consumer::{CommitMode, Consumer as _},
@@ -425,12 +425,12 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Beats the health's loop and, every [`HEALTH_PERIOD`], re-evaluates readiness.
+    /// Beats the health's loop and, every [`HEALTH_PERIOD`], exports how far behind the
+    /// inventory is and re-evaluates readiness.
     fn report_health(&mut self, consumer: &Consumer, now: Instant) {
-        let Some(health) = &self.settings.health else {
-            return;
-        };
-        health.beat();
+        if let Some(health) = &self.settings.health {
+            health.beat();
+        }
         if self
             .health_checked
             .is_some_and(|at| now.duration_since(at) < HEALTH_PERIOD)
@@ -438,6 +438,12 @@ impl Pipeline {
             return;
         }
         self.health_checked = Some(now);
+        let caught_up_to = self.index.read().caught_up_to();
+        let lag = caught_up_to.map_or(f64::INFINITY, |w| now_ns().saturating_sub(w) as f64 / 1e9);
+        gauge!(m::INVENTORY_LAG).set(lag);
+        let Some(health) = &self.settings.health else {
+            return;
+        };
         match consumer.assignment() {
             Ok(list) if list.count() > 0 => health.set_ready(PARTITIONS_ASSIGNED),
             Ok(_) => health.set_not_ready(
@@ -450,7 +456,7 @@ impl Pipeline {
             Err(e) => health.set_not_ready(PARTITIONS_ASSIGNED, format!("reading the assignment: {e}")),
         }
         let wanted = now_ns().saturating_sub(self.settings.hold.as_nanos() as u64);
-        match self.index.read().caught_up_to() {
+        match caught_up_to {
             Some(w) if w >= wanted => health.set_ready(INVENTORY_CAUGHT_UP),
             Some(w) => health.set_not_ready(
                 INVENTORY_CAUGHT_UP,

@@ -10,7 +10,7 @@
 use std::{
     collections::{BTreeSet, HashSet},
     io::{BufRead, BufReader},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     process::{Command, Stdio},
     sync::{Arc, Mutex, mpsc},
@@ -23,9 +23,11 @@ use flowlog_record::{
     enriched_avro,
 };
 use flowlog_testkit::{
-    ChildGuard, PATIENCE, Topic, free_port, now_ns, pyarrow, spawn_ready, temp_dir,
+    ChildGuard, PATIENCE, Topic,
+    broker::{PortBlock, PrivateBroker},
+    free_port, http_get, now_ns, pyarrow, spawn_ready, temp_dir,
     tls::{TlsBroker, with_option},
-    unique_name,
+    unique_name, wait_for_http,
 };
 use rdkafka::{
     Message,
@@ -105,17 +107,19 @@ fn produce(topic: &Topic, messages: &[(Vec<u8>, Vec<u8>)]) {
 struct Enricher {
     child: ChildGuard,
     stderr: Arc<Mutex<String>>,
+    /// Its /metrics, /healthz and /readyz listener.
+    metrics: SocketAddr,
 }
 
 impl Enricher {
     /// Starts `flowlog-enricher` with the topics' names and `extra` flags, and waits until it
     /// says it is enriching.
     fn start(raw: &Topic, enriched: &Topic, dlq: &Topic, group: &str, extra: &[&str]) -> Self {
-        let metrics = format!("127.0.0.1:{}", free_port());
+        let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let mut child = Command::new(ENRICHER)
             .args(["--brokers", &raw.brokers, "--input-topic", &raw.name])
             .args(["--output-topic", &enriched.name, "--dlq-topic", &dlq.name])
-            .args(["--group", group, "--metrics-addr", &metrics])
+            .args(["--group", group, "--metrics-addr", &metrics.to_string()])
             .args(["--output-schema-id", &OUT_ID.to_string()])
             .args(extra)
             .env("FLOWLOG_LOG", "info")
@@ -141,6 +145,7 @@ impl Enricher {
         let mut enricher = Self {
             child: ChildGuard(child),
             stderr,
+            metrics,
         };
         if ready_rx.recv_timeout(PATIENCE).is_err() {
             let status = enricher.child.0.try_wait();
@@ -918,5 +923,140 @@ fn a_kafka_config_or_option_librdkafka_refuses_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("'--consumer-option'"), "{stderr}");
     assert!(stderr.contains("fetch.wait.max.ms"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// How long the outage test cuts the broker off: long enough for every client to see its
+/// connections reset and refused, and for the inventory to fall behind the hold.
+const OUTAGE: Duration = Duration::from_secs(15);
+
+#[test]
+fn attribution_resumes_after_a_broker_outage() {
+    // A broker of the test's own: the outage cuts off only this test's clients.
+    let broker = PrivateBroker::start("enricher-outage");
+    let topic = |what: &str| Topic::create_on(&broker.addr, &format!("outage-{what}"), 1);
+    let (raw, enriched, dlq, ownership) = (
+        topic("raw"),
+        topic("enriched"),
+        topic("dlq"),
+        topic("ownership"),
+    );
+    let dir = temp_dir("outage");
+    let inventory_file = static_file(&dir, "[[entry]]\ncidr = \"10.7.0.0/16\"\nname = \"svc\"\n");
+    let mut inventory = start_inventory(&ownership, &inventory_file, &[]);
+    let mut enricher = Enricher::start(
+        &raw,
+        &enriched,
+        &dlq,
+        &unique_name("outage"),
+        &["--ownership-topic", &ownership.name, "--hold", "5s"],
+    );
+    let remote_of = |flows: &[EnrichedFlow], id: u64| {
+        let e = flows.iter().find(|e| e.flow.flow_id == id).unwrap();
+        (
+            e.remote.status,
+            e.remote.identity.as_ref().map(|i| i.name.clone()),
+        )
+    };
+    let before = record(41, "10.7.0.1", now_ns());
+    produce(&raw, &[(avro::key(&before), encoded(&before))]);
+    let out = enriched_flows(&enriched.read_until(|m| !m.is_empty()));
+    assert_eq!(
+        remote_of(&out, 41),
+        (Attribution::Exact, Some("svc".to_string()))
+    );
+
+    // Every connection to the broker reset and refused for a while; the broker itself runs on.
+    let block = PortBlock::start(broker.port());
+    thread::sleep(OUTAGE);
+    // Meanwhile the ownership stream stopped: the replica says it cannot attribute new flows.
+    let (status, body) = http_get(enricher.metrics, "/readyz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("inventory_caught_up: the inventory is complete only up to "),
+        "{body}"
+    );
+    assert_eq!(
+        http_get(enricher.metrics, "/healthz").unwrap(),
+        (200, "ok\n".to_string()),
+        "waiting for the broker is not a reason to be restarted"
+    );
+    drop(block);
+
+    // The broker is reachable again: the follower, the inventory's publisher, the consumer and
+    // the producer carry on by themselves.
+    wait_for_http(enricher.metrics, "/readyz", |status, _| status == 200);
+    let after = record(42, "10.7.0.2", now_ns());
+    produce(&raw, &[(avro::key(&after), encoded(&after))]);
+    let out = enriched_flows(
+        &enriched.read_until(|m| enriched_flows(m).iter().any(|e| e.flow.flow_id == 42)),
+    );
+    assert_eq!(
+        remote_of(&out, 42),
+        (Attribution::Exact, Some("svc".to_string())),
+        "attributed again after the outage"
+    );
+    assert!(
+        matches!(inventory.0.try_wait(), Ok(None)),
+        "flowlog-inventory survived the outage"
+    );
+    assert!(
+        matches!(enricher.child.0.try_wait(), Ok(None)),
+        "flowlog-enricher survived the outage"
+    );
+    let (_, page) = http_get(enricher.metrics, "/metrics").unwrap();
+    let errors: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("flowlog_ownership_kafka_errors_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert!(errors > 0.0, "the outage was counted:\n{page}");
+    enricher.stop();
+    assert!(inventory.terminate(PATIENCE));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_malformed_ownership_record_is_skipped_and_counted() {
+    let _serial = serial();
+    let (raw, enriched, dlq, ownership) = (
+        Topic::create("malformed-raw", 1),
+        Topic::create("malformed-enriched", 1),
+        Topic::create("malformed-dlq", 1),
+        Topic::create("malformed-ownership", 1),
+    );
+    let dir = temp_dir("malformed");
+    let inventory_file = static_file(&dir, "[[entry]]\ncidr = \"10.8.0.0/16\"\nname = \"svc\"\n");
+    // Something that is not an ownership record lands in the topic before the publisher's.
+    produce(
+        &ownership,
+        &[(b"not-a-key".to_vec(), b"{\"type\": \"nonsense\"}".to_vec())],
+    );
+    let _inventory = start_inventory(&ownership, &inventory_file, &[]);
+    let enricher = Enricher::start(
+        &raw,
+        &enriched,
+        &dlq,
+        &unique_name("malformed"),
+        &["--ownership-topic", &ownership.name, "--hold", "30s"],
+    );
+    let flow = record(51, "10.8.0.1", now_ns());
+    produce(&raw, &[(avro::key(&flow), encoded(&flow))]);
+    let out = enriched_flows(&enriched.read_until(|m| !m.is_empty()));
+    assert_eq!(
+        (
+            out[0].remote.status,
+            out[0].remote.identity.as_ref().map(|i| i.name.clone())
+        ),
+        (Attribution::Exact, Some("svc".to_string())),
+        "the records after the malformed one are followed"
+    );
+    let (_, page) = http_get(enricher.metrics, "/metrics").unwrap();
+    assert!(
+        page.lines()
+            .any(|l| l == "flowlog_ownership_malformed_total 1"),
+        "{page}"
+    );
+    enricher.stop();
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -28,7 +28,9 @@ use flowlog_sidecar::{
     sink::RecordSink,
 };
 use flowlog_testkit::{
-    LogCapture, Topic, admin, brokers, free_port, runtime, temp_dir,
+    LogCapture, Topic,
+    broker::PrivateBroker,
+    brokers, free_port, runtime, temp_dir,
     tls::{TlsBroker, with_option},
 };
 use rdkafka::{Message, message::OwnedMessage};
@@ -486,117 +488,6 @@ fn unreachable_broker_keeps_capturing_and_exits_in_bounded_time() {
     );
 }
 
-const KAFKA_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka");
-
-/// A tansu broker of the test's own (`scripts/kafka` with its own port and data directory), so
-/// that stopping it does not disturb the shared broker other tests use. Stopped and removed on
-/// drop.
-struct PrivateBroker {
-    dir: std::path::PathBuf,
-    addr: String,
-}
-
-impl PrivateBroker {
-    fn start(test: &str) -> Self {
-        let broker = Self {
-            dir: temp_dir(&format!("tansu-{test}")),
-            addr: format!("127.0.0.1:{}", static_port()),
-        };
-        broker.run("start");
-        broker
-    }
-
-    /// Runs `scripts/kafka CMD DIR`; `start` must start this broker, not find another listener.
-    fn run(&self, cmd: &str) {
-        let out = Command::new(KAFKA_SCRIPT)
-            .args([cmd, self.dir.to_str().unwrap()])
-            .env("FLOWLOG_KAFKA_LISTEN", &self.addr)
-            .output()
-            .unwrap_or_else(|e| panic!("running {KAFKA_SCRIPT}: {e}"));
-        assert!(
-            out.status.success(),
-            "scripts/kafka {cmd} {}: {}\n{}",
-            self.dir.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            cmd != "start" || stdout.contains("tansu started"),
-            "scripts/kafka start did not start a broker of ours on {}: {stdout}",
-            self.addr
-        );
-    }
-}
-
-impl PrivateBroker {
-    /// Starts the stopped broker again (same data directory) and waits until it serves the
-    /// topic's metadata; a broker that does not within 10 s is stopped and started again.
-    fn restart(&self, topic: &str) {
-        for _ in 0..3 {
-            self.run("start");
-            let client = admin(&self.addr);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                let ok = client
-                    .inner()
-                    .fetch_metadata(Some(topic), Duration::from_secs(2))
-                    .is_ok_and(|m| {
-                        m.topics()
-                            .iter()
-                            .any(|t| t.name() == topic && t.error().is_none())
-                    });
-                if ok {
-                    return;
-                }
-                thread::sleep(Duration::from_millis(100));
-            }
-            eprintln!(
-                "private broker {} not healthy after restart: restarting",
-                self.addr
-            );
-            self.run("stop");
-        }
-        panic!("private broker {} did not come back healthy", self.addr);
-    }
-}
-
-/// A free loopback port below the kernel's ephemeral range (32768 and up by default): the
-/// kernel never hands it out for `bind(0)` or a connect, so while the private broker is stopped
-/// no other test's listener (an agent's metrics port) or connection can take it.
-fn static_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 5_000) as u16 * 2;
-    loop {
-        let port = base + NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(port < 32_000, "no free static port");
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            let log = std::fs::read_to_string(self.dir.join("tansu.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            eprintln!(
-                "private broker {} log (last lines, newest first):",
-                self.addr
-            );
-            for line in tail {
-                eprintln!("{line}");
-            }
-        }
-        self.run("stop");
-        if !thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
 /// `n` loopback connections to one listener of ours: connection `i` sends `up(i)` bytes and
 /// receives `down(i)`. Returns the listener's port and, per client port, (up, down).
 fn loopback_flows(n: usize) -> (u16, HashMap<u16, (u64, u64)>) {
@@ -694,7 +585,7 @@ fn broker_outage_loses_nothing() {
         &TANSU_RESTART_WORKAROUND,
     );
     agent.wait_ready();
-    broker.run("stop");
+    broker.stop();
     let (port, flows) = loopback_flows(OUTAGE_FLOWS);
     // Let the agent capture them (and librdkafka notice the broker is gone).
     thread::sleep(Duration::from_secs(2));
@@ -720,7 +611,7 @@ fn broker_outage_loses_nothing() {
 fn agent_crash_while_broker_down_loses_nothing() {
     let broker = PrivateBroker::start("crash");
     let topic = Topic::create_on(&broker.addr, "crash", 3);
-    broker.run("stop");
+    broker.stop();
     let spool = temp_dir("crash-spool");
     let spool_arg = spool.to_str().unwrap();
     let extra = [
@@ -850,7 +741,7 @@ fn ours_in_topic<'a>(
 fn full_spool_drops_the_newest_counts_them_logs_once_and_delivers_the_rest() {
     let broker = PrivateBroker::start("full");
     let topic = Topic::create_on(&broker.addr, "full", 3);
-    broker.run("stop");
+    broker.stop();
     let host = format!("test-kafka-full-{}", std::process::id());
     let records = synthetic_records(&host, 50);
     let len = |r: &FlowRecord| {
@@ -941,7 +832,7 @@ fn delivery_failures_rewind_the_spool_and_every_record_arrives() {
     let rt = runtime();
     let ((sent, failed_while_down, failed), _) = observed(|metrics| {
         let mut sink = KafkaSink::connect(settings).expect("the sink starts");
-        broker.run("stop");
+        broker.stop();
         rt.block_on(sink.write(&records)).unwrap();
         rt.block_on(sink.flush()).unwrap();
         // Every record's delivery fails at least once while the broker is down.

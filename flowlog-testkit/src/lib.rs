@@ -4,6 +4,7 @@
 //! processes killed on drop, a Kubernetes list/watch API server ([`kubernetes`]), pod address
 //! churn with its ground truth ([`pod_churn`]) and a private broker behind TLS and SASL
 //! ([`tls::TlsBroker`]). The benchmarks under `benches/` use it too.
+pub mod broker;
 pub mod kubernetes;
 pub mod pod_churn;
 pub mod tls;
