@@ -1,6 +1,9 @@
 //! Helpers for the tests of what `deploy/` ships (the OCI images, the Kubernetes manifests, the
-//! systemd units): where the repository and the workspace's binaries are. The tests are under
-//! `deploy/tests/`; this crate ships nothing itself.
+//! systemd units): where the repository and the workspace's binaries are, and ([`podman`]) the
+//! images and the privileges they run with. The tests are under `deploy/tests/`; this crate
+//! ships nothing itself.
+pub mod podman;
+
 use std::path::{Path, PathBuf};
 
 /// The repository's root directory.
