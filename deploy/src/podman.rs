@@ -19,8 +19,23 @@ use anyhow::{Context as _, bail, ensure};
 
 use crate::{binaries_dir, repo_root};
 
-/// The images' version tag: the workspace's version (scripts/images tags them so).
+/// The workspace's version: scripts/images tags release images with it, and the tests' images
+/// with `<version>-<profile>` ([`test_tag`]), so that a test run never replaces release images.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The tag of the images the tests build: `<version>-<profile of the test's binaries>`.
+pub fn test_tag() -> String {
+    format!("{VERSION}-{}", profile())
+}
+
+/// The cargo profile of the workspace's binaries the tests use (`debug` under `cargo test`).
+fn profile() -> String {
+    binaries_dir()
+        .file_name()
+        .and_then(|p| p.to_str())
+        .unwrap_or("debug")
+        .to_owned()
+}
 
 /// How long a container gets to do what it should (start, answer, exit).
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -37,14 +52,14 @@ pub enum Image {
 }
 
 impl Image {
-    /// The image's reference, as scripts/images tags it.
+    /// The reference of the image the tests built.
     pub fn reference(self) -> String {
         let name = match self {
             Image::Agent => "flowlog/flowlog-agent",
             Image::Enricher => "flowlog/flowlog-enricher",
             Image::Flowlog => "flowlog/flowlog",
         };
-        format!("{name}:{VERSION}")
+        format!("{name}:{}", test_tag())
     }
 }
 
@@ -72,8 +87,8 @@ pub fn podman_run() -> Command {
 }
 
 /// Builds the three images from the binaries of the test's profile (`scripts/images --profile
-/// debug` under `cargo test`), once per test process; later calls wait for the first and share
-/// its result.
+/// debug --tag <version>-debug` under `cargo test`), once per test process; later calls wait
+/// for the first and share its result.
 pub fn build_images() -> anyhow::Result<()> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     BUILT
@@ -92,14 +107,10 @@ fn run_build() -> anyhow::Result<()> {
         "podman is not installed: run scripts/bootstrap"
     );
     let binaries = binaries_dir();
-    let profile = binaries
-        .file_name()
-        .and_then(|p| p.to_str())
-        .context("the binaries' directory has no name")?
-        .to_owned();
+    let profile = profile();
     let started = Instant::now();
     let out = Command::new(repo_root().join("scripts/images"))
-        .args(["--profile", &profile, "--binaries"])
+        .args(["--profile", &profile, "--tag", &test_tag(), "--binaries"])
         .arg(&binaries)
         .output()
         .context("running scripts/images")?;
