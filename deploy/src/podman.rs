@@ -334,7 +334,7 @@ impl ContainerSpec {
 /// rules for `bpf` and `perf_event_open` (allowed with CAP_BPF, respectively CAP_PERFMON, as
 /// well as with CAP_SYS_ADMIN; containerd PR 7301, in 1.7 and late 1.6 releases): what
 /// `seccompProfile: RuntimeDefault` gives a container on containerd. Written once per test
-/// process.
+/// process, beside the binaries.
 pub fn containerd_like_profile() -> anyhow::Result<PathBuf> {
     static PROFILE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     PROFILE
@@ -381,12 +381,12 @@ fn write_containerd_like_profile() -> anyhow::Result<PathBuf> {
             "excludes": { "caps": [cap, "CAP_SYS_ADMIN"] }
         }));
     }
-    let path = std::env::temp_dir().join(format!(
-        "flowlog-test-seccomp-containerd-{}.json",
-        std::process::id()
-    ));
-    std::fs::write(&path, serde_json::to_vec_pretty(&profile)?)
-        .with_context(|| format!("writing {}", path.display()))?;
+    // Beside the binaries, not in /tmp: one file, replaced whole (renamed over) by each run.
+    let path = binaries_dir().join("flowlog-test-seccomp-containerd.json");
+    let partial = path.with_extension(format!("json.{}", std::process::id()));
+    std::fs::write(&partial, serde_json::to_vec_pretty(&profile)?)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, &path).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
