@@ -1,10 +1,12 @@
 //! Helpers for the tests of what `deploy/` ships (the OCI images, the Kubernetes manifests, the
 //! systemd units): where the repository and the workspace's binaries are, rendering and checking
-//! the manifests ([`kubernetes`], [`posture`]) and checking the units ([`systemd`]). The tests
-//! are under `deploy/tests/`; this crate ships nothing itself.
+//! the manifests ([`kubernetes`], [`posture`]), checking the units ([`systemd`]), and building and
+//! running the images with the privileges the manifests give them ([`podman`]). The tests are
+//! under `deploy/tests/`; this crate ships nothing itself.
 use std::path::{Path, PathBuf};
 
 pub mod kubernetes;
+pub mod podman;
 pub mod posture;
 pub mod systemd;
 

@@ -23,6 +23,11 @@ pub enum LayoutError {
          mount it with `mount -t tracefs tracefs /sys/kernel/tracing`"
     )]
     NoTracefs,
+    #[error("reading {path}")]
+    TracefsUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("kernel {kernel} has no tracepoint {tracepoint} (its BTF has no `btf_trace_{name}`)")]
     MissingRawTracepoint {
         kernel: String,
@@ -98,13 +103,23 @@ pub fn parse_format(text: &str) -> HashMap<String, Field> {
     fields
 }
 
-/// Where tracefs is mounted.
+/// Where tracefs is mounted. A mount this process may not enter (tracefs is mode 0700, owned
+/// by root) is an error of its own, not "not mounted".
 pub fn tracefs_root() -> Result<PathBuf, LayoutError> {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("events").is_dir())
-        .ok_or(LayoutError::NoTracefs)
+    for root in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].map(PathBuf::from) {
+        let events = root.join("events");
+        match std::fs::metadata(&events) {
+            Ok(m) if m.is_dir() => return Ok(root),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(LayoutError::TracefsUnreadable {
+                    path: events,
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+    }
+    Err(LayoutError::NoTracefs)
 }
 
 /// The running kernel's release string, for error messages.

@@ -2,7 +2,8 @@
 //! kernel's layout, turns their events into exact per-flow records, and writes them to a sink.
 //!
 //! Modules, in data-flow order: [`btf`] and [`layout`] (kernel layout discovery), [`probe`]
-//! (load/attach, ring buffer, sweep), [`flows`] (snapshots → records), [`record`] (the record),
+//! (load/attach, ring buffer, sweep; [`privileges`]: what the kernel refused it and why),
+//! [`flows`] (snapshots → records), [`record`] (the record),
 //! [`sink`] (outputs: JSON lines; [`kafka`] through the disk [`spool`]), [`agent`] (the event
 //! loop), [`metrics`] and [`throttle`] (rate-limited warnings).
 pub mod agent;
@@ -11,6 +12,7 @@ pub mod flows;
 pub mod kafka;
 pub mod layout;
 pub mod metrics;
+pub mod privileges;
 pub mod probe;
 /// The flow record lives in `flowlog-record` (shared with the enricher); re-exported here so
 /// `flowlog_sidecar::record::FlowRecord` keeps working.

@@ -19,7 +19,10 @@ use flowlog_common::{Batch, Config, counter, stat};
 
 use tracing::warn;
 
-use crate::layout::{self, LayoutError};
+use crate::{
+    layout::{self, LayoutError},
+    privileges::{self, Operation, Refusal},
+};
 
 /// The compiled kernel programs (built by build.rs with aya-build).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowlog"));
@@ -27,27 +30,29 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fl
 /// Why the probe could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error(
-        "flowlog-sidecar needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) to load and attach \
-         eBPF programs; this process has {have}. Run it as root or grant those capabilities"
-    )]
-    Privileges { have: String },
     #[error(transparent)]
     Layout(#[from] LayoutError),
-    #[error("loading the eBPF programs into kernel {kernel} failed")]
+    #[error("reading the tracepoints' formats from tracefs{refused}")]
+    Tracefs {
+        refused: Refused,
+        source: Box<LayoutError>,
+    },
+    #[error("creating the eBPF maps in kernel {kernel}{refused}")]
     Load {
         kernel: String,
+        refused: Refused,
         source: Box<aya::EbpfError>,
     },
     #[error("eBPF program `{0}` is missing from the object")]
     MissingProgram(&'static str),
     #[error("eBPF map `{0}` is missing from the object")]
     MissingMap(&'static str),
-    #[error("eBPF program `{program}` on kernel {kernel}")]
+    #[error("{action} on kernel {kernel}{refused}")]
     Program {
-        program: &'static str,
+        action: Action,
         kernel: String,
-        source: aya::programs::ProgramError,
+        refused: Refused,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("reading the online CPUs from {path}")]
     Cpus {
@@ -64,6 +69,103 @@ pub enum ProbeError {
         map: &'static str,
         source: aya::maps::MapError,
     },
+}
+
+impl ProbeError {
+    /// Whether the kernel refused an operation for want of a capability the process lacks (as
+    /// opposed to not supporting it, or something other than capabilities refusing it).
+    fn lacks_capabilities(&self) -> bool {
+        let refused = match self {
+            ProbeError::Load { refused, .. } | ProbeError::Program { refused, .. } => refused,
+            _ => return false,
+        };
+        refused.0.as_ref().is_some_and(|r| !r.missing().is_empty())
+    }
+}
+
+/// What the probe was doing with one of its programs when it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Loading it into the kernel (the verifier runs here).
+    Load(&'static str),
+    /// Attaching it to a raw tracepoint, or a BTF-typed one.
+    AttachRaw {
+        program: &'static str,
+        tracepoint: &'static str,
+    },
+    /// Attaching it to a tracepoint (`category:name`) through a perf event.
+    AttachTracepoint {
+        program: &'static str,
+        tracepoint: &'static str,
+    },
+    /// Running it on demand (`BPF_PROG_TEST_RUN`).
+    Run(&'static str),
+}
+
+impl Action {
+    /// The kernel operation, for the capabilities it needs.
+    fn operation(&self, error: &ProgramError) -> Operation {
+        match self {
+            Action::Load(_) => Operation::LoadProgram,
+            Action::AttachRaw { .. } => Operation::AttachRawTracepoint,
+            // The tracepoint's id is read from tracefs before the perf event is opened.
+            Action::AttachTracepoint { .. }
+                if matches!(error, ProgramError::TracePointError(_)) =>
+            {
+                Operation::ReadTracefs
+            }
+            Action::AttachTracepoint { .. } => Operation::AttachTracepoint,
+            Action::Run(_) => Operation::RunProgram,
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Load(program) => write!(f, "loading eBPF program `{program}`"),
+            Action::AttachRaw {
+                program,
+                tracepoint,
+            } => write!(
+                f,
+                "attaching eBPF program `{program}` to raw tracepoint {tracepoint}"
+            ),
+            Action::AttachTracepoint {
+                program,
+                tracepoint,
+            } => write!(
+                f,
+                "attaching eBPF program `{program}` to tracepoint {}",
+                tracepoint.replace('/', ":")
+            ),
+            Action::Run(program) => write!(
+                f,
+                "running eBPF program `{program}` on demand (BPF_PROG_TEST_RUN)"
+            ),
+        }
+    }
+}
+
+/// The kernel's refusal (EPERM, EACCES) of what failed, when it was one, with what the process
+/// lacks; shown after the operation in the error's message.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Refused(pub Option<Box<Refusal>>);
+
+impl Refused {
+    /// A refusal of `operation` if `error` (or one of its causes) is EPERM or EACCES.
+    fn of(operation: Operation, error: &(dyn std::error::Error + 'static)) -> Self {
+        Self(privileges::is_refusal(error).then(|| Box::new(Refusal::of_this_process(operation))))
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(refusal) => write!(f, ", which the kernel refused: {refusal}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Settings for the kernel side.
@@ -143,8 +245,9 @@ pub struct SkippedRuns {
 }
 
 impl Probe {
-    /// Checks privileges, discovers the kernel layout, loads and attaches the programs; sockets
-    /// are read through the BTF-typed tracepoint where the kernel allows it.
+    /// Discovers the kernel layout, loads and attaches the programs; sockets are read through the
+    /// BTF-typed tracepoint where the kernel allows it. An operation the kernel refuses for want
+    /// of a capability is an error naming the capability ([`Refused`]).
     pub fn start(settings: &ProbeSettings) -> Result<Self, ProbeError> {
         Self::start_with(settings, false)
     }
@@ -153,7 +256,6 @@ impl Probe {
     /// plain raw tracepoint for socket state changes, the probe-read accept program) even where
     /// the kernel allows typed pointers (`--probe-reads`).
     pub fn start_with(settings: &ProbeSettings, probe_reads: bool) -> Result<Self, ProbeError> {
-        check_privileges()?;
         let kernel = layout::kernel_release();
         let btf_path = settings.btf.as_path();
         let layout = layout::discover(btf_path)?;
@@ -172,6 +274,13 @@ impl Probe {
         };
         let accept = match tracefs.and_then(|t| layout::discover_accept(&t, btf_path)) {
             Ok(accept) => Some(accept),
+            // Not a kernel without these tracepoints: a process that may not read tracefs.
+            Err(source) if privileges::is_refusal(&source) => {
+                return Err(ProbeError::Tracefs {
+                    refused: Refused::of(Operation::ReadTracefs, &source),
+                    source: Box::new(source),
+                });
+            }
             Err(e) => {
                 warn!(
                     error = crate::error_chain(&e),
@@ -189,6 +298,7 @@ impl Probe {
             .load(OBJECT)
             .map_err(|source| ProbeError::Load {
                 kernel: kernel.clone(),
+                refused: Refused::of(Operation::CreateMaps, &source),
                 source: Box::new(source),
             })?;
         let btf_attached = if probe_reads {
@@ -198,8 +308,13 @@ impl Probe {
             // which parses its own copy, is gone: two copies at once cost 12 MiB of peak RSS
             // (and kept the heap from shrinking back).
             match Btf::from_sys_fs() {
-                Ok(vmlinux) => attach_btf_set_state(&mut ebpf, &vmlinux, &kernel)
-                    .map_err(|e| crate::error_chain(&e)),
+                Ok(vmlinux) => match attach_btf_set_state(&mut ebpf, &vmlinux, &kernel) {
+                    Ok(catching) => Ok(catching),
+                    // Refused for want of a capability: the raw tracepoint would be refused
+                    // too, and the error must name the capability rather than fall back.
+                    Err(e) if e.lacks_capabilities() => return Err(e),
+                    Err(e) => Err(crate::error_chain(&e)),
+                },
                 Err(e) => Err(format!(
                     "reading /sys/kernel/btf/vmlinux: {}",
                     crate::error_chain(&e)
@@ -219,11 +334,13 @@ impl Probe {
                 }
                 let prog: &mut RawTracePoint = load_program(&mut ebpf, SET_STATE, &kernel)?;
                 prog.attach(SET_STATE)
-                    .map_err(program_error(SET_STATE, &kernel))?;
+                    .map_err(program_error(attach_raw(SET_STATE, SET_STATE), &kernel))?;
                 let catching = load_program::<RawTracePoint>(&mut ebpf, SET_STATE_CATCH, &kernel)
                     .and_then(|prog| {
-                        prog.attach(SET_STATE)
-                            .map_err(program_error(SET_STATE_CATCH, &kernel))
+                        prog.attach(SET_STATE).map_err(program_error(
+                            attach_raw(SET_STATE_CATCH, SET_STATE),
+                            &kernel,
+                        ))
                     });
                 (SockAccess::ProbeRead, caught_or_warn(catching))
             }
@@ -231,7 +348,7 @@ impl Probe {
         for program in RAW_PROGRAMS {
             let prog: &mut RawTracePoint = load_program(&mut ebpf, program, &kernel)?;
             prog.attach(program)
-                .map_err(program_error(program, &kernel))?;
+                .map_err(program_error(attach_raw(program, program), &kernel))?;
         }
         if accept.is_some() {
             let btf_loaded = match access {
@@ -256,13 +373,17 @@ impl Probe {
                 .program_mut(program)
                 .ok_or(ProbeError::MissingProgram(program))?
                 .try_into()
-                .map_err(program_error(program, &kernel))?;
+                .map_err(program_error(Action::Load(program), &kernel))?;
             for tracepoint in layout::ACCEPT_TRACEPOINTS {
                 let (category, name) = tracepoint
                     .split_once('/')
                     .unwrap_or(("syscalls", tracepoint));
+                let action = Action::AttachTracepoint {
+                    program,
+                    tracepoint,
+                };
                 prog.attach(category, name)
-                    .map_err(program_error(program, &kernel))?;
+                    .map_err(program_error(action, &kernel))?;
             }
         }
         // Loaded, never attached: run on demand by `sweep` and `flush_batches`.
@@ -300,7 +421,7 @@ impl Probe {
         &self,
         program: &'static str,
     ) -> Result<(&RawTracePoint, impl Fn(ProgramError) -> ProbeError), ProbeError> {
-        let err = program_error(program, &self.kernel);
+        let err = program_error(Action::Run(program), &self.kernel);
         let prog: &RawTracePoint = self
             .ebpf
             .program(program)
@@ -430,26 +551,29 @@ fn recursion_misses(fdinfo: &str) -> Option<u64> {
 /// tracing programs are not allowed (some lock them down with EPERM, as they do fentry), and
 /// the verifier refuses it where a socket field cannot be read directly; the caller then falls
 /// back to the raw tracepoint. A failed load leaves nothing attached.
-fn attach_btf_set_state(
-    ebpf: &mut Ebpf,
-    vmlinux: &Btf,
-    kernel: &str,
-) -> Result<bool, ProgramError> {
-    attach_btf(ebpf, SET_STATE_BTF, vmlinux)?;
+fn attach_btf_set_state(ebpf: &mut Ebpf, vmlinux: &Btf, kernel: &str) -> Result<bool, ProbeError> {
+    attach_btf(ebpf, SET_STATE_BTF, vmlinux, kernel)?;
     // After the main program, so that it runs after it for each change.
-    let catching = attach_btf(ebpf, SET_STATE_BTF_CATCH, vmlinux)
-        .map_err(program_error(SET_STATE_BTF_CATCH, kernel));
+    let catching = attach_btf(ebpf, SET_STATE_BTF_CATCH, vmlinux, kernel);
     Ok(caught_or_warn(catching))
 }
 
 /// Loads `program` as a BTF-typed tracepoint on the state-change tracepoint and attaches it.
-fn attach_btf(ebpf: &mut Ebpf, program: &str, vmlinux: &Btf) -> Result<(), ProgramError> {
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    vmlinux: &Btf,
+    kernel: &str,
+) -> Result<(), ProbeError> {
+    let load_error = program_error(Action::Load(program), kernel);
     let prog: &mut BtfTracePoint = ebpf
         .program_mut(program)
-        .ok_or(ProgramError::NotLoaded)?
-        .try_into()?;
-    prog.load(SET_STATE, vmlinux)?;
-    prog.attach()?;
+        .ok_or(ProbeError::MissingProgram(program))?
+        .try_into()
+        .map_err(&load_error)?;
+    prog.load(SET_STATE, vmlinux).map_err(&load_error)?;
+    prog.attach()
+        .map_err(program_error(attach_raw(program, SET_STATE), kernel))?;
     Ok(())
 }
 
@@ -473,13 +597,23 @@ fn map_error(map: &'static str) -> impl Fn(MapError) -> ProbeError {
     move |source| ProbeError::Map { map, source }
 }
 
-/// Wraps a program error with the program's name and the kernel.
-fn program_error(program: &'static str, kernel: &str) -> impl Fn(ProgramError) -> ProbeError {
+/// Attaching `program` to the raw tracepoint `tracepoint`.
+fn attach_raw(program: &'static str, tracepoint: &'static str) -> Action {
+    Action::AttachRaw {
+        program,
+        tracepoint,
+    }
+}
+
+/// Wraps a program error with what was being done and the kernel, and with what the process
+/// lacks if the kernel refused it.
+fn program_error(action: Action, kernel: &str) -> impl Fn(ProgramError) -> ProbeError {
     let kernel = kernel.to_string();
     move |source| ProbeError::Program {
-        program,
+        refused: Refused::of(action.operation(&source), &source),
+        action: action.clone(),
         kernel: kernel.clone(),
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -497,9 +631,9 @@ where
         .program_mut(program)
         .ok_or(ProbeError::MissingProgram(program))?
         .try_into()
-        .map_err(program_error(program, kernel))?;
+        .map_err(program_error(Action::Load(program), kernel))?;
     prog.load_program()
-        .map_err(program_error(program, kernel))?;
+        .map_err(program_error(Action::Load(program), kernel))?;
     Ok(prog)
 }
 
@@ -518,39 +652,6 @@ impl LoadProgram for RawTracePoint {
     fn load_program(&mut self) -> Result<(), ProgramError> {
         self.load()
     }
-}
-
-/// Capability bits (include/uapi/linux/capability.h).
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-/// Fails early with a clear message when the process lacks the capabilities to load programs;
-/// otherwise the kernel's answer would be a bare EPERM from deep inside the loader.
-fn check_privileges() -> Result<(), ProbeError> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |bit: u32| cap_eff & (1u64 << bit) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        return Ok(());
-    }
-    let mut have: Vec<&str> = Vec::new();
-    if has(CAP_BPF) {
-        have.push("CAP_BPF");
-    }
-    if has(CAP_PERFMON) {
-        have.push("CAP_PERFMON");
-    }
-    let have = if have.is_empty() {
-        format!("neither (effective capabilities {cap_eff:#x})")
-    } else {
-        format!("only {}", have.join(" and "))
-    };
-    Err(ProbeError::Privileges { have })
 }
 
 /// A random 64-bit value from the kernel's CSPRNG (`getrandom(2)`), for the run's flow id base;

@@ -159,9 +159,14 @@ fn missing_capabilities_are_named() {
         &[],
     );
     assert_eq!(code, 1, "{stderr}");
+    // Named by the first operation the kernel refuses (creating the maps), both at once.
     assert!(
-        stderr.contains("needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)")
-            && stderr.contains("this process has neither"),
+        stderr.contains("creating the eBPF maps in kernel ")
+            && stderr.contains(
+                ", which the kernel refused: this process lacks CAP_BPF, which the agent needs \
+                 to create its eBPF maps and load its eBPF programs, and also CAP_PERFMON, which \
+                 the agent needs"
+            ),
         "{stderr}"
     );
 }
