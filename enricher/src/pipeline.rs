@@ -506,8 +506,11 @@ impl Pipeline {
             self.write_ready().await?;
         }
         self.store_offsets(consumer);
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-            warn!("committing offsets at shutdown: {e}");
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing read since the last commit: nothing to commit.
+            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {}
+            Err(e) => warn!("committing offsets at shutdown: {e}"),
+            Ok(()) => {}
         }
         Ok(())
     }

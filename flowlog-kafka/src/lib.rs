@@ -90,8 +90,14 @@ impl ClientErrors {
     }
 
     /// For `ClientContext::error`: counts `error` by kind and logs it when due; keeps the
-    /// first TLS or SASL refusal for [`check_topic`].
+    /// first TLS or SASL refusal for [`check_topic`]. Reaching the end of a partition is no
+    /// error (readers ask for it to know when a replay is complete): it is ignored.
     pub fn report(&self, error: &KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
+        {
+            return;
+        }
         if let Some(rejection) = Rejection::from_error(error, reason, &self.brokers) {
             self.keep(rejection);
         }
