@@ -226,6 +226,21 @@ pub fn key_into(record: &FlowRecord, out: &mut Vec<u8>) {
     out.extend_from_slice(record.host.as_bytes());
 }
 
+/// The partition of a key made by [`key`] when records are partitioned by host: the one Kafka's
+/// default partitioner (Java's `Utils.toPositive(Utils.murmur2(bytes)) % partitions`) gives the
+/// key's host name, so any Kafka client can compute it. Every record of one host then lands in
+/// one partition: a producer's batches hold all of its host's records (more records per batch,
+/// fewer bytes per record after compression), and a flow's records stay in one partition, in
+/// order. `None` if `key` is not one of [`key`] or `partitions` is not positive.
+pub fn host_partition(key: &[u8], partitions: i32) -> Option<i32> {
+    let host = key.get(8..)?;
+    if partitions <= 0 {
+        return None;
+    }
+    let hash = murmur2::murmur2(host, murmur2::KAFKA_SEED) & 0x7fff_ffff;
+    Some((hash % partitions as u32) as i32)
+}
+
 /// Splits a key made by [`key`] into `(flow_id, host)`; `None` if it is not one.
 pub fn parse_key(key: &[u8]) -> Option<(u64, &str)> {
     let (id, host) = key.split_at_checked(8)?;
@@ -394,6 +409,27 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Partitions by host match Kafka's default partitioner on the host name: the hashes of
+    /// Kafka's own `UtilsTest.testMurmur2` cases (signed there; `toPositive` clears the sign bit),
+    /// whatever the flow id in front of the host.
+    #[test]
+    fn host_partition_is_kafkas_partition_of_the_host_name() {
+        let key = |id: u64, host: &[u8]| [&id.to_be_bytes()[..], host].concat();
+        for (host, java_murmur2) in [
+            (&b"21"[..], -973_932_308_i32),
+            (b"foobar", -790_332_482),
+            (b"abc", 479_470_107),
+        ] {
+            let positive = (java_murmur2 as u32 & 0x7fff_ffff) as i32;
+            for id in [0, 7, u64::MAX] {
+                assert_eq!(host_partition(&key(id, host), i32::MAX), Some(positive));
+                assert_eq!(host_partition(&key(id, host), 12), Some(positive % 12));
+            }
+        }
+        assert_eq!(host_partition(b"short", 3), None, "not a flowlog key");
+        assert_eq!(host_partition(&key(1, b"h"), 0), None);
+    }
 
     /// Zig-zag varints against the Avro specification's examples and the extremes.
     #[test]

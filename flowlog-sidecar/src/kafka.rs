@@ -42,7 +42,7 @@ use rdkafka::{
     config::RDKafkaLogLevel,
     error::{KafkaError, RDKafkaErrorCode},
     message::{DeliveryResult, Message},
-    producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer},
+    producer::{BaseRecord, Partitioner, Producer, ProducerContext, PurgeConfig, ThreadedProducer},
     statistics::Statistics,
 };
 use tracing::{error, info, warn};
@@ -84,6 +84,55 @@ pub struct KafkaSettings {
     pub spool_max_bytes: u64,
     /// Receives librdkafka's statistics when `statistics.interval.ms` is set in `options`.
     pub stats: Option<StatsHook>,
+    /// How records are spread over the topic's partitions.
+    pub partitioning: Partitioning,
+}
+
+/// How the agent's records are spread over the topic's partitions. Either way every record of
+/// a flow goes to one partition, so a flow's records stay in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Partitioning {
+    /// All of this host's records to one partition ([`avro::host_partition`]: Kafka's default
+    /// partitioner applied to the host name). A producer batch then holds everything the host
+    /// produced in `linger.ms`, not a partition-count-th of it, which is what makes records
+    /// cheap on the wire at low rates. A partition carries the records of the hosts that hash
+    /// to it: with many hosts the load evens out; a fleet of fewer hosts than partitions leaves
+    /// partitions (and enricher replicas) idle.
+    #[default]
+    Host,
+    /// Records spread by key (flow id and host) with librdkafka's configured partitioner:
+    /// a host's records over every partition.
+    Flow,
+}
+
+impl std::str::FromStr for Partitioning {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "host" => Ok(Self::Host),
+            "flow" => Ok(Self::Flow),
+            _ => Err(format!("`{s}` is not a partitioning: use `host` or `flow`")),
+        }
+    }
+}
+
+/// librdkafka's "unassigned partition": it retries partitioning later.
+const PARTITION_UNASSIGNED: i32 = -1;
+
+/// [`Partitioning::Host`] as a librdkafka partitioner (called on librdkafka's threads).
+pub struct HostPartitioner;
+
+impl Partitioner for HostPartitioner {
+    fn partition(
+        &self,
+        _topic: &str,
+        key: Option<&[u8]>,
+        partition_cnt: i32,
+        _is_partition_available: impl Fn(i32) -> bool,
+    ) -> i32 {
+        key.and_then(|key| avro::host_partition(key, partition_cnt))
+            .unwrap_or(PARTITION_UNASSIGNED)
+    }
 }
 
 /// A receiver of librdkafka's statistics (every `statistics.interval.ms`; off by default): the
@@ -113,6 +162,7 @@ impl KafkaSettings {
             spool_dir: PathBuf::from(DEFAULT_SPOOL_DIR),
             spool_max_bytes: DEFAULT_SPOOL_MAX_BYTES,
             stats: None,
+            partitioning: Partitioning::default(),
         }
     }
 }
@@ -177,6 +227,8 @@ struct Shared {
 struct Context {
     shared: Arc<Shared>,
     stats: Option<StatsHook>,
+    /// `Some` for [`Partitioning::Host`]; otherwise librdkafka's own partitioner.
+    partitioner: Option<HostPartitioner>,
 }
 
 impl ClientContext for Context {
@@ -197,8 +249,12 @@ impl ClientContext for Context {
     }
 }
 
-impl ProducerContext for Context {
+impl ProducerContext<HostPartitioner> for Context {
     type DeliveryOpaque = Box<SpoolId>;
+
+    fn get_custom_partitioner(&self) -> Option<&HostPartitioner> {
+        self.partitioner.as_ref()
+    }
 
     fn delivery(&self, result: &DeliveryResult<'_>, id: Box<SpoolId>) {
         let s = &self.shared;
@@ -229,7 +285,7 @@ impl ProducerContext for Context {
 
 /// Flow records to a Kafka topic through the disk spool. See the module docs for its guarantees.
 pub struct KafkaSink {
-    producer: ThreadedProducer<Context>,
+    producer: ThreadedProducer<Context, HostPartitioner>,
     shared: Arc<Shared>,
     settings: KafkaSettings,
     spool: Spool,
@@ -279,18 +335,18 @@ impl KafkaSink {
         let context = Context {
             shared: Arc::clone(&shared),
             stats: settings.stats.clone(),
+            partitioner: (settings.partitioning == Partitioning::Host).then_some(HostPartitioner),
         };
         let config = client_config(&settings);
-        let producer: ThreadedProducer<Context> =
-            config
-                .create_with_context(context)
-                .map_err(|e| match OptionError::from_kafka(&e) {
-                    Some(option) => KafkaSinkError::Option(option),
-                    None => KafkaSinkError::Create {
-                        brokers: settings.client.brokers.clone(),
-                        source: e,
-                    },
-                })?;
+        let producer: ThreadedProducer<Context, HostPartitioner> = config
+            .create_with_context(context)
+            .map_err(|e| match OptionError::from_kafka(&e) {
+                Some(option) => KafkaSinkError::Option(option),
+                None => KafkaSinkError::Create {
+                    brokers: settings.client.brokers.clone(),
+                    source: e,
+                },
+            })?;
         let (spool, report) = Spool::open(&settings.spool_dir, settings.spool_max_bytes)
             .map_err(KafkaSinkError::Spool)?;
         for corruption in &report.corrupt {

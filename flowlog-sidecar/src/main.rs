@@ -101,6 +101,12 @@ struct Args {
     /// environment variable takes a comma-separated list).
     #[arg(long = "kafka-option", env = "FLOWLOG_KAFKA_OPTIONS", value_delimiter = ',', value_parser = flowlog_kafka::parse_option)]
     kafka_options: Vec<(String, String)>,
+    /// How records are spread over the topic's partitions: `host` (all of this host's records
+    /// to the partition Kafka's default partitioner gives the host name: bigger batches, fewer
+    /// bytes per record) or `flow` (by flow id and host, over every partition). Either way a
+    /// flow's records stay in one partition, in order.
+    #[arg(long, env = "FLOWLOG_KAFKA_PARTITIONING", default_value = "host")]
+    kafka_partitioning: flowlog_sidecar::kafka::Partitioning,
     /// Directory of the Kafka spool: every record is written there first and removed once the
     /// broker acknowledged it, so broker outages and agent restarts lose nothing.
     #[arg(long, env = "FLOWLOG_SPOOL_DIR", default_value = flowlog_sidecar::kafka::DEFAULT_SPOOL_DIR)]
@@ -126,6 +132,7 @@ fn kafka_sink(args: &Args) -> anyhow::Result<KafkaSink> {
     settings.options = args.kafka_options.clone();
     settings.spool_dir = args.spool_dir.clone();
     settings.spool_max_bytes = args.spool_max_bytes;
+    settings.partitioning = args.kafka_partitioning;
     match KafkaSink::connect(settings) {
         Ok(sink) => Ok(sink),
         Err(e @ KafkaSinkError::Option(_)) => flowlog_cli::usage_error::<Args>(format!(

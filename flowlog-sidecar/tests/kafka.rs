@@ -23,7 +23,7 @@ use std::{
 
 use apache_avro::{Schema, reader::datum::GenericDatumReader, types::Value};
 use flowlog_sidecar::{
-    kafka::{KafkaSettings, KafkaSink},
+    kafka::{KafkaSettings, KafkaSink, Partitioning},
     record::{Direction, Family, FlowRecord, Outcome},
     sink::RecordSink,
 };
@@ -1059,4 +1059,56 @@ fn a_kafka_config_file_that_cannot_be_used_is_a_usage_error_naming_it() {
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Writes `records` through a sink with `partitioning` into `topic` and returns, per
+/// message of the topic, its partition and flow id (after every record was acknowledged).
+fn partitions_of(
+    topic: &Topic,
+    records: &[FlowRecord],
+    partitioning: Partitioning,
+    test: &str,
+) -> Vec<(i32, u64)> {
+    let spool = temp_dir(&format!("{test}-spool"));
+    let mut settings = KafkaSettings::new(topic.brokers.as_str(), &topic.name);
+    settings.spool_dir = spool.clone();
+    settings.partitioning = partitioning;
+    let rt = runtime();
+    let mut sink = KafkaSink::connect(settings).expect("the sink starts");
+    rt.block_on(sink.write(records)).unwrap();
+    rt.block_on(sink.flush()).unwrap();
+    deliver_all(&rt, &mut sink);
+    drop(sink);
+    let _ = std::fs::remove_dir_all(&spool);
+    topic
+        .read_all()
+        .iter()
+        .map(|m| {
+            let (id, _) = flowlog_record::avro::parse_key(m.key().unwrap()).unwrap();
+            (m.partition(), id)
+        })
+        .collect()
+}
+
+#[test]
+fn records_go_to_their_hosts_partition_or_spread_by_flow() {
+    let records = synthetic_records(&format!("test-kafka-part-{}", std::process::id()), 60);
+    let key = flowlog_record::avro::key(&records[0]);
+    let host_partition = flowlog_record::avro::host_partition(&key, 3).unwrap();
+
+    let by_host = Topic::create("part-host", 3);
+    let placed = partitions_of(&by_host, &records, Partitioning::Host, "part-host");
+    assert_eq!(placed.len(), records.len(), "every record once");
+    assert!(
+        placed.iter().all(|&(p, _)| p == host_partition),
+        "every record in the partition Kafka's default partitioner gives the host name \
+         ({host_partition}): {placed:?}"
+    );
+
+    let by_flow = Topic::create("part-flow", 3);
+    let placed = partitions_of(&by_flow, &records, Partitioning::Flow, "part-flow");
+    assert_eq!(placed.len(), records.len(), "every record once");
+    let used: HashSet<i32> = placed.iter().map(|&(p, _)| p).collect();
+    // 60 distinct keys all landing in one of 3 partitions has a chance of 3 / 3^60.
+    assert_eq!(used.len(), 3, "spread by flow: {placed:?}");
 }

@@ -33,6 +33,7 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser;
 use flowlog_record::record::FlowRecord;
+use flowlog_sidecar::kafka::Partitioning;
 use wire::{Condition, WireResult};
 
 /// Target from DESIGN.md: bytes per flow record on Kafka after batch compression.
@@ -163,22 +164,47 @@ fn run(args: &Args, work_dir: &std::path::Path) -> anyhow::Result<()> {
     // Wire.
     let mut conditions = vec![
         Condition {
+            label: "200 records/s".into(),
+            rate: Some(200.0),
+            partitions: args.partitions,
+            options: vec![],
+            partitioning: Partitioning::Host,
+        },
+        Condition {
             label: "2,000 records/s (1,000 conn/s, both ends)".into(),
             rate: Some(2000.0),
             partitions: args.partitions,
             options: vec![],
+            partitioning: Partitioning::Host,
         },
         Condition {
             label: "20,000 records/s".into(),
             rate: Some(20_000.0),
             partitions: args.partitions,
             options: vec![],
+            partitioning: Partitioning::Host,
         },
         Condition {
             label: "unpaced".into(),
             rate: None,
             partitions: args.partitions,
             options: vec![],
+            partitioning: Partitioning::Host,
+        },
+        // The baseline, in the same run: records spread over the partitions by flow.
+        Condition {
+            label: "200 records/s, partitioning=flow (before)".into(),
+            rate: Some(200.0),
+            partitions: args.partitions,
+            options: vec![],
+            partitioning: Partitioning::Flow,
+        },
+        Condition {
+            label: "2,000 records/s, partitioning=flow (before)".into(),
+            rate: Some(2000.0),
+            partitions: args.partitions,
+            options: vec![],
+            partitioning: Partitioning::Flow,
         },
     ];
     for v in &args.wire_variants {
@@ -238,14 +264,19 @@ fn parse_variant(v: &str, partitions: i32) -> anyhow::Result<Condition> {
         "max" => None,
         r => Some(r.parse::<f64>().with_context(|| format!("rate {r}"))?),
     };
-    let options = opts
-        .split(',')
-        .map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .with_context(|| format!("--wire-variant option {kv}: expected KEY=VALUE"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut partitioning = Partitioning::default();
+    let mut options = Vec::new();
+    for kv in opts.split(',') {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--wire-variant option {kv}: expected KEY=VALUE"))?;
+        // `partitioning` is the sink's (`--kafka-partitioning`); the rest are librdkafka's.
+        if k == "partitioning" {
+            partitioning = v.parse().map_err(anyhow::Error::msg)?;
+        } else {
+            options.push((k.to_string(), v.to_string()));
+        }
+    }
     let label = format!(
         "{}, {opts}",
         rate.map_or("unpaced".to_string(), |r| format!("{r} records/s"))
@@ -255,6 +286,7 @@ fn parse_variant(v: &str, partitions: i32) -> anyhow::Result<Condition> {
         rate,
         partitions,
         options,
+        partitioning,
     })
 }
 

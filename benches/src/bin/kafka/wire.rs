@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use flowlog_record::{avro, record::FlowRecord};
 use flowlog_sidecar::{
-    kafka::{KafkaSettings, KafkaSink, StatsHook},
+    kafka::{KafkaSettings, KafkaSink, Partitioning, StatsHook},
     sink::RecordSink,
 };
 use rdkafka::statistics::Statistics;
@@ -44,6 +44,8 @@ pub struct Condition {
     pub partitions: i32,
     /// librdkafka options on top of the agent's defaults.
     pub options: Vec<(String, String)>,
+    /// How the sink spreads records over the partitions (`--kafka-partitioning`).
+    pub partitioning: Partitioning,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -118,6 +120,7 @@ pub fn measure(
         STATS_INTERVAL_MS.to_string(),
     )];
     settings.options.extend(condition.options.iter().cloned());
+    settings.partitioning = condition.partitioning;
     let hook_totals = Arc::clone(&totals);
     let hook_topic = topic.name.clone();
     settings.stats = Some(StatsHook(Arc::new(move |s: &Statistics| {
