@@ -138,7 +138,10 @@ impl Drop for PrivateBroker {
 
 /// Every TCP connection to `127.0.0.1:port` reset, and every new one refused, while this value
 /// lives: an nftables table of its own (named after the test) with a rule on the output hook,
-/// which loopback traffic of both directions passes. Needs root and `nft`. Removed on drop.
+/// which loopback traffic of both directions passes. The resets the rules send pass the same
+/// hook, so the rules leave RST segments alone: a rule that rejected them too would turn the
+/// outage into a black hole that clients only notice at their socket timeouts. Needs root and
+/// `nft`. Removed on drop.
 pub struct PortBlock {
     table: String,
 }
@@ -150,8 +153,8 @@ impl PortBlock {
         let script = format!(
             "add table inet {table}\n\
              add chain inet {table} out {{ type filter hook output priority 0; policy accept; }}\n\
-             add rule inet {table} out ip daddr 127.0.0.1 tcp dport {port} reject with tcp reset\n\
-             add rule inet {table} out ip saddr 127.0.0.1 tcp sport {port} reject with tcp reset\n"
+             add rule inet {table} out ip daddr 127.0.0.1 tcp dport {port} tcp flags & rst == 0 reject with tcp reset\n\
+             add rule inet {table} out ip saddr 127.0.0.1 tcp sport {port} tcp flags & rst == 0 reject with tcp reset\n"
         );
         nft(&script);
         Self { table }
