@@ -81,11 +81,23 @@ impl Attached {
     /// port, and waits until it logs "capturing TCP flows".
     pub fn sidecar(bin: &Path, dir: &Path, tag: &str) -> anyhow::Result<Self> {
         let output = dir.join(format!("{tag}.jsonl"));
+        let to = format!("file:{}", output.display());
+        Self::sidecar_with(bin, dir, tag, &["--output".into(), to], output)
+    }
+
+    /// The sidecar with `args` choosing its output (e.g. `--output kafka --brokers ...`);
+    /// `output` is the file [`Attached::stop`] returns (none need exist for Kafka).
+    pub fn sidecar_with(
+        bin: &Path,
+        dir: &Path,
+        tag: &str,
+        args: &[String],
+        output: PathBuf,
+    ) -> anyhow::Result<Self> {
         let log = dir.join(format!("{tag}.log"));
         let metrics_addr = free_loopback_port()?;
         let child = Command::new(bin)
-            .arg("--output")
-            .arg(format!("file:{}", output.display()))
+            .args(args)
             .arg("--metrics-addr")
             .arg(metrics_addr.to_string())
             .env("NO_COLOR", "1")
