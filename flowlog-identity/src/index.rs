@@ -312,7 +312,8 @@ impl<K: NetKey> Family<K> {
             _ if !open.is_empty() => Endpoint::unknown(),
             [one] => Endpoint::exact(Arc::clone(one)),
             many => {
-                let many: SmallVec<[Arc<Identity>; 4]> = many.iter().map(|o| Arc::clone(o)).collect();
+                let many: SmallVec<[Arc<Identity>; 4]> =
+                    many.iter().map(|o| Arc::clone(o)).collect();
                 Endpoint::ambiguous(&many)
             }
         }
@@ -622,13 +623,8 @@ impl IdentityIndex {
         }
         let id = self.next_id();
         let source = self.source_number(&key.source);
-        self.slot_or_insert(prefix).insert(
-            at,
-            closed_at.unwrap_or(OPEN_END),
-            id,
-            source,
-            identity,
-        );
+        self.slot_or_insert(prefix)
+            .insert(at, closed_at.unwrap_or(OPEN_END), id, source, identity);
         self.interval_count += 1;
         if closed_at.is_none() {
             self.open.insert(key, OpenInterval { from: at, id });

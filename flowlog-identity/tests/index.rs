@@ -304,7 +304,13 @@ fn a_skew_window_across_a_change_of_owner_names_both_owners() {
     let index = index(vec![
         open("kubernetes", "pod/uid-cart-1", "10.1.2.3/32", &old, 100 * S),
         close("kubernetes", "pod/uid-cart-1", "10.1.2.3/32", 200 * S),
-        open("kubernetes", "pod/uid-checkout-7", "10.1.2.3/32", &new, 200 * S),
+        open(
+            "kubernetes",
+            "pod/uid-checkout-7",
+            "10.1.2.3/32",
+            &new,
+            200 * S,
+        ),
     ]);
     let (a, skew) = (ip("10.1.2.3"), S);
     let both = ambiguous(&["shop/cart-1", "shop/checkout-7"]);
@@ -320,7 +326,10 @@ fn a_skew_window_across_a_change_of_owner_names_both_owners() {
     assert_eq!(index.lookup_around(a, 150 * S, skew), exact(&old));
     assert_eq!(index.lookup_around(a, u64::MAX - 1, skew), exact(&new));
     // The first owner's start: a window reaching before it reaches a time of nobody.
-    assert_eq!(index.lookup_around(a, 101 * S - 1, skew), Endpoint::unknown());
+    assert_eq!(
+        index.lookup_around(a, 101 * S - 1, skew),
+        Endpoint::unknown()
+    );
     assert_eq!(index.lookup_around(a, 101 * S, skew), exact(&old));
     // Skew 0 is the point lookup, boundaries included.
     for t in [100 * S - 1, 100 * S, 200 * S - 1, 200 * S, 250 * S] {
@@ -338,7 +347,13 @@ fn a_skew_window_reaching_a_gap_with_no_owner_is_unknown() {
     let index = index(vec![
         open("kubernetes", "pod/uid-cart-1", "10.1.2.3/32", &old, 100 * S),
         close("kubernetes", "pod/uid-cart-1", "10.1.2.3/32", 200 * S),
-        open("kubernetes", "pod/uid-checkout-7", "10.1.2.3/32", &new, 203 * S),
+        open(
+            "kubernetes",
+            "pod/uid-checkout-7",
+            "10.1.2.3/32",
+            &new,
+            203 * S,
+        ),
     ]);
     let (a, skew) = (ip("10.1.2.3"), S);
     assert_eq!(index.lookup_around(a, 199 * S - 1, skew), exact(&old));
@@ -346,7 +361,10 @@ fn a_skew_window_reaching_a_gap_with_no_owner_is_unknown() {
     assert_eq!(index.lookup_around(a, 201 * S, skew), Endpoint::unknown());
     // The window spans the whole gap: both owners and nobody: still unknown.
     assert_eq!(index.lookup_around(a, 201 * S, 3 * S), Endpoint::unknown());
-    assert_eq!(index.lookup_around(a, 204 * S - 1, skew), Endpoint::unknown());
+    assert_eq!(
+        index.lookup_around(a, 204 * S - 1, skew),
+        Endpoint::unknown()
+    );
     assert_eq!(index.lookup_around(a, 204 * S, skew), exact(&new));
 }
 
@@ -374,7 +392,10 @@ fn a_skew_window_falls_through_to_a_less_specific_prefix_where_the_specific_one_
     );
     assert_eq!(index.lookup_around(a, 201 * S, skew), exact(&corp));
     // Another address of the range never sees the pod.
-    assert_eq!(index.lookup_around(ip("10.0.1.8"), 150 * S, skew), exact(&corp));
+    assert_eq!(
+        index.lookup_around(ip("10.0.1.8"), 150 * S, skew),
+        exact(&corp)
+    );
 }
 
 fn polled(period_s: u64) -> Timing {
@@ -422,7 +443,10 @@ fn a_polled_source_is_unsettled_only_where_it_holds_the_address_or_from_its_next
         index.apply(change);
     }
     assert_eq!(index.caught_up_to(), Some(100 * S));
-    assert!(index.unsettled(held, 100 * S).is_empty(), "at the watermark");
+    assert!(
+        index.unsettled(held, 100 * S).is_empty(),
+        "at the watermark"
+    );
     // Past EC2's watermark: only the address EC2 holds waits for it...
     assert_eq!(index.unsettled(held, 100 * S + 1), set(&[ec2]));
     assert!(index.unsettled(free, 100 * S + 1).is_empty());
@@ -439,7 +463,10 @@ fn a_polled_source_is_unsettled_only_where_it_holds_the_address_or_from_its_next
     assert_eq!(index.unsettled(free, 1_000 * S + 1), set(&[k8s, ec2, st]));
     index.apply(watermark("ec2", 130 * S));
     assert!(index.unsettled(held, 130 * S).is_empty());
-    assert!(index.unsettled(held, 131 * S).is_empty(), "released before 130 s");
+    assert!(
+        index.unsettled(held, 131 * S).is_empty(),
+        "released before 130 s"
+    );
     // An unregistered source never gates.
     index.apply(open("other", "x", "172.16.0.1/32", &vm, 0));
     index.apply(watermark("other", 0));
@@ -771,7 +798,12 @@ fn brute_force_model(ops: usize, seed: u64, window_step: usize) -> [usize; 3] {
         names.sort();
         names.dedup();
         match names.as_slice() {
-            [one] => exact(&owners[owners.iter().position(|o| o.display_name() == *one).unwrap()]),
+            [one] => exact(
+                &owners[owners
+                    .iter()
+                    .position(|o| o.display_name() == *one)
+                    .unwrap()],
+            ),
             _ => Endpoint {
                 status: Attribution::Ambiguous,
                 identity: None,
@@ -792,7 +824,11 @@ fn brute_force_model(ops: usize, seed: u64, window_step: usize) -> [usize; 3] {
             for a in addrs {
                 for skew in [1, 7, 40] {
                     let found = index.lookup_around(a, t, skew);
-                    assert_eq!(found, brute_window(model, a, t, skew), "{a} at {t} ± {skew}");
+                    assert_eq!(
+                        found,
+                        brute_window(model, a, t, skew),
+                        "{a} at {t} ± {skew}"
+                    );
                 }
             }
         }
