@@ -513,7 +513,7 @@ from = "{t101}"
             "flow {id} to {remote}"
         );
     }
-    // Without the skew, 63–65 and 67–69 are exact: the window made 3 ambiguous and 2 unknown
+    // Without the skew, 63–65, 68 and 69 are exact: the window made 3 ambiguous and 2 unknown
     // (68 and 69; a start in the gap itself would be unknown anyway).
     let (_, page) = http_get(enricher.metrics, "/metrics").unwrap();
     let widened = |status: &str| {
