@@ -22,7 +22,8 @@ pub struct Inventory {
 
 impl Inventory {
     /// Registers every source in a new index, with how it dates its changes (so that flows are
-    /// held until each source that could change them has reported), and starts them. `retention` is how long closed intervals are kept.
+    /// held until each source that could change them has reported), and starts them.
+    /// `retention` is how long closed intervals are kept.
     pub fn start(
         sources: Vec<Box<dyn InventorySource>>,
         retention: Duration,
