@@ -4,7 +4,9 @@
 //! bounded however long the enricher runs.
 use std::time::Duration;
 
-use flowlog_identity::{IdentityIndex, InventorySource, SharedIndex, apply_changes, now_ns};
+use flowlog_identity::{
+    IdentityIndex, InventorySource, SharedIndex, SourceRegistry, apply_changes, now_ns,
+};
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -19,8 +21,9 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// Registers every source in a new index (so that flows are held until each has reported)
-    /// and starts them. `retention` is how long closed intervals are kept.
+    /// Registers every source in a new index, with how it dates its changes (so that flows are
+    /// held until each source that could change them has reported), and starts them.
+    /// `retention` is how long closed intervals are kept.
     pub fn start(
         sources: Vec<Box<dyn InventorySource>>,
         retention: Duration,
@@ -28,12 +31,13 @@ impl Inventory {
     ) -> Self {
         let mut index = IdentityIndex::new();
         for s in &sources {
-            index.register_source(s.name());
+            index.register_source_with(s.name(), s.timing());
         }
         let index = SharedIndex::new(index.into());
         let (tx, rx) = mpsc::channel(CHANGES_QUEUE);
         let mut tasks = JoinSet::new();
-        for source in sources {
+        for mut source in sources {
+            source.relay_into(SourceRegistry::new(SharedIndex::clone(&index)));
             let name = source.name().to_string();
             let run = source.run(tx.clone(), shutdown.clone());
             tasks.spawn(async move {

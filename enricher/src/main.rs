@@ -81,9 +81,16 @@ struct Args {
     ownership_topic: Option<String>,
     #[command(flatten)]
     sources: SourceFlags,
-    /// Longest a flow newer than the inventory is held before its ends are `unknown`.
+    /// Longest a flow waits for an inventory source that streams its changes before the ends
+    /// that source could change are `unknown`; for a source that polls (EC2), the allowance
+    /// beyond its poll interval.
     #[arg(long, env = "FLOWLOG_HOLD", default_value = "5s", value_parser = flowlog_cli::parse_duration_or_zero)]
     hold: Duration,
+    /// How far the flows' clocks (their hosts') may be from the inventories' clocks: an end is
+    /// `exact` only if one owner held the address from start - skew to start + skew, and flows
+    /// wait for the inventory up to start + skew.
+    #[arg(long, env = "FLOWLOG_CLOCK_SKEW", default_value = "0s", value_parser = flowlog_cli::parse_duration_or_zero)]
+    clock_skew: Duration,
     /// How long ownership intervals are kept after they close (the oldest flow start that can
     /// still be attributed).
     #[arg(long, env = "FLOWLOG_RETENTION", default_value = "6h", value_parser = flowlog_cli::parse_duration_or_zero)]
@@ -137,6 +144,7 @@ async fn run(args: Args, client: ClientSettings) -> anyhow::Result<()> {
     kafka.producer_options = args.producer_options;
     let mut settings = PipelineSettings::new(kafka);
     settings.hold = args.hold;
+    settings.clock_skew = args.clock_skew;
     settings.max_pending = args.max_pending;
     settings.health = Some(health);
     let result = pipeline::run(settings, inventory.index.clone(), parquet, shutdown.clone()).await;

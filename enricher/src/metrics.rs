@@ -18,6 +18,19 @@ pub const HELD_TOTAL: &str = "flowlog_enricher_held_total";
 pub const HOLD_EXPIRED_TOTAL: &str = "flowlog_enricher_hold_expired_total";
 /// Flows held now.
 pub const HELD: &str = "flowlog_enricher_held";
+/// Held flows that waited for a source, by `source` (a flow waiting for two counts for both).
+pub const WAITS_TOTAL: &str = "flowlog_enricher_waits_total";
+/// Held flows released with an end `unknown` because `source` had not reported far enough
+/// within its patience.
+pub const WAIT_EXPIRED_TOTAL: &str = "flowlog_enricher_wait_expired_total";
+/// How long held flows were held, seconds.
+pub const HOLD_SECONDS: &str = "flowlog_enricher_hold_seconds";
+/// Ends whose answer over the clock-skew window was `ambiguous` or `unknown` where the flow's
+/// start alone gave another answer, by `end` and `status`.
+pub const SKEW_WIDENED_TOTAL: &str = "flowlog_enricher_skew_widened_total";
+/// How far behind now each registered source has reported (now minus its watermark), by
+/// `source`, seconds; +Inf before its first report.
+pub const SOURCE_LAG: &str = "flowlog_enricher_source_lag_seconds";
 /// Consumer lag in messages, by `partition` (librdkafka's statistics).
 pub const CONSUMER_LAG: &str = "flowlog_enricher_consumer_lag";
 /// Output deliveries that failed and were retried, by `kind`.
@@ -34,12 +47,19 @@ pub const OFFSETS_STORED: &str = "flowlog_enricher_offsets_stored_total";
 
 /// The Prometheus recorder's settings: the latency histogram's buckets.
 pub fn builder() -> PrometheusBuilder {
+    let buckets = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
     PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(LATENCY.to_string()),
-            &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0],
+            &buckets,
         )
-        .expect("the latency buckets are not empty")
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(HOLD_SECONDS.to_string()),
+                &buckets,
+            )
+        })
+        .expect("the buckets are not empty")
 }
 
 /// Installs the recorder and serves `/metrics`, `/healthz` and `/readyz` (from `health`) on

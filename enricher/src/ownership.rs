@@ -8,7 +8,10 @@
 //! Compaction keeps the latest state of each tenure, so a replay still sees every interval of
 //! the retention window, opened and closed, which a topic of raw Open/Close changes would lose
 //! (compaction would keep only the Close). Tenures closed longer ago than the retention are
-//! deleted with tombstones. Each source's watermark is one more key (`watermark/<source>`).
+//! deleted with tombstones. Each source's watermark is one more key (`watermark/<source>`),
+//! with how the source dates its changes (`period_ns` for a polled source such as EC2), so that
+//! every enricher holds each flow only for the sources that could still change it, as it would
+//! reading the sources itself.
 //!
 //! Order matters (a watermark must not overtake the change before it), so the topic has **one
 //! partition** and the publisher writes everything to it in order, each message acknowledged
@@ -24,7 +27,9 @@ use std::{
     time::Duration,
 };
 
-use flowlog_identity::{BoxFuture, InventorySource, OwnershipChange, SourceError};
+use flowlog_identity::{
+    BoxFuture, InventorySource, OwnershipChange, SourceError, SourceRegistry, Timing,
+};
 use flowlog_kafka::{ClientErrors, ClientSettings, LogThrottle};
 use flowlog_record::Identity;
 use ipnet::IpNet;
@@ -61,8 +66,16 @@ pub enum OwnershipRecord {
         from_ns: u64,
         to_ns: Option<u64>,
     },
-    /// `source` had reported everything up to `at_ns`.
-    Watermark { source: String, at_ns: u64 },
+    /// `source` had reported everything up to `at_ns`. `period_ns`: the source polls that
+    /// often ([`Timing::Polled`]); absent for a source whose changes may be dated at any time
+    /// after its watermark ([`Timing::Continuous`]; also what records from before this field
+    /// mean).
+    Watermark {
+        source: String,
+        at_ns: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        period_ns: Option<u64>,
+    },
 }
 
 impl OwnershipRecord {
@@ -108,10 +121,24 @@ impl OwnershipRecord {
                 }
                 out
             }
-            OwnershipRecord::Watermark { source, at_ns } => vec![OwnershipChange::Watermark {
-                source: source.clone(),
-                at_ns: *at_ns,
-            }],
+            OwnershipRecord::Watermark { source, at_ns, .. } => {
+                vec![OwnershipChange::Watermark {
+                    source: source.clone(),
+                    at_ns: *at_ns,
+                }]
+            }
+        }
+    }
+
+    /// How the source of a watermark record dates its changes.
+    pub fn timing(&self) -> Timing {
+        match self {
+            OwnershipRecord::Watermark {
+                period_ns: Some(p), ..
+            } => Timing::Polled {
+                period: Duration::from_nanos(*p),
+            },
+            _ => Timing::Continuous,
         }
     }
 }
@@ -140,6 +167,8 @@ pub struct Tenures {
     closed: BTreeMap<u64, Vec<String>>,
     /// Sources that have sent a watermark since start.
     live: HashSet<String>,
+    /// How each source dates its changes, published with its watermarks.
+    timings: HashMap<String, Timing>,
 }
 
 impl Tenures {
@@ -173,6 +202,12 @@ impl Tenures {
                 }
             }
         }
+    }
+
+    /// Declares how `source` dates its changes (its [`InventorySource::timing`]), published
+    /// with its watermarks; a source not declared is published as continuous.
+    pub fn set_timing(&mut self, source: &str, timing: Timing) {
+        self.timings.insert(source.to_owned(), timing);
     }
 
     /// Open tenures now.
@@ -247,7 +282,15 @@ impl Tenures {
                         out.push(self.closed_record(&key, open, at_ns));
                     }
                 }
-                out.push(OwnershipRecord::Watermark { source, at_ns });
+                let period_ns = match self.timings.get(&source) {
+                    Some(t @ Timing::Polled { .. }) => Some(t.period_ns()),
+                    _ => None,
+                };
+                out.push(OwnershipRecord::Watermark {
+                    source,
+                    at_ns,
+                    period_ns,
+                });
             }
         }
         out
@@ -623,12 +666,18 @@ fn note_publish_error(topic: &str, e: &KafkaError, errors: &mut LogThrottle) {
 }
 
 /// An enricher's view of the topic, as an inventory source named [`OWNERSHIP_SOURCE`]: replays
-/// it from the beginning, then follows it. Its watermark is the oldest of the upstream sources'
-/// watermarks, and only once the replay has reached the end of the topic: until then, the index
-/// is not complete for any time.
+/// it from the beginning, then follows it. Each upstream source (the ones `flowlog-inventory`
+/// runs) is relayed under the name `ownership/<source>`: its changes, its watermarks, and its
+/// timing, registered in the index ([`SourceRegistry`]) when its first watermark is read, so
+/// that each flow waits only for the upstream sources that could still change it (a flow to a
+/// static range does not wait for EC2's next poll). The follower's own watermark gates every
+/// flow until the replay has reached the end of the topic (until then, the index is not
+/// complete for any time), then stands at the end of time: from there the upstream sources'
+/// watermarks gate.
 pub struct OwnershipTopicSource {
     client: ClientSettings,
     topic: String,
+    registry: Option<SourceRegistry>,
 }
 
 impl OwnershipTopicSource {
@@ -637,7 +686,47 @@ impl OwnershipTopicSource {
         Self {
             client: client.into(),
             topic: topic.into(),
+            registry: None,
         }
+    }
+}
+
+/// The name an upstream source of the topic has in an enricher's index.
+pub fn relayed_name(upstream: &str) -> String {
+    format!("{OWNERSHIP_SOURCE}/{upstream}")
+}
+
+/// A change read from the topic, with its source renamed as relayed.
+fn relayed(change: OwnershipChange) -> OwnershipChange {
+    match change {
+        OwnershipChange::Open {
+            source,
+            owner,
+            prefix,
+            identity,
+            at_ns,
+        } => OwnershipChange::Open {
+            source: relayed_name(&source),
+            owner,
+            prefix,
+            identity,
+            at_ns,
+        },
+        OwnershipChange::Close {
+            source,
+            owner,
+            prefix,
+            at_ns,
+        } => OwnershipChange::Close {
+            source: relayed_name(&source),
+            owner,
+            prefix,
+            at_ns,
+        },
+        OwnershipChange::Watermark { source, at_ns } => OwnershipChange::Watermark {
+            source: relayed_name(&source),
+            at_ns,
+        },
     }
 }
 
@@ -646,20 +735,29 @@ impl InventorySource for OwnershipTopicSource {
         OWNERSHIP_SOURCE
     }
 
+    fn relay_into(&mut self, registry: SourceRegistry) {
+        self.registry = Some(registry);
+    }
+
     fn run(
         self: Box<Self>,
         changes: mpsc::Sender<OwnershipChange>,
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
         Box::pin(async move {
-            let Self { client, topic } = *self;
+            let Self {
+                client,
+                topic,
+                registry,
+            } = *self;
             let (tx, mut rx) = mpsc::channel::<Polled>(4096);
             // librdkafka's poll blocks: a thread of its own feeds the async side.
             let stop = shutdown.clone();
             let reading = tokio::task::spawn_blocking(move || follow(&client, &topic, &stop, &tx));
-            let mut upstream: BTreeMap<String, u64> = BTreeMap::new();
+            // Each upstream source's timing as registered.
+            let mut upstream: BTreeMap<String, Timing> = BTreeMap::new();
             let mut caught_up = false;
-            let mut sent_watermark = None;
+            let mut opened = false;
             loop {
                 let polled = tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -667,13 +765,21 @@ impl InventorySource for OwnershipTopicSource {
                 };
                 let Some(polled) = polled else { break };
                 match polled {
-                    Polled::Record(Some(OwnershipRecord::Watermark { source, at_ns })) => {
-                        let w = upstream.entry(source).or_default();
-                        *w = (*w).max(at_ns);
-                    }
                     Polled::Record(Some(record)) => {
+                        if let OwnershipRecord::Watermark { source, .. } = &record {
+                            let timing = record.timing();
+                            if upstream.get(source) != Some(&timing) {
+                                // Registered before its watermark is applied: until then it
+                                // holds flows back (it has reported nothing), never lets one
+                                // through early.
+                                if let Some(registry) = &registry {
+                                    registry.register(&relayed_name(source), timing);
+                                }
+                                upstream.insert(source.clone(), timing);
+                            }
+                        }
                         for change in record.changes() {
-                            if changes.send(change).await.is_err() {
+                            if changes.send(relayed(change)).await.is_err() {
                                 return Ok(());
                             }
                         }
@@ -681,15 +787,13 @@ impl InventorySource for OwnershipTopicSource {
                     Polled::Record(None) | Polled::Nothing => {}
                     Polled::End => caught_up = true,
                 }
-                let watermark = upstream.values().min().copied();
-                if let Some(at_ns) = watermark
-                    && caught_up
-                    && watermark != sent_watermark
-                {
-                    sent_watermark = watermark;
+                // Once the replay is complete and some upstream source has reported, the
+                // upstream sources' own watermarks gate the flows.
+                if caught_up && !opened && !upstream.is_empty() {
+                    opened = true;
                     let change = OwnershipChange::Watermark {
                         source: OWNERSHIP_SOURCE.to_string(),
-                        at_ns,
+                        at_ns: u64::MAX,
                     };
                     if changes.send(change).await.is_err() {
                         return Ok(());
@@ -831,7 +935,8 @@ mod tests {
                 tenure("gone", "G", 5, Some(60)),
                 OwnershipRecord::Watermark {
                     source: "k".into(),
-                    at_ns: 60
+                    at_ns: 60,
+                    period_ns: None,
                 }
             ]
         );
@@ -839,6 +944,57 @@ mod tests {
         // Later watermarks close nothing.
         t.replay(&tenure("late", "L", 7, None));
         assert_eq!(t.apply(w).len(), 1);
+    }
+
+    /// A polled source's watermarks carry its period, which a follower registers; records
+    /// written before the field existed read as a continuous source.
+    #[test]
+    fn watermarks_carry_the_timing_of_their_source() {
+        let mut t = Tenures::default();
+        t.set_timing(
+            "ec2",
+            Timing::Polled {
+                period: Duration::from_secs(30),
+            },
+        );
+        t.set_timing("k", Timing::Continuous);
+        let w = |source: &str| OwnershipChange::Watermark {
+            source: source.into(),
+            at_ns: 7,
+        };
+        let records: Vec<OwnershipRecord> = ["ec2", "k", "undeclared"]
+            .into_iter()
+            .flat_map(|s| t.apply(w(s)))
+            .collect();
+        let json: Vec<String> = records
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap())
+            .collect();
+        assert_eq!(
+            json,
+            [
+                r#"{"type":"watermark","source":"ec2","at_ns":7,"period_ns":30000000000}"#,
+                r#"{"type":"watermark","source":"k","at_ns":7}"#,
+                r#"{"type":"watermark","source":"undeclared","at_ns":7}"#,
+            ]
+        );
+        let read: OwnershipRecord = serde_json::from_str(&json[0]).unwrap();
+        assert_eq!(
+            read.timing(),
+            Timing::Polled {
+                period: Duration::from_secs(30)
+            }
+        );
+        let old: OwnershipRecord =
+            serde_json::from_str(r#"{"type":"watermark","source":"k","at_ns":7}"#).unwrap();
+        assert_eq!(old.timing(), Timing::Continuous);
+        assert_eq!(
+            relayed(w("ec2")),
+            OwnershipChange::Watermark {
+                source: "ownership/ec2".into(),
+                at_ns: 7
+            }
+        );
     }
 
     #[test]

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    attribute::{Attributor, now_ns},
+    attribute::{Attributor, now_ns, patience},
     kafka::{ClientError, Clients, Context, KafkaSettings, Report, Shared, Token},
     metrics as m,
     offsets::OffsetTracker,
@@ -46,8 +46,11 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
     pub kafka: KafkaSettings,
-    /// Longest a flow newer than the inventory waits for it ([`crate::attribute`]).
+    /// Longest a flow waits for a continuous source, and the allowance beyond a polled source's
+    /// period ([`crate::attribute`]).
     pub hold: Duration,
+    /// How far the flows' clocks may be from the inventories' ([`crate::attribute`]).
+    pub clock_skew: Duration,
     /// Most input messages not yet committable; past it the consumer stops reading until
     /// outputs catch up (bounds memory during a broker outage or a slow store), and the open
     /// Parquet files are closed early so that their records become committable.
@@ -63,8 +66,9 @@ pub struct PipelineSettings {
 /// Readiness check: this replica was assigned at least one partition of the input topic. A
 /// replica without partitions (more replicas than partitions) does no work and says so.
 pub const PARTITIONS_ASSIGNED: &str = "partitions_assigned";
-/// Readiness check: every inventory source has reported up to at least `now - hold`, so flows
-/// arriving now are attributed rather than held until they go out `unknown`.
+/// Readiness check: every inventory source has reported up to at least `now` minus its patience
+/// (`hold`, or a polled source's period + `hold`), so flows arriving now are attributed rather
+/// than held until they go out `unknown`.
 pub const INVENTORY_CAUGHT_UP: &str = "inventory_caught_up";
 /// Readiness check that fails once shutdown began.
 pub const NOT_STOPPING: &str = "not_stopping";
@@ -95,6 +99,7 @@ impl PipelineSettings {
         Self {
             kafka,
             hold: Duration::from_secs(5),
+            clock_skew: Duration::ZERO,
             max_pending: 500_000,
             shutdown_wait: Duration::from_secs(30),
             health: None,
@@ -168,7 +173,8 @@ pub async fn run(
         "enriching"
     );
     let mut p = Pipeline {
-        attributor: Attributor::new(index.clone(), None, settings.hold),
+        attributor: Attributor::new(index.clone(), None, settings.hold)
+            .with_clock_skew(settings.clock_skew),
         index,
         health_checked: None,
         settings,
@@ -438,9 +444,31 @@ impl Pipeline {
             return;
         }
         self.health_checked = Some(now);
-        let caught_up_to = self.index.read().caught_up_to();
-        let lag = caught_up_to.map_or(f64::INFINITY, |w| now_ns().saturating_sub(w) as f64 / 1e9);
-        gauge!(m::INVENTORY_LAG).set(lag);
+        let wall = now_ns();
+        let lag_of =
+            |w: Option<u64>| w.map_or(f64::INFINITY, |w| wall.saturating_sub(w) as f64 / 1e9);
+        // Each source against its own patience; the first one behind it, for the message.
+        let mut behind: Option<(String, f64, Duration)> = None;
+        let mut waiting_first: Option<String> = None;
+        let caught_up_to = {
+            let index = self.index.read();
+            for (_, name, timing, watermark) in index.registered_sources() {
+                let lag = lag_of(watermark);
+                gauge!(m::SOURCE_LAG, "source" => name.to_owned()).set(lag);
+                let patience = patience(self.settings.hold, timing);
+                match watermark {
+                    None => {
+                        waiting_first.get_or_insert_with(|| name.to_owned());
+                    }
+                    Some(_) if lag > patience.as_secs_f64() => {
+                        behind.get_or_insert_with(|| (name.to_owned(), lag, patience));
+                    }
+                    Some(_) => {}
+                }
+            }
+            index.caught_up_to()
+        };
+        gauge!(m::INVENTORY_LAG).set(lag_of(caught_up_to));
         let Some(health) = &self.settings.health else {
             return;
         };
@@ -455,21 +483,19 @@ impl Pipeline {
             ),
             Err(e) => health.set_not_ready(PARTITIONS_ASSIGNED, format!("reading the assignment: {e}")),
         }
-        let wanted = now_ns().saturating_sub(self.settings.hold.as_nanos() as u64);
-        match caught_up_to {
-            Some(w) if w >= wanted => health.set_ready(INVENTORY_CAUGHT_UP),
-            Some(w) => health.set_not_ready(
+        match (waiting_first, behind) {
+            (Some(name), _) => health.set_not_ready(
+                INVENTORY_CAUGHT_UP,
+                format!("the inventory source {name} has not reported yet"),
+            ),
+            (None, Some((name, lag, patience))) => health.set_not_ready(
                 INVENTORY_CAUGHT_UP,
                 format!(
-                    "the inventory is complete only up to {:.1} s ago, more than the hold ({:.1} s)",
-                    now_ns().saturating_sub(w) as f64 / 1e9,
-                    self.settings.hold.as_secs_f64()
+                    "the inventory source {name} is complete only up to {lag:.1} s ago, more than flows wait for it ({:.1} s)",
+                    patience.as_secs_f64()
                 ),
             ),
-            None => health.set_not_ready(
-                INVENTORY_CAUGHT_UP,
-                "an inventory source has not reported yet",
-            ),
+            (None, None) => health.set_ready(INVENTORY_CAUGHT_UP),
         }
     }
 

@@ -40,7 +40,7 @@ fn readiness_follows_the_assignment_and_the_inventory() {
         "enriching",
     );
     // The ownership topic is empty: the replica joins the group, but no inventory has reported.
-    let waiting = "inventory_caught_up: an inventory source has not reported yet\n";
+    let waiting = "inventory_caught_up: the inventory source ownership has not reported yet\n";
     wait_for_http(metrics, "/readyz", |status, body| {
         assert_eq!(status, 503, "ready without an inventory: {body}");
         body == waiting
@@ -83,8 +83,9 @@ fn readiness_follows_the_assignment_and_the_inventory() {
     let _ = inventory.0.wait();
     let (_, body) = wait_for_http(metrics, "/readyz", |status, _| status == 503);
     assert!(
-        body.starts_with("inventory_caught_up: the inventory is complete only up to ")
-            && body.ends_with(" s ago, more than the hold (2.0 s)\n"),
+        body.starts_with(
+            "inventory_caught_up: the inventory source ownership/static is complete only up to "
+        ) && body.ends_with(" s ago, more than flows wait for it (2.0 s)\n"),
         "{body}"
     );
     assert_eq!(

@@ -400,6 +400,134 @@ instance_id = "i-0abc"
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `--clock-skew 2s` against a static inventory whose entries change owner at known times: a
+/// flow whose start is within 2 s of a change of owner is `ambiguous` naming both owners, one
+/// whose window reaches a time with no owner is `unknown`, and the others are `exact`; each
+/// boundary to the millisecond, and the ends the skew changed are counted.
+#[test]
+fn flows_within_the_clock_skew_of_a_change_of_owner_name_both_owners() {
+    let _serial = serial();
+    let (raw, enriched, dlq) = (
+        Topic::create("skew-raw", 1),
+        Topic::create("skew-enriched", 1),
+        Topic::create("skew-dlq", 1),
+    );
+    let dir = temp_dir("skew");
+    let base_s = now_ns() / 1_000_000_000 - 3600;
+    let at = |s: u64| {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(base_s + s);
+        humantime::format_rfc3339(t).to_string()
+    };
+    // 10.4.0.5 changes hands at 100 s; 10.4.0.6 has nobody from 100 s to 101 s.
+    let inventory = static_file(
+        &dir,
+        &format!(
+            r#"
+[[entry]]
+cidr = "10.4.0.5"
+name = "old-owner"
+from = "{t0}"
+to = "{t100}"
+
+[[entry]]
+cidr = "10.4.0.5"
+name = "new-owner"
+from = "{t100}"
+
+[[entry]]
+cidr = "10.4.0.6"
+name = "a"
+from = "{t0}"
+to = "{t100}"
+
+[[entry]]
+cidr = "10.4.0.6"
+name = "b"
+from = "{t101}"
+"#,
+            t0 = at(0),
+            t100 = at(100),
+            t101 = at(101),
+        ),
+    );
+    let ns = |s: f64| base_s * 1_000_000_000 + (s * 1e9).round() as u64;
+    let cases: [(u64, &str, f64, Attribution, &str); 10] = [
+        (61, "10.4.0.5", 50.0, Attribution::Exact, "old-owner"),
+        // The window [start - 2 s, start + 2 s] ends 1 ms before the change.
+        (62, "10.4.0.5", 97.999, Attribution::Exact, "old-owner"),
+        (
+            63,
+            "10.4.0.5",
+            98.0,
+            Attribution::Ambiguous,
+            "new-owner,old-owner",
+        ),
+        (
+            64,
+            "10.4.0.5",
+            100.5,
+            Attribution::Ambiguous,
+            "new-owner,old-owner",
+        ),
+        (
+            65,
+            "10.4.0.5",
+            101.999,
+            Attribution::Ambiguous,
+            "new-owner,old-owner",
+        ),
+        // The window starts at the change.
+        (66, "10.4.0.5", 102.0, Attribution::Exact, "new-owner"),
+        (67, "10.4.0.6", 97.999, Attribution::Exact, "a"),
+        // The window reaches the second with no owner: nobody is possible.
+        (68, "10.4.0.6", 99.0, Attribution::Unknown, ""),
+        (69, "10.4.0.6", 102.999, Attribution::Unknown, ""),
+        (70, "10.4.0.6", 103.0, Attribution::Exact, "b"),
+    ];
+    let messages: Vec<(Vec<u8>, Vec<u8>)> = cases
+        .iter()
+        .map(|&(id, remote, s, _, _)| {
+            let r = record(id, remote, ns(s));
+            (avro::key(&r), encoded(&r))
+        })
+        .collect();
+    produce(&raw, &messages);
+    let enricher = Enricher::start(
+        &raw,
+        &enriched,
+        &dlq,
+        &unique_name("skew-group"),
+        &["--static", &inventory, "--clock-skew", "2s"],
+    );
+    let out = enriched_flows(&enriched.read_until(|m| m.len() >= messages.len()));
+    assert_eq!(out.len(), messages.len());
+    for (flow, (id, remote, _, status, owner)) in out.iter().zip(cases) {
+        assert_eq!(flow.flow.flow_id, id);
+        let who = match &flow.remote.identity {
+            Some(i) => i.name.clone(),
+            None => flow.remote.candidates.join(","),
+        };
+        assert_eq!(
+            (flow.remote.status, who.as_str()),
+            (status, owner),
+            "flow {id} to {remote}"
+        );
+    }
+    // Without the skew, 63–65, 68 and 69 are exact: the window made 3 ambiguous and 2 unknown
+    // (68 and 69; a start in the gap itself would be unknown anyway).
+    let (_, page) = http_get(enricher.metrics, "/metrics").unwrap();
+    let widened = |status: &str| {
+        let line =
+            format!("flowlog_enricher_skew_widened_total{{end=\"remote\",status=\"{status}\"}} ");
+        page.lines()
+            .find_map(|l| l.strip_prefix(&line)?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {line}in\n{page}"))
+    };
+    assert_eq!((widened("ambiguous"), widened("unknown")), (3, 2));
+    enricher.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Reads every Parquet file under `dir` with pyarrow and returns the `(host, flow_id, seq)` of
 /// every row, duplicates included.
 fn parquet_keys(dir: &Path) -> Vec<(String, u64, u32)> {
@@ -973,7 +1101,9 @@ fn attribution_resumes_after_a_broker_outage() {
     let (status, body) = http_get(enricher.metrics, "/readyz").unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(
-        body.contains("inventory_caught_up: the inventory is complete only up to "),
+        body.contains(
+            "inventory_caught_up: the inventory source ownership/static is complete only up to "
+        ),
         "{body}"
     );
     assert_eq!(

@@ -16,12 +16,23 @@
 //! to one interval (plus a poll's duration) late, and may be up to a poll's duration early (a
 //! change made while the poll runs, before its read, is dated at the poll's start).
 //!
-//! A handover — the old owner releases an address and a new owner takes it between two polls —
-//! is seen by one poll: the old owner's Close and the new owner's Open carry the same time `t`,
-//! so the intervals are `[from, t)` and `[t, ..)` and never overlap (never an ambiguous answer),
-//! but flows in the unseen gap between the real handover and `t` are attributed to the **old**
-//! owner. That is the known limit of polling; a shorter `--ec2-interval` narrows the gap at the
-//! cost of API calls (EC2 throttles per account and region).
+//! A handover — the old owner releases an address and a new owner takes it between two polls at
+//! `p` and `t` — is seen by the poll at `t`, and happened at some unseen time in between. The old
+//! owner's Close is dated `t` and the new owner's Open `p + 1`, so the two tenures overlap over
+//! `(p, t)`: a flow in between is `ambiguous`, naming both, rather than given to the old owner
+//! by a guess. An address only released (or only taken) between two polls changes at `t`: flows
+//! in between keep its previous state, as no other owner is possible. A shorter
+//! `--ec2-interval` narrows these windows at the cost of API calls (EC2 throttles per account
+//! and region).
+//!
+//! # Which flows wait for a poll
+//! The source is [`Timing::Polled`](flowlog_identity::Timing): its polls start at least
+//! `interval` apart (a poll is dated no earlier than the last good one plus `interval`, even if
+//! the wall clock stepped back), and until its next poll nothing it reports can change the owner
+//! of an address it does not hold. So the enricher holds a flow for EC2 only if the flow's
+//! address is in a prefix EC2 held after its last poll (the next poll may reveal a handover), or
+//! if the flow started after the next poll was due — for at most `interval` plus `--hold`, then
+//! the flow's end is `unknown`. Flows to other addresses go out without waiting for EC2.
 //!
 //! The first poll opens everything at its own time: flows older than the enricher's first poll
 //! (a backlog read from Kafka) find no EC2 owner.
@@ -30,8 +41,9 @@
 //! A poll counts only if every page of both calls succeeded. A failed poll (throttling, network,
 //! permissions) is counted in `flowlog_identity_source_errors_total{source="ec2",kind}`, logged
 //! once while it lasts (then once a minute, then its recovery), closes nothing — an incomplete
-//! view must not clear the index — and sends no watermark, so the enricher holds flows newer
-//! than the last good poll rather than attribute them from a stale view. The next attempt waits
+//! view must not clear the index — and sends no watermark, so the enricher holds flows to the
+//! addresses EC2 holds, and every flow newer than the next poll's due time, rather than
+//! attribute them from a stale view. The next attempt waits
 //! an exponential backoff with jitter (capped), on top of the SDK's own per-call retries. The
 //! watermark of a good poll is its start, not its end: a change made during the poll may have
 //! been missed.

@@ -7,14 +7,20 @@
 //! to another instance is a new owner (the old pair closes, the new one opens) even though the
 //! interface and its addresses stayed the same.
 //!
-//! [`diff`] turns two snapshots into [`OwnershipChange`]s at one time:
+//! [`diff`] turns two snapshots, seen by the polls at `p` (the old one) and `t` (the new one),
+//! into [`OwnershipChange`]s dated at `t`:
 //! - a key only in the old snapshot closes, a key only in the new one opens (a secondary IP
 //!   assigned or unassigned opens or closes just that /32; an Elastic IP re-associated closes on
 //!   the old ENI and opens on the new one);
 //! - a key in both whose identity changed (tags, name) closes and reopens, so flows before the
 //!   poll keep the identity they had;
-//! - every Close comes before every Open: a handover seen in one poll (old owner gone, new owner
-//!   there) is `[.., t)` then `[t, ..)`, never two owners at once.
+//! - a **handover** — a prefix closed by one owner and opened by another in the same diff (an
+//!   ENI moved to another instance, an Elastic IP re-associated) — happened at some unseen time
+//!   between the two polls: the new owner opens at `p + 1`, not `t`, so that the two tenures
+//!   overlap over `(p, t)` and a flow in between is `ambiguous` between them, never given to the
+//!   old owner by a guess. An address that was only released, or only taken, changes at `t`: no
+//!   other owner is possible in between, so nobody else is named;
+//! - every Close comes before every Open.
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
@@ -222,16 +228,26 @@ pub fn build<'a>(
     snapshot
 }
 
-/// The changes that turn `old` into `new` at `at_ns`: all Closes, then all Opens (see the
-/// module's rules). No Watermark: the caller adds it once the whole poll succeeded.
-pub fn diff(old: &Snapshot, new: &Snapshot, at_ns: u64) -> Vec<OwnershipChange> {
+/// The changes that turn `old` (seen by the poll at `previous_ns`, `None` before the first
+/// poll) into `new` (seen at `at_ns`): all Closes, then all Opens, dated at `at_ns` except the
+/// new owners of handed-over prefixes, dated just after `previous_ns` (see the module's rules).
+/// No Watermark: the caller adds it once the whole poll succeeded.
+pub fn diff(
+    old: &Snapshot,
+    new: &Snapshot,
+    previous_ns: Option<u64>,
+    at_ns: u64,
+) -> Vec<OwnershipChange> {
     let mut closes = Vec::new();
     let mut opens = Vec::new();
+    // Prefixes closed by an owner, with that owner: an Open of one by another is a handover.
+    let mut closed: HashMap<IpNet, Vec<&str>> = HashMap::new();
     for ((owner, prefix), identity) in old {
         let gone = new
             .get(&(owner.clone(), *prefix))
             .is_none_or(|now| **now != **identity);
         if gone {
+            closed.entry(*prefix).or_default().push(owner.as_str());
             closes.push(OwnershipChange::Close {
                 source: EC2_SOURCE.to_owned(),
                 owner: owner.clone(),
@@ -245,12 +261,19 @@ pub fn diff(old: &Snapshot, new: &Snapshot, at_ns: u64) -> Vec<OwnershipChange> 
             .get(&(owner.clone(), *prefix))
             .is_none_or(|was| **was != **identity);
         if fresh {
+            let handover = closed
+                .get(prefix)
+                .is_some_and(|owners| owners.iter().any(|o| *o != owner.as_str()));
+            let from = match previous_ns {
+                Some(p) if handover => p.saturating_add(1).min(at_ns),
+                _ => at_ns,
+            };
             opens.push(OwnershipChange::Open {
                 source: EC2_SOURCE.to_owned(),
                 owner: owner.clone(),
                 prefix: *prefix,
                 identity: Arc::clone(identity),
-                at_ns,
+                at_ns: from,
             });
         }
     }
@@ -548,16 +571,23 @@ mod tests {
             ("eni/eni-3/i-c", "10.0.0.4/32", &a2),
         ]);
         assert_eq!(
-            diff(&old, &new, 7),
+            diff(&old, &new, Some(4), 7),
             vec![
                 close("eni/eni-1/i-a", "10.0.0.1/32", 7),
                 close("eni/eni-1/i-a", "10.0.0.2/32", 7),
                 close("eni/eni-3/i-c", "10.0.0.4/32", 7),
-                open("eni/eni-1/i-b", "10.0.0.1/32", &b, 7),
+                // A handover (another owner closed this prefix): from just after the last poll.
+                open("eni/eni-1/i-b", "10.0.0.1/32", &b, 5),
                 open("eni/eni-2/i-b", "10.0.0.9/32", &b, 7),
+                // The same owner retagged: not a handover.
                 open("eni/eni-3/i-c", "10.0.0.4/32", &a2, 7),
             ]
         );
-        assert_eq!(diff(&new, &new, 8), vec![]);
+        assert_eq!(diff(&new, &new, Some(7), 8), vec![]);
+        // Before the first poll there is no earlier view to date a handover from.
+        assert_eq!(
+            diff(&old, &new, None, 7)[3],
+            open("eni/eni-1/i-b", "10.0.0.1/32", &b, 7)
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, NetworkInterface};
 use flowlog_identity::{
-    BoxFuture, FailureLog, InventorySource, OwnershipChange, SourceError, now_ns, send_all,
+    BoxFuture, FailureLog, InventorySource, OwnershipChange, SourceError, Timing, now_ns, send_all,
 };
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -62,8 +62,10 @@ pub struct Ec2Source {
     client: aws_sdk_ec2::Client,
     settings: Ec2Settings,
     region: Option<String>,
-    /// What the index has been told (the last successful poll's snapshot).
+    /// What the index has been told (the last successful poll's snapshot)...
     applied: Snapshot,
+    /// ...and that poll's time (its watermark), `None` before the first.
+    applied_at: Option<u64>,
     failures: FailureLog,
 }
 
@@ -82,6 +84,7 @@ impl Ec2Source {
             settings,
             region,
             applied: Snapshot::new(),
+            applied_at: None,
             failures: FailureLog::new(EC2_SOURCE),
         }
     }
@@ -102,7 +105,9 @@ impl Ec2Source {
     }
 
     /// One poll, started at `at_ns`: reads every page of both calls, then returns the changes
-    /// since the last successful poll, all at `at_ns`, followed by `Watermark(at_ns)`. A failure
+    /// since the last successful poll, at `at_ns` (the new owner of a handed-over prefix from
+    /// just after the last successful poll: see [`snapshot::diff`]), followed by
+    /// `Watermark(at_ns)`. A failure
     /// anywhere is counted and logged (once while it lasts), changes nothing and returns the
     /// error: an incomplete view must close nothing. [`InventorySource::run`] calls it every
     /// interval; tests call it with chosen times.
@@ -117,12 +122,13 @@ impl Ec2Source {
         };
         self.failures.succeeded();
         metrics::counter!("flowlog_ec2_polls_total", "result" => "ok").increment(1);
-        let mut changes = snapshot::diff(&self.applied, &snapshot, at_ns);
+        let mut changes = snapshot::diff(&self.applied, &snapshot, self.applied_at, at_ns);
         changes.push(OwnershipChange::Watermark {
             source: EC2_SOURCE.to_owned(),
             at_ns,
         });
         self.applied = snapshot;
+        self.applied_at = Some(at_ns);
         metrics::gauge!("flowlog_ec2_prefixes").set(self.applied.len() as f64);
         Ok(changes)
     }
@@ -196,18 +202,36 @@ impl InventorySource for Ec2Source {
         EC2_SOURCE
     }
 
+    /// Polled: a change is dated at the start of the poll that sees it, and polls start at
+    /// least `interval` apart (see [`InventorySource::run`] below), so until its next poll the
+    /// source can change only the prefixes it holds (a handover, dated from just after its
+    /// last poll): flows to any other address need not wait for it.
+    fn timing(&self) -> Timing {
+        Timing::Polled {
+            period: self.settings.interval,
+        }
+    }
+
     fn run(
         mut self: Box<Self>,
         changes: mpsc::Sender<OwnershipChange>,
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
+        let interval_ns = u64::try_from(self.settings.interval.as_nanos()).unwrap_or(u64::MAX);
         Box::pin(async move {
             let mut failed_in_row = 0u32;
             loop {
                 let started = Instant::now();
                 // The poll's start is the time of what it sees: anything that changed before
-                // it is in the answers (see the crate docs).
-                let at_ns = now_ns();
+                // it is in the answers (see the crate docs). Never less than `interval` after
+                // the last good poll, even if the wall clock was slewed or stepped back since
+                // (polls are scheduled on the monotonic clock): that is the promise of
+                // `Timing::Polled`, which lets flows to addresses this source does not hold go
+                // out without waiting for its next poll.
+                let at_ns = match self.applied_at {
+                    Some(last) => now_ns().max(last.saturating_add(interval_ns)),
+                    None => now_ns(),
+                };
                 let polled = tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
                     polled = self.poll(at_ns) => polled,

@@ -22,7 +22,10 @@ use flowlog_record::{Endpoint, Identity};
 use ipnet::{IpNet, Ipv4Net};
 use smallvec::SmallVec;
 
-use crate::change::OwnershipChange;
+use crate::{
+    change::OwnershipChange,
+    timing::{SourceSet, Timing},
+};
 
 /// The end of an interval that has not closed.
 const OPEN_END: u64 = u64::MAX;
@@ -43,6 +46,8 @@ struct Interval {
     reach: u64,
     /// Serial number, so that a Close finds its own interval among several starting together.
     id: u64,
+    /// The index's number of the source that reported it (see [`IdentityIndex::unsettled`]).
+    source: u16,
     identity: Arc<Identity>,
 }
 
@@ -66,7 +71,7 @@ impl Slot {
         }
     }
 
-    fn insert(&mut self, from: u64, to: u64, id: u64, identity: Arc<Identity>) {
+    fn insert(&mut self, from: u64, to: u64, id: u64, source: u16, identity: Arc<Identity>) {
         let pos = self.intervals.partition_point(|iv| iv.from <= from);
         self.intervals.insert(
             pos,
@@ -75,10 +80,33 @@ impl Slot {
                 to,
                 reach: 0,
                 id,
+                source,
                 identity,
             },
         );
         self.fix_reach(pos);
+    }
+
+    /// The intervals that meet the window `[lo, hi)`, newest first: those starting before `hi`,
+    /// scanned back until nothing earlier reaches past `lo`.
+    fn meeting(&self, lo: u64, hi: u64) -> impl Iterator<Item = &Interval> {
+        let ivs = &self.intervals;
+        let end = ivs.partition_point(|iv| iv.from < hi);
+        ivs[..end]
+            .iter()
+            .rev()
+            .take_while(move |iv| iv.reach > lo)
+            .filter(move |iv| iv.to > lo)
+    }
+
+    /// Whether `source` held this prefix at some time after `after` (an interval of it ending
+    /// later, or still open).
+    fn held_after(&self, source: u16, after: u64) -> bool {
+        self.intervals
+            .iter()
+            .rev()
+            .take_while(|iv| iv.reach > after)
+            .any(|iv| iv.source == source && iv.to > after)
     }
 
     fn position(&self, id: u64) -> Option<usize> {
@@ -240,6 +268,65 @@ impl<K: NetKey> Family<K> {
         })
     }
 
+    /// Who owned `addr` throughout the window `[lo, hi)`: every owner that any time of the
+    /// window gets from a point lookup (the most specific prefix with an interval at that time),
+    /// and whether some time of the window gets nobody.
+    fn lookup_window(&self, addr: K, lo: u64, hi: u64) -> Endpoint {
+        // The parts of the window no more specific prefix has answered yet.
+        let mut open: SmallVec<[(u64, u64); 4]> = SmallVec::new();
+        open.push((lo, hi));
+        let mut owners: SmallVec<[&Arc<Identity>; 4]> = SmallVec::new();
+        for (len, map) in &self.lens {
+            let Some(slot) = map.get(&addr.masked(*len)) else {
+                continue;
+            };
+            let mut covered: SmallVec<[(u64, u64); 4]> = SmallVec::new();
+            for iv in slot.meeting(lo, hi) {
+                if !open.iter().any(|&(a, b)| iv.from < b && a < iv.to) {
+                    continue;
+                }
+                covered.push((iv.from, iv.to));
+                if !owners
+                    .iter()
+                    .any(|o| Arc::ptr_eq(o, &iv.identity) || ***o == *iv.identity)
+                {
+                    owners.push(&iv.identity);
+                }
+            }
+            for (from, to) in covered {
+                open = open
+                    .into_iter()
+                    .flat_map(|(a, b)| {
+                        let left = (a < from.min(b)).then_some((a, from.min(b)));
+                        let right = (to.max(a) < b).then_some((to.max(a), b));
+                        left.into_iter().chain(right)
+                    })
+                    .collect();
+            }
+            if open.is_empty() {
+                break;
+            }
+        }
+        match owners.as_slice() {
+            // Some time of the window had no owner at any prefix: nobody is one of the answers.
+            _ if !open.is_empty() => Endpoint::unknown(),
+            [one] => Endpoint::exact(Arc::clone(one)),
+            many => {
+                let many: SmallVec<[Arc<Identity>; 4]> =
+                    many.iter().map(|o| Arc::clone(o)).collect();
+                Endpoint::ambiguous(&many)
+            }
+        }
+    }
+
+    /// Whether `source` held a prefix containing `addr` at some time after `after`.
+    fn held_after(&self, addr: K, source: u16, after: u64) -> bool {
+        self.lens.iter().any(|(len, map)| {
+            map.get(&addr.masked(*len))
+                .is_some_and(|slot| slot.held_after(source, after))
+        })
+    }
+
     /// Removes closed intervals that ended at or before `before`; returns how many.
     fn prune(&mut self, before: u64) -> usize {
         let mut removed = 0;
@@ -300,12 +387,15 @@ struct OpenInterval {
     id: u64,
 }
 
-/// A source's progress.
-#[derive(Debug, Clone, Copy, Default)]
+/// A source's progress. Sources are numbered in the order the index first hears of them (a
+/// registration or a change); intervals carry the number.
+#[derive(Debug, Clone)]
 struct SourceState {
-    /// Registered sources gate [`IdentityIndex::caught_up_to`].
+    name: String,
+    /// Registered sources gate [`IdentityIndex::caught_up_to`] and [`IdentityIndex::unsettled`].
     registered: bool,
     watermark: Option<u64>,
+    timing: Timing,
 }
 
 /// How many changes of each kind the index has applied, odd ones included (each is also a
@@ -337,18 +427,40 @@ pub struct ChangeCounts {
 
 /// Who owned which prefix, when. See the module documentation for the layout and the crate's
 /// for the semantics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct IdentityIndex {
     v4: Family<u32>,
     v6: Family<u128>,
     open: Map<OwnerKey, OpenInterval>,
     /// Closes that arrived with no open interval, by owner: the close time.
     pending_closes: Map<OwnerKey, u64>,
-    sources: Map<String, SourceState>,
+    sources: Vec<SourceState>,
+    source_numbers: Map<String, u16>,
+    /// [`IdentityIndex::caught_up_to`], kept as watermarks and registrations change (it is read
+    /// for every flow).
+    caught_up_to: Option<u64>,
     next_id: u64,
     /// Intervals held, kept as they change so that reading it is free.
     interval_count: usize,
     counts: ChangeCounts,
+}
+
+impl Default for IdentityIndex {
+    fn default() -> Self {
+        Self {
+            v4: Family::default(),
+            v6: Family::default(),
+            open: Map::default(),
+            pending_closes: Map::default(),
+            sources: Vec::new(),
+            source_numbers: Map::default(),
+            // No source registered: nothing to wait for.
+            caught_up_to: Some(u64::MAX),
+            next_id: 0,
+            interval_count: 0,
+            counts: ChangeCounts::default(),
+        }
+    }
 }
 
 impl IdentityIndex {
@@ -364,10 +476,44 @@ impl IdentityIndex {
     /// Declares a source whose watermark gates `caught_up_to` (a registered source that has sent
     /// no watermark yet holds `caught_up_to` at None).
     pub fn register_source(&mut self, source: &str) {
-        self.sources
-            .entry(source.to_owned())
-            .or_default()
-            .registered = true;
+        self.register_source_with(source, Timing::Continuous);
+    }
+
+    /// [`register_source`](Self::register_source) with how the source dates its changes, which
+    /// decides which flows wait for it ([`Self::unsettled`]). Registering again updates it.
+    pub fn register_source_with(&mut self, source: &str, timing: Timing) {
+        let n = self.source_number(source);
+        let state = &mut self.sources[usize::from(n)];
+        state.registered = true;
+        state.timing = timing;
+        self.update_caught_up_to();
+    }
+
+    /// The number of `source`, given it on first sight. Past 65,535 names (never in practice)
+    /// the last number stands for the rest.
+    fn source_number(&mut self, source: &str) -> u16 {
+        if let Some(&n) = self.source_numbers.get(source) {
+            return n;
+        }
+        let Ok(n) = u16::try_from(self.sources.len()) else {
+            return u16::MAX;
+        };
+        self.sources.push(SourceState {
+            name: source.to_owned(),
+            registered: false,
+            watermark: None,
+            timing: Timing::Continuous,
+        });
+        self.source_numbers.insert(source.to_owned(), n);
+        n
+    }
+
+    fn update_caught_up_to(&mut self) {
+        self.caught_up_to = self
+            .sources
+            .iter()
+            .filter(|s| s.registered)
+            .try_fold(u64::MAX, |min, s| s.watermark.map(|w| min.min(w)));
     }
 
     /// Applies one change. Never fails: odd changes are counted (see [`ChangeCounts`]).
@@ -431,7 +577,7 @@ impl IdentityIndex {
                 // A re-list re-sends the same tenure: keep one interval, from the earlier start.
                 (at < open.from).then(|| {
                     let iv = slot.remove(pos);
-                    slot.insert(at, iv.to, iv.id, iv.identity);
+                    slot.insert(at, iv.to, iv.id, iv.source, iv.identity);
                     OpenInterval {
                         from: at,
                         id: open.id,
@@ -443,9 +589,10 @@ impl IdentityIndex {
                 None
             } else {
                 // The owner's identity changed (e.g. relabelled) at `at`: split the tenure.
+                let source = slot.intervals[pos].source;
                 slot.intervals[pos].to = at;
                 slot.fix_reach(pos);
-                slot.insert(at, OPEN_END, id, identity);
+                slot.insert(at, OPEN_END, id, source, identity);
                 self.interval_count += 1;
                 Some(OpenInterval { from: at, id })
             };
@@ -475,8 +622,9 @@ impl IdentityIndex {
             return;
         }
         let id = self.next_id();
+        let source = self.source_number(&key.source);
         self.slot_or_insert(prefix)
-            .insert(at, closed_at.unwrap_or(OPEN_END), id, identity);
+            .insert(at, closed_at.unwrap_or(OPEN_END), id, source, identity);
         self.interval_count += 1;
         if closed_at.is_none() {
             self.open.insert(key, OpenInterval { from: at, id });
@@ -543,7 +691,8 @@ impl IdentityIndex {
     }
 
     fn watermark(&mut self, source: String, at: u64) {
-        let state = self.sources.entry(source).or_default();
+        let n = self.source_number(&source);
+        let state = &mut self.sources[usize::from(n)];
         if !state.registered {
             self.counts.unregistered_watermarks += 1;
             metrics::counter!("flowlog_identity_unregistered_watermarks_total").increment(1);
@@ -553,7 +702,12 @@ impl IdentityIndex {
                 self.counts.watermark_regressions += 1;
                 metrics::counter!("flowlog_identity_watermark_regressions_total").increment(1);
             }
-            _ => state.watermark = Some(at),
+            _ => {
+                state.watermark = Some(at);
+                if state.registered {
+                    self.update_caught_up_to();
+                }
+            }
         }
     }
 
@@ -610,14 +764,36 @@ impl IdentityIndex {
         found.unwrap_or_else(Endpoint::unknown)
     }
 
+    /// Who owned `addr` throughout the window `[at_ns - skew_ns, at_ns + skew_ns]` (both ends
+    /// included): a flow's start read on one host's clock, compared with inventory times read
+    /// on others, is only known to within the skew. Every time of the window is looked up as
+    /// [`Self::lookup`] does; the window's answer is
+    /// - `exact` if every time gets the same single owner,
+    /// - `unknown` if any time gets nobody (no prefix has an interval then: "nobody" is one of
+    ///   the possible answers, and it cannot be named as a candidate),
+    /// - otherwise `ambiguous`, naming every owner any time gets (the owners on both sides of a
+    ///   change inside the window, or overlapping owners).
+    ///
+    /// `skew_ns` 0 is exactly [`Self::lookup`] at `at_ns`.
+    pub fn lookup_around(&self, addr: IpAddr, at_ns: u64, skew_ns: u64) -> Endpoint {
+        if skew_ns == 0 {
+            return self.lookup(addr, at_ns);
+        }
+        let (lo, hi) = (
+            at_ns.saturating_sub(skew_ns),
+            at_ns.saturating_add(skew_ns).saturating_add(1),
+        );
+        match addr.to_canonical() {
+            IpAddr::V4(a) => self.v4.lookup_window(a.to_bits(), lo, hi),
+            IpAddr::V6(a) => self.v6.lookup_window(a.to_bits(), lo, hi),
+        }
+    }
+
     /// The minimum watermark over registered sources: flows newer than this must be held.
     /// `None` while a registered source has sent no watermark; `Some(u64::MAX)` when no source is
     /// registered (there is nothing to wait for).
     pub fn caught_up_to(&self) -> Option<u64> {
-        self.sources
-            .values()
-            .filter(|s| s.registered)
-            .try_fold(u64::MAX, |min, s| s.watermark.map(|w| min.min(w)))
+        self.caught_up_to
     }
 
     /// Whether a flow at `at_ns` can be attributed now: every registered source's view is
@@ -628,7 +804,84 @@ impl IdentityIndex {
 
     /// The latest watermark `source` sent, registered or not.
     pub fn watermark_of(&self, source: &str) -> Option<u64> {
-        self.sources.get(source).and_then(|s| s.watermark)
+        let n = self.source_numbers.get(source)?;
+        self.sources[usize::from(*n)].watermark
+    }
+
+    /// The registered sources whose next report could still change who owned `addr` at a time
+    /// up to `until_ns` (a flow's start, plus the clock-skew allowance): a flow looked up there
+    /// now could get an answer that a later report contradicts, so it waits for them. Empty
+    /// when every registered source's watermark has reached `until_ns`. Otherwise, per source
+    /// lagging behind it ([`Timing`]): a [`Timing::Continuous`] source, or one that has sent no
+    /// watermark yet, is unsettled for every address; a [`Timing::Polled`] source only where it
+    /// held a prefix containing `addr` after its watermark (its next poll could hand that prefix
+    /// over from just after the watermark), or where `until_ns` reaches its next poll's start
+    /// (`watermark + period`).
+    pub fn unsettled(&self, addr: IpAddr, until_ns: u64) -> SourceSet {
+        let mut set = SourceSet::EMPTY;
+        if self.caught_up_to.is_some_and(|w| w >= until_ns) {
+            return set;
+        }
+        for n in 0..self.sources.len() {
+            if self.settles_at(n, addr, until_ns).is_some() {
+                set.insert(n);
+            }
+        }
+        set
+    }
+
+    /// For source number `n`, unsettled for `addr` up to `until_ns` ([`Self::unsettled`]): the
+    /// lowest watermark of it worth checking again at — the flow cannot be settled by it
+    /// before. `None` if it is settled now (or not registered). A continuous source settles
+    /// the flow when its watermark reaches `until_ns`; a polled one may at its next watermark
+    /// (the address it held may be gone by then), at the latest when its watermark has passed
+    /// `until_ns - period`.
+    pub fn settles_at(&self, n: usize, addr: IpAddr, until_ns: u64) -> Option<u64> {
+        let s = self.sources.get(n).filter(|s| s.registered)?;
+        match (s.watermark, s.timing) {
+            (Some(w), _) if w >= until_ns => None,
+            (None, Timing::Continuous) | (Some(_), Timing::Continuous) => Some(until_ns),
+            (None, Timing::Polled { .. }) => Some(0),
+            (Some(w), timing) => {
+                let due = w.saturating_add(timing.period_ns());
+                if self.held_after(addr, n as u16, w) {
+                    Some(w.saturating_add(1))
+                } else if until_ns >= due {
+                    Some((until_ns - timing.period_ns()).saturating_add(1).max(w + 1))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// Whether source number `source` held a prefix containing `addr` after `after`.
+    fn held_after(&self, addr: IpAddr, source: u16, after: u64) -> bool {
+        match addr.to_canonical() {
+            IpAddr::V4(a) => self.v4.held_after(a.to_bits(), source, after),
+            IpAddr::V6(a) => self.v6.held_after(a.to_bits(), source, after),
+        }
+    }
+
+    /// The name of source number `n` (as in [`Self::unsettled`]'s sets).
+    pub fn source_name(&self, n: usize) -> Option<&str> {
+        self.sources.get(n).map(|s| s.name.as_str())
+    }
+
+    /// How source number `n` dates its changes.
+    pub fn source_timing(&self, n: usize) -> Option<Timing> {
+        self.sources.get(n).map(|s| s.timing)
+    }
+
+    /// The registered sources: number, name, timing and latest watermark.
+    pub fn registered_sources(
+        &self,
+    ) -> impl Iterator<Item = (usize, &str, Timing, Option<u64>)> + '_ {
+        self.sources
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.registered)
+            .map(|(n, s)| (n, s.name.as_str(), s.timing, s.watermark))
     }
 
     /// Forgets intervals that closed before `before_ns` (bounded memory); returns how many.

@@ -74,11 +74,15 @@ pub mod host_source;
 pub mod index;
 pub mod source;
 pub mod static_source;
+pub mod timing;
 
 pub use apply::apply_changes;
 pub use cgroup::{CgroupPath, CgroupResolver, cgroup_identity, cgroup2_mount, parse_cgroup_path};
 pub use change::{OwnershipChange, now_ns};
 pub use host_source::{HOST_SOURCE, HostError, HostSource, hostname};
 pub use index::{ChangeCounts, IdentityIndex, SharedIndex};
-pub use source::{BoxFuture, FailureLog, InventorySource, SourceError, send_all, spawn_source};
+pub use source::{
+    BoxFuture, FailureLog, InventorySource, SourceError, SourceRegistry, send_all, spawn_source,
+};
 pub use static_source::{STATIC_SOURCE, StaticError, StaticSource};
+pub use timing::{SourceSet, Timing};

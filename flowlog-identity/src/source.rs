@@ -12,7 +12,10 @@ use std::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{change::OwnershipChange, host_source::HostError, static_source::StaticError};
+use crate::{
+    change::OwnershipChange, host_source::HostError, index::SharedIndex,
+    static_source::StaticError, timing::Timing,
+};
 
 /// A boxed, sendable future: the same type as `futures::future::BoxFuture`, spelled out so that
 /// this crate needs neither `futures` nor `async-trait`.
@@ -35,6 +38,20 @@ pub trait InventorySource: Send + 'static {
     /// The source's name, as in [`OwnershipChange::source`] and `register_source`.
     fn name(&self) -> &str;
 
+    /// How the source dates its changes, which decides which flows wait for it
+    /// ([`Timing`]; registered with `register_source_with`). Default: any time after its
+    /// watermark, so every newer flow waits.
+    fn timing(&self) -> Timing {
+        Timing::Continuous
+    }
+
+    /// For a source that relays other sources (the enricher's follower of the ownership
+    /// topic): where to register them, with their timings, as it discovers them. Called once,
+    /// before [`run`](Self::run); other sources ignore it.
+    fn relay_into(&mut self, registry: SourceRegistry) {
+        let _ = registry;
+    }
+
     /// Runs until `shutdown` is cancelled, sending changes (and watermarks, at least every few
     /// seconds while healthy) into `changes`. Errors the source can survive are counted and logged
     /// once (rate-limited), never returned; a returned error is fatal for this source. A closed
@@ -44,6 +61,29 @@ pub trait InventorySource: Send + 'static {
         changes: mpsc::Sender<OwnershipChange>,
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, Result<(), SourceError>>;
+}
+
+/// Registers sources in an index: what a relaying source is given
+/// ([`InventorySource::relay_into`]) instead of the index itself, which sources never touch.
+#[derive(Clone)]
+pub struct SourceRegistry(SharedIndex);
+
+impl SourceRegistry {
+    pub fn new(index: SharedIndex) -> Self {
+        Self(index)
+    }
+
+    /// Registers (or re-registers with a new timing) `source`, whose watermark then gates the
+    /// flows it could change ([`IdentityIndex::register_source_with`](crate::IdentityIndex)).
+    pub fn register(&self, source: &str, timing: Timing) {
+        self.0.write().register_source_with(source, timing);
+    }
+}
+
+impl std::fmt::Debug for SourceRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SourceRegistry")
+    }
 }
 
 /// Runs `source` as a task. A fatal error is logged (with the source's name) and returned by the

@@ -1,9 +1,11 @@
 //! The index's interval semantics, each asserted with exact endpoints: address reuse, reopening,
 //! ambiguity, prefix specificity, IPv4-mapped lookups, watermark gating, pruning, and the odd
 //! inputs (duplicate Opens, unmatched and out-of-order Closes) with their counts.
-use std::{net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
-use flowlog_identity::{ChangeCounts, IdentityIndex, OwnershipChange, SharedIndex, apply_changes};
+use flowlog_identity::{
+    ChangeCounts, IdentityIndex, OwnershipChange, SharedIndex, SourceSet, Timing, apply_changes,
+};
 use flowlog_record::{Attribution, Endpoint, Identity, IdentityKind};
 use ipnet::IpNet;
 
@@ -293,6 +295,184 @@ fn watermarks_of_registered_sources_gate_caught_up_to() {
     assert_eq!(counts.unregistered_watermarks, 1);
 }
 
+/// The clock-skew window `[t - skew, t + skew]` (both ends included) across a handover: exact
+/// only where one owner held the address for the whole window, both owners named where the
+/// window crosses the change, each boundary to the nanosecond.
+#[test]
+fn a_skew_window_across_a_change_of_owner_names_both_owners() {
+    let (old, new) = (pod("cart-1"), pod("checkout-7"));
+    let index = index(vec![
+        open("kubernetes", "pod/uid-cart-1", "10.1.2.3/32", &old, 100 * S),
+        close("kubernetes", "pod/uid-cart-1", "10.1.2.3/32", 200 * S),
+        open(
+            "kubernetes",
+            "pod/uid-checkout-7",
+            "10.1.2.3/32",
+            &new,
+            200 * S,
+        ),
+    ]);
+    let (a, skew) = (ip("10.1.2.3"), S);
+    let both = ambiguous(&["shop/cart-1", "shop/checkout-7"]);
+    // The last start whose window ends before the change (at 200 s - 1 ns).
+    assert_eq!(index.lookup_around(a, 199 * S - 1, skew), exact(&old));
+    // Its window reaches 200 s exactly, the new owner's first nanosecond.
+    assert_eq!(index.lookup_around(a, 199 * S, skew), both);
+    assert_eq!(index.lookup_around(a, 200 * S, skew), both);
+    assert_eq!(index.lookup_around(a, 201 * S - 1, skew), both);
+    // The first start whose window begins at the change.
+    assert_eq!(index.lookup_around(a, 201 * S, skew), exact(&new));
+    // Far from the change, the window changes nothing.
+    assert_eq!(index.lookup_around(a, 150 * S, skew), exact(&old));
+    assert_eq!(index.lookup_around(a, u64::MAX - 1, skew), exact(&new));
+    // The first owner's start: a window reaching before it reaches a time of nobody.
+    assert_eq!(
+        index.lookup_around(a, 101 * S - 1, skew),
+        Endpoint::unknown()
+    );
+    assert_eq!(index.lookup_around(a, 101 * S, skew), exact(&old));
+    // Skew 0 is the point lookup, boundaries included.
+    for t in [100 * S - 1, 100 * S, 200 * S - 1, 200 * S, 250 * S] {
+        assert_eq!(index.lookup_around(a, t, 0), index.lookup(a, t), "at {t}");
+    }
+    // A window that starts before the epoch is cut at 0, and nobody owned the address then.
+    assert_eq!(index.lookup_around(a, S / 2, skew), Endpoint::unknown());
+}
+
+/// A window that reaches a time when nobody held the address is `unknown` (nobody is one of
+/// the answers), even though an owner held it for the rest of the window.
+#[test]
+fn a_skew_window_reaching_a_gap_with_no_owner_is_unknown() {
+    let (old, new) = (pod("cart-1"), pod("checkout-7"));
+    let index = index(vec![
+        open("kubernetes", "pod/uid-cart-1", "10.1.2.3/32", &old, 100 * S),
+        close("kubernetes", "pod/uid-cart-1", "10.1.2.3/32", 200 * S),
+        open(
+            "kubernetes",
+            "pod/uid-checkout-7",
+            "10.1.2.3/32",
+            &new,
+            203 * S,
+        ),
+    ]);
+    let (a, skew) = (ip("10.1.2.3"), S);
+    assert_eq!(index.lookup_around(a, 199 * S - 1, skew), exact(&old));
+    assert_eq!(index.lookup_around(a, 199 * S, skew), Endpoint::unknown());
+    assert_eq!(index.lookup_around(a, 201 * S, skew), Endpoint::unknown());
+    // The window spans the whole gap: both owners and nobody: still unknown.
+    assert_eq!(index.lookup_around(a, 201 * S, 3 * S), Endpoint::unknown());
+    assert_eq!(
+        index.lookup_around(a, 204 * S - 1, skew),
+        Endpoint::unknown()
+    );
+    assert_eq!(index.lookup_around(a, 204 * S, skew), exact(&new));
+}
+
+/// Inside the window each time is answered at the most specific prefix with an interval then:
+/// a pod's /32 that starts inside the window of a flow to a static /16 makes it the pod or the
+/// range, and both are named.
+#[test]
+fn a_skew_window_falls_through_to_a_less_specific_prefix_where_the_specific_one_has_nobody() {
+    let (corp, p) = (range("corp"), pod("job-1"));
+    let index = index(vec![
+        open("static", "static/corp", "10.0.0.0/16", &corp, 0),
+        open("kubernetes", "pod/uid-job-1", "10.0.1.7/32", &p, 100 * S),
+        close("kubernetes", "pod/uid-job-1", "10.0.1.7/32", 200 * S),
+    ]);
+    let (a, skew) = (ip("10.0.1.7"), S);
+    assert_eq!(index.lookup_around(a, 99 * S - 1, skew), exact(&corp));
+    assert_eq!(
+        index.lookup_around(a, 99 * S, skew),
+        ambiguous(&["corp", "shop/job-1"])
+    );
+    assert_eq!(index.lookup_around(a, 150 * S, skew), exact(&p));
+    assert_eq!(
+        index.lookup_around(a, 200 * S, skew),
+        ambiguous(&["corp", "shop/job-1"])
+    );
+    assert_eq!(index.lookup_around(a, 201 * S, skew), exact(&corp));
+    // Another address of the range never sees the pod.
+    assert_eq!(
+        index.lookup_around(ip("10.0.1.8"), 150 * S, skew),
+        exact(&corp)
+    );
+}
+
+fn polled(period_s: u64) -> Timing {
+    Timing::Polled {
+        period: Duration::from_secs(period_s),
+    }
+}
+
+/// Which sources a flow must wait for: a continuous source behind the flow's time for every
+/// address; a polled one only for addresses it held after its watermark or for times from its
+/// next poll's start on; a source ahead of the time for none.
+#[test]
+fn a_polled_source_is_unsettled_only_where_it_holds_the_address_or_from_its_next_poll() {
+    let (vm, other, lan) = (range("vm-a"), range("vm-b"), range("lan"));
+    let mut index = IdentityIndex::new();
+    index.register_source("kubernetes");
+    index.register_source_with("ec2", polled(30));
+    index.register_source("static");
+    let numbers: Vec<(usize, String)> = index
+        .registered_sources()
+        .map(|(n, name, _, _)| (n, name.to_owned()))
+        .collect();
+    let number = |name: &str| numbers.iter().find(|(_, n)| n == name).unwrap().0;
+    let (k8s, ec2, st) = (number("kubernetes"), number("ec2"), number("static"));
+    let set = |ns: &[usize]| {
+        let mut s = SourceSet::EMPTY;
+        ns.iter().for_each(|n| s.insert(*n));
+        s
+    };
+    assert_eq!(index.source_name(ec2), Some("ec2"));
+    assert_eq!(index.source_timing(ec2), Some(polled(30)));
+    assert_eq!(index.source_timing(k8s), Some(Timing::Continuous));
+    let (held, free, gone) = (ip("10.0.0.1"), ip("192.168.1.1"), ip("10.0.0.9"));
+    // Nothing reported yet: every source gates every address.
+    assert_eq!(index.unsettled(free, 0), set(&[k8s, ec2, st]));
+    for change in [
+        open("ec2", "eni/a", "10.0.0.1/32", &vm, 10 * S),
+        open("ec2", "eni/b", "10.0.0.9/32", &other, 10 * S),
+        close("ec2", "eni/b", "10.0.0.9/32", 90 * S),
+        open("static", "static/lan", "192.168.0.0/16", &lan, 0),
+        watermark("ec2", 100 * S),
+        watermark("static", 1_000 * S),
+        watermark("kubernetes", 1_000 * S),
+    ] {
+        index.apply(change);
+    }
+    assert_eq!(index.caught_up_to(), Some(100 * S));
+    assert!(
+        index.unsettled(held, 100 * S).is_empty(),
+        "at the watermark"
+    );
+    // Past EC2's watermark: only the address EC2 holds waits for it...
+    assert_eq!(index.unsettled(held, 100 * S + 1), set(&[ec2]));
+    assert!(index.unsettled(free, 100 * S + 1).is_empty());
+    // ...not one it released before its watermark...
+    assert!(index.unsettled(gone, 129 * S).is_empty());
+    // ...until the flow is as new as EC2's next poll (watermark + period).
+    assert!(index.unsettled(free, 130 * S - 1).is_empty());
+    assert_eq!(index.unsettled(free, 130 * S), set(&[ec2]));
+    // A close after the watermark (a poll's changes applied, its watermark not yet) is still a
+    // prefix EC2 held after its watermark: its handover may be on the way.
+    index.apply(close("ec2", "eni/a", "10.0.0.1/32", 110 * S));
+    assert_eq!(index.unsettled(held, 105 * S), set(&[ec2]));
+    // The continuous sources gate every address past their watermarks.
+    assert_eq!(index.unsettled(free, 1_000 * S + 1), set(&[k8s, ec2, st]));
+    index.apply(watermark("ec2", 130 * S));
+    assert!(index.unsettled(held, 130 * S).is_empty());
+    assert!(
+        index.unsettled(held, 131 * S).is_empty(),
+        "released before 130 s"
+    );
+    // An unregistered source never gates.
+    index.apply(open("other", "x", "172.16.0.1/32", &vm, 0));
+    index.apply(watermark("other", 0));
+    assert!(index.unsettled(ip("172.16.0.1"), 131 * S).is_empty());
+}
+
 #[test]
 fn prune_forgets_intervals_that_ended_before_the_time() {
     let (a, b, c, d, e) = (pod("a"), pod("b"), pod("c"), pod("d"), pod("e"));
@@ -522,8 +702,10 @@ async fn apply_changes_drains_the_channel_into_the_shared_index() {
 
 /// The index against a brute-force reading of the same intervals, on a deterministic random
 /// history: many owners per address, overlaps, closes out of insertion order, three prefix
-/// lengths, prunes. Checks the binary search and the `reach` cut-off of the backward scan.
-fn brute_force_model(ops: usize, seed: u64) -> [usize; 3] {
+/// lengths, prunes. Checks the binary search and the `reach` cut-off of the backward scan, and
+/// the clock-skew windows ([`IdentityIndex::lookup_around`]) against the point answers of every
+/// time in each window, one in `window_step` times.
+fn brute_force_model(ops: usize, seed: u64, window_step: usize) -> [usize; 3] {
     let mut state = seed;
     let mut next = move |n: u64| {
         state ^= state << 13;
@@ -595,6 +777,40 @@ fn brute_force_model(ops: usize, seed: u64) -> [usize; 3] {
         "10.0.1.1", "10.0.1.2", "10.0.2.3", "10.0.1.9", "10.0.3.3", "10.1.0.0",
     ]
     .map(ip);
+    // The window's answer read off the point answers of each of its times: unknown if any
+    // time has nobody, else every owner any time has.
+    let brute_window = |model: &[(IpNet, usize, u64, u64)], addr: IpAddr, t: u64, skew: u64| {
+        let (lo, hi) = (t.saturating_sub(skew), t + skew);
+        let model: Vec<_> = model
+            .iter()
+            .filter(|(n, _, from, to)| n.contains(&addr) && *from <= hi && lo < *to)
+            .copied()
+            .collect();
+        let mut names: Vec<String> = Vec::new();
+        for at in lo..=hi {
+            let point = brute(&model, addr, at);
+            match point.status {
+                Attribution::Unknown => return Endpoint::unknown(),
+                Attribution::Exact => names.push(point.identity.unwrap().display_name()),
+                Attribution::Ambiguous => names.extend(point.candidates),
+            }
+        }
+        names.sort();
+        names.dedup();
+        match names.as_slice() {
+            [one] => exact(
+                &owners[owners
+                    .iter()
+                    .position(|o| o.display_name() == *one)
+                    .unwrap()],
+            ),
+            _ => Endpoint {
+                status: Attribution::Ambiguous,
+                identity: None,
+                candidates: names,
+            },
+        }
+    };
     let mut seen = [0usize; 3];
     let mut check = |index: &IdentityIndex, model: &[(IpNet, usize, u64, u64)], from: u64| {
         for t in (from..5_400).step_by(5) {
@@ -602,6 +818,18 @@ fn brute_force_model(ops: usize, seed: u64) -> [usize; 3] {
                 let found = index.lookup(a, t);
                 assert_eq!(found, brute(model, a, t), "{a} at {t}");
                 seen[found.status as usize] += 1;
+            }
+        }
+        for t in (from + 40..5_400).step_by(window_step) {
+            for a in addrs {
+                for skew in [1, 7, 40] {
+                    let found = index.lookup_around(a, t, skew);
+                    assert_eq!(
+                        found,
+                        brute_window(model, a, t, skew),
+                        "{a} at {t} ± {skew}"
+                    );
+                }
             }
         }
     };
@@ -620,7 +848,7 @@ fn brute_force_model(ops: usize, seed: u64) -> [usize; 3] {
 #[test]
 fn lookups_agree_with_a_brute_force_model_of_long_histories() {
     // Slots of dozens of intervals (binary search), heavy overlap.
-    let seen = brute_force_model(600, 0x9e37_79b9_7f4a_7c15);
+    let seen = brute_force_model(600, 0x9e37_79b9_7f4a_7c15, 23);
     assert!(
         seen.iter().all(|n| *n > 0),
         "every outcome exercised: {seen:?}"
@@ -632,7 +860,7 @@ fn lookups_agree_with_a_brute_force_model_of_short_histories() {
     // Slots of a few intervals (scanned from the end), over many seeds.
     let mut seen = [0usize; 3];
     for seed in 1..=60u64 {
-        let s = brute_force_model(25, seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        let s = brute_force_model(25, seed.wrapping_mul(0x2545_f491_4f6c_dd1d), 307);
         (0..3).for_each(|i| seen[i] += s[i]);
     }
     assert!(

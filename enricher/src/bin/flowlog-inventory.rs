@@ -209,9 +209,12 @@ impl Publisher {
         health.expect("sources", waiting(&pending));
         health.expect_fresh("publishing", window);
         let (c, t) = (client.clone(), topic.clone());
-        let tenures = tokio::task::spawn_blocking(move || ownership::replay_tenures(&c, &t))
+        let mut tenures = tokio::task::spawn_blocking(move || ownership::replay_tenures(&c, &t))
             .await?
             .with_context(|| format!("replaying {topic}"))?;
+        for source in &sources {
+            tenures.set_timing(source.name(), source.timing());
+        }
         let (tx, rx) = mpsc::channel(65_536);
         let tasks: Vec<_> = sources
             .into_iter()
