@@ -338,7 +338,7 @@ fn throughput(
         )?;
         replica.wait_for("flowlog_enricher_records_in_total", 1.0, Duration::from_secs(120))?;
         let (start, cpu0) = (Instant::now(), replica.cpu_seconds()?);
-        replica.wait_for("flowlog_enricher_offsets_stored_total", n as f64, Duration::from_secs(900))?;
+        replica.wait_for("flowlog_enricher_records_out_total", n as f64, Duration::from_secs(900))?;
         let measured = Measured {
             records: n,
             wall: start.elapsed(),
@@ -376,8 +376,8 @@ fn throughput(
          group, pinned to CPU {}: **baseline** = a pass-through consumer/producer with the \
          enricher's librdkafka settings (every message re-produced unchanged); **enricher** = \
          the release flowlog-enricher (decode, both ends looked up in the static inventory, \
-         flows.enriched produced and acknowledged, Parquet written; offsets stored). Measured \
-         from the first record read to the last offset stored (baseline: last acknowledgement); \
+         flows.enriched produced and acknowledged, Parquet written). Measured \
+         from the first record read to the last output acknowledged (flowlog_enricher_records_out_total); \
          CPU = the process, all threads (librdkafka's included); the broker runs on the other \
          CPU. Every trial's remote ends: {} exact, {unknown_remote} unknown (Internet), as \
          generated.\n",
