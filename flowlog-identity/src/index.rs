@@ -33,7 +33,7 @@ pub type SharedIndex = Arc<parking_lot::RwLock<IdentityIndex>>;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// One owner's tenure of a prefix.
+/// One owner's tenure of a prefix, or a span in which it may or may not have held it.
 #[derive(Debug, Clone)]
 struct Interval {
     from: u64,
@@ -44,6 +44,21 @@ struct Interval {
     /// Serial number, so that a Close finds its own interval among several starting together.
     id: u64,
     identity: Arc<Identity>,
+    /// An [`OwnershipChange::Uncertain`] span: the owner is a candidate there, never the answer
+    /// alone. Always closed, and never matched by an Open or a Close.
+    maybe: bool,
+}
+
+/// Whether `a` and `b` are the same owner's identity (one owner twice is not ambiguity).
+fn same(a: &Arc<Identity>, b: &Arc<Identity>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
+/// Adds `identity` to `set` unless an equal one is there.
+fn add_distinct<'a>(set: &mut SmallVec<[&'a Arc<Identity>; 4]>, identity: &'a Arc<Identity>) {
+    if !set.iter().any(|o| same(o, identity)) {
+        set.push(identity);
+    }
 }
 
 /// The owners of one prefix, sorted by `from` (ties in arrival order).
@@ -67,6 +82,17 @@ impl Slot {
     }
 
     fn insert(&mut self, from: u64, to: u64, id: u64, identity: Arc<Identity>) {
+        self.insert_interval(from, to, id, identity, false);
+    }
+
+    fn insert_interval(
+        &mut self,
+        from: u64,
+        to: u64,
+        id: u64,
+        identity: Arc<Identity>,
+        maybe: bool,
+    ) {
         let pos = self.intervals.partition_point(|iv| iv.from <= from);
         self.intervals.insert(
             pos,
@@ -76,6 +102,7 @@ impl Slot {
                 reach: 0,
                 id,
                 identity,
+                maybe,
             },
         );
         self.fix_reach(pos);
@@ -95,19 +122,30 @@ impl Slot {
     /// event for a tenure that is already complete).
     fn has_closed(&self, from: u64, to: Option<u64>, identity: &Identity) -> bool {
         self.intervals.iter().any(|iv| {
-            iv.from == from
+            !iv.maybe
+                && iv.from == from
                 && iv.to != OPEN_END
                 && to.is_none_or(|to| iv.to == to)
                 && *iv.identity == *identity
         })
     }
 
-    /// The identities of the intervals containing `at`, or `None` if none does.
+    /// Whether an uncertain span equal to this one is already held (a re-sent span).
+    fn has_maybe(&self, from: u64, to: u64, identity: &Identity) -> bool {
+        self.intervals
+            .iter()
+            .any(|iv| iv.maybe && iv.from == from && iv.to == to && *iv.identity == *identity)
+    }
+
+    /// The identities of the intervals containing `at`, or `None` if none does: exact if one
+    /// owner held it for sure and no other may have; ambiguous (all of them) otherwise —
+    /// also when the only candidate is one that only may have held it.
     fn containing(&self, at: u64) -> Option<Endpoint> {
         let ivs = &self.intervals;
         // Fast path, the common case of a flow looked up soon after it happened: the newest
         // interval contains `at` and nothing before it reaches `at`.
         if let Some((last, earlier)) = ivs.split_last()
+            && !last.maybe
             && last.from <= at
             && at < last.to
             && earlier.last().is_none_or(|b| b.reach <= at)
@@ -125,8 +163,8 @@ impl Slot {
         } else {
             ivs.partition_point(|iv| iv.from <= at)
         };
-        let mut first: Option<&Arc<Identity>> = None;
-        let mut others: SmallVec<[&Arc<Identity>; 4]> = SmallVec::new();
+        let mut held: SmallVec<[&Arc<Identity>; 4]> = SmallVec::new();
+        let mut maybe: SmallVec<[&Arc<Identity>; 4]> = SmallVec::new();
         while i > 0 {
             i -= 1;
             let iv = &ivs[i];
@@ -134,28 +172,21 @@ impl Slot {
                 break;
             }
             if iv.to > at {
-                match first {
-                    None => first = Some(&iv.identity),
-                    // The same owner twice (a re-sent tenure) is one owner, not ambiguity.
-                    Some(f) if Arc::ptr_eq(f, &iv.identity) || **f == *iv.identity => {}
-                    Some(_) => {
-                        if !others
-                            .iter()
-                            .any(|o| Arc::ptr_eq(o, &iv.identity) || ***o == *iv.identity)
-                        {
-                            others.push(&iv.identity)
-                        }
-                    }
-                }
+                add_distinct(if iv.maybe { &mut maybe } else { &mut held }, &iv.identity);
             }
         }
-        let first = first?;
-        if others.is_empty() {
-            return Some(Endpoint::exact(Arc::clone(first)));
+        if let [one] = held.as_slice()
+            && maybe.iter().all(|m| same(m, one))
+        {
+            return Some(Endpoint::exact(Arc::clone(one)));
         }
-        let mut owners: SmallVec<[Arc<Identity>; 4]> = SmallVec::new();
-        owners.push(Arc::clone(first));
-        owners.extend(others.into_iter().map(Arc::clone));
+        for m in maybe {
+            add_distinct(&mut held, m);
+        }
+        if held.is_empty() {
+            return None;
+        }
+        let owners: SmallVec<[Arc<Identity>; 4]> = held.into_iter().map(Arc::clone).collect();
         Some(Endpoint::ambiguous(&owners))
     }
 }
@@ -329,6 +360,8 @@ pub struct ChangeCounts {
     pub late_opens: u64,
     /// A Close earlier than its interval's start: the interval is dropped (it never held).
     pub inverted_closes: u64,
+    /// Uncertain spans applied (a re-sent one is counted but not held twice).
+    pub uncertain: u64,
     /// A watermark older than the source's previous one: ignored.
     pub watermark_regressions: u64,
     /// A watermark from a source that was never registered: recorded, does not gate.
@@ -408,11 +441,37 @@ impl IdentityIndex {
                     at_ns,
                 );
             }
+            OwnershipChange::Uncertain {
+                prefix,
+                identity,
+                from_ns,
+                to_ns,
+                ..
+            } => {
+                self.counts.uncertain += 1;
+                self.uncertain(canonical(prefix), identity, from_ns, to_ns);
+            }
             OwnershipChange::Watermark { source, at_ns } => {
                 self.counts.watermarks += 1;
                 self.watermark(source, at_ns);
             }
         }
+    }
+
+    /// A span `[from, to)` in which `identity` may have held `prefix`: held as a candidate for
+    /// lookups in it (an empty or re-sent span adds nothing).
+    fn uncertain(&mut self, prefix: IpNet, identity: Arc<Identity>, from: u64, to: u64) {
+        if from >= to
+            || self
+                .slot(prefix)
+                .is_some_and(|slot| slot.has_maybe(from, to, &identity))
+        {
+            return;
+        }
+        let id = self.next_id();
+        self.slot_or_insert(prefix)
+            .insert_interval(from, to, id, identity, true);
+        self.interval_count += 1;
     }
 
     fn open(&mut self, key: OwnerKey, identity: Arc<Identity>, at: u64) {
@@ -489,7 +548,7 @@ impl IdentityIndex {
             // A tenure of this prefix already ended exactly then: a re-sent Close.
             if self
                 .slot(prefix)
-                .is_some_and(|slot| slot.intervals.iter().any(|iv| iv.to == at))
+                .is_some_and(|slot| slot.intervals.iter().any(|iv| !iv.maybe && iv.to == at))
             {
                 self.count_stale_close();
                 return;
@@ -521,7 +580,7 @@ impl IdentityIndex {
             if slot
                 .intervals
                 .iter()
-                .any(|iv| iv.to == at && *iv.identity == **current)
+                .any(|iv| !iv.maybe && iv.to == at && *iv.identity == **current)
             {
                 self.count_stale_close();
                 return;

@@ -62,6 +62,23 @@ fn close(source: &str, owner: &str, prefix: &str, at_ns: u64) -> OwnershipChange
     }
 }
 
+fn uncertain(
+    owner: &str,
+    prefix: &str,
+    identity: &Arc<Identity>,
+    from_ns: u64,
+    to_ns: u64,
+) -> OwnershipChange {
+    OwnershipChange::Uncertain {
+        source: "kubernetes".to_owned(),
+        owner: owner.to_owned(),
+        prefix: net(prefix),
+        identity: Arc::clone(identity),
+        from_ns,
+        to_ns,
+    }
+}
+
 fn watermark(source: &str, at_ns: u64) -> OwnershipChange {
     OwnershipChange::Watermark {
         source: source.to_owned(),
@@ -87,6 +104,70 @@ fn ambiguous(names: &[&str]) -> Endpoint {
         identity: None,
         candidates: names.iter().map(|n| (*n).to_owned()).collect(),
     }
+}
+
+/// A handover known only to within spans (the old owner's release somewhere in 200–201 s, the
+/// new owner's arrival in 200.5–202 s): sure before and after, and in the spans every owner
+/// that may have held the address is named — the old one alone where it was it or nobody.
+#[test]
+fn changes_known_only_to_within_a_span_are_ambiguous_there_and_exact_outside() {
+    let (old, new) = (pod("cart-1"), pod("checkout-7"));
+    let p = "10.1.2.3/32";
+    let changes = vec![
+        open("kubernetes", "pod/a", p, &old, 100 * S),
+        close("kubernetes", "pod/a", p, 200 * S),
+        uncertain("pod/a", p, &old, 200 * S, 201 * S),
+        uncertain("pod/b", p, &new, 200 * S + S / 2, 202 * S),
+        open("kubernetes", "pod/b", p, &new, 202 * S),
+        // Re-sent: held once.
+        uncertain("pod/b", p, &new, 200 * S + S / 2, 202 * S),
+        // A span of the owner that surely holds the address changes nothing.
+        uncertain("pod/b", p, &new, 202 * S, 203 * S),
+    ];
+    let index = index(changes);
+    let a = ip("10.1.2.3");
+    assert_eq!(index.lookup(a, 200 * S - 1), exact(&old));
+    assert_eq!(index.lookup(a, 200 * S), ambiguous(&["shop/cart-1"]));
+    assert_eq!(
+        index.lookup(a, 200 * S + S / 2),
+        ambiguous(&["shop/cart-1", "shop/checkout-7"])
+    );
+    assert_eq!(index.lookup(a, 201 * S), ambiguous(&["shop/checkout-7"]));
+    assert_eq!(
+        index.lookup(a, 202 * S - 1),
+        ambiguous(&["shop/checkout-7"])
+    );
+    assert_eq!(index.lookup(a, 202 * S), exact(&new));
+    assert_eq!(index.lookup(a, 202 * S + S / 2), exact(&new));
+    assert_eq!(index.intervals(), 5, "two tenures, three distinct spans");
+    assert_eq!(index.count_intervals(), 5);
+    assert_eq!(index.counts().uncertain, 4);
+    let mut index = index;
+    assert_eq!(index.prune(201 * S), 2, "the old tenure and its span");
+    assert_eq!(index.lookup(a, 201 * S), ambiguous(&["shop/checkout-7"]));
+}
+
+/// Both changes of a short tenure fell in one span (its Close dated before its Open): it never
+/// surely held, so every lookup in the spans is ambiguous, and outside them unknown.
+#[test]
+fn a_tenure_shorter_than_its_spans_is_only_ever_a_candidate() {
+    let c = pod("batch-3");
+    let p = "10.1.2.4/32";
+    let index = index(vec![
+        uncertain("pod/c", p, &c, 299 * S, 300 * S),
+        open("kubernetes", "pod/c", p, &c, 300 * S),
+        close("kubernetes", "pod/c", p, 299 * S + S / 2),
+        uncertain("pod/c", p, &c, 299 * S + S / 2, 301 * S),
+    ]);
+    let a = ip("10.1.2.4");
+    assert_eq!(index.lookup(a, 299 * S - 1), Endpoint::unknown());
+    assert_eq!(index.lookup(a, 299 * S), ambiguous(&["shop/batch-3"]));
+    assert_eq!(
+        index.lookup(a, 300 * S + S / 2),
+        ambiguous(&["shop/batch-3"])
+    );
+    assert_eq!(index.lookup(a, 301 * S), Endpoint::unknown());
+    assert_eq!(index.open_intervals(), 0);
 }
 
 #[test]
