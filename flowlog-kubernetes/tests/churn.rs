@@ -81,11 +81,13 @@ fn pod_of(owner: &str) -> (u32, u32) {
 struct Run {
     flowlog: Tally,
     map: Tally,
-    /// flowlog's ambiguous answers by flow kind: just after an open, just before a close,
-    /// long-lived.
-    ambiguous_by_kind: [u64; 3],
     /// Changes whose dating was checked against the server's write time.
     dated: usize,
+    /// The widest span the source sent.
+    widest_ns: u64,
+    /// Ambiguous flows that start farther than the widest span from every change of their
+    /// address (there must be none: ambiguity only where a change may have been).
+    far_ambiguous: u64,
 }
 
 async fn churn(lag: WatchLag) -> Run {
@@ -218,13 +220,35 @@ async fn churn(lag: WatchLag) -> Run {
 
     // flowlog: every change in the index, each flow looked up at its start.
     let index = source.index();
+    let widest_ns = source
+        .all
+        .iter()
+        .filter_map(|c| match c {
+            OwnershipChange::Uncertain { from_ns, to_ns, .. } => Some(to_ns - from_ns),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    let near_a_change = |flow: &Flow| {
+        (0..ADDRESSES)
+            .filter(|&i| address(i) == flow.addr)
+            .any(|i| {
+                (0..GENERATIONS).any(|g| {
+                    [added[&(i, g)], deleted[&(i, g)]]
+                        .iter()
+                        .any(|&t| t.abs_diff(flow.start) <= widest_ns)
+                })
+            })
+    };
     let mut flowlog = Tally::default();
     let mut ambiguous_by_kind = [0; 3];
+    let mut far_ambiguous = 0;
     for (n, flow) in flows.iter().enumerate() {
         let e = index.lookup(flow.addr, flow.start);
         flowlog.count(e.status, e.identity.as_ref(), &flow.owner);
         if e.status == Attribution::Ambiguous {
             ambiguous_by_kind[n % 3] += 1;
+            far_ambiguous += u64::from(!near_a_change(flow));
         }
     }
 
@@ -288,27 +312,42 @@ async fn churn(lag: WatchLag) -> Run {
         );
     }
     println!(
-        "flowlog ambiguous: {} just after an open, {} just before a close, {} long-lived",
-        ambiguous_by_kind[0], ambiguous_by_kind[1], ambiguous_by_kind[2]
+        "flowlog ambiguous: {} just after an open, {} just before a close, {} long-lived; \
+         widest span {:.1} ms",
+        ambiguous_by_kind[0],
+        ambiguous_by_kind[1],
+        ambiguous_by_kind[2],
+        widest_ns as f64 / 1e6
     );
     Run {
         flowlog,
         map,
-        ambiguous_by_kind,
         dated: added.len() + deleted.len(),
+        widest_ns,
+        far_ambiguous,
     }
 }
 
 /// What every run must show: nothing misattributed, nothing unknown (every flow's address had
-/// an owner and the index has every change), no long-lived flow ambiguous (they start 50 ms
-/// into a tenure, far from any change), and few short ones.
+/// an owner and the index has every change), ambiguity only within a span of a change, and on an
+/// unloaded machine (spans of a probe interval and a round trip) few ambiguous flows. How wide
+/// the spans get depends on how promptly the source runs, so the share is bounded loosely: a
+/// machine busy with builds stretches them.
 fn check(run: &Run) {
     let (flowlog, map) = (&run.flowlog, &run.map);
     assert_eq!(run.dated, 2 * (ADDRESSES * GENERATIONS) as usize);
     assert_eq!(flowlog.flows(), 3 * u64::from(ADDRESSES * GENERATIONS));
     assert_eq!(flowlog.misattributed, 0, "{flowlog:?}");
     assert_eq!(flowlog.unknown, 0, "{flowlog:?}");
-    assert_eq!(run.ambiguous_by_kind[2], 0, "long-lived flows: {flowlog:?}");
+    assert_eq!(
+        run.far_ambiguous, 0,
+        "ambiguous far from every change: {flowlog:?}"
+    );
+    assert!(
+        run.widest_ns < 1_000_000_000,
+        "a span of {} ms: probes every {PROBE_MS} ms should date every change far closer",
+        run.widest_ns / MS
+    );
     assert!(
         flowlog.ambiguous * 100 <= flowlog.flows() * MAX_AMBIGUOUS_PERCENT,
         "ambiguous above {MAX_AMBIGUOUS_PERCENT}%: {flowlog:?}"
@@ -319,23 +358,21 @@ fn check(run: &Run) {
     );
 }
 
-/// Short flows start 20 ms from a change and changes are dated to within a probe interval
-/// (10 ms) and a probe's round trip: few of them may fall in a span.
-const MAX_AMBIGUOUS_PERCENT: u64 = 5;
+/// Short flows start 20 ms from a change, long-lived ones 50 ms: with spans of 10–20 ms (2%
+/// ambiguous measured with events 0–1 s late on an idle machine) few fall in one; 12% was
+/// measured with both CPUs busy compiling.
+const MAX_AMBIGUOUS_PERCENT: u64 = 25;
 
+/// Both runs in one test, one after the other, so that they do not slow each other's source.
+/// The second holds every watch message a random 0–1 s, in order: flowlog still misattributes
+/// none (the probes date each change to within their interval, however late its event arrives).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn churn_time_ranged_index_against_latest_owner_map() {
+async fn churn_time_ranged_index_against_latest_owner_map_with_and_without_watch_lag() {
     check(&churn(WatchLag::None).await);
-}
-
-/// The same churn with every watch message held a random 0–1 s, in order: flowlog still
-/// misattributes none (the probes date each change to within their interval, however late its
-/// event arrives).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn churn_with_watch_events_delayed_up_to_a_second() {
-    let run = churn(WatchLag::Random {
-        max: Duration::from_secs(1),
-    })
-    .await;
-    check(&run);
+    check(
+        &churn(WatchLag::Random {
+            max: Duration::from_secs(1),
+        })
+        .await,
+    );
 }
