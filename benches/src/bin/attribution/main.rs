@@ -692,7 +692,7 @@ fn report(
         "\nHow the inventory dates an ownership change against the API server's write (date − \
          write, p50 / p99 / max; an Open is dated at the end of its span, a Close at its start): \
          opens {}; closes {}. Widths of the uncertain spans sent with them (p50 / p99 / max): \
-         {} ms ({} spans).\n",
+         {} / {} / {} ms ({} spans).\n",
         stamp(&lag.opens),
         stamp(&lag.closes),
         quantile(&lag.spans, 0.5),
