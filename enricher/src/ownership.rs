@@ -8,10 +8,11 @@
 //! Compaction keeps the latest state of each tenure, so a replay still sees every interval of
 //! the retention window, opened and closed, which a topic of raw Open/Close changes would lose
 //! (compaction would keep only the Close). Tenures closed longer ago than the retention are
-//! deleted with tombstones. Each source's watermark is one more key (`watermark/<source>`),
-//! with how the source dates its changes (`period_ns` for a polled source such as EC2), so that
-//! every enricher holds each flow only for the sources that could still change it, as it would
-//! reading the sources itself.
+//! deleted with tombstones. A span in which an owner *may* have held a prefix (a change its
+//! source could date only that well) is one message too (`uncertain/…`), expired the same way.
+//! Each source's watermark is one more key (`watermark/<source>`), with how the source dates
+//! its changes (`period_ns` for a polled source such as EC2), so that every enricher holds each
+//! flow only for the sources that could still change it, as it would reading the sources itself.
 //!
 //! Order matters (a watermark must not overtake the change before it), so the topic has **one
 //! partition** and the publisher writes everything to it in order, each message acknowledged
@@ -66,6 +67,16 @@ pub enum OwnershipRecord {
         from_ns: u64,
         to_ns: Option<u64>,
     },
+    /// `owner` may have held `prefix` during `[from_ns, to_ns)`: a change the source could
+    /// date only that well ([`OwnershipChange::Uncertain`]). Expires like a closed tenure.
+    Uncertain {
+        source: String,
+        owner: String,
+        prefix: IpNet,
+        identity: Arc<Identity>,
+        from_ns: u64,
+        to_ns: u64,
+    },
     /// `source` had reported everything up to `at_ns`. `period_ns`: the source polls that
     /// often ([`Timing::Polled`]); absent for a source whose changes may be dated at any time
     /// after its watermark ([`Timing::Continuous`]; also what records from before this field
@@ -89,6 +100,14 @@ impl OwnershipRecord {
                 from_ns,
                 ..
             } => tenure_key(source, owner, prefix, *from_ns),
+            OwnershipRecord::Uncertain {
+                source,
+                owner,
+                prefix,
+                from_ns,
+                to_ns,
+                ..
+            } => format!("uncertain/{source}/{owner}/{prefix}/{from_ns}/{to_ns}"),
             OwnershipRecord::Watermark { source, .. } => format!("watermark/{source}"),
         }
     }
@@ -121,6 +140,21 @@ impl OwnershipRecord {
                 }
                 out
             }
+            OwnershipRecord::Uncertain {
+                source,
+                owner,
+                prefix,
+                identity,
+                from_ns,
+                to_ns,
+            } => vec![OwnershipChange::Uncertain {
+                source: source.clone(),
+                owner: owner.clone(),
+                prefix: *prefix,
+                identity: Arc::clone(identity),
+                from_ns: *from_ns,
+                to_ns: *to_ns,
+            }],
             OwnershipRecord::Watermark { source, at_ns, .. } => {
                 vec![OwnershipChange::Watermark {
                     source: source.clone(),
@@ -175,6 +209,9 @@ impl Tenures {
     /// Rebuilds the state from the topic's records (a restart): what was open is open again,
     /// unconfirmed until its source says so.
     pub fn replay(&mut self, record: &OwnershipRecord) {
+        if let OwnershipRecord::Uncertain { to_ns, .. } = record {
+            self.closed.entry(*to_ns).or_default().push(record.key());
+        }
         if let OwnershipRecord::Tenure {
             source,
             owner,
@@ -265,6 +302,25 @@ impl Tenures {
                     Some(open) => out.push(self.closed_record(&key, open, at_ns)),
                     None => counter!("flowlog_inventory_unmatched_closes_total").increment(1),
                 }
+            }
+            OwnershipChange::Uncertain {
+                source,
+                owner,
+                prefix,
+                identity,
+                from_ns,
+                to_ns,
+            } => {
+                let record = OwnershipRecord::Uncertain {
+                    source,
+                    owner,
+                    prefix,
+                    identity,
+                    from_ns,
+                    to_ns,
+                };
+                self.closed.entry(to_ns).or_default().push(record.key());
+                out.push(record);
             }
             OwnershipChange::Watermark { source, at_ns } => {
                 if self.live.insert(source.clone()) {
@@ -546,7 +602,7 @@ pub async fn publish(
                     value: Some(serde_json::to_vec(&record).expect("records serialize")),
                     watermark: match &record {
                         OwnershipRecord::Watermark { source, .. } => Some(source.clone()),
-                        OwnershipRecord::Tenure { .. } => None,
+                        OwnershipRecord::Tenure { .. } | OwnershipRecord::Uncertain { .. } => None,
                     },
                 });
             }
@@ -722,6 +778,21 @@ fn relayed(change: OwnershipChange) -> OwnershipChange {
             owner,
             prefix,
             at_ns,
+        },
+        OwnershipChange::Uncertain {
+            source,
+            owner,
+            prefix,
+            identity,
+            from_ns,
+            to_ns,
+        } => OwnershipChange::Uncertain {
+            source: relayed_name(&source),
+            owner,
+            prefix,
+            identity,
+            from_ns,
+            to_ns,
         },
         OwnershipChange::Watermark { source, at_ns } => OwnershipChange::Watermark {
             source: relayed_name(&source),
@@ -915,6 +986,33 @@ mod tests {
             "closed at 20 < 25"
         );
         assert_eq!(t.expire(100), vec![tenure("a", "A2", 20, None).key()]);
+    }
+
+    /// A span in which an owner may have held a prefix is one record of its own, expanded back
+    /// to the same change, replayed and expired like a closed tenure.
+    #[test]
+    fn uncertain_spans_are_records_that_expire() {
+        let change = OwnershipChange::Uncertain {
+            source: "k".into(),
+            owner: "a".into(),
+            prefix: "10.0.0.1/32".parse().unwrap(),
+            identity: identity("A"),
+            from_ns: 10,
+            to_ns: 40,
+        };
+        let mut t = Tenures::default();
+        let records = t.apply(change.clone());
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].key(), "uncertain/k/a/10.0.0.1/32/10/40");
+        let json = serde_json::to_string(&records[0]).unwrap();
+        let back: OwnershipRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.changes(), vec![change]);
+        assert_eq!(t.open(), 0, "a span opens no tenure");
+        assert_eq!(t.expire(40), Vec::<String>::new(), "not before its end");
+        assert_eq!(t.expire(41), vec![records[0].key()]);
+        let mut replayed = Tenures::default();
+        replayed.replay(&back);
+        assert_eq!(replayed.expire(41), vec![records[0].key()]);
     }
 
     #[test]

@@ -60,6 +60,15 @@ pub struct SourceFlags {
         value_delimiter = ','
     )]
     pub kubernetes_labels: Vec<String>,
+    /// How often each watched kind is probed (a consistent list of one object, for its
+    /// resourceVersion; one request per kind). Changes are dated to within this, so flows that
+    /// start this close to one come out `ambiguous`; the watermark moves in these steps.
+    #[arg(long, env = "FLOWLOG_KUBERNETES_PROBE_INTERVAL", default_value = "1s", value_parser = flowlog_cli::parse_duration)]
+    pub kubernetes_probe_interval: Duration,
+    /// How long each watch request lasts before it is resumed (at least 3 s: kube-apiserver
+    /// sends the bookmark that proves a quiet kind complete 2 s before this ends).
+    #[arg(long, env = "FLOWLOG_KUBERNETES_WATCH_TIMEOUT", default_value = "3s", value_parser = flowlog_cli::parse_duration)]
+    pub kubernetes_watch_timeout: Duration,
 }
 
 impl SourceFlags {
@@ -132,7 +141,11 @@ impl SourceFlags {
             sources.push(Box::new(Ec2Source::new(client, settings)));
         }
         if self.kubernetes_wanted() {
-            let mut settings = KubernetesSettings::default();
+            let mut settings = KubernetesSettings {
+                probe_interval: self.kubernetes_probe_interval,
+                watch_timeout: self.kubernetes_watch_timeout.max(Duration::from_secs(3)),
+                ..KubernetesSettings::default()
+            };
             if !self.kubernetes_labels.is_empty() {
                 settings.labels = self.kubernetes_labels.clone();
             }

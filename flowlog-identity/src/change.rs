@@ -1,5 +1,6 @@
-//! What inventory sources say: an owner took or released a prefix at a time, or the source's view
-//! is complete up to a time. One small enum, because every source (static file, this host,
+//! What inventory sources say: an owner took or released a prefix at a time, may have held it
+//! during a span (a change whose time is known only that well), or the source's view is
+//! complete up to a time. One small enum, because every source (static file, this host,
 //! Kubernetes, EC2) speaks the same language to the index, and because the same changes are later
 //! published to the compacted Kafka topic `flows.ownership` (as JSON, hence serde).
 use std::{
@@ -34,6 +35,20 @@ pub enum OwnershipChange {
         prefix: IpNet,
         at_ns: u64,
     },
+    /// `owner` may or may not have held `prefix` during `[from_ns, to_ns)`: one of its changes
+    /// (taking or releasing the prefix, or a new identity) happened in that span, at a time the
+    /// source cannot tell more precisely (e.g. a Kubernetes watch event that arrived late). A
+    /// flow in the span is `ambiguous` — `owner` is one of its candidates — never attributed to
+    /// `owner` or to another owner alone. Sent besides the Open (dated at the span's end: held
+    /// for sure from then) or the Close (at its start: held for sure until then).
+    Uncertain {
+        source: String,
+        owner: String,
+        prefix: IpNet,
+        identity: Arc<Identity>,
+        from_ns: u64,
+        to_ns: u64,
+    },
     /// `source` has reported every change that happened up to `at_ns`: its view is complete as of then.
     Watermark { source: String, at_ns: u64 },
 }
@@ -44,16 +59,19 @@ impl OwnershipChange {
         match self {
             OwnershipChange::Open { source, .. }
             | OwnershipChange::Close { source, .. }
+            | OwnershipChange::Uncertain { source, .. }
             | OwnershipChange::Watermark { source, .. } => source,
         }
     }
 
-    /// When the change happened (for a watermark: up to when the source is complete).
+    /// When the change happened (for a watermark: up to when the source is complete; for an
+    /// uncertain span: its end, by when the change had happened).
     pub fn at_ns(&self) -> u64 {
         match self {
             OwnershipChange::Open { at_ns, .. }
             | OwnershipChange::Close { at_ns, .. }
             | OwnershipChange::Watermark { at_ns, .. } => *at_ns,
+            OwnershipChange::Uncertain { to_ns, .. } => *to_ns,
         }
     }
 
@@ -62,6 +80,7 @@ impl OwnershipChange {
         match self {
             OwnershipChange::Open { .. } => "open",
             OwnershipChange::Close { .. } => "close",
+            OwnershipChange::Uncertain { .. } => "uncertain",
             OwnershipChange::Watermark { .. } => "watermark",
         }
     }

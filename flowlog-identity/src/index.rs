@@ -36,7 +36,7 @@ pub type SharedIndex = Arc<parking_lot::RwLock<IdentityIndex>>;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// One owner's tenure of a prefix.
+/// One owner's tenure of a prefix, or a span in which it may or may not have held it.
 #[derive(Debug, Clone)]
 struct Interval {
     from: u64,
@@ -49,6 +49,36 @@ struct Interval {
     /// The index's number of the source that reported it (see [`IdentityIndex::unsettled`]).
     source: u16,
     identity: Arc<Identity>,
+    /// An [`OwnershipChange::Uncertain`] span: the owner is a candidate there, never the answer
+    /// alone. Always closed, and never matched by an Open or a Close.
+    maybe: bool,
+}
+
+/// Whether `a` and `b` are the same owner's identity (one owner twice is not ambiguity).
+fn same(a: &Arc<Identity>, b: &Arc<Identity>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
+/// Adds `identity` to `set` unless an equal one is there.
+fn add_distinct<'a>(set: &mut SmallVec<[&'a Arc<Identity>; 4]>, identity: &'a Arc<Identity>) {
+    if !set.iter().any(|o| same(o, identity)) {
+        set.push(identity);
+    }
+}
+
+/// Disjoint half-open time spans `[from, to)`.
+type Spans = SmallVec<[(u64, u64); 4]>;
+
+/// `spans` without the times in `[from, to)`.
+fn subtract(spans: Spans, (from, to): (u64, u64)) -> Spans {
+    spans
+        .into_iter()
+        .flat_map(|(a, b)| {
+            let left = (a < from.min(b)).then_some((a, from.min(b)));
+            let right = (to.max(a) < b).then_some((to.max(a), b));
+            left.into_iter().chain(right)
+        })
+        .collect()
 }
 
 /// The owners of one prefix, sorted by `from` (ties in arrival order).
@@ -72,6 +102,18 @@ impl Slot {
     }
 
     fn insert(&mut self, from: u64, to: u64, id: u64, source: u16, identity: Arc<Identity>) {
+        self.insert_interval(from, to, id, source, identity, false);
+    }
+
+    fn insert_interval(
+        &mut self,
+        from: u64,
+        to: u64,
+        id: u64,
+        source: u16,
+        identity: Arc<Identity>,
+        maybe: bool,
+    ) {
         let pos = self.intervals.partition_point(|iv| iv.from <= from);
         self.intervals.insert(
             pos,
@@ -82,6 +124,7 @@ impl Slot {
                 id,
                 source,
                 identity,
+                maybe,
             },
         );
         self.fix_reach(pos);
@@ -123,19 +166,30 @@ impl Slot {
     /// event for a tenure that is already complete).
     fn has_closed(&self, from: u64, to: Option<u64>, identity: &Identity) -> bool {
         self.intervals.iter().any(|iv| {
-            iv.from == from
+            !iv.maybe
+                && iv.from == from
                 && iv.to != OPEN_END
                 && to.is_none_or(|to| iv.to == to)
                 && *iv.identity == *identity
         })
     }
 
-    /// The identities of the intervals containing `at`, or `None` if none does.
+    /// Whether an uncertain span equal to this one is already held (a re-sent span).
+    fn has_maybe(&self, from: u64, to: u64, identity: &Identity) -> bool {
+        self.intervals
+            .iter()
+            .any(|iv| iv.maybe && iv.from == from && iv.to == to && *iv.identity == *identity)
+    }
+
+    /// The identities of the intervals containing `at`, or `None` if none does: exact if one
+    /// owner held it for sure and no other may have; ambiguous (all of them) otherwise —
+    /// also when the only candidate is one that only may have held it.
     fn containing(&self, at: u64) -> Option<Endpoint> {
         let ivs = &self.intervals;
         // Fast path, the common case of a flow looked up soon after it happened: the newest
         // interval contains `at` and nothing before it reaches `at`.
         if let Some((last, earlier)) = ivs.split_last()
+            && !last.maybe
             && last.from <= at
             && at < last.to
             && earlier.last().is_none_or(|b| b.reach <= at)
@@ -153,8 +207,8 @@ impl Slot {
         } else {
             ivs.partition_point(|iv| iv.from <= at)
         };
-        let mut first: Option<&Arc<Identity>> = None;
-        let mut others: SmallVec<[&Arc<Identity>; 4]> = SmallVec::new();
+        let mut held: SmallVec<[&Arc<Identity>; 4]> = SmallVec::new();
+        let mut maybe: SmallVec<[&Arc<Identity>; 4]> = SmallVec::new();
         while i > 0 {
             i -= 1;
             let iv = &ivs[i];
@@ -162,28 +216,21 @@ impl Slot {
                 break;
             }
             if iv.to > at {
-                match first {
-                    None => first = Some(&iv.identity),
-                    // The same owner twice (a re-sent tenure) is one owner, not ambiguity.
-                    Some(f) if Arc::ptr_eq(f, &iv.identity) || **f == *iv.identity => {}
-                    Some(_) => {
-                        if !others
-                            .iter()
-                            .any(|o| Arc::ptr_eq(o, &iv.identity) || ***o == *iv.identity)
-                        {
-                            others.push(&iv.identity)
-                        }
-                    }
-                }
+                add_distinct(if iv.maybe { &mut maybe } else { &mut held }, &iv.identity);
             }
         }
-        let first = first?;
-        if others.is_empty() {
-            return Some(Endpoint::exact(Arc::clone(first)));
+        if let [one] = held.as_slice()
+            && maybe.iter().all(|m| same(m, one))
+        {
+            return Some(Endpoint::exact(Arc::clone(one)));
         }
-        let mut owners: SmallVec<[Arc<Identity>; 4]> = SmallVec::new();
-        owners.push(Arc::clone(first));
-        owners.extend(others.into_iter().map(Arc::clone));
+        for m in maybe {
+            add_distinct(&mut held, m);
+        }
+        if held.is_empty() {
+            return None;
+        }
+        let owners: SmallVec<[Arc<Identity>; 4]> = held.into_iter().map(Arc::clone).collect();
         Some(Endpoint::ambiguous(&owners))
     }
 }
@@ -270,38 +317,49 @@ impl<K: NetKey> Family<K> {
 
     /// Who owned `addr` throughout the window `[lo, hi)`: every owner that any time of the
     /// window gets from a point lookup (the most specific prefix with an interval at that time),
-    /// and whether some time of the window gets nobody.
+    /// and whether some time of the window gets nobody. A time that only an uncertain span
+    /// answers has no sure owner, so the window is then ambiguous even with one candidate, as
+    /// a point lookup there would be.
     fn lookup_window(&self, addr: K, lo: u64, hi: u64) -> Endpoint {
         // The parts of the window no more specific prefix has answered yet.
-        let mut open: SmallVec<[(u64, u64); 4]> = SmallVec::new();
+        let mut open: Spans = SmallVec::new();
         open.push((lo, hi));
         let mut owners: SmallVec<[&Arc<Identity>; 4]> = SmallVec::new();
+        let mut only_maybe = false;
         for (len, map) in &self.lens {
             let Some(slot) = map.get(&addr.masked(*len)) else {
                 continue;
             };
-            let mut covered: SmallVec<[(u64, u64); 4]> = SmallVec::new();
+            let mut covered: Spans = SmallVec::new();
+            let mut maybe: Spans = SmallVec::new();
             for iv in slot.meeting(lo, hi) {
                 if !open.iter().any(|&(a, b)| iv.from < b && a < iv.to) {
                     continue;
                 }
-                covered.push((iv.from, iv.to));
-                if !owners
-                    .iter()
-                    .any(|o| Arc::ptr_eq(o, &iv.identity) || ***o == *iv.identity)
-                {
-                    owners.push(&iv.identity);
+                if iv.maybe {
+                    maybe.push((iv.from, iv.to));
+                } else {
+                    covered.push((iv.from, iv.to));
                 }
+                add_distinct(&mut owners, &iv.identity);
             }
-            for (from, to) in covered {
-                open = open
-                    .into_iter()
-                    .flat_map(|(a, b)| {
-                        let left = (a < from.min(b)).then_some((a, from.min(b)));
-                        let right = (to.max(a) < b).then_some((to.max(a), b));
-                        left.into_iter().chain(right)
+            // Times this prefix answers with candidates only.
+            if !maybe.is_empty() {
+                let mut unsure: Spans = open
+                    .iter()
+                    .flat_map(|&(a, b)| {
+                        maybe.iter().filter_map(move |&(f, t)| {
+                            (a.max(f) < b.min(t)).then_some((a.max(f), b.min(t)))
+                        })
                     })
                     .collect();
+                for &span in &covered {
+                    unsure = subtract(unsure, span);
+                }
+                only_maybe |= !unsure.is_empty();
+            }
+            for span in covered.into_iter().chain(maybe) {
+                open = subtract(open, span);
             }
             if open.is_empty() {
                 break;
@@ -310,7 +368,7 @@ impl<K: NetKey> Family<K> {
         match owners.as_slice() {
             // Some time of the window had no owner at any prefix: nobody is one of the answers.
             _ if !open.is_empty() => Endpoint::unknown(),
-            [one] => Endpoint::exact(Arc::clone(one)),
+            [one] if !only_maybe => Endpoint::exact(Arc::clone(one)),
             many => {
                 let many: SmallVec<[Arc<Identity>; 4]> =
                     many.iter().map(|o| Arc::clone(o)).collect();
@@ -419,6 +477,8 @@ pub struct ChangeCounts {
     pub late_opens: u64,
     /// A Close earlier than its interval's start: the interval is dropped (it never held).
     pub inverted_closes: u64,
+    /// Uncertain spans applied (a re-sent one is counted but not held twice).
+    pub uncertain: u64,
     /// A watermark older than the source's previous one: ignored.
     pub watermark_regressions: u64,
     /// A watermark from a source that was never registered: recorded, does not gate.
@@ -554,11 +614,46 @@ impl IdentityIndex {
                     at_ns,
                 );
             }
+            OwnershipChange::Uncertain {
+                source,
+                prefix,
+                identity,
+                from_ns,
+                to_ns,
+                ..
+            } => {
+                self.counts.uncertain += 1;
+                self.uncertain(&source, canonical(prefix), identity, from_ns, to_ns);
+            }
             OwnershipChange::Watermark { source, at_ns } => {
                 self.counts.watermarks += 1;
                 self.watermark(source, at_ns);
             }
         }
+    }
+
+    /// A span `[from, to)` in which `identity` may have held `prefix`: held as a candidate for
+    /// lookups in it (an empty or re-sent span adds nothing).
+    fn uncertain(
+        &mut self,
+        source: &str,
+        prefix: IpNet,
+        identity: Arc<Identity>,
+        from: u64,
+        to: u64,
+    ) {
+        if from >= to
+            || self
+                .slot(prefix)
+                .is_some_and(|slot| slot.has_maybe(from, to, &identity))
+        {
+            return;
+        }
+        let id = self.next_id();
+        let source = self.source_number(source);
+        self.slot_or_insert(prefix)
+            .insert_interval(from, to, id, source, identity, true);
+        self.interval_count += 1;
     }
 
     fn open(&mut self, key: OwnerKey, identity: Arc<Identity>, at: u64) {
@@ -637,7 +732,7 @@ impl IdentityIndex {
             // A tenure of this prefix already ended exactly then: a re-sent Close.
             if self
                 .slot(prefix)
-                .is_some_and(|slot| slot.intervals.iter().any(|iv| iv.to == at))
+                .is_some_and(|slot| slot.intervals.iter().any(|iv| !iv.maybe && iv.to == at))
             {
                 self.count_stale_close();
                 return;
@@ -669,7 +764,7 @@ impl IdentityIndex {
             if slot
                 .intervals
                 .iter()
-                .any(|iv| iv.to == at && *iv.identity == **current)
+                .any(|iv| !iv.maybe && iv.to == at && *iv.identity == **current)
             {
                 self.count_stale_close();
                 return;

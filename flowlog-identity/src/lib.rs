@@ -17,6 +17,14 @@
 //! - [`IdentityIndex::lookup`] answers at the most specific prefix length with an interval
 //!   containing the time (a /32 pod address beats a /16 static range); if two or more *different*
 //!   owners overlap there, the answer is ambiguous and names them all (sorted), never one of them.
+//! - A change known only to within a span (a source that cannot tell when exactly an owner took
+//!   or released a prefix, e.g. from a watch event that arrived late) is an Open dated at the
+//!   span's end or a Close at its start, plus an [`OwnershipChange::Uncertain`] span in which
+//!   the owner *may* have held the prefix. A lookup in a span names the owner as a candidate: it
+//!   is ambiguous (every owner that held or may have held the prefix, sorted) — also when that
+//!   owner is the only candidate (it or nobody) — unless the one owner that surely held the
+//!   prefix is the only candidate. Spans are pruned like closed intervals. A Close dated before
+//!   its Open (both changes fell in one span) leaves no certain tenure, only the spans.
 //! - Odd input is handled, counted ([`ChangeCounts`] and `flowlog_identity_*_total`) and never
 //!   panics: a duplicate Open of an open `(source, owner, prefix)` (a Kubernetes re-list after 410
 //!   Gone re-sends everything) opens no second interval — it keeps the earlier start, or, if the

@@ -64,6 +64,23 @@ fn close(source: &str, owner: &str, prefix: &str, at_ns: u64) -> OwnershipChange
     }
 }
 
+fn uncertain(
+    owner: &str,
+    prefix: &str,
+    identity: &Arc<Identity>,
+    from_ns: u64,
+    to_ns: u64,
+) -> OwnershipChange {
+    OwnershipChange::Uncertain {
+        source: "kubernetes".to_owned(),
+        owner: owner.to_owned(),
+        prefix: net(prefix),
+        identity: Arc::clone(identity),
+        from_ns,
+        to_ns,
+    }
+}
+
 fn watermark(source: &str, at_ns: u64) -> OwnershipChange {
     OwnershipChange::Watermark {
         source: source.to_owned(),
@@ -89,6 +106,70 @@ fn ambiguous(names: &[&str]) -> Endpoint {
         identity: None,
         candidates: names.iter().map(|n| (*n).to_owned()).collect(),
     }
+}
+
+/// A handover known only to within spans (the old owner's release somewhere in 200–201 s, the
+/// new owner's arrival in 200.5–202 s): sure before and after, and in the spans every owner
+/// that may have held the address is named — the old one alone where it was it or nobody.
+#[test]
+fn changes_known_only_to_within_a_span_are_ambiguous_there_and_exact_outside() {
+    let (old, new) = (pod("cart-1"), pod("checkout-7"));
+    let p = "10.1.2.3/32";
+    let changes = vec![
+        open("kubernetes", "pod/a", p, &old, 100 * S),
+        close("kubernetes", "pod/a", p, 200 * S),
+        uncertain("pod/a", p, &old, 200 * S, 201 * S),
+        uncertain("pod/b", p, &new, 200 * S + S / 2, 202 * S),
+        open("kubernetes", "pod/b", p, &new, 202 * S),
+        // Re-sent: held once.
+        uncertain("pod/b", p, &new, 200 * S + S / 2, 202 * S),
+        // A span of the owner that surely holds the address changes nothing.
+        uncertain("pod/b", p, &new, 202 * S, 203 * S),
+    ];
+    let index = index(changes);
+    let a = ip("10.1.2.3");
+    assert_eq!(index.lookup(a, 200 * S - 1), exact(&old));
+    assert_eq!(index.lookup(a, 200 * S), ambiguous(&["shop/cart-1"]));
+    assert_eq!(
+        index.lookup(a, 200 * S + S / 2),
+        ambiguous(&["shop/cart-1", "shop/checkout-7"])
+    );
+    assert_eq!(index.lookup(a, 201 * S), ambiguous(&["shop/checkout-7"]));
+    assert_eq!(
+        index.lookup(a, 202 * S - 1),
+        ambiguous(&["shop/checkout-7"])
+    );
+    assert_eq!(index.lookup(a, 202 * S), exact(&new));
+    assert_eq!(index.lookup(a, 202 * S + S / 2), exact(&new));
+    assert_eq!(index.intervals(), 5, "two tenures, three distinct spans");
+    assert_eq!(index.count_intervals(), 5);
+    assert_eq!(index.counts().uncertain, 4);
+    let mut index = index;
+    assert_eq!(index.prune(201 * S), 2, "the old tenure and its span");
+    assert_eq!(index.lookup(a, 201 * S), ambiguous(&["shop/checkout-7"]));
+}
+
+/// Both changes of a short tenure fell in one span (its Close dated before its Open): it never
+/// surely held, so every lookup in the spans is ambiguous, and outside them unknown.
+#[test]
+fn a_tenure_shorter_than_its_spans_is_only_ever_a_candidate() {
+    let c = pod("batch-3");
+    let p = "10.1.2.4/32";
+    let index = index(vec![
+        uncertain("pod/c", p, &c, 299 * S, 300 * S),
+        open("kubernetes", "pod/c", p, &c, 300 * S),
+        close("kubernetes", "pod/c", p, 299 * S + S / 2),
+        uncertain("pod/c", p, &c, 299 * S + S / 2, 301 * S),
+    ]);
+    let a = ip("10.1.2.4");
+    assert_eq!(index.lookup(a, 299 * S - 1), Endpoint::unknown());
+    assert_eq!(index.lookup(a, 299 * S), ambiguous(&["shop/batch-3"]));
+    assert_eq!(
+        index.lookup(a, 300 * S + S / 2),
+        ambiguous(&["shop/batch-3"])
+    );
+    assert_eq!(index.lookup(a, 301 * S), Endpoint::unknown());
+    assert_eq!(index.open_intervals(), 0);
 }
 
 #[test]
@@ -337,6 +418,42 @@ fn a_skew_window_across_a_change_of_owner_names_both_owners() {
     }
     // A window that starts before the epoch is cut at 0, and nobody owned the address then.
     assert_eq!(index.lookup_around(a, S / 2, skew), Endpoint::unknown());
+}
+
+/// A skew window over a span known only as a candidate's is ambiguous, even with that one
+/// candidate, as a point lookup in the span is; the sure owner's own span changes nothing.
+#[test]
+fn a_skew_window_reaching_an_uncertain_span_is_ambiguous() {
+    let (old, new) = (pod("cart-1"), pod("checkout-7"));
+    let p = "10.1.2.3/32";
+    let index = index(vec![
+        open("kubernetes", "pod/a", p, &old, 100 * S),
+        close("kubernetes", "pod/a", p, 200 * S),
+        uncertain("pod/a", p, &old, 200 * S, 201 * S),
+        uncertain("pod/b", p, &new, 201 * S, 202 * S),
+        open("kubernetes", "pod/b", p, &new, 202 * S),
+        uncertain("pod/b", p, &new, 202 * S, 203 * S),
+    ]);
+    let (a, skew) = (ip("10.1.2.3"), S / 2);
+    // Sure of the old owner throughout, up to its last nanosecond.
+    assert_eq!(
+        index.lookup_around(a, 200 * S - S / 2 - 1, skew),
+        exact(&old)
+    );
+    // The window reaches the old owner's span: one candidate, but not sure.
+    assert_eq!(
+        index.lookup_around(a, 200 * S - S / 2, skew),
+        ambiguous(&["shop/cart-1"])
+    );
+    assert_eq!(
+        index.lookup_around(a, 201 * S, skew),
+        ambiguous(&["shop/cart-1", "shop/checkout-7"])
+    );
+    // Past every span of nobody-sure, the new owner is exact, its own later span included.
+    assert_eq!(index.lookup_around(a, 202 * S + S / 2, skew), exact(&new));
+    for t in [199 * S, 200 * S, 201 * S, 202 * S] {
+        assert_eq!(index.lookup_around(a, t, 0), index.lookup(a, t), "at {t}");
+    }
 }
 
 /// A window that reaches a time when nobody held the address is `unknown` (nobody is one of

@@ -4,7 +4,7 @@
 //! [`KubernetesSource`] implements [`flowlog_identity::InventorySource`] (name `kubernetes`). It
 //! is built from any `kube::Client` ([`KubernetesSource::new`]; tests point one at an HTTP URL)
 //! or from the in-cluster / kubeconfig defaults ([`KubernetesSource::from_default_config`]), with
-//! [`KubernetesSettings`] (label allow-list, watermark period, retry backoff).
+//! [`KubernetesSettings`] (label allow-list, probe interval, watch timeout, retry backoff).
 //!
 //! [`election`] is leader election on a `coordination.k8s.io/v1` Lease, so that one of several
 //! `flowlog-inventory` replicas publishes at a time.
@@ -32,51 +32,52 @@
 //! An object's claim opens when it is first seen making it and closes when it stops: for a pod,
 //! when it reaches a terminal phase (`Succeeded`/`Failed`, even if the object stays), loses its
 //! IP, or is DELETED. A `deletionTimestamp` is a deadline (now + grace period), not the release:
-//! a terminating pod still holds its address. `creationTimestamp` and `startTime` have one
-//! second's precision and precede the IP's assignment, and the objects carry no time for the
-//! assignment or the release, so **the time of every change is its watch event's arrival**
-//! (`now_ns()` on receipt, made non-decreasing). A label change is an Open with the new identity
+//! a terminating pod still holds its address. A label change is an Open with the new identity
 //! (the index splits the tenure there; earlier flows keep the old identity).
 //!
-//! Error bound: an Open is late by the watch delay (assignment → kubelet's status write →
-//! event arrival), so flows in that window are `unknown`, never wrong; a Close is late by the
-//! same delay, so flows in it still go to the old owner — which is right unless the address has
-//! already been handed to a new pod. Could the new owner's interval overlap the old one's, or be
-//! attributed to it? Within one stream, events come in the API server's (etcd's) order and we
-//! stamp them in that order; the old pod's release (terminal status or deletion) is written
-//! before the new pod's status carries the reused address whenever the IPAM's reuse delay exceeds
-//! the kubelet's status-write lag (host-local allocates round-robin through the node's range;
-//! the AWS VPC CNI keeps a released address for 30 s). Then the Close is stamped at or before
-//! the Open, the intervals `[a, c)` `[o, …)` with `c ≤ o` cannot overlap, and only flows
-//! between the real reassignment and our Close of the old owner (empty unless the address is
-//! reused faster than the watch delay) could get the old owner. If the writes ever come the
-//! other way round, the intervals overlap from the Open to the Close and the index answers
-//! `ambiguous` there — never a wrong owner. The churn test reassigns 50 addresses every 200 ms
-//! and counts none misattributed.
+//! # When a change happened: probes, not arrivals
+//! `creationTimestamp` and `startTime` have one second's precision and precede the IP's
+//! assignment, and the objects carry no time for the assignment or the release; a watch event
+//! may arrive late (an API server under load). So every change is dated by **probes**
+//! ([`progress`]): every `probe_interval` each kind gets a consistent LIST with `limit=1`, whose
+//! answer carries the collection's current `resourceVersion` at a known time. A change with
+//! version v happened after the send time of the last probe answered below v, and by the
+//! earlier of its arrival and the answer of the first probe answered at or past v (events that
+//! arrive while a probe sent before them is in flight wait for its answer). An Open is dated at
+//! the span's end (held for sure from then) and a Close at its start, each with an
+//! `OwnershipChange::Uncertain` span over the rest, in which the index names the owner only as
+//! a candidate: flows there come out `ambiguous`, never wrong. A pod given an address that a
+//! terminating pod still holds may have had it since the termination began ([`tracker`]).
+//! The spans are about a probe interval wide, whatever the watch's lag; the churn test
+//! reassigns 50 addresses every 200 ms, also with every watch event 0–1 s late, and counts none
+//! misattributed.
 //!
 //! # Re-lists
-//! After a 410 Gone or a restart of its watch, the `kube` watcher lists again (`Init`,
-//! `InitApply`…, `InitDone`). Each kind's [`tracker::Tracker`] keeps its open claims and buffers
-//! the list: at `InitDone` it closes, at that time, every object that was open and is not listed
-//! (its DELETED event was lost in the gap), then applies the listed objects' differences —
-//! nothing is re-sent for owners still open with the same identity.
+//! After a 410 Gone or a restart, a kind's list/watch loop ([`watch`]: paged consistent lists,
+//! then a watch with bookmarks resumed from the last version, each lasting `watch_timeout`)
+//! lists again (`Init`, `InitApply`…, `InitDone`). Each kind's [`tracker::Tracker`] keeps its
+//! open claims and buffers the list: at `InitDone` it closes every object that was open and is
+//! not listed (its DELETED event was lost in the gap; dated from the last time the stream was
+//! complete to the list), then applies the listed objects' differences — nothing is re-sent for
+//! owners still open with the same identity.
 //!
 //! # Watermarks and failures
-//! Once the first list of every kind is complete, and then every `watermark_interval` while all
-//! four watches are current, a `Watermark{source: "kubernetes", at_ns: now}` is sent. A watch
-//! error (the watcher retries with exponential backoff) or a re-list in progress holds the
-//! watermark until that kind recovers: an event arrives, its re-list completes, or its watch has
-//! gone `recovery_quiet` without a new error (a resumed watch in a quiet cluster says nothing).
-//! Every error counts in `flowlog_identity_source_errors_total{source="kubernetes"}` and a run
-//! of them is logged once with a count; each completed re-list counts in
-//! `flowlog_kubernetes_relists_total{kind}`. The enricher holds flows newer than the
-//! watermark: a stuck watermark is the honest answer while the view may be missing changes, and
-//! changes that happened during an outage are dated when they are seen after it.
+//! The watermark is a time up to which every stream is **known complete**, not the wall clock:
+//! a kind's stream is complete up to the send time of the latest probe whose version it has
+//! delivered (an event or bookmark at or past it; kube-apiserver sends a bookmark 2 s before a
+//! watch's `timeoutSeconds`, which is how a quiet kind catches up), and
+//! `Watermark{source: "kubernetes"}` is the oldest of the four, sent whenever it moves. A lagging
+//! or failing watch holds it back, and the enricher holds flows newer than it. Every error
+//! counts in `flowlog_identity_source_errors_total{source="kubernetes"}` and a run of them is
+//! logged once with a count; each completed re-list counts in
+//! `flowlog_kubernetes_relists_total{kind}`.
 pub mod claims;
 pub mod election;
+pub mod progress;
 pub mod settings;
 pub mod source;
 pub mod tracker;
+pub mod watch;
 
 pub use claims::{Claim, KUBERNETES_SOURCE};
 pub use settings::KubernetesSettings;

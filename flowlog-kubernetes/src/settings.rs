@@ -1,6 +1,7 @@
 //! What can be tuned about the Kubernetes source: which labels travel with identities, how often
-//! the watermark is sent, and how failing watches are retried and judged recovered. Defaults suit
-//! a production cluster; tests shorten the times.
+//! each kind is probed (the precision of change times and the watermark's step), how long each
+//! watch request lasts, and how failing ones are retried. Defaults suit a production cluster;
+//! tests shorten the times.
 use std::time::Duration;
 
 /// Settings of [`crate::KubernetesSource`].
@@ -9,19 +10,21 @@ pub struct KubernetesSettings {
     /// Label keys copied from objects into identities (a label not listed is dropped: labels
     /// end up in every enriched record, so only the ones worth grouping by are kept).
     pub labels: Vec<String>,
-    /// How often a Watermark(now) is sent while every watch is healthy.
-    pub watermark_interval: Duration,
+    /// How often each watched kind is probed: a consistent list of one object, whose answer
+    /// carries the collection's current resourceVersion (see `crate::progress`). A change is
+    /// dated to within the probes around it, so this is the width of the spans in which flows
+    /// come out `ambiguous`, and the step of the watermark. Each probe is one request per kind.
+    pub probe_interval: Duration,
+    /// How long each watch request lasts (`timeoutSeconds`); it is then resumed from the last
+    /// version seen. kube-apiserver sends a bookmark 2 s before a watch's timeout: that is how a
+    /// kind with nothing to say proves that its stream has reached a probe's version, so this
+    /// is also how long such a kind can hold the watermark back. At least 3 s (kube-apiserver
+    /// sends no bookmark in a shorter watch).
+    pub watch_timeout: Duration,
     /// First delay before a failed list or watch is retried; doubled per failure up to
     /// `backoff_max`, and back to this once failures stop for twice `backoff_max`.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
-    /// How long a failed watch must go without a new error to count as recovered when it has
-    /// no event to show for it. A watch that resumes from its resource version says nothing
-    /// until something changes, so in a quiet cluster silence is the only sign of recovery. It
-    /// must exceed `backoff_max` plus the longest a failing request takes to fail (the client's
-    /// 30 s connect timeout against an unreachable server), so that a retry still failing is
-    /// seen first: hence 45 s. In a busy cluster the next event ends the stall sooner.
-    pub recovery_quiet: Duration,
 }
 
 impl Default for KubernetesSettings {
@@ -35,10 +38,10 @@ impl Default for KubernetesSettings {
             ]
             .map(String::from)
             .to_vec(),
-            watermark_interval: Duration::from_secs(1),
+            probe_interval: Duration::from_secs(1),
+            watch_timeout: Duration::from_secs(3),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(10),
-            recovery_quiet: Duration::from_secs(45),
         }
     }
 }

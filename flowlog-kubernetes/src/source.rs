@@ -1,109 +1,95 @@
-//! The Kubernetes inventory source: one task that runs a `kube` watcher per kind (Pods,
-//! Services, Nodes, EndpointSlices; all namespaces), merges their events, turns them into
-//! ownership changes through a [`Tracker`] per kind, and sends watermarks while every watch is
-//! healthy. List/watch mechanics (resource versions, bookmarks, re-lists after 410 Gone) are the
-//! `kube` watcher's; this file decides what the events mean and when the view is complete.
+//! The Kubernetes inventory source: one task that runs a list/watch loop per kind (Pods,
+//! Services, Nodes, EndpointSlices; all namespaces, [`crate::watch`]), merges their messages,
+//! turns them into ownership changes through a [`Tracker`] per kind, probes every kind with a
+//! consistent read every `probe_interval`, and from both knows each kind's [`Progress`]: when
+//! each change happened, and up to when every stream is complete — the watermark.
 use std::{
     collections::HashMap,
-    pin::Pin,
     time::{Duration, Instant},
 };
 
 use flowlog_identity::{
     BoxFuture, FailureLog, InventorySource, OwnershipChange, SourceError, now_ns, send_all,
 };
-use futures::{Stream, StreamExt, stream::SelectAll};
-use k8s_openapi::{
-    api::{
-        core::v1::{Node, Pod, Service},
-        discovery::v1::EndpointSlice,
-    },
-    serde::de::DeserializeOwned,
+use futures::{StreamExt, stream::FuturesUnordered, stream::SelectAll};
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, Service},
+    discovery::v1::EndpointSlice,
 };
-use kube::{
-    Api, Client, Resource,
-    runtime::{
-        WatchStreamExt,
-        utils::Backoff,
-        watcher::{self, Event},
-    },
-};
+use kube::{Client, runtime::utils::Backoff};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     claims::{
-        Claim, KUBERNETES_SOURCE, Place, endpoint_slice_claims, node_claims, node_place,
-        object_key, place_pod, pod_claims, service_claims,
+        Claim, KUBERNETES_SOURCE, endpoint_slice_claims, node_claims, node_place, place_pod,
+        pod_claims, service_claims,
     },
+    progress::{Probe, Progress, Version},
     settings::KubernetesSettings,
     tracker::Tracker,
+    watch::{Msg, MsgStream, Seen, probe, watch},
 };
 
-/// Why the Kubernetes source could not start, or what a failing watch reported.
+/// Why the Kubernetes source could not start, or what a failing list, watch or probe reported.
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesError {
-    #[error(
-        "building a Kubernetes client from the kubeconfig or the in-cluster service account: {0}"
-    )]
+    #[error("building a Kubernetes client from the kubeconfig or the in-cluster service account")]
     Client(#[source] kube::Error),
-    #[error("watching {kind} in all namespaces: {source}")]
+    #[error("listing {kind} in all namespaces")]
+    List {
+        kind: &'static str,
+        source: kube::Error,
+    },
+    #[error("watching {kind} in all namespaces")]
     Watch {
         kind: &'static str,
-        source: watcher::Error,
+        source: kube::Error,
     },
+    #[error("watching {kind} in all namespaces: the server answered {code}: {message}")]
+    WatchStatus {
+        kind: &'static str,
+        code: u16,
+        message: String,
+    },
+    #[error("watching {kind} in all namespaces: nothing for {secs} s, past the watch's timeout")]
+    Silent { kind: &'static str, secs: u64 },
+    #[error("probing {kind} (a consistent list of one object, for its resourceVersion)")]
+    Probe {
+        kind: &'static str,
+        source: kube::Error,
+    },
+    #[error("{kind}: the API server sent no resourceVersion")]
+    NoVersion { kind: &'static str },
 }
 
 /// The watched kinds: the index of each in `KubernetesSource::kinds` and in `Msg`s.
 const KINDS: [&str; 4] = ["pods", "services", "nodes", "endpointslices"];
 const PODS: usize = 0;
+const SERVICES: usize = 1;
 const NODES: usize = 2;
+const ENDPOINT_SLICES: usize = 3;
 
-/// An object as it is now, reduced to what the source uses: its key, its claims, and for a
-/// node, its name and place.
-struct Seen {
-    key: String,
-    claims: Vec<Claim>,
-    place: Option<(String, Place)>,
-}
-
-/// One event of one watched kind, with the kind's claims already computed (so the merged stream
-/// carries no generic object types).
-enum Msg {
-    Init(usize),
-    InitApply(usize, Seen),
-    InitDone(usize),
-    Apply(usize, Seen),
-    Delete(usize, String),
-    Error(usize, watcher::Error),
-}
-
-impl Msg {
-    fn kind(&self) -> usize {
-        match self {
-            Msg::Init(k)
-            | Msg::InitApply(k, _)
-            | Msg::InitDone(k)
-            | Msg::Apply(k, _)
-            | Msg::Delete(k, _)
-            | Msg::Error(k, _) => *k,
-        }
-    }
-}
-
-type MsgStream = Pin<Box<dyn Stream<Item = Msg> + Send>>;
-
-/// The watcher's retry delay: exponential from `backoff_min` to `backoff_max`, back to the
-/// minimum once a failure comes more than twice `backoff_max` after the previous one (the watch
-/// had been working). `StreamBackoff`'s reset on every successful event is ignored on purpose:
-/// a failing list makes the watcher emit `Init` (a success) before each attempt, which would
-/// otherwise hold the delay at its minimum and hammer a struggling API server.
+/// The retry delay of failed lists and watches: exponential from `backoff_min` to
+/// `backoff_max`, back to the minimum once a failure comes more than twice `backoff_max` after
+/// the previous one (the watch had been working).
 #[derive(Debug, Clone)]
-struct Exponential {
+pub(crate) struct Exponential {
     min: Duration,
     max: Duration,
     next: Duration,
     last: Option<Instant>,
+}
+
+impl Exponential {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            next: min,
+            last: None,
+        }
+    }
 }
 
 impl Iterator for Exponential {
@@ -124,80 +110,60 @@ impl Backoff for Exponential {
     fn reset(&mut self) {}
 }
 
-/// A watcher of all objects of `K`, with backoff, mapped to [`Msg`]s of kind `kind`.
-fn watch<K>(
-    client: Client,
-    kind: usize,
-    settings: &KubernetesSettings,
-    claims_of: fn(&K, &KubernetesSettings) -> Vec<Claim>,
-    place_of: fn(&K) -> Option<(String, Place)>,
-) -> MsgStream
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let backoff = Exponential {
-        min: settings.backoff_min,
-        max: settings.backoff_max,
-        next: settings.backoff_min,
-        last: None,
-    };
-    let settings = settings.clone();
-    let api: Api<K> = Api::all(client);
-    let seen = move |o: &K| Seen {
-        key: object_key(o.meta()),
-        claims: claims_of(o, &settings),
-        place: place_of(o),
-    };
-    watcher::watcher(api, watcher::Config::default())
-        .backoff(backoff)
-        .map(move |event| match event {
-            Ok(Event::Init) => Msg::Init(kind),
-            Ok(Event::InitApply(o)) => Msg::InitApply(kind, seen(&o)),
-            Ok(Event::InitDone) => Msg::InitDone(kind),
-            Ok(Event::Apply(o)) => Msg::Apply(kind, seen(&o)),
-            Ok(Event::Delete(o)) => Msg::Delete(kind, object_key(o.meta())),
-            Err(e) => Msg::Error(kind, e),
-        })
-        .boxed()
-}
-
 /// One watched kind's state.
 #[derive(Debug, Default)]
 struct KindState {
     tracker: Tracker,
+    progress: Progress,
     /// A first list has completed.
     listed: bool,
     /// Lists completed (the second and later are re-lists).
     lists: u64,
-    /// When the watch last failed, while it has not recovered.
-    failing_since: Option<Instant>,
+    /// A probe is in flight, started at this time (one at a time, so that answers come in
+    /// the order they were sent).
+    probing: Option<u64>,
+    /// Messages that arrived while a probe sent before them was in flight: held until it is
+    /// answered, because its answer may date their changes more closely (a change the probe
+    /// did not see happened after it was sent). In arrival order.
+    waiting: Vec<Msg>,
 }
 
-impl KindState {
-    /// The kind's view is complete: listed, not re-listing, not failing.
-    fn current(&self) -> bool {
-        self.listed && !self.tracker.relisting() && self.failing_since.is_none()
-    }
-}
+/// A probe's answer: the kind, and (sent, answered, version) or why not.
+type ProbeResult = (usize, Result<(u64, u64, Version), KubernetesError>);
 
 /// Pods, Services, Nodes and EndpointSlices of one cluster as an inventory source. See the
-/// crate documentation for what each kind contributes and the interval rules.
+/// crate documentation for what each kind contributes, the interval rules and the watermark.
 pub struct KubernetesSource {
     client: Client,
     settings: KubernetesSettings,
     kinds: [KindState; 4],
     failures: FailureLog,
-    /// The last time stamped on a change: times are made non-decreasing, so that a step back of
-    /// the wall clock cannot put a Close before the Open that followed it in the stream.
+    /// The last arrival time used: arrivals are made non-decreasing, so that a step back of the
+    /// wall clock cannot date a change before the one ahead of it in the stream.
     last_at: u64,
-    /// Whether the last watermark check found every kind current.
-    healthy: bool,
+    /// The last watermark sent.
+    watermark: Option<u64>,
     /// Each node's place, for its pods' identities. Kept after a node is deleted, so that its
     /// terminating pods' identities do not change under them.
-    places: HashMap<String, Place>,
-    /// Pod events that arrived before the nodes' first list was complete, replayed after it,
+    places: HashMap<String, crate::claims::Place>,
+    /// Pod messages that arrived before the nodes' first list was complete, replayed after it,
     /// so that no pod is first opened without its node's zone and then reopened with it.
     deferred: Vec<Msg>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Msg::Init(_) => "Init",
+            Msg::InitApply(..) => "InitApply",
+            Msg::InitDone(..) => "InitDone",
+            Msg::Apply(..) => "Apply",
+            Msg::Delete(..) => "Delete",
+            Msg::Bookmark(..) => "Bookmark",
+            Msg::Error(..) => "Error",
+        };
+        write!(f, "{name}({})", KINDS[self.kind()])
+    }
 }
 
 impl std::fmt::Debug for KubernetesSource {
@@ -205,7 +171,7 @@ impl std::fmt::Debug for KubernetesSource {
         f.debug_struct("KubernetesSource")
             .field("settings", &self.settings)
             .field("kinds", &self.kinds)
-            .field("healthy", &self.healthy)
+            .field("watermark", &self.watermark)
             .finish_non_exhaustive()
     }
 }
@@ -220,7 +186,7 @@ impl KubernetesSource {
             kinds: Default::default(),
             failures: FailureLog::new(KUBERNETES_SOURCE),
             last_at: 0,
-            healthy: false,
+            watermark: None,
             places: HashMap::new(),
             deferred: Vec::new(),
         }
@@ -237,15 +203,15 @@ impl KubernetesSource {
         Ok(Self::new(client, settings))
     }
 
-    /// The current wall clock, never earlier than a time already sent.
-    fn stamp(&mut self) -> u64 {
-        self.last_at = self.last_at.max(now_ns());
+    /// `at_ns`, never earlier than a time already used.
+    fn monotonic(&mut self, at_ns: u64) -> u64 {
+        self.last_at = self.last_at.max(at_ns);
         self.last_at
     }
 
-    /// A pod's or node's event as the tracker takes it: a node's place remembered, a pod's
+    /// A pod's or node's object as the tracker takes it: a node's place remembered, a pod's
     /// claims placed in its node's zone and region.
-    fn claims(&mut self, kind: usize, seen: Seen) -> (String, Vec<Claim>) {
+    fn claims(&mut self, kind: usize, seen: Seen) -> (String, Vec<Claim>, bool) {
         if let Some((name, place)) = seen.place {
             self.places.insert(name, place);
         }
@@ -254,30 +220,50 @@ impl KubernetesSource {
         } else {
             seen.claims
         };
-        (seen.key, claims)
+        (seen.key, claims, seen.terminating)
     }
 
-    /// Applies one event; returns the changes to send.
+    /// Takes one message from the watches: applied now, or held behind a probe in flight that
+    /// was sent before it arrived (and behind the kind's messages already held). Returns the
+    /// changes to send.
+    fn receive(&mut self, msg: Msg) -> Vec<OwnershipChange> {
+        let state = &mut self.kinds[msg.kind()];
+        let arrived = match &msg {
+            Msg::Apply(_, _, stamp) | Msg::Delete(_, _, stamp) => Some(stamp.arrived_ns),
+            Msg::InitDone(_, listed) => Some(listed.done_ns),
+            _ => None,
+        };
+        let behind_probe = state
+            .probing
+            .zip(arrived)
+            .is_some_and(|(sent, arrived)| sent <= arrived);
+        if !matches!(msg, Msg::Error(..)) && (behind_probe || !state.waiting.is_empty()) {
+            state.waiting.push(msg);
+            return Vec::new();
+        }
+        self.handle(msg)
+    }
+
+    /// Applies one message; returns the changes to send.
     fn handle(&mut self, msg: Msg) -> Vec<OwnershipChange> {
         if msg.kind() == PODS && !self.kinds[NODES].listed {
             self.deferred.push(msg);
             return Vec::new();
         }
-        let at = self.stamp();
         let mut out = Vec::new();
-        let kind = match msg {
-            Msg::Init(k) => {
-                self.kinds[k].tracker.init();
-                k
-            }
+        let kind = msg.kind();
+        match msg {
+            Msg::Init(k) => self.kinds[k].tracker.init(),
             Msg::InitApply(k, seen) => {
-                let (key, claims) = self.claims(k, seen);
-                self.kinds[k].tracker.init_apply(key, claims);
-                k
+                let (key, claims, terminating) = self.claims(k, seen);
+                self.kinds[k].tracker.init_apply(key, claims, terminating);
             }
-            Msg::InitDone(k) => {
+            Msg::InitDone(k, listed) => {
+                let done = self.monotonic(listed.done_ns);
                 let state = &mut self.kinds[k];
-                state.tracker.init_done(at, &mut out);
+                let when = state.progress.when(None, &listed.version, done);
+                state.tracker.init_done(when, &mut out);
+                state.progress.listed(listed.version, listed.sent_ns);
                 state.listed = true;
                 state.lists += 1;
                 if state.lists > 1 {
@@ -289,55 +275,69 @@ impl KubernetesSource {
                     open = state.tracker.open_claims(),
                     "list complete"
                 );
-                k
             }
-            Msg::Apply(k, seen) => {
-                let (key, claims) = self.claims(k, seen);
-                self.kinds[k].tracker.apply(key, claims, at, &mut out);
-                k
+            Msg::Apply(k, seen, stamp) => {
+                let arrived = self.monotonic(stamp.arrived_ns);
+                let (key, claims, terminating) = self.claims(k, seen);
+                let state = &mut self.kinds[k];
+                let when = state.progress.when_event(&stamp.version, arrived);
+                state
+                    .tracker
+                    .apply(key, claims, terminating, when, &mut out);
+                state.progress.deliver(stamp.version);
             }
-            Msg::Delete(k, key) => {
-                self.kinds[k].tracker.delete(&key, at, &mut out);
-                k
+            Msg::Delete(k, key, stamp) => {
+                let arrived = self.monotonic(stamp.arrived_ns);
+                let state = &mut self.kinds[k];
+                let when = state.progress.when_event(&stamp.version, arrived);
+                state.tracker.delete(&key, when, &mut out);
+                state.progress.deliver(stamp.version);
             }
-            Msg::Error(k, source) => {
-                self.kinds[k].failing_since = Some(Instant::now());
-                self.healthy = false;
-                self.failures.failed(&KubernetesError::Watch {
-                    kind: KINDS[k],
-                    source,
-                });
-                return out;
-            }
-        };
-        // Any event is the watch working again.
-        self.kinds[kind].failing_since = None;
+            Msg::Bookmark(k, version) => self.kinds[k].progress.deliver(version),
+            Msg::Error(_, error) => self.failures.failed(&error),
+        }
         if kind == NODES && self.kinds[NODES].listed && !self.deferred.is_empty() {
             for msg in std::mem::take(&mut self.deferred) {
                 out.extend(self.handle(msg));
             }
         }
-        if !self.healthy
-            && let Some(watermark) = self.watermark(at)
-        {
-            out.push(watermark);
+        out
+    }
+
+    /// A probe's answer; then the kind's messages held for it are applied. Returns the changes
+    /// to send.
+    fn probed(&mut self, (kind, result): ProbeResult) -> Vec<OwnershipChange> {
+        let state = &mut self.kinds[kind];
+        state.probing = None;
+        match result {
+            Ok((sent_ns, answered_ns, version)) => state.progress.probed(Probe {
+                sent_ns,
+                answered_ns,
+                version,
+            }),
+            Err(error) => self.failures.failed(&error),
+        }
+        let mut out = Vec::new();
+        for msg in std::mem::take(&mut self.kinds[kind].waiting) {
+            out.extend(self.handle(msg));
         }
         out
     }
 
-    /// A Watermark(at) if every kind is current. A kind that failed and has been quiet for
-    /// `recovery_quiet` is taken to have recovered (its watch resumed with nothing to say).
-    fn watermark(&mut self, at: u64) -> Option<OwnershipChange> {
-        let quiet = self.settings.recovery_quiet;
-        for state in &mut self.kinds {
-            if state.failing_since.is_some_and(|t| t.elapsed() >= quiet) {
-                state.failing_since = None;
+    /// A Watermark if every kind is listed and the oldest of their complete-to times has moved
+    /// on since the last one sent.
+    fn watermark(&mut self) -> Option<OwnershipChange> {
+        let mut at = u64::MAX;
+        for state in &self.kinds {
+            if !state.listed {
+                return None;
             }
+            at = at.min(state.progress.complete_to()?);
         }
-        self.healthy = self.kinds.iter().all(KindState::current);
-        if !self.healthy {
+        if self.watermark.is_some_and(|w| w >= at) {
             return None;
         }
+        self.watermark = Some(at);
         self.failures.succeeded();
         Some(OwnershipChange::Watermark {
             source: KUBERNETES_SOURCE.to_owned(),
@@ -345,13 +345,60 @@ impl KubernetesSource {
         })
     }
 
+    /// Starts a probe of every kind that has none in flight.
+    fn probe_all(&mut self, probes: &mut FuturesUnordered<BoxFuture<'static, ProbeResult>>) {
+        for (kind, state) in self.kinds.iter_mut().enumerate() {
+            if state.probing.is_some() {
+                continue;
+            }
+            state.probing = Some(now_ns());
+            let client = self.client.clone();
+            let name = KINDS[kind];
+            let answer = match kind {
+                PODS => probe::<Pod>(client, name),
+                SERVICES => probe::<Service>(client, name),
+                NODES => probe::<Node>(client, name),
+                _ => probe::<EndpointSlice>(client, name),
+            };
+            probes.push(Box::pin(async move { (kind, answer.await) }));
+        }
+    }
+
     fn streams(&self) -> SelectAll<MsgStream> {
         let (client, settings) = (&self.client, &self.settings);
         futures::stream::select_all([
-            watch::<Pod>(client.clone(), PODS, settings, pod_claims, |_| None),
-            watch::<Service>(client.clone(), 1, settings, service_claims, |_| None),
-            watch::<Node>(client.clone(), NODES, settings, node_claims, node_place),
-            watch::<EndpointSlice>(client.clone(), 3, settings, endpoint_slice_claims, |_| None),
+            watch::<Pod>(
+                client.clone(),
+                PODS,
+                KINDS[PODS],
+                settings,
+                pod_claims,
+                |_| None,
+            ),
+            watch::<Service>(
+                client.clone(),
+                SERVICES,
+                KINDS[SERVICES],
+                settings,
+                service_claims,
+                |_| None,
+            ),
+            watch::<Node>(
+                client.clone(),
+                NODES,
+                KINDS[NODES],
+                settings,
+                node_claims,
+                node_place,
+            ),
+            watch::<EndpointSlice>(
+                client.clone(),
+                ENDPOINT_SLICES,
+                KINDS[ENDPOINT_SLICES],
+                settings,
+                endpoint_slice_claims,
+                |_| None,
+            ),
         ])
     }
 
@@ -361,13 +408,14 @@ impl KubernetesSource {
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
         let mut events = self.streams();
-        let mut ticks = tokio::time::interval(self.settings.watermark_interval);
+        let mut probes = FuturesUnordered::new();
+        let mut ticks = tokio::time::interval(self.settings.probe_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let batch = tokio::select! {
+            let mut batch = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 msg = events.next() => match msg {
-                    Some(msg) => self.handle(msg),
+                    Some(msg) => self.receive(msg),
                     None => {
                         return Err(SourceError::Other {
                             name: KUBERNETES_SOURCE.to_owned(),
@@ -375,11 +423,13 @@ impl KubernetesSource {
                         });
                     }
                 },
+                Some(answer) = probes.next(), if !probes.is_empty() => self.probed(answer),
                 _ = ticks.tick() => {
-                    let at = self.stamp();
-                    self.watermark(at).into_iter().collect()
+                    self.probe_all(&mut probes);
+                    Vec::new()
                 }
             };
+            batch.extend(self.watermark());
             if !send_all(&changes, batch).await {
                 return Ok(());
             }
@@ -406,6 +456,15 @@ mod tests {
     use k8s_openapi::serde_json::{self, json};
 
     use super::*;
+    use crate::{claims::object_key, watch::Listed};
+
+    fn listed(version: u64) -> Listed {
+        Listed {
+            version: Version::Number(version),
+            sent_ns: 1,
+            done_ns: 2,
+        }
+    }
 
     fn seen_pod(settings: &KubernetesSettings) -> Seen {
         let pod: Pod = serde_json::from_value(json!({
@@ -417,6 +476,7 @@ mod tests {
         Seen {
             key: object_key(&pod.metadata),
             claims: pod_claims(&pod, settings),
+            terminating: false,
             place: None,
         }
     }
@@ -431,6 +491,7 @@ mod tests {
         Seen {
             key: object_key(&node.metadata),
             claims: node_claims(&node, settings),
+            terminating: false,
             place: node_place(&node),
         }
     }
@@ -445,11 +506,11 @@ mod tests {
         let mut out = Vec::new();
         out.extend(source.handle(Msg::Init(PODS)));
         out.extend(source.handle(Msg::InitApply(PODS, seen_pod(&settings))));
-        out.extend(source.handle(Msg::InitDone(PODS)));
+        out.extend(source.handle(Msg::InitDone(PODS, listed(5))));
         assert_eq!(out, []);
         out.extend(source.handle(Msg::Init(NODES)));
         out.extend(source.handle(Msg::InitApply(NODES, seen_node(&settings))));
-        out.extend(source.handle(Msg::InitDone(NODES)));
+        out.extend(source.handle(Msg::InitDone(NODES, listed(6))));
         let opened: Vec<(String, Option<String>)> = out
             .iter()
             .map(|c| match c {

@@ -5,7 +5,7 @@ mod lease;
 
 use serde_json::{Value, json};
 
-pub use apiserver::{ApiCall, ApiServer, Kind};
+pub use apiserver::{ApiCall, ApiServer, Kind, WatchLag};
 
 /// A pod as the API server has it. `ip: None` is a pod without an address yet.
 pub struct PodSpec<'a> {

@@ -178,6 +178,8 @@ pub fn decode(messages: &[rdkafka::message::OwnedMessage]) -> (Tenures, BTreeSet
             Some("watermark") => {
                 watermarks.insert(record["source"].as_str().unwrap().to_string());
             }
+            // A span in which an owner may have held an address: not a tenure.
+            Some("uncertain") => {}
             other => panic!("unexpected record type {other:?}"),
         }
     }

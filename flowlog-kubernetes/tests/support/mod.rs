@@ -15,10 +15,9 @@ use flowlog_testkit::kubernetes::ApiServer;
 /// Settings with short times, so that failures and recoveries show within a test.
 pub fn fast_settings() -> KubernetesSettings {
     KubernetesSettings {
-        watermark_interval: Duration::from_millis(100),
+        probe_interval: Duration::from_millis(100),
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(200),
-        recovery_quiet: Duration::from_secs(1),
         ..KubernetesSettings::default()
     }
 }
@@ -67,13 +66,14 @@ impl Collector {
         change
     }
 
-    /// Receives until `n` more Opens or Closes have come; returns them (watermarks skipped).
+    /// Receives until `n` more Opens or Closes have come; returns them (watermarks and
+    /// uncertain spans skipped: `all` keeps them).
     pub async fn changes(&mut self, n: usize) -> Vec<OwnershipChange> {
         let since = tokio::time::Instant::now();
         let mut got = Vec::new();
         while got.len() < n {
             let change = self.next(since, &format!("{n} changes")).await;
-            if !matches!(change, OwnershipChange::Watermark { .. }) {
+            if is_tenure_change(&change) {
                 got.push(change);
             }
         }
@@ -89,7 +89,8 @@ impl Collector {
         loop {
             match self.next(since, "the first watermark").await {
                 OwnershipChange::Watermark { .. } => return got,
-                change => got.push(change),
+                change if is_tenure_change(&change) => got.push(change),
+                _ => {}
             }
         }
     }
@@ -106,6 +107,57 @@ impl Collector {
                 OwnershipChange::Watermark { .. } => {}
                 other => panic!("expected only watermarks, got {other:?}"),
             }
+        }
+    }
+
+    /// Receives until a watermark at or after `at_ns` comes; returns its time and the Opens and
+    /// Closes that came before it.
+    pub async fn changes_until_watermark(&mut self, at_ns: u64) -> (u64, Vec<OwnershipChange>) {
+        let since = tokio::time::Instant::now();
+        let mut got = Vec::new();
+        loop {
+            match self
+                .next(since, &format!("a watermark after {at_ns}"))
+                .await
+            {
+                OwnershipChange::Watermark { at_ns: w, .. } if w >= at_ns => return (w, got),
+                change if is_tenure_change(&change) => got.push(change),
+                _ => {}
+            }
+        }
+    }
+
+    /// The uncertain span of `owner` sent with one of its changes at `at_ns`: an Open's (sent
+    /// before it, ending at its time: the owner may have held the address since the span's
+    /// start) or a Close's (sent after it, starting at its time: it may have held the address
+    /// until the span's end). Receives until it has come.
+    pub async fn span_at(&mut self, owner: &str, at_ns: u64) -> (u64, u64) {
+        let since = tokio::time::Instant::now();
+        let mut after_close = false;
+        let mut seen = 0;
+        loop {
+            while seen < self.all.len() {
+                match &self.all[seen] {
+                    OwnershipChange::Close {
+                        owner: o, at_ns: a, ..
+                    } if o == owner && *a == at_ns => after_close = true,
+                    OwnershipChange::Uncertain {
+                        owner: o,
+                        from_ns,
+                        to_ns,
+                        ..
+                    } if o == owner
+                        && ((after_close && *from_ns == at_ns)
+                            || (!after_close && *to_ns == at_ns)) =>
+                    {
+                        return (*from_ns, *to_ns);
+                    }
+                    _ => {}
+                }
+                seen += 1;
+            }
+            self.next(since, &format!("a span of {owner} at {at_ns}"))
+                .await;
         }
     }
 
@@ -136,6 +188,14 @@ impl Drop for Collector {
     }
 }
 
+/// An Open or a Close (not a watermark or an uncertain span).
+pub fn is_tenure_change(change: &OwnershipChange) -> bool {
+    matches!(
+        change,
+        OwnershipChange::Open { .. } | OwnershipChange::Close { .. }
+    )
+}
+
 /// `open <owner> <name>` / `close <owner>`: a change in a form that compares exactly.
 pub fn brief(change: &OwnershipChange) -> String {
     match change {
@@ -146,6 +206,7 @@ pub fn brief(change: &OwnershipChange) -> String {
             ..
         } => format!("open {owner} {prefix} {}", identity.display_name()),
         OwnershipChange::Close { owner, prefix, .. } => format!("close {owner} {prefix}"),
+        OwnershipChange::Uncertain { owner, prefix, .. } => format!("maybe {owner} {prefix}"),
         OwnershipChange::Watermark { .. } => "watermark".to_owned(),
     }
 }

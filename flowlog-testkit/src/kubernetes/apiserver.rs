@@ -1,21 +1,27 @@
 //! A small Kubernetes list/watch API server for tests: it serves real object JSON for Pods,
 //! Services, Nodes and EndpointSlices (all namespaces) the way kube-apiserver does, so that the
-//! `kube` client and its watcher run unchanged over HTTP: lists carry `metadata.resourceVersion`;
+//! `kube` client and its watcher run unchanged over HTTP: lists carry `metadata.resourceVersion`
+//! (the cluster's current one, as a consistent read does), and with `?limit=N` a page of N objects,
+//! `metadata.continue` and `remainingItemCount`, the next pages served from the same snapshot;
 //! `?watch=true&resourceVersion=N` streams newline-delimited `{"type":…,"object":…}` events after
-//! N, then a BOOKMARK, then live events; a watch from a version older than what is kept gets an
-//! `ERROR` event with a `Status` of code 410 (Gone), which makes the watcher re-list. The test
-//! drives it: objects are added, modified and deleted at moments it controls, watches can be cut
-//! with history compacted (so events are lost and a re-list must find out), and every request
-//! can be made to fail.
+//! N, then a BOOKMARK, then live events; with `timeoutSeconds` the watch ends at its deadline,
+//! with one more BOOKMARK 2 s before it (and one a minute), as kube-apiserver's watch cache sends
+//! them; a watch from a version older than what is kept gets an `ERROR` event with a `Status` of
+//! code 410 (Gone), which makes the watcher re-list. The test drives it: objects are added,
+//! modified and deleted at moments it controls, watches can be cut with history compacted (so
+//! events are lost and a re-list must find out), every request can be made to fail, and watch
+//! streams can lag ([`WatchLag`]: each message held back a random time, in order — an API server
+//! under load).
 //!
 //! It also serves namespaced `coordination.k8s.io/v1` Leases for leader election (get, create,
 //! update with optimistic concurrency: see [`lease`]), and records every request as the RBAC
 //! authorizer sees it ([`ApiCall`], [`ApiServer::calls`]), so a test can compare what a client did
 //! with what a Role grants.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     convert::Infallible,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use axum::{
@@ -26,11 +32,12 @@ use axum::{
     response::{IntoResponse, Response},
     serve::ListenerExt,
 };
+use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
+use tokio::{sync::mpsc, time::Instant};
 
 use super::lease;
 use crate::now_ns;
-use tokio::sync::mpsc;
 
 /// The collections served, by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -70,22 +77,95 @@ impl Kind {
     }
 }
 
+/// How late the server delivers what it writes to watch streams: an API server under load,
+/// whose watch events reach clients late. Each stream is delayed on its own and stays in order
+/// (a message is never sent before the one ahead of it, so one long delay holds back
+/// everything behind it); lists are answered at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WatchLag {
+    /// Every message is sent as soon as it exists.
+    #[default]
+    None,
+    /// Each message is held a random time, uniform in `0..=max`.
+    Random { max: Duration },
+    /// Messages written during a burst — the first `length` of every `every`, counted from
+    /// [`ApiServer::set_watch_lag`] — are held a random time in `0..=max`; the others are not
+    /// held (but still wait for the ones ahead of them).
+    Bursts {
+        every: Duration,
+        length: Duration,
+        max: Duration,
+    },
+}
+
+/// One open watch stream: where its messages go, each with the instant it may be sent.
+struct Watcher {
+    tx: mpsc::UnboundedSender<(Instant, Bytes)>,
+}
+
 #[derive(Default)]
 struct Collection {
-    /// `namespace/name` → object.
-    objects: BTreeMap<String, Value>,
+    /// `namespace/name` → object (shared with list snapshots, so that a page costs no copy).
+    objects: BTreeMap<String, Arc<Value>>,
     /// Events kept for watches that resume: (resourceVersion, JSON line).
     events: Vec<(u64, Bytes)>,
     /// Events up to this version were dropped: a watch from before it gets 410 Gone.
     compacted: u64,
-    watchers: Vec<mpsc::UnboundedSender<Bytes>>,
+    watchers: Vec<Watcher>,
 }
 
-impl Collection {
-    fn broadcast(&mut self, line: &Bytes) {
-        self.watchers.retain(|w| w.send(line.clone()).is_ok());
+/// The lag mode and its random numbers (seeded: a run can be repeated).
+struct Lag {
+    mode: WatchLag,
+    since: Instant,
+    rng: StdRng,
+}
+
+impl Default for Lag {
+    fn default() -> Self {
+        Self {
+            mode: WatchLag::None,
+            since: Instant::now(),
+            rng: StdRng::seed_from_u64(0),
+        }
     }
 }
+
+impl Lag {
+    /// How long to hold a message written now.
+    fn delay(&mut self) -> Duration {
+        let max = match self.mode {
+            WatchLag::None => return Duration::ZERO,
+            WatchLag::Random { max } => max,
+            WatchLag::Bursts { every, length, max } => {
+                let into = self.since.elapsed().as_nanos() % every.as_nanos().max(1);
+                if into >= length.as_nanos() {
+                    return Duration::ZERO;
+                }
+                max
+            }
+        };
+        Duration::from_nanos(self.rng.random_range(0..=max.as_nanos() as u64))
+    }
+}
+
+/// Sends `line` to every watcher of `collection`, each held by its own lag.
+fn broadcast(collection: &mut Collection, lag: &mut Lag, line: &Bytes) {
+    collection.watchers.retain(|w| {
+        w.tx.send((Instant::now() + lag.delay(), line.clone()))
+            .is_ok()
+    });
+}
+
+/// A list's remaining pages: the objects as of the first page, after the ones already sent.
+struct Snapshot {
+    rv: u64,
+    rest: VecDeque<Arc<Value>>,
+}
+
+/// List snapshots kept for continue tokens at most; an older token is answered 410 Expired,
+/// as kube-apiserver answers a token whose version was compacted.
+const SNAPSHOTS: usize = 64;
 
 #[derive(Default)]
 pub(super) struct Inner {
@@ -98,6 +178,10 @@ pub(super) struct Inner {
     /// Watches answered 410 Gone.
     gone: u64,
     collections: BTreeMap<Kind, Collection>,
+    lag: Lag,
+    /// Continue tokens of paged lists → what is left to send (oldest first).
+    snapshots: VecDeque<(String, Snapshot)>,
+    next_snapshot: u64,
     /// Leases by `(namespace, name)`.
     pub(super) leases: BTreeMap<(String, String), Value>,
     /// Every request, as the authorizer sees it.
@@ -240,7 +324,10 @@ impl ApiServer {
         object["apiVersion"] = json!(kind.api_version());
         object["kind"] = json!(kind.kind());
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let collection = inner.collections.entry(kind).or_default();
+        let Inner {
+            collections, lag, ..
+        } = &mut *inner;
+        let collection = collections.entry(kind).or_default();
         let key = key_of(&object);
         let kind_of_event = if collection.objects.contains_key(&key) {
             "MODIFIED"
@@ -248,9 +335,9 @@ impl ApiServer {
             "ADDED"
         };
         let event = line(&json!({"type": kind_of_event, "object": object}));
-        collection.objects.insert(key, object);
+        collection.objects.insert(key, Arc::new(object));
         collection.events.push((rv, event.clone()));
-        collection.broadcast(&event);
+        broadcast(collection, lag, &event);
         at
     }
 
@@ -260,15 +347,19 @@ impl ApiServer {
         let at = now_ns();
         inner.rv += 1;
         let rv = inner.rv;
-        let collection = inner.collections.entry(kind).or_default();
-        let mut object = collection
+        let Inner {
+            collections, lag, ..
+        } = &mut *inner;
+        let collection = collections.entry(kind).or_default();
+        let object = collection
             .objects
             .remove(&format!("{namespace}/{name}"))
             .expect("deleting an object that exists");
+        let mut object = Arc::unwrap_or_clone(object);
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         let event = line(&json!({"type": "DELETED", "object": object}));
         collection.events.push((rv, event.clone()));
-        collection.broadcast(&event);
+        broadcast(collection, lag, &event);
         at
     }
 
@@ -314,6 +405,22 @@ impl ApiServer {
         }
     }
 
+    /// From now on, watch streams lag as `lag` says (messages already queued keep their time);
+    /// `seed` makes the random delays repeatable.
+    pub fn set_watch_lag(&self, lag: WatchLag, seed: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.lag = Lag {
+            mode: lag,
+            since: Instant::now(),
+            rng: StdRng::seed_from_u64(seed),
+        };
+    }
+
+    /// The cluster's current resourceVersion (what a consistent list answers now).
+    pub fn resource_version(&self) -> u64 {
+        self.inner.lock().unwrap().rv
+    }
+
     /// Watches answered 410 Gone so far.
     pub fn gone_responses(&self) -> u64 {
         self.inner.lock().unwrap().gone
@@ -350,7 +457,7 @@ pub(super) fn json_response(code: StatusCode, value: &Value) -> Response {
 }
 
 async fn handle(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    State(state): State<Arc<Mutex<Inner>>>,
     method: Method,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
@@ -358,7 +465,7 @@ async fn handle(
 ) -> Response {
     let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
     let call = ApiCall::of(&method, uri.path(), watch);
-    let mut inner = inner.lock().unwrap();
+    let mut inner = state.lock().unwrap();
     // The authorizer sees every request, whatever its answer.
     inner.calls.insert(call.clone());
     if inner.failing {
@@ -390,59 +497,199 @@ async fn handle(
         );
     }
     let current = inner.rv;
-    let mut gone_count = 0;
-    let collection = inner.collections.entry(kind).or_default();
     if watch {
-        let from: u64 = query
-            .get("resourceVersion")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(current);
-        let (tx, rx) = mpsc::unbounded_channel();
-        if from < collection.compacted {
-            gone_count = 1;
-            let gone = status(
-                410,
-                "Expired",
-                &format!(
-                    "too old resource version: {from} ({})",
-                    collection.compacted
-                ),
-            );
-            tx.send(line(&json!({"type": "ERROR", "object": gone})))
-                .unwrap();
-        } else {
-            for (_, event) in collection.events.iter().filter(|(rv, _)| *rv > from) {
-                tx.send(event.clone()).unwrap();
-            }
-            if query
-                .get("allowWatchBookmarks")
-                .is_some_and(|b| b == "true")
-            {
-                let bookmark = json!({"type": "BOOKMARK", "object": {
-                    "apiVersion": kind.api_version(), "kind": kind.kind(),
-                    "metadata": {"resourceVersion": current.to_string()},
-                }});
-                tx.send(line(&bookmark)).unwrap();
-            }
-            collection.watchers.push(tx);
-        }
-        inner.gone += gone_count;
-        let body = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-        });
-        return Response::builder()
-            .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from_stream(body))
-            .unwrap();
+        return watch_response(&state, &mut inner, kind, &query, current);
     }
-    let items: Vec<Value> = collection.objects.values().cloned().collect();
+    list_response(&mut inner, kind, &query, current)
+}
+
+/// A query parameter parsed as a number; absent or unparseable is `None` (as kube-apiserver,
+/// which rejects some of these with 400; clients here never send bad ones).
+fn number(query: &HashMap<String, String>, name: &str) -> Option<u64> {
+    query.get(name).and_then(|v| v.parse().ok())
+}
+
+/// `?watch=true`: replays events after `resourceVersion`, a BOOKMARK, then live events; ends at
+/// `timeoutSeconds`, with a BOOKMARK 2 s before (and one every minute), as kube-apiserver's watch
+/// cache does. Everything written to the stream goes through its lag.
+fn watch_response(
+    state: &Arc<Mutex<Inner>>,
+    inner: &mut Inner,
+    kind: Kind,
+    query: &HashMap<String, String>,
+    current: u64,
+) -> Response {
+    let from = number(query, "resourceVersion").unwrap_or(current);
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
+    let deadline = number(query, "timeoutSeconds")
+        .filter(|&t| t > 0)
+        .map(|t| Instant::now() + Duration::from_secs(t));
+    let (tx, rx) = mpsc::unbounded_channel::<(Instant, Bytes)>();
+    let Inner {
+        collections,
+        lag,
+        gone: gone_responses,
+        ..
+    } = inner;
+    let collection = collections.entry(kind).or_default();
+    let mut send = |line: Bytes| {
+        let _ = tx.send((Instant::now() + lag.delay(), line));
+    };
+    if from < collection.compacted {
+        *gone_responses += 1;
+        let gone = status(
+            410,
+            "Expired",
+            &format!(
+                "too old resource version: {from} ({})",
+                collection.compacted
+            ),
+        );
+        send(line(&json!({"type": "ERROR", "object": gone})));
+    } else {
+        for (_, event) in collection.events.iter().filter(|(rv, _)| *rv > from) {
+            send(event.clone());
+        }
+        if bookmarks {
+            send(bookmark(kind, current));
+            tokio::spawn(timed_bookmarks(
+                Arc::clone(state),
+                kind,
+                tx.downgrade(),
+                deadline,
+            ));
+        }
+        collection.watchers.push(Watcher { tx });
+    }
+    // Each message waits for its time (and so for every message ahead of it); the stream ends
+    // at the deadline, dropping what is still queued (the client resumes from what it saw).
+    let body = futures::stream::unfold(rx, move |mut rx| async move {
+        let next = async {
+            let (due, line) = rx.recv().await?;
+            tokio::time::sleep_until(due).await;
+            Some(line)
+        };
+        let line = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, next).await.ok()??,
+            None => next.await?,
+        };
+        Some((Ok::<_, Infallible>(line), rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(body))
+        .unwrap()
+}
+
+/// A BOOKMARK at `rv` for a watch of `kind`.
+fn bookmark(kind: Kind, rv: u64) -> Bytes {
+    line(&json!({"type": "BOOKMARK", "object": {
+        "apiVersion": kind.api_version(), "kind": kind.kind(),
+        "metadata": {"resourceVersion": rv.to_string()},
+    }}))
+}
+
+/// kube-apiserver's periodic bookmarks (`cacheWatcher.nextBookmarkTime`): the next one at the
+/// earlier of a minute from now and 2 s before the watch's deadline, none once that is past.
+/// Each carries the version current when it is sent, after every event written before it. The
+/// sender is weak: a watch cut by the server (its watcher dropped) ends at once.
+async fn timed_bookmarks(
+    state: Arc<Mutex<Inner>>,
+    kind: Kind,
+    tx: mpsc::WeakUnboundedSender<(Instant, Bytes)>,
+    deadline: Option<Instant>,
+) {
+    const EVERY: Duration = Duration::from_secs(60);
+    loop {
+        let now = Instant::now();
+        let (at, last) = match deadline.map(|d| d.checked_sub(Duration::from_secs(2))) {
+            None => (now + EVERY, false),
+            Some(Some(pre)) if pre >= now => match pre <= now + EVERY {
+                true => (pre, true),
+                false => (now + EVERY, false),
+            },
+            Some(_) => return,
+        };
+        tokio::time::sleep_until(at).await;
+        {
+            let mut inner = state.lock().unwrap();
+            let Some(tx) = tx.upgrade() else { return };
+            let rv = inner.rv;
+            let due = Instant::now() + inner.lag.delay();
+            if tx.send((due, bookmark(kind, rv))).is_err() {
+                return;
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// A list: every object (consistent, at the current version), or with `limit` a page of them
+/// and a `continue` token whose next pages come from the same snapshot.
+fn list_response(
+    inner: &mut Inner,
+    kind: Kind,
+    query: &HashMap<String, String>,
+    current: u64,
+) -> Response {
+    let limit = number(query, "limit")
+        .filter(|&l| l > 0)
+        .map(|l| l as usize);
+    let (rv, mut rest) = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let Some(pos) = inner.snapshots.iter().position(|(t, _)| t == token) else {
+                return json_response(
+                    StatusCode::GONE,
+                    &status(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent \
+                         list result. You can start a new list without the continue parameter.",
+                    ),
+                );
+            };
+            let (_, snapshot) = inner.snapshots.remove(pos).expect("found");
+            (snapshot.rv, snapshot.rest)
+        }
+        None => (
+            current,
+            inner
+                .collections
+                .entry(kind)
+                .or_default()
+                .objects
+                .values()
+                .cloned()
+                .collect(),
+        ),
+    };
+    let page: Vec<Arc<Value>> = match limit {
+        Some(limit) => rest.drain(..limit.min(rest.len())).collect(),
+        None => rest.drain(..).collect(),
+    };
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if !rest.is_empty() {
+        inner.next_snapshot += 1;
+        let token = format!("{}-{}-{}", kind.kind(), rv, inner.next_snapshot);
+        metadata["continue"] = json!(token);
+        metadata["remainingItemCount"] = json!(rest.len());
+        if inner.snapshots.len() == SNAPSHOTS {
+            inner.snapshots.pop_front();
+        }
+        inner.snapshots.push_back((token, Snapshot { rv, rest }));
+    }
+    let items: Vec<&Value> = page.iter().map(|o| o.as_ref()).collect();
     json_response(
         StatusCode::OK,
         &json!({
             "apiVersion": kind.api_version(),
             "kind": format!("{}List", kind.kind()),
-            "metadata": {"resourceVersion": current.to_string()},
+            "metadata": metadata,
             "items": items,
         }),
     )

@@ -2,8 +2,9 @@
 //! and its smaller twin in the enricher's tests: pod addresses handed from pod to pod on the
 //! list/watch server ([`crate::kubernetes`]), and flows whose start times sit right where
 //! attribution goes wrong — just after a pod got its address, just before it gave it up, in the
-//! gap between two owners, and across a reassignment. [`score`] counts a lookup's answers
-//! against the truth.
+//! gap between two owners, across a reassignment, and (with [`Shape::near`]) within a few
+//! milliseconds either side of an open or a close. [`score`] counts a lookup's answers against
+//! the truth.
 //!
 //! Everything runs on one thread from a schedule of timed actions. The ground truth is what the
 //! API server did and when (the times [`ApiServer::apply`] and [`ApiServer::delete`] return,
@@ -45,14 +46,21 @@ pub enum Placement {
     InGap,
     /// Started during one tenure, ended seconds after the next pod got the address.
     AcrossReassignment,
+    /// Within [`Shape::near`] either side of a pod getting the address (before it: in the gap,
+    /// or before the first owner).
+    NearOpen,
+    /// Within [`Shape::near`] either side of a pod giving the address up.
+    NearClose,
 }
 
 impl Placement {
-    pub const ALL: [Placement; 4] = [
+    pub const ALL: [Placement; 6] = [
         Placement::AfterOpen,
         Placement::BeforeClose,
         Placement::InGap,
         Placement::AcrossReassignment,
+        Placement::NearOpen,
+        Placement::NearClose,
     ];
 
     pub fn describe(self) -> &'static str {
@@ -63,6 +71,8 @@ impl Placement {
             Placement::AcrossReassignment => {
                 "long-lived: starts mid-tenure, ends after the next pod got the address"
             }
+            Placement::NearOpen => "starts within `near` either side of a pod getting the address",
+            Placement::NearClose => "starts within `near` either side of a pod giving it up",
         }
     }
 }
@@ -79,6 +89,11 @@ pub struct Shape {
     pub gap: Range<Duration>,
     /// How far from an open or close the "just after" / "just before" flows start.
     pub offset: Range<Duration>,
+    /// How far either side of an open or a close the [`Placement::NearOpen`] and
+    /// [`Placement::NearClose`] flows start (uniform in `0..near`, either side with equal
+    /// chance); zero plans none. Keep it below the shortest gap, so that "before an open" is
+    /// in the gap.
+    pub near: Duration,
     /// From a flow's end to its record reaching the enricher's topic (the agent's batching).
     pub export_delay: Duration,
     pub seed: u64,
@@ -202,6 +217,18 @@ impl<'a> Scenario<'a> {
         } else {
             self.rng.random_range(lo..hi)
         }
+    }
+
+    /// A start time within [`Shape::near`] either side of `at_ns`, or None if `near` is zero.
+    fn near(&mut self, at_ns: u64) -> Option<u64> {
+        if self.shape.near.is_zero() {
+            return None;
+        }
+        let by = self.between(&(Duration::ZERO..self.shape.near));
+        Some(match self.rng.random_bool(0.5) {
+            true => at_ns + by,
+            false => at_ns - by,
+        })
     }
 
     /// Plans a flow to `address` from `start_ns` for `duration_ns`; its record is produced
@@ -333,6 +360,10 @@ impl<'a> Scenario<'a> {
         let offset = self.between(&self.shape.offset.clone());
         let duration = self.between(&SHORT);
         self.flow(address, Placement::AfterOpen, from_ns + offset, duration);
+        if let Some(start) = self.near(from_ns) {
+            let duration = self.between(&SHORT);
+            self.flow(address, Placement::NearOpen, start, duration);
+        }
         // The close, the gap and the flows around them are planned now, so that each flow's
         // record is exported when it would be — a flow that ends before the close is exported
         // before it, as an agent would. The truth is still what the server did and when.
@@ -346,6 +377,10 @@ impl<'a> Scenario<'a> {
         let duration = self.between(&SHORT);
         self.flow(address, Placement::BeforeClose, close_at - offset, duration);
         self.flow(address, Placement::InGap, close_at + gap_ns / 2, 2 * MS);
+        if let Some(start) = self.near(close_at) {
+            let duration = self.between(&SHORT);
+            self.flow(address, Placement::NearClose, start, duration);
+        }
         let mid = from_ns + (close_at - from_ns) / 2;
         let after_next = self.between(&(Duration::from_millis(500)..Duration::from_secs(2)));
         self.flow(

@@ -53,11 +53,14 @@ pub struct Score {
     pub ambiguous: u64,
     /// `Unknown` for an address that a pod did hold.
     pub unknown: u64,
+    /// Flows whose address had an owner at their start (those that can come out `unknown`).
+    pub owned: u64,
 }
 
 impl Score {
     pub fn add(&mut self, truth: Option<&str>, answer: &Answer) {
         self.flows += 1;
+        self.owned += u64::from(truth.is_some());
         if answer.is_right(truth) {
             self.correct += 1;
             return;
@@ -76,6 +79,7 @@ impl Score {
         self.misattributed += other.misattributed;
         self.ambiguous += other.ambiguous;
         self.unknown += other.unknown;
+        self.owned += other.owned;
     }
 }
 
@@ -113,11 +117,7 @@ impl Tally {
 
     /// Flows whose address had an owner at their start (those that can come out `unknown`).
     pub fn owned_flows(&self) -> u64 {
-        self.by_placement
-            .iter()
-            .filter(|(p, _)| **p != Placement::InGap)
-            .map(|(_, s)| s[FLOWLOG].flows)
-            .sum()
+        self.total(FLOWLOG).owned
     }
 }
 

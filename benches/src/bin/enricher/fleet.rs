@@ -41,12 +41,18 @@ impl Fleet {
     fn internet_addr(i: u32) -> Ipv4Addr {
         const FIRST: [u8; 8] = [3, 13, 18, 34, 35, 52, 104, 151];
         let h = i.wrapping_mul(0x9e37_79b9);
-        Ipv4Addr::new(FIRST[(i % 8) as usize], (h >> 8) as u8, (h >> 16) as u8, h as u8)
+        Ipv4Addr::new(
+            FIRST[(i % 8) as usize],
+            (h >> 8) as u8,
+            (h >> 16) as u8,
+            h as u8,
+        )
     }
 
     /// The static inventory (`--static`): every host, pod and service by its own address.
     pub fn static_inventory(&self) -> String {
-        let mut toml = String::with_capacity(200 * (self.hosts + self.pods + self.services) as usize);
+        let mut toml =
+            String::with_capacity(200 * (self.hosts + self.pods + self.services) as usize);
         for i in 0..self.hosts {
             let _ = writeln!(
                 toml,
@@ -102,7 +108,10 @@ impl Fleet {
                 Self::service_addr((rng.next() % u64::from(self.services)) as u32),
                 [80, 443, 6379, 9092][(rng.next() % 4) as usize],
             ),
-            85..=94 => (Self::host_addr((rng.next() % u64::from(self.hosts)) as u32), 10250),
+            85..=94 => (
+                Self::host_addr((rng.next() % u64::from(self.hosts)) as u32),
+                10250,
+            ),
             _ => (
                 Self::internet_addr((rng.next() % u64::from(self.internet)) as u32),
                 443,
@@ -116,8 +125,16 @@ impl Fleet {
         let established = outcome != Outcome::Failed;
         let duration = 200_000 + rng.next() % 30_000_000_000 >> (rng.next() % 12);
         let end_ns = now_ns - rng.next() % span_ns;
-        let sent = if established { 1 << (rng.next() % 20) } else { 0 };
-        let received = if established { 1 << (rng.next() % 24) } else { 0 };
+        let sent = if established {
+            1 << (rng.next() % 20)
+        } else {
+            0
+        };
+        let received = if established {
+            1 << (rng.next() % 24)
+        } else {
+            0
+        };
         let inbound = rng.next() % 3 == 0;
         FlowRecord {
             // A base per host plus a counter, as the agent draws them.
@@ -128,10 +145,22 @@ impl Fleet {
             end_ns,
             family: Family::Ipv4,
             local_addr: IpAddr::V4(local),
-            local_port: if inbound { remote_port } else { 32_768 + (rng.next() % 28_000) as u16 },
+            local_port: if inbound {
+                remote_port
+            } else {
+                32_768 + (rng.next() % 28_000) as u16
+            },
             remote_addr: IpAddr::V4(remote),
-            remote_port: if inbound { 32_768 + (rng.next() % 28_000) as u16 } else { remote_port },
-            direction: if inbound { Direction::Inbound } else { Direction::Outbound },
+            remote_port: if inbound {
+                32_768 + (rng.next() % 28_000) as u16
+            } else {
+                remote_port
+            },
+            direction: if inbound {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
             outcome,
             bytes_sent: sent,
             bytes_received: received,
@@ -143,7 +172,9 @@ impl Fleet {
             srtt_us: 40 + (rng.next() % 3_000) as u32,
             min_rtt_us: 30 + (rng.next() % 500) as u32,
             pid: Some(1 + (rng.next() % 60_000) as u32),
-            comm: Some(["java", "envoy", "node", "python3", "kubelet"][(rng.next() % 5) as usize].into()),
+            comm: Some(
+                ["java", "envoy", "node", "python3", "kubelet"][(rng.next() % 5) as usize].into(),
+            ),
             cgroup_id: Some(4_000 + rng.next() % 300),
         }
     }

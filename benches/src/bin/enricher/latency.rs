@@ -96,7 +96,10 @@ pub fn measure(
             "--static".into(),
             static_file.display().to_string(),
             "--parquet".into(),
-            work_dir.join(format!("{tag}-parquet")).display().to_string(),
+            work_dir
+                .join(format!("{tag}-parquet"))
+                .display()
+                .to_string(),
         ],
         None,
         &work_dir.join(format!("{tag}-enricher.log")),
@@ -144,9 +147,10 @@ pub fn measure(
                 match consumer.poll(Duration::from_millis(50)) {
                     Some(Ok(m)) => {
                         let read_ns = now_ns();
-                        let flow = enriched_avro::decode_expecting(m.payload().unwrap_or_default(), 2)
-                            .context("decoding a flows.enriched record")?
-                            .flow;
+                        let flow =
+                            enriched_avro::decode_expecting(m.payload().unwrap_or_default(), 2)
+                                .context("decoding a flows.enriched record")?
+                                .flow;
                         // The load's flows: either end on one of the churn's server ports.
                         let ours = port_of.contains(&flow.local_port)
                             || port_of.contains(&flow.remote_port);
@@ -180,7 +184,12 @@ pub fn measure(
         .map(|page| replica::sum(&page, "flowlog_sidecar_records_total"))
         .unwrap_or(f64::NAN);
     let page = replica.scrape()?;
-    let bucket = |le: &str| replica::sum(&page, &format!("flowlog_enricher_latency_seconds_bucket{{le=\"{le}\"}}"));
+    let bucket = |le: &str| {
+        replica::sum(
+            &page,
+            &format!("flowlog_enricher_latency_seconds_bucket{{le=\"{le}\"}}"),
+        )
+    };
     let count = replica::sum(&page, "flowlog_enricher_latency_seconds_count");
     agent.stop()?;
     replica.stop()?;

@@ -160,7 +160,8 @@ fn main() -> anyhow::Result<()> {
         .enricher
         .clone()
         .context("--enricher: the release flowlog-enricher (benches/enricher passes it)")?;
-    let work_dir = std::env::temp_dir().join(format!("flowlog-bench-enricher-{}", std::process::id()));
+    let work_dir =
+        std::env::temp_dir().join(format!("flowlog-bench-enricher-{}", std::process::id()));
     std::fs::create_dir_all(&work_dir)?;
     let fleet = Fleet {
         hosts: args.hosts,
@@ -188,14 +189,28 @@ fn main() -> anyhow::Result<()> {
         std::fs::metadata(&static_file)?.len()
     )?;
     if !args.skip_throughput {
-        throughput(&args, &fleet, &enricher, &static_file, &work_dir, &mut report)?;
+        throughput(
+            &args,
+            &fleet,
+            &enricher,
+            &static_file,
+            &work_dir,
+            &mut report,
+        )?;
     }
     if !args.skip_latency {
         let sidecar = args
             .sidecar
             .clone()
             .context("--sidecar: the release flowlog-sidecar (benches/enricher passes it)")?;
-        latency_half(&args, &sidecar, &enricher, &static_file, &work_dir, &mut report)?;
+        latency_half(
+            &args,
+            &sidecar,
+            &enricher,
+            &static_file,
+            &work_dir,
+            &mut report,
+        )?;
     }
     print!("{report}");
     let _ = std::fs::remove_dir_all(&work_dir);
@@ -218,7 +233,13 @@ fn now_ns() -> u64 {
 /// Produces the fleet's records into `topic`, a host's records to its partition (as the agents
 /// do), with the agent's batching; returns how many remote ends are Internet addresses (the
 /// `unknown` ones the enricher must report).
-fn prefill(brokers: &str, topic: &Topic, fleet: &Fleet, n: u64, partitions: i32) -> anyhow::Result<u64> {
+fn prefill(
+    brokers: &str,
+    topic: &Topic,
+    fleet: &Fleet,
+    n: u64,
+    partitions: i32,
+) -> anyhow::Result<u64> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("compression.type", "zstd")
@@ -254,13 +275,20 @@ fn prefill(brokers: &str, topic: &Topic, fleet: &Fleet, n: u64, partitions: i32)
             }
         }
         if i % 500_000 == 499_999 {
-            eprintln!("pre-fill: {} records queued, {:.0} s", i + 1, started.elapsed().as_secs_f64());
+            eprintln!(
+                "pre-fill: {} records queued, {:.0} s",
+                i + 1,
+                started.elapsed().as_secs_f64()
+            );
         }
     }
     producer
         .flush(Duration::from_secs(600))
         .context("flushing the pre-fill")?;
-    eprintln!("pre-fill: {n} records acknowledged in {:.0} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "pre-fill: {n} records acknowledged in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(unknown_remote)
 }
 
@@ -293,8 +321,19 @@ fn throughput(
             .arg("-c")
             .arg(args.cpu.to_string())
             .arg(&exe)
-            .args(["--brokers", &args.brokers, "passthrough", "--input", &raw.name])
-            .args(["--output", &out.name, "--group", &format!("{}-pass-{round}", raw.name)])
+            .args([
+                "--brokers",
+                &args.brokers,
+                "passthrough",
+                "--input",
+                &raw.name,
+            ])
+            .args([
+                "--output",
+                &out.name,
+                "--group",
+                &format!("{}-pass-{round}", raw.name),
+            ])
             .args(["--count", &n.to_string()])
             .output()
             .context("running the pass-through baseline")?;
@@ -305,9 +344,12 @@ fn throughput(
                 String::from_utf8_lossy(&child.stderr)
             );
         }
-        let baseline: Measured = serde_json::from_slice(&child.stdout)
-            .context("reading the baseline's measurement")?;
-        eprintln!("round {round}: baseline {:.0} flows/CPU-s", baseline.per_cpu_second());
+        let baseline: Measured =
+            serde_json::from_slice(&child.stdout).context("reading the baseline's measurement")?;
+        eprintln!(
+            "round {round}: baseline {:.0} flows/CPU-s",
+            baseline.per_cpu_second()
+        );
         baselines.push(baseline);
         drop(out);
 
@@ -336,9 +378,17 @@ fn throughput(
             Some(args.cpu),
             &work_dir.join(format!("enricher-{round}.log")),
         )?;
-        replica.wait_for("flowlog_enricher_records_in_total", 1.0, Duration::from_secs(120))?;
+        replica.wait_for(
+            "flowlog_enricher_records_in_total",
+            1.0,
+            Duration::from_secs(120),
+        )?;
         let (start, cpu0) = (Instant::now(), replica.cpu_seconds()?);
-        replica.wait_for("flowlog_enricher_records_out_total", n as f64, Duration::from_secs(900))?;
+        replica.wait_for(
+            "flowlog_enricher_records_out_total",
+            n as f64,
+            Duration::from_secs(900),
+        )?;
         let measured = Measured {
             records: n,
             wall: start.elapsed(),
@@ -402,7 +452,11 @@ fn throughput(
             e.per_second(),
             e.cpu_us_per_record() / b.cpu_us_per_record(),
             *parquet as f64 / n as f64,
-            if e.per_cpu_second() >= MIN_FLOWS_PER_CORE { "met" } else { "**MISSED**" }
+            if e.per_cpu_second() >= MIN_FLOWS_PER_CORE {
+                "met"
+            } else {
+                "**MISSED**"
+            }
         )?;
     }
     writeln!(report)?;

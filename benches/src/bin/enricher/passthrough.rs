@@ -21,7 +21,7 @@ use rdkafka::{
     producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer},
 };
 
-use crate::{cpu_time, Measured};
+use crate::{Measured, cpu_time};
 
 /// Counts acknowledged deliveries; a failed one is fatal (the broker is ours and healthy).
 #[derive(Default)]

@@ -122,7 +122,10 @@ impl Replica {
             }
             self.check_alive()?;
             if start.elapsed() > limit {
-                bail!("the enricher was not ready within {limit:?}: {:?}", self.get("/readyz"));
+                bail!(
+                    "the enricher was not ready within {limit:?}: {:?}",
+                    self.get("/readyz")
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
