@@ -63,7 +63,11 @@ pub struct SourceFlags {
     /// How often each watched kind is probed (a consistent list of one object, for its
     /// resourceVersion; one request per kind). Changes are dated to within this, so flows that
     /// start this close to one come out `ambiguous`; the watermark moves in these steps.
-    #[arg(long, env = "FLOWLOG_KUBERNETES_PROBE_INTERVAL", default_value = "1s", value_parser = flowlog_cli::parse_duration)]
+    /// 100 ms: at the attribution benchmark's churn (every address changing hands every
+    /// 2–6 s, the watch up to 1 s late) 1 s left 62% of flows 10–500 ms from a change
+    /// ambiguous, 100 ms 4.3% (benches/RESULTS.md), for 10 one-object lists per kind per
+    /// second from the one publishing replica.
+    #[arg(long, env = "FLOWLOG_KUBERNETES_PROBE_INTERVAL", default_value = "100ms", value_parser = flowlog_cli::parse_duration)]
     pub kubernetes_probe_interval: Duration,
     /// How long each watch request lasts before it is resumed (at least 3 s: kube-apiserver
     /// sends the bookmark that proves a quiet kind complete 2 s before this ends).

@@ -38,7 +38,7 @@ impl Default for KubernetesSettings {
             ]
             .map(String::from)
             .to_vec(),
-            probe_interval: Duration::from_secs(1),
+            probe_interval: Duration::from_millis(100),
             watch_timeout: Duration::from_secs(3),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(10),

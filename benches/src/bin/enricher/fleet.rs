@@ -92,7 +92,7 @@ impl Fleet {
         let mut rng = Mix(i.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5851_f42d_4c95_7f2d);
         let host = (rng.next() % u64::from(self.hosts)) as u32;
         // A quarter of the flows are the host's own (kubelet, node agents), the rest its pods'.
-        let local = if rng.next() % 4 == 0 {
+        let local = if rng.next().is_multiple_of(4) {
             Self::host_addr(host)
         } else {
             let per_host = (self.pods / self.hosts).max(1);
@@ -123,7 +123,7 @@ impl Fleet {
             _ => Outcome::Closed,
         };
         let established = outcome != Outcome::Failed;
-        let duration = 200_000 + rng.next() % 30_000_000_000 >> (rng.next() % 12);
+        let duration = (200_000 + rng.next() % 30_000_000_000) >> (rng.next() % 12);
         let end_ns = now_ns - rng.next() % span_ns;
         let sent = if established {
             1 << (rng.next() % 20)
@@ -135,7 +135,7 @@ impl Fleet {
         } else {
             0
         };
-        let inbound = rng.next() % 3 == 0;
+        let inbound = rng.next().is_multiple_of(3);
         FlowRecord {
             // A base per host plus a counter, as the agent draws them.
             flow_id: (u64::from(host) << 40) ^ 0x7f3a_0000_0000_0000 ^ i,
@@ -166,8 +166,8 @@ impl Fleet {
             bytes_received: received,
             segs_sent: 2 + sent / 1400 + rng.next() % 4,
             segs_received: 2 + received / 1400 + rng.next() % 4,
-            retransmits: u64::from(rng.next() % 50 == 0) * (1 + rng.next() % 5),
-            resets_sent: u64::from(outcome == Outcome::Reset && rng.next() % 2 == 0),
+            retransmits: u64::from(rng.next().is_multiple_of(50)) * (1 + rng.next() % 5),
+            resets_sent: u64::from(outcome == Outcome::Reset && rng.next().is_multiple_of(2)),
             resets_received: u64::from(outcome == Outcome::Reset),
             srtt_us: 40 + (rng.next() % 3_000) as u32,
             min_rtt_us: 30 + (rng.next() % 500) as u32,
