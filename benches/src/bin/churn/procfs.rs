@@ -18,6 +18,11 @@ pub fn clock_ticks_per_second() -> anyhow::Result<u64> {
 pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/stat");
     let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    stat_cpu_ticks(&stat, &path)
+}
+
+/// utime + stime of a `stat` file's text (a process's or one thread's).
+fn stat_cpu_ticks(stat: &str, path: &str) -> anyhow::Result<u64> {
     // The command name (field 2) is in parentheses and may hold spaces; count from after it.
     let rest = stat
         .rsplit_once(')')
@@ -33,6 +38,37 @@ pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
             .with_context(|| format!("{path}: parsing {name}"))
     };
     Ok(field(11, "utime")? + field(12, "stime")?)
+}
+
+/// User + system CPU time of the threads of a process (`pid`, or `None` for this one) that
+/// librdkafka runs: its own (`rdk:main`, `rdk:broker…`, named by librdkafka) and rust-rdkafka's
+/// producer polling thread (`producer pollin…`), in clock ticks. What is left of the process's
+/// time is the program's own work, which a slow broker does not inflate the way it inflates
+/// librdkafka's (its broker threads poll in a loop while the in-flight window is full).
+/// (The churn harness, which owns this module, has no librdkafka: only the harnesses that
+/// share it call this.)
+#[allow(dead_code)]
+pub fn librdkafka_ticks(pid: Option<u32>) -> anyhow::Result<u64> {
+    let dir = match pid {
+        Some(pid) => format!("/proc/{pid}/task"),
+        None => "/proc/self/task".to_owned(),
+    };
+    let mut total = 0;
+    for entry in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let task = entry?.path();
+        // A thread that exited since the listing has no files left: it counts nothing.
+        let Ok(comm) = fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        if !(comm.starts_with("rdk:") || comm.starts_with("producer poll")) {
+            continue;
+        }
+        let Ok(stat) = fs::read_to_string(task.join("stat")) else {
+            continue;
+        };
+        total += stat_cpu_ticks(&stat, &task.display().to_string())?;
+    }
+    Ok(total)
 }
 
 /// Peak resident set size (`VmHWM`) of a process, in KiB.

@@ -36,6 +36,11 @@ pub struct LatencyRun {
     /// Records the agent reported over the run (its `/metrics`: the load's and the host's
     /// other flows).
     pub agent_records: f64,
+    /// Of those, the records the broker acknowledged by the end of the run (the rest wait in
+    /// the agent's spool): where this falls short of `agent_records`, the broker is the limit.
+    pub agent_acked: f64,
+    /// How long the run took, from the load's start to the reader's end, seconds.
+    pub elapsed: f64,
     /// Sorted latencies, seconds.
     pub latencies: Vec<f64>,
     /// The enricher's own histogram (flow end → output acknowledged): share within 1 s and 2 s.
@@ -179,10 +184,14 @@ pub fn measure(
     let agent_cpu_pct =
         100.0 * (crate::procfs::cpu_ticks(agent.pid())? - agent_cpu0) as f64 / ticks / elapsed;
     let enricher_cpu_pct = 100.0 * (replica.cpu_seconds()? - enricher_cpu0) / elapsed;
-    let agent_records = agent
-        .scrape_metrics()
-        .map(|page| replica::sum(&page, "flowlog_sidecar_records_total"))
-        .unwrap_or(f64::NAN);
+    let agent_page = agent.scrape_metrics().ok();
+    let agent_metric = |name: &str| {
+        agent_page
+            .as_deref()
+            .map_or(f64::NAN, |page| replica::sum(page, name))
+    };
+    let agent_records = agent_metric("flowlog_sidecar_records_total");
+    let agent_acked = agent_metric("flowlog_sidecar_kafka_records_sent_total");
     let page = replica.scrape()?;
     let bucket = |le: &str| {
         replica::sum(
@@ -199,6 +208,8 @@ pub fn measure(
         connections: churn.connections,
         records: latencies.len() as u64,
         agent_records,
+        agent_acked,
+        elapsed,
         latencies,
         acked_within_1s: bucket("1") / count,
         acked_within_2s: bucket("2") / count,

@@ -114,12 +114,15 @@ enum Cmd {
     },
 }
 
-/// What one process did over a run: records through, wall time and CPU time (all threads).
+/// What one process did over a run: records through, wall time and CPU time (all threads),
+/// and the part of that CPU time librdkafka's own threads took.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Measured {
     pub records: u64,
     pub wall: Duration,
     pub cpu: Duration,
+    /// CPU of librdkafka's threads ([`procfs::librdkafka_ticks`]), included in `cpu`.
+    pub librdkafka: Duration,
 }
 
 impl Measured {
@@ -131,6 +134,14 @@ impl Measured {
     }
     fn cpu_us_per_record(&self) -> f64 {
         self.cpu.as_secs_f64() * 1e6 / self.records as f64
+    }
+    /// CPU per record outside librdkafka's threads: the program's own work.
+    fn own_us_per_record(&self) -> f64 {
+        self.cpu.saturating_sub(self.librdkafka).as_secs_f64() * 1e6 / self.records as f64
+    }
+    /// librdkafka's share of the CPU, %.
+    fn librdkafka_pct(&self) -> f64 {
+        100.0 * self.librdkafka.as_secs_f64() / self.cpu.as_secs_f64()
     }
 }
 
@@ -383,7 +394,11 @@ fn throughput(
             1.0,
             Duration::from_secs(120),
         )?;
-        let (start, cpu0) = (Instant::now(), replica.cpu_seconds()?);
+        let (start, cpu0, rdk0) = (
+            Instant::now(),
+            replica.cpu_seconds()?,
+            replica.librdkafka_seconds()?,
+        );
         replica.wait_for(
             "flowlog_enricher_records_out_total",
             n as f64,
@@ -393,6 +408,7 @@ fn throughput(
             records: n,
             wall: start.elapsed(),
             cpu: Duration::from_secs_f64(replica.cpu_seconds()? - cpu0),
+            librdkafka: Duration::from_secs_f64(replica.librdkafka_seconds()? - rdk0),
         };
         let page = replica.scrape()?;
         let remote = |status: &str| {
@@ -428,8 +444,9 @@ fn throughput(
          the release flowlog-enricher (decode, both ends looked up in the static inventory, \
          flows.enriched produced and acknowledged, Parquet written). Measured \
          from the first record read to the last output acknowledged (flowlog_enricher_records_out_total); \
-         CPU = the process, all threads (librdkafka's included); the broker runs on the other \
-         CPU. Every trial's remote ends: {} exact, {unknown_remote} unknown (Internet), as \
+         CPU = the process, all threads (librdkafka's included), and apart from it the CPU of \
+         librdkafka's own threads (`rdk:*` and the producer's polling thread) and what is left, \
+         the program's own work; the broker runs on the other CPU. Every trial's remote ends: {} exact, {unknown_remote} unknown (Internet), as \
          generated.\n",
         fleet.hosts,
         args.partitions,
@@ -438,17 +455,20 @@ fn throughput(
     )?;
     writeln!(
         report,
-        "| round | baseline flows/CPU-s | baseline wall flows/s | enricher flows/CPU-s | enricher µs CPU/flow | enricher wall flows/s | enricher/baseline CPU per flow | Parquet bytes/flow | target |"
+        "| round | baseline flows/CPU-s | baseline wall flows/s | baseline librdkafka share | enricher flows/CPU-s | enricher µs CPU/flow | enricher librdkafka share | enricher µs CPU/flow outside librdkafka | enricher wall flows/s | enricher/baseline CPU per flow | Parquet bytes/flow | target |"
     )?;
-    writeln!(report, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for (round, (b, (e, parquet))) in baselines.iter().zip(&enrichers).enumerate() {
         writeln!(
             report,
-            "| {round} | {:.0} | {:.0} | **{:.0}** | {:.2} | {:.0} | {:.2}× | {:.1} | ≥ {MIN_FLOWS_PER_CORE:.0}/core: {} |",
+            "| {round} | {:.0} | {:.0} | {:.0}% | **{:.0}** | {:.2} | {:.0}% | {:.2} | {:.0} | {:.2}× | {:.1} | ≥ {MIN_FLOWS_PER_CORE:.0}/core: {} |",
             b.per_cpu_second(),
             b.per_second(),
+            b.librdkafka_pct(),
             e.per_cpu_second(),
             e.cpu_us_per_record(),
+            e.librdkafka_pct(),
+            e.own_us_per_record(),
             e.per_second(),
             e.cpu_us_per_record() / b.cpu_us_per_record(),
             *parquet as f64 / n as f64,
@@ -504,15 +524,17 @@ fn latency_half(
          connection) into a {}-partition flows.raw; one flowlog-enricher (unpinned, defaults, \
          Parquet on) writes flows.enriched; a consumer here reads flows.enriched and takes, per \
          record of the load, its read time minus the flow's end_ns (an upper bound of \"end → \
-         acknowledged\"). The enricher's own histogram (end → its write acknowledged) beside it.\n",
+         acknowledged\"). The enricher's own histogram (end → its write acknowledged) beside it, \
+         and how many of the agent's records the broker had acknowledged by the end (the rest \
+         still in its spool: the broker could not keep up).\n",
         args.duration.as_secs(),
         args.partitions
     )?;
     writeln!(
         report,
-        "| offered | connections | records read | p50 | p99 | max | enricher histogram ≤ 1 s / ≤ 2 s | agent CPU | enricher CPU | target p99 ≤ {MAX_P99_SECONDS} s |"
+        "| offered | connections | records read | p50 | p99 | max | enricher histogram ≤ 1 s / ≤ 2 s | agent records / acknowledged by the broker (per s of the run) | agent CPU | enricher CPU | target p99 ≤ {MAX_P99_SECONDS} s |"
     )?;
-    writeln!(report, "|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|")?;
     for rate in &args.rates {
         let run = latency::measure(
             &args.brokers,
@@ -533,7 +555,7 @@ fn latency_half(
         );
         writeln!(
             report,
-            "| {:.0} records/s | {} | {} | {:.3} s | **{:.3} s** | {:.3} s | {:.1}% / {:.1}% | {:.1}% | {:.1}% | {} |",
+            "| {:.0} records/s | {} | {} | {:.3} s | **{:.3} s** | {:.3} s | {:.1}% / {:.1}% | {:.0} / {:.0} ({:.0}/s) | {:.1}% | {:.1}% | {} |",
             2.0 * run.rate,
             run.connections,
             run.records,
@@ -542,6 +564,9 @@ fn latency_half(
             run.quantile(1.0),
             100.0 * run.acked_within_1s,
             100.0 * run.acked_within_2s,
+            run.agent_records,
+            run.agent_acked,
+            run.agent_acked / run.elapsed,
             run.agent_cpu_pct,
             run.enricher_cpu_pct,
             if run.quantile(0.99) <= MAX_P99_SECONDS && run.records >= 2 * run.connections {

@@ -79,7 +79,7 @@ pub fn run(
         .context("creating the pass-through producer")?;
 
     let mut read = 0u64;
-    let mut started: Option<(Instant, Duration)> = None;
+    let mut started: Option<(Instant, Duration, Duration)> = None;
     let deadline = Instant::now() + Duration::from_secs(900);
     while acks.acked.load(Ordering::Relaxed) < count {
         if Instant::now() > deadline {
@@ -103,7 +103,9 @@ pub fn run(
             Err(KafkaError::PartitionEOF(_)) => continue,
             Err(e) => return Err(e).context("pass-through: reading the input"),
         };
-        started.get_or_insert_with(|| (Instant::now(), cpu_time()));
+        if started.is_none() {
+            started = Some((Instant::now(), cpu_time(), librdkafka_cpu()?));
+        }
         read += 1;
         let mut record = BaseRecord::to(output).payload(message.payload().unwrap_or_default());
         if let Some(key) = message.key() {
@@ -120,14 +122,23 @@ pub fn run(
             }
         }
     }
-    let (start, cpu0) = started.context("nothing was read")?;
+    let (start, cpu0, rdk0) = started.context("nothing was read")?;
     let measured = Measured {
         records: count,
         wall: start.elapsed(),
         cpu: cpu_time() - cpu0,
+        librdkafka: librdkafka_cpu()? - rdk0,
     };
     producer
         .flush(Duration::from_secs(30))
         .context("flushing the pass-through producer")?;
     Ok(measured)
+}
+
+/// CPU time of this process's librdkafka threads so far.
+fn librdkafka_cpu() -> anyhow::Result<Duration> {
+    let ticks = crate::procfs::librdkafka_ticks(None)? as f64;
+    Ok(Duration::from_secs_f64(
+        ticks / crate::procfs::clock_ticks_per_second()? as f64,
+    ))
 }

@@ -86,6 +86,11 @@ impl Replica {
         Ok(procfs::cpu_ticks(self.child.id())? as f64 / self.ticks_per_second)
     }
 
+    /// CPU time of the process's librdkafka threads so far, seconds.
+    pub fn librdkafka_seconds(&self) -> anyhow::Result<f64> {
+        Ok(procfs::librdkafka_ticks(Some(self.child.id()))? as f64 / self.ticks_per_second)
+    }
+
     /// The `/metrics` page.
     pub fn scrape(&self) -> anyhow::Result<String> {
         let (status, body) = self.get("/metrics")?;
