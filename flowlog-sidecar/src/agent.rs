@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::{
     flows::{Assembler, AssemblyStats, Clock},
     metrics as m,
-    probe::Probe,
+    probe::{Probe, SockAccess},
     record::{FlowRecord, Outcome},
     sink::RecordSink,
     throttle::LogThrottle,
@@ -124,10 +124,16 @@ pub async fn run<S: RecordSink>(
     health.set_ready(PROGRAMS_ATTACHED);
     health.set_ready(NOT_STOPPING);
     health.expect_fresh(RING_BUFFER_DRAINED, settings.drained_within());
+    // Said once, in the log and as a gauge: a fallback to probe reads keeps the records the
+    // same but costs more per connection, and an operator (or a test) must be able to see it.
+    let read_path = probe.sock_access();
+    for path in SockAccess::ALL {
+        gauge!(m::READ_PATH, "path" => path.as_str()).set(f64::from(u8::from(path == read_path)));
+    }
     info!(
         host = %settings.host,
         interim = ?settings.interim,
-        sockets = probe.sock_access().as_str(),
+        read_path = read_path.as_str(),
         "capturing TCP flows"
     );
 

@@ -140,11 +140,35 @@ pub struct Clock {
 }
 
 impl Clock {
-    /// Measures the current offset between the realtime and monotonic clocks.
+    /// Measures the current offset between the realtime and monotonic clocks. The two clocks
+    /// run at the same rate (NTP slews both), so the offset changes only when the realtime clock
+    /// is stepped; the error of a measurement is the time between its two reads. Each try reads
+    /// the realtime clock between two monotonic reads and takes the bracket's middle: off by at
+    /// most half the bracket. The narrowest of a few tries is kept, so a try the scheduler
+    /// interrupted (the agent may run at a low priority on a busy host) does not shift every
+    /// `start_ns` and `end_ns` until the next measurement.
     pub fn now() -> Self {
-        Self {
-            offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
+        Self::measure(
+            || clock_ns(libc::CLOCK_MONOTONIC),
+            || clock_ns(libc::CLOCK_REALTIME),
+        )
+    }
+
+    /// [`Clock::now`] over given clocks.
+    fn measure(mut monotonic: impl FnMut() -> i128, mut realtime: impl FnMut() -> i128) -> Self {
+        const TRIES: usize = 5;
+        let mut best: Option<(i128, i128)> = None; // (bracket width, offset)
+        for _ in 0..TRIES {
+            let before = monotonic();
+            let real = realtime();
+            let after = monotonic();
+            let width = after - before;
+            if best.is_none_or(|(w, _)| width < w) {
+                best = Some((width, real - (before + width / 2)));
+            }
         }
+        let (_, offset_ns) = best.expect("at least one try");
+        Self { offset_ns }
     }
 
     /// A clock with a fixed offset (tests).
@@ -568,6 +592,25 @@ mod tests {
         assert_eq!(payload(&ev), (50, 100));
         // Reset mid-flow: no FIN either way.
         assert_eq!(payload(&event(event_kind::END, 11, 7, 0)), (10, 7));
+    }
+
+    #[test]
+    fn clock_offset_comes_from_the_narrowest_bracket() {
+        // The realtime clock is 10 s ahead. Each try: (monotonic before, when the realtime clock
+        // is read on the monotonic clock, monotonic after). The first is interrupted for 1 ms
+        // between its reads; the third, 100 ns wide, is the narrowest.
+        const AHEAD: i128 = 10_000_000_000;
+        let tries: [(i128, i128, i128); 5] = [
+            (1_000, 1_000_500, 1_001_000),
+            (2_000_000, 2_000_300, 2_000_400),
+            (3_000_000, 3_000_050, 3_000_100),
+            (4_000_000, 4_000_390, 4_000_400),
+            (5_000_000, 5_000_010, 5_000_300),
+        ];
+        let mut mono = tries.iter().flat_map(|&(before, _, after)| [before, after]);
+        let mut real = tries.iter().map(|&(_, at, _)| at + AHEAD);
+        let clock = Clock::measure(|| mono.next().unwrap(), || real.next().unwrap());
+        assert_eq!(clock.offset_ns, AHEAD);
     }
 
     #[test]

@@ -212,10 +212,16 @@ pub enum SockAccess {
 }
 
 impl SockAccess {
+    /// Both paths, for exporting the one chosen as 1 and the other as 0: an alert on
+    /// `path="probe_read"` then has a series to match on every agent.
+    pub const ALL: [SockAccess; 2] = [SockAccess::Btf, SockAccess::ProbeRead];
+
+    /// The path's name in the start-up log and the `path` label of
+    /// `flowlog_sidecar_read_path` (README, Metrics).
     pub fn as_str(self) -> &'static str {
         match self {
-            SockAccess::Btf => "btf",
-            SockAccess::ProbeRead => "probe-read",
+            SockAccess::Btf => "tp_btf",
+            SockAccess::ProbeRead => "probe_read",
         }
     }
 }

@@ -561,6 +561,14 @@ pub fn own_cgroup_id() -> Option<u64> {
     std::fs::metadata(dir).ok().map(|m| m.ino())
 }
 
+/// The socket-read path the agent must choose on this machine: `FLOWLOG_TEST_READ_PATH` if set
+/// (`probe_read` for a kernel known to refuse BTF-typed tracepoints), else `tp_btf`, which this
+/// project's kernels (6.18) allow. So an agent that falls back to probe reads where it need not
+/// fails the tests instead of passing on the slower path.
+pub fn expected_read_path() -> String {
+    std::env::var("FLOWLOG_TEST_READ_PATH").unwrap_or_else(|_| "tp_btf".to_string())
+}
+
 /// A port nobody else on the machine is likely to use for these tests' servers (tests run in
 /// their own namespaces, but another run of the agent's tests may share the addresses).
 pub fn server_port() -> u16 {
@@ -743,6 +751,32 @@ impl Agent {
                 .parse()
                 .ok()
         })
+    }
+
+    /// The socket-read path the agent chose at start, from its `flowlog_sidecar_read_path`
+    /// gauge (the one `path` at 1; exactly one must be, and the log must name the same).
+    pub fn read_path(&self) -> String {
+        let page = self.metrics();
+        let chosen: Vec<&str> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix("flowlog_sidecar_read_path{path=\""))
+            .filter_map(|l| l.split_once("\"} "))
+            .filter(|(_, value)| value.trim() == "1")
+            .map(|(path, _)| path)
+            .collect();
+        assert_eq!(
+            chosen.len(),
+            1,
+            "expected one flowlog_sidecar_read_path at 1, found {chosen:?}; metrics:\n{page}"
+        );
+        let logged = format!("read_path=\"{}\"", chosen[0]);
+        assert!(
+            self.stderr().contains(&logged),
+            "the metric says {} but the log does not say {logged}:\n{}",
+            chosen[0],
+            self.stderr()
+        );
+        chosen[0].to_string()
     }
 
     /// Sends SIGTERM, waits for a clean exit (status 0) and returns every record written.
