@@ -518,7 +518,7 @@ fn latency_half(
     writeln!(report, "### Connection end → enriched record, live agent\n")?;
     writeln!(
         report,
-        "The release flowlog-sidecar (Kafka output, defaults: host partitioning, linger.ms=200, \
+        "The release flowlog-sidecar (Kafka output, defaults: host partitioning, linger.ms=500, \
          a flow's end record held 300 ms for a late reset, ring buffer drained every 100 ms) \
          captures a paced loopback connect/close churn ({} s per load, two records per \
          connection) into a {}-partition flows.raw; one flowlog-enricher (unpinned, defaults, \
