@@ -17,6 +17,13 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("flowlog-ebpf manifest has no parent directory"))?;
+    // aya-build relays every line the inner cargo writes on stderr as a cargo warning, so each
+    // of its progress lines ("Compiling core …", a few dozen on a first build) would show as a
+    // warning of this package. Quiet hides only those: compiler diagnostics and errors still
+    // come through (they arrive as JSON messages, which aya-build relays too).
+    // SAFETY: nothing else runs in this build script yet (no other thread reads the
+    // environment).
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [Package {
             name: ebpf.name.as_str(),

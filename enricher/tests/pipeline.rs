@@ -777,6 +777,31 @@ fn a_broken_configuration_file_is_a_usage_error_naming_it() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A key no flag reads (a typo, here `hodl`) is a usage error naming it and the settings there
+/// are, not a setting silently ignored.
+#[test]
+fn an_unknown_configuration_key_is_a_usage_error_naming_it() {
+    let dir = temp_dir("config-unknown");
+    let config = dir.join("enricher.toml");
+    std::fs::write(&config, "hold = \"2s\"\nhodl = \"5s\"\n").unwrap();
+    let out = Command::new(ENRICHER)
+        .args(["--config", &config.display().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "parsing the configuration file {}: unknown setting `hodl` (no flag reads FLOWLOG_HODL)",
+            config.display()
+        )),
+        "{stderr}"
+    );
+    // The message lists the real settings, the one meant among them.
+    assert!(stderr.contains(", hold, "), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Reading pauses at `--max-pending` records not yet durable; when the open Parquet files are
 /// what holds them, they are closed early rather than at their (here: hour-long) roll interval.
 #[test]

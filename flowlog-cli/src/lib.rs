@@ -4,7 +4,9 @@
 //! a tokio runtime, and a failure's whole error chain logged once with exit status 1; and the
 //! TOML configuration file of the long-running services ([`config_file_to_env`]); and the
 //! listener for `/metrics`, `/healthz` and `/readyz` ([`telemetry`], [`health`]).
-use std::{future::Future, io::IsTerminal as _, path::PathBuf, process::ExitCode};
+use std::{
+    collections::BTreeSet, future::Future, io::IsTerminal as _, path::PathBuf, process::ExitCode,
+};
 
 use tracing::error;
 
@@ -119,7 +121,8 @@ pub struct ConfigFile {
 /// flags' defaults ([`config_file_to_env`]); a file that cannot be used is a usage error (exit
 /// status 2), like a bad flag.
 pub fn parse_with_config_file<A: clap::Parser>() -> A {
-    if let Err(e) = config_file_to_env() {
+    let known = env_names(&A::command());
+    if let Err(e) = config_file_to_env(&known) {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
@@ -132,7 +135,11 @@ pub fn parse_with_config_file<A: clap::Parser>() -> A {
 /// unless the environment already sets it. Flags on the command line win over the environment,
 /// which wins over the file. Lists become comma-separated values. Call it before parsing flags,
 /// while the process is still single-threaded (it sets environment variables).
-pub fn config_file_to_env() -> Result<Option<PathBuf>, ConfigError> {
+///
+/// `known`: the environment variables the binary's flags read ([`env_names`]). A key that names
+/// none of them is a mistake (a typo, or a setting of another binary) that would otherwise be
+/// ignored without a word: it is an error naming the key.
+pub fn config_file_to_env(known: &BTreeSet<String>) -> Result<Option<PathBuf>, ConfigError> {
     let mut args = std::env::args_os().skip(1);
     let mut path = std::env::var_os("FLOWLOG_CONFIG").map(PathBuf::from);
     while let Some(arg) = args.next() {
@@ -158,6 +165,21 @@ pub fn config_file_to_env() -> Result<Option<PathBuf>, ConfigError> {
         })?;
     for (key, value) in &table {
         let name = format!("FLOWLOG_{}", key.to_uppercase().replace('-', "_"));
+        if !known.contains(&name) {
+            return Err(ConfigError::Parse {
+                path: path.clone(),
+                message: format!(
+                    "unknown setting `{key}` (no flag reads {name}); the settings are: {}",
+                    known
+                        .iter()
+                        .filter_map(|n| n.strip_prefix("FLOWLOG_"))
+                        .filter(|n| *n != "CONFIG")
+                        .map(|n| n.to_lowercase())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
         if std::env::var_os(&name).is_some() {
             continue;
         }
@@ -177,6 +199,19 @@ pub fn config_file_to_env() -> Result<Option<PathBuf>, ConfigError> {
         unsafe { std::env::set_var(&name, value) };
     }
     Ok(Some(path))
+}
+
+/// The environment variables that the flags of `command` (and its subcommands) read.
+pub fn env_names(command: &clap::Command) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = command
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    for sub in command.get_subcommands() {
+        names.extend(env_names(sub));
+    }
+    names
 }
 
 /// A TOML scalar as a flag's text.
