@@ -14,14 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use flowlog_ec2::{
-    ClientOptions, StaticCredentials,
-    aws_sdk_ec2::{
-        Client,
-        types::{InstanceType, ResourceType, Tag, TagSpecification},
-    },
-    build_client,
-};
+// The moto fixture of flowlog-ec2's own tests (a VPC of the test's own, instances and ENIs at
+// explicit addresses, all removed on drop), shared rather than copied.
+#[path = "../../flowlog-ec2/tests/common/mod.rs"]
+mod ec2;
+
+use ec2::{Fixture, REGION, endpoint};
 use flowlog_record::{
     Attribution, Direction, EnrichedFlow, Family, FlowRecord, Outcome, avro, enriched_avro,
 };
@@ -36,7 +34,6 @@ use rdkafka::{
 
 const ENRICHER: &str = env!("CARGO_BIN_EXE_flowlog-enricher");
 const INVENTORY: &str = env!("CARGO_BIN_EXE_flowlog-inventory");
-const REGION: &str = "us-east-1";
 const OUT_ID: u32 = 7;
 const INTERVAL: Duration = Duration::from_secs(5);
 const HOLD: Duration = Duration::from_secs(1);
@@ -44,167 +41,6 @@ const HOLD: Duration = Duration::from_secs(1);
 /// One test at a time: tansu 0.6 loses partitions from its metadata when topics are created and
 /// deleted while a consumer group rebalances (see tests/pipeline.rs).
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// The moto endpoint; unreachable is a failure with directions, not a skip.
-fn endpoint() -> String {
-    let endpoint =
-        std::env::var("FLOWLOG_TEST_EC2").unwrap_or_else(|_| "http://127.0.0.1:5000".to_owned());
-    let addr: SocketAddr = endpoint
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("FLOWLOG_TEST_EC2 is http://HOST:PORT");
-    assert!(
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok(),
-        "no EC2-compatible server at {endpoint} (FLOWLOG_TEST_EC2): run `scripts/moto start`"
-    );
-    endpoint
-}
-
-/// A VPC of the test's own on moto: two instances and an ENI attached to the first. Removed on
-/// drop.
-struct Fixture {
-    client: Client,
-    vpc: String,
-    subnet: String,
-    instances: Vec<String>,
-    enis: Vec<String>,
-}
-
-impl Fixture {
-    async fn new(endpoint: &str, net: u8) -> Self {
-        let client = build_client(&ClientOptions {
-            region: Some(REGION.into()),
-            endpoint: Some(endpoint.into()),
-            credentials: Some(StaticCredentials {
-                access_key_id: "testing".into(),
-                secret_access_key: "testing".into(),
-                session_token: None,
-            }),
-            max_attempts: 3,
-            ..ClientOptions::default()
-        })
-        .await;
-        let vpc = client
-            .create_vpc()
-            .cidr_block(format!("10.{net}.0.0/16"))
-            .send()
-            .await
-            .expect("CreateVpc")
-            .vpc
-            .and_then(|v| v.vpc_id)
-            .unwrap();
-        let subnet = client
-            .create_subnet()
-            .vpc_id(&vpc)
-            .cidr_block(format!("10.{net}.1.0/24"))
-            .availability_zone("us-east-1a")
-            .send()
-            .await
-            .expect("CreateSubnet")
-            .subnet
-            .and_then(|s| s.subnet_id)
-            .unwrap();
-        Self {
-            client,
-            vpc,
-            subnet,
-            instances: Vec::new(),
-            enis: Vec::new(),
-        }
-    }
-
-    /// An instance named `name` at `ip`: its id.
-    async fn instance(&mut self, ip: &str, name: &str) -> String {
-        let out = self
-            .client
-            .run_instances()
-            .image_id("ami-12345678")
-            .instance_type(InstanceType::T3Micro)
-            .min_count(1)
-            .max_count(1)
-            .subnet_id(&self.subnet)
-            .private_ip_address(ip)
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Instance)
-                    .tags(Tag::builder().key("Name").value(name).build())
-                    .build(),
-            )
-            .send()
-            .await
-            .expect("RunInstances");
-        let instance = &out.instances()[0];
-        let id = instance.instance_id().unwrap().to_owned();
-        self.instances.push(id.clone());
-        // moto keeps a primary ENI after its instance is gone: removed at the end.
-        self.enis.push(
-            instance.network_interfaces()[0]
-                .network_interface_id()
-                .unwrap()
-                .to_owned(),
-        );
-        id
-    }
-
-    /// A loose ENI at `ip`: its id.
-    async fn eni(&mut self, ip: &str) -> String {
-        let id = self
-            .client
-            .create_network_interface()
-            .subnet_id(&self.subnet)
-            .private_ip_address(ip)
-            .send()
-            .await
-            .expect("CreateNetworkInterface")
-            .network_interface
-            .and_then(|n| n.network_interface_id)
-            .unwrap();
-        self.enis.push(id.clone());
-        id
-    }
-
-    /// Attaches `eni` to `instance` as device 1: the attachment id.
-    async fn attach(&self, eni: &str, instance: &str) -> String {
-        self.client
-            .attach_network_interface()
-            .network_interface_id(eni)
-            .instance_id(instance)
-            .device_index(1)
-            .send()
-            .await
-            .expect("AttachNetworkInterface")
-            .attachment_id
-            .unwrap()
-    }
-
-    async fn detach(&self, attachment: &str) {
-        self.client
-            .detach_network_interface()
-            .attachment_id(attachment)
-            .send()
-            .await
-            .expect("DetachNetworkInterface");
-    }
-
-    async fn cleanup(self) {
-        let c = &self.client;
-        let _ = c
-            .terminate_instances()
-            .set_instance_ids(Some(self.instances))
-            .send()
-            .await;
-        for e in &self.enis {
-            let _ = c
-                .delete_network_interface()
-                .network_interface_id(e)
-                .send()
-                .await;
-        }
-        let _ = c.delete_subnet().subnet_id(&self.subnet).send().await;
-        let _ = c.delete_vpc().vpc_id(&self.vpc).send().await;
-    }
-}
 
 /// A flow record to `remote` started at `start_ns`.
 fn record(flow_id: u64, remote: &str, start_ns: u64) -> FlowRecord {
@@ -321,15 +157,19 @@ fn ec2_flows_wait_for_the_next_poll_and_others_do_not(via_topic: bool, net: u8) 
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let endpoint = endpoint();
     let rt = runtime();
-    let mut fx = rt.block_on(Fixture::new(&endpoint, net));
+    let mut fx = rt.block_on(Fixture::new(
+        &endpoint,
+        &format!("10.{net}.0.0/16"),
+        &format!("10.{net}.1.0/24"),
+    ));
     let (a_ip, b_ip, moving_ip) = (
         format!("10.{net}.1.10"),
         format!("10.{net}.1.11"),
         format!("10.{net}.1.50"),
     );
     let (a, b, moving) = rt.block_on(async {
-        let a = fx.instance(&a_ip, "web-a").await;
-        let b = fx.instance(&b_ip, "web-b").await;
+        let a = fx.instance(&a_ip, &[("Name", "web-a")]).await;
+        let b = fx.instance(&b_ip, &[("Name", "web-b")]).await;
         let moving = fx.eni(&moving_ip).await;
         (a, b, moving)
     });
@@ -457,7 +297,7 @@ fn ec2_flows_wait_for_the_next_poll_and_others_do_not(via_topic: bool, net: u8) 
         0.0
     );
     assert!(enricher.terminate(PATIENCE));
-    rt.block_on(fx.cleanup());
+    drop(fx);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use aws_sdk_ec2::{
+use flowlog_ec2::aws_sdk_ec2::{
     Client,
     types::{InstanceType, ResourceType, Tag, TagSpecification},
 };
@@ -308,7 +308,7 @@ impl Fixture {
         let out = self
             .client
             .allocate_address()
-            .domain(aws_sdk_ec2::types::DomainType::Vpc)
+            .domain(flowlog_ec2::aws_sdk_ec2::types::DomainType::Vpc)
             .send()
             .await
             .expect("AllocateAddress");
