@@ -753,52 +753,10 @@ pub fn relayed_name(upstream: &str) -> String {
 }
 
 /// A change read from the topic, with its source renamed as relayed.
-fn relayed(change: OwnershipChange) -> OwnershipChange {
-    match change {
-        OwnershipChange::Open {
-            source,
-            owner,
-            prefix,
-            identity,
-            at_ns,
-        } => OwnershipChange::Open {
-            source: relayed_name(&source),
-            owner,
-            prefix,
-            identity,
-            at_ns,
-        },
-        OwnershipChange::Close {
-            source,
-            owner,
-            prefix,
-            at_ns,
-        } => OwnershipChange::Close {
-            source: relayed_name(&source),
-            owner,
-            prefix,
-            at_ns,
-        },
-        OwnershipChange::Uncertain {
-            source,
-            owner,
-            prefix,
-            identity,
-            from_ns,
-            to_ns,
-        } => OwnershipChange::Uncertain {
-            source: relayed_name(&source),
-            owner,
-            prefix,
-            identity,
-            from_ns,
-            to_ns,
-        },
-        OwnershipChange::Watermark { source, at_ns } => OwnershipChange::Watermark {
-            source: relayed_name(&source),
-            at_ns,
-        },
-    }
+fn relayed(mut change: OwnershipChange) -> OwnershipChange {
+    let source = change.source_mut();
+    *source = relayed_name(source);
+    change
 }
 
 impl InventorySource for OwnershipTopicSource {

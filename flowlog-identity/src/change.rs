@@ -64,6 +64,17 @@ impl OwnershipChange {
         }
     }
 
+    /// The source's name, to rename it (a relay such as the ownership topic's follower
+    /// reports each upstream source under a name of its own).
+    pub fn source_mut(&mut self) -> &mut String {
+        match self {
+            OwnershipChange::Open { source, .. }
+            | OwnershipChange::Close { source, .. }
+            | OwnershipChange::Uncertain { source, .. }
+            | OwnershipChange::Watermark { source, .. } => source,
+        }
+    }
+
     /// When the change happened (for a watermark: up to when the source is complete; for an
     /// uncertain span: its end, by when the change had happened).
     pub fn at_ns(&self) -> u64 {
