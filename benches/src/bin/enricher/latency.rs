@@ -22,7 +22,7 @@ use rdkafka::{
 use crate::{
     attach::Attached,
     load::{self, Pace, Server},
-    replica::{self, Replica},
+    replica::{self, Pipeline, Replica},
 };
 
 /// One offered load's latencies.
@@ -87,25 +87,16 @@ pub fn measure(
     let tag = format!("latency-{}", rate as u64);
     let mut replica = Replica::start(
         enricher,
-        &[
-            "--brokers".into(),
-            brokers.into(),
-            "--input-topic".into(),
-            raw.name.clone(),
-            "--output-topic".into(),
-            enriched.name.clone(),
-            "--dlq-topic".into(),
-            dlq.name.clone(),
-            "--group".into(),
-            format!("{}-group", raw.name),
-            "--static".into(),
-            static_file.display().to_string(),
-            "--parquet".into(),
-            work_dir
-                .join(format!("{tag}-parquet"))
-                .display()
-                .to_string(),
-        ],
+        &Pipeline {
+            brokers,
+            input: &raw.name,
+            output: &enriched.name,
+            dlq: &dlq.name,
+            group: format!("{}-group", raw.name),
+            static_file,
+            parquet: work_dir.join(format!("{tag}-parquet")),
+        }
+        .args(),
         None,
         &work_dir.join(format!("{tag}-enricher.log")),
     )?;

@@ -370,22 +370,16 @@ fn throughput(
         let parquet = work_dir.join(format!("parquet-{round}"));
         let mut replica = Replica::start(
             enricher,
-            &[
-                "--brokers".into(),
-                args.brokers.clone(),
-                "--input-topic".into(),
-                raw.name.clone(),
-                "--output-topic".into(),
-                enriched.name.clone(),
-                "--dlq-topic".into(),
-                dlq.name.clone(),
-                "--group".into(),
-                format!("{}-enricher-{round}", raw.name),
-                "--static".into(),
-                static_file.display().to_string(),
-                "--parquet".into(),
-                parquet.display().to_string(),
-            ],
+            &replica::Pipeline {
+                brokers: &args.brokers,
+                input: &raw.name,
+                output: &enriched.name,
+                dlq: &dlq.name,
+                group: format!("{}-enricher-{round}", raw.name),
+                static_file,
+                parquet: parquet.clone(),
+            }
+            .args(),
             Some(args.cpu),
             &work_dir.join(format!("enricher-{round}.log")),
         )?;

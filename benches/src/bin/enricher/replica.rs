@@ -5,7 +5,7 @@ use std::{
     fs::File,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -19,8 +19,38 @@ use crate::procfs;
 pub struct Replica {
     child: Child,
     metrics: SocketAddr,
-    log: std::path::PathBuf,
+    log: PathBuf,
     ticks_per_second: f64,
+}
+
+/// What one enricher of a benchmark reads and writes: `flows.raw` → `flows.enriched` (and a
+/// dead-letter topic) in its own consumer group, the static inventory, Parquet into a directory.
+pub struct Pipeline<'a> {
+    pub brokers: &'a str,
+    pub input: &'a str,
+    pub output: &'a str,
+    pub dlq: &'a str,
+    pub group: String,
+    pub static_file: &'a Path,
+    pub parquet: PathBuf,
+}
+
+impl Pipeline<'_> {
+    /// The enricher's command-line arguments for it.
+    pub fn args(&self) -> Vec<String> {
+        [
+            ("--brokers", self.brokers.to_owned()),
+            ("--input-topic", self.input.to_owned()),
+            ("--output-topic", self.output.to_owned()),
+            ("--dlq-topic", self.dlq.to_owned()),
+            ("--group", self.group.clone()),
+            ("--static", self.static_file.display().to_string()),
+            ("--parquet", self.parquet.display().to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value])
+        .collect()
+    }
 }
 
 impl Replica {
