@@ -15,6 +15,13 @@
 //!   it, `ambiguous` naming both owners if it crosses a change of owner, `unknown` if part of it
 //!   had no owner at all. Ends whose answer the window changed from the start's own are counted
 //!   in `flowlog_enricher_skew_widened_total{end,status}`. Skew 0 is a lookup at the start.
+//! - **What the flow proves** ([`Presence`]): an owner known only to within an uncertain span
+//!   (a Kubernetes change dated between two probes) leaves "that owner or nobody" for a time
+//!   inside the span. A remote end whose peer answered ([`FlowRecord::peer_answered`]: the
+//!   handshake completed) and every local end (the host used its own address) rule nobody out,
+//!   so such an end is that owner's, `exact`
+//!   (`flowlog_enricher_presence_resolved_total{end}`). A failed connect proves nothing and stays
+//!   `ambiguous`.
 //! - **Hold, per source**: a flow waits only for the sources that could still change the answer
 //!   for its addresses up to `start + skew` ([`IdentityIndex::unsettled`]): a source that
 //!   streams its changes ([`Timing::Continuous`]) whenever its watermark is behind that time; a
@@ -41,7 +48,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use flowlog_identity::{CgroupResolver, IdentityIndex, SharedIndex, SourceSet, Timing};
+use flowlog_identity::{CgroupResolver, IdentityIndex, Presence, SharedIndex, SourceSet, Timing};
 use flowlog_record::{Attribution, Endpoint, EnrichedFlow, FlowRecord, Identity};
 use metrics::{Counter, Histogram, counter, gauge, histogram};
 use smallvec::SmallVec;
@@ -114,6 +121,8 @@ struct Counters {
     attributed: [[Counter; 3]; 2],
     /// `flowlog_enricher_skew_widened_total` by end and status (ambiguous, unknown).
     widened: [[Counter; 2]; 2],
+    /// `flowlog_enricher_presence_resolved_total` by end.
+    held_resolved: [Counter; 2],
     hold_seconds: Histogram,
 }
 
@@ -130,6 +139,8 @@ impl Counters {
         Self {
             attributed: [end("local"), end("remote")],
             widened: [widened("local"), widened("remote")],
+            held_resolved: ["local", "remote"]
+                .map(|end| counter!(m::PRESENCE_RESOLVED_TOTAL, "end" => end)),
             hold_seconds: histogram!(m::HOLD_SECONDS),
         }
     }
@@ -494,24 +505,38 @@ fn enrich(
     skew_ns: u64,
 ) -> EnrichedFlow {
     let at = record.start_ns;
-    let lookup = |addr, behind: SourceSet, end: usize| {
+    let lookup = |addr, behind: SourceSet, end: usize, presence| {
         if !behind.is_empty() {
             return Endpoint::unknown();
         }
-        let found = index.lookup_around(addr, at, skew_ns);
+        // Most ends are exact without the proof: look up without it first, so that only the
+        // few near a change pay for a second lookup.
+        let mut found = index.lookup_with(addr, at, skew_ns, Presence::Unproven);
+        if found.status != Attribution::Exact && presence == Presence::Held {
+            found = index.lookup_with(addr, at, skew_ns, presence);
+            if found.status == Attribution::Exact {
+                counters.held_resolved[end].increment(1);
+            }
+        }
         if skew_ns > 0 && found.status != Attribution::Exact {
-            let alone = index.lookup(addr, at);
+            let alone = index.lookup_with(addr, at, 0, presence);
             if alone.status != found.status {
                 counters.widened[end][found.status as usize - 1].increment(1);
             }
         }
         found
     };
+    // The reporting host used its own address: something held it.
     let local = match local_identity {
         Some(identity) => Endpoint::exact(identity),
-        None => lookup(record.local_addr, waits.local, 0),
+        None => lookup(record.local_addr, waits.local, 0, Presence::Held),
     };
-    let remote = lookup(record.remote_addr, waits.remote, 1);
+    let remote_presence = if record.peer_answered() {
+        Presence::Held
+    } else {
+        Presence::Unproven
+    };
+    let remote = lookup(record.remote_addr, waits.remote, 1, remote_presence);
     counters.attributed[0][local.status as usize].increment(1);
     counters.attributed[1][remote.status as usize].increment(1);
     EnrichedFlow {
@@ -871,6 +896,79 @@ mod tests {
             counter_value(&counts, m::SKEW_WIDENED_TOTAL, &[("end", "local")]),
             0
         );
+    }
+
+    /// A flow whose start falls in an owner's uncertain span ("it or nobody") is that owner's
+    /// when its peer answered (the handshake completed, or an open record with an RTT sample),
+    /// counted as resolved by presence; a failed connect there stays `ambiguous`. The local end
+    /// (the host's own address) is always held.
+    #[test]
+    fn a_peer_that_answered_rules_out_nobody_in_an_uncertain_span() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            let mut index = IdentityIndex::new();
+            index.register_source("s");
+            let index = index.into_shared();
+            // The pod that gets 10.0.0.1 did so somewhere in 100–101 s; the host 192.0.2.1's
+            // address came up somewhere in 0–200 s.
+            for (owner, prefix, from, to) in [
+                ("new", "10.0.0.1/32", 100 * S, 101 * S),
+                ("host", "192.0.2.1/32", 0, 200 * S),
+            ] {
+                index.write().apply(OwnershipChange::Uncertain {
+                    source: "s".into(),
+                    owner: owner.into(),
+                    prefix: prefix.parse().unwrap(),
+                    identity: named(owner),
+                    from_ns: from,
+                    to_ns: to,
+                });
+            }
+            open(&index, "s", "new", "10.0.0.1/32", 101 * S);
+            watermark(&index, 1_000 * S);
+            let mut a: Attributor<u64> =
+                Attributor::new(SharedIndex::clone(&index), None, Duration::from_secs(5));
+            let t = Instant::now();
+            let mut out = Vec::new();
+            let at = 100 * S + S / 2;
+            let failed = FlowRecord {
+                outcome: Outcome::Failed,
+                ..to(2, "10.0.0.1", at)
+            };
+            let open_answered = FlowRecord {
+                outcome: Outcome::Open,
+                srtt_us: 120,
+                ..to(3, "10.0.0.1", at)
+            };
+            let open_silent = FlowRecord {
+                outcome: Outcome::Open,
+                ..to(4, "10.0.0.1", at)
+            };
+            for (id, r) in [
+                (1, to(1, "10.0.0.1", at)),
+                (2, failed),
+                (3, open_answered),
+                (4, open_silent),
+            ] {
+                a.push(r, id, t, &mut out);
+            }
+            assert_eq!(
+                remotes(&out),
+                vec![
+                    (1, Attribution::Exact, "new".into()),
+                    (2, Attribution::Ambiguous, "new".into()),
+                    (3, Attribution::Exact, "new".into()),
+                    (4, Attribution::Ambiguous, "new".into()),
+                ]
+            );
+            for (e, _) in &out {
+                assert_eq!(e.local.identity.as_ref().unwrap().name, "host");
+            }
+        });
+        let counts = counters(&snapshotter);
+        let resolved = |end| counter_value(&counts, m::PRESENCE_RESOLVED_TOTAL, &[("end", end)]);
+        assert_eq!((resolved("local"), resolved("remote")), (4, 2));
     }
 
     /// Flows newer than the inventory wait for it (in arrival order), up to the hold; past it

@@ -28,6 +28,10 @@ pub const HOLD_SECONDS: &str = "flowlog_enricher_hold_seconds";
 /// Ends whose answer over the clock-skew window was `ambiguous` or `unknown` where the flow's
 /// start alone gave another answer, by `end` and `status`.
 pub const SKEW_WIDENED_TOTAL: &str = "flowlog_enricher_skew_widened_total";
+/// Ends that came out `exact` only because the flow proves its address was held (the peer
+/// answered, or the reporting host's own address) while the inventory knew its owner's change
+/// only to within an uncertain span, by `end`.
+pub const PRESENCE_RESOLVED_TOTAL: &str = "flowlog_enricher_presence_resolved_total";
 /// How far behind now each registered source has reported (now minus its watermark), by
 /// `source`, seconds; +Inf before its first report.
 pub const SOURCE_LAG: &str = "flowlog_enricher_source_lag_seconds";

@@ -30,6 +30,23 @@ use crate::{
 /// The end of an interval that has not closed.
 const OPEN_END: u64 = u64::MAX;
 
+/// What a flow proves about one of its addresses at the time it is looked up at, beyond what
+/// the inventory says.
+///
+/// An uncertain span (an owner known only to have got or given up the address somewhere inside
+/// it) leaves two answers open for a time inside it: that owner, or nobody. A flow can rule
+/// nobody out: an address that completed a TCP handshake, or that the reporting host itself
+/// used, was held by someone. If the inventory's only candidate then is one owner, that owner
+/// held it. The assumption this rests on: an address the inventory tracks answers only while
+/// one of the inventory's owners holds it (for pod addresses, only while a pod has it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Nothing is proven: the address may have had nobody (a connect nobody answered).
+    Unproven,
+    /// Something held the address: the peer answered, or it is the reporting host's own.
+    Held,
+}
+
 /// The index shared between the task that applies changes and the enricher's lookups
 /// (`parking_lot`'s lock: no poisoning, and readers are cheap).
 pub type SharedIndex = Arc<parking_lot::RwLock<IdentityIndex>>;
@@ -183,8 +200,9 @@ impl Slot {
 
     /// The identities of the intervals containing `at`, or `None` if none does: exact if one
     /// owner held it for sure and no other may have; ambiguous (all of them) otherwise —
-    /// also when the only candidate is one that only may have held it.
-    fn containing(&self, at: u64) -> Option<Endpoint> {
+    /// also when the only candidate is one that only may have held it, unless `presence`
+    /// rules out nobody.
+    fn containing(&self, at: u64, presence: Presence) -> Option<Endpoint> {
         let ivs = &self.intervals;
         // Fast path, the common case of a flow looked up soon after it happened: the newest
         // interval contains `at` and nothing before it reaches `at`.
@@ -221,6 +239,12 @@ impl Slot {
         }
         if let [one] = held.as_slice()
             && maybe.iter().all(|m| same(m, one))
+        {
+            return Some(Endpoint::exact(Arc::clone(one)));
+        }
+        // One owner that only may have held it, or nobody: a held address was that owner's.
+        if let ([], [one]) = (held.as_slice(), maybe.as_slice())
+            && presence == Presence::Held
         {
             return Some(Endpoint::exact(Arc::clone(one)));
         }
@@ -308,10 +332,10 @@ impl<K: NetKey> Family<K> {
         }
     }
 
-    fn lookup(&self, addr: K, at: u64) -> Option<Endpoint> {
+    fn lookup(&self, addr: K, at: u64, presence: Presence) -> Option<Endpoint> {
         self.lens.iter().find_map(|(len, map)| {
             map.get(&addr.masked(*len))
-                .and_then(|slot| slot.containing(at))
+                .and_then(|slot| slot.containing(at, presence))
         })
     }
 
@@ -319,8 +343,9 @@ impl<K: NetKey> Family<K> {
     /// window gets from a point lookup (the most specific prefix with an interval at that time),
     /// and whether some time of the window gets nobody. A time that only an uncertain span
     /// answers has no sure owner, so the window is then ambiguous even with one candidate, as
-    /// a point lookup there would be.
-    fn lookup_window(&self, addr: K, lo: u64, hi: u64) -> Endpoint {
+    /// a point lookup there would be. With [`Presence::Held`] nobody is not an answer: the
+    /// owners any time of the window gets are the candidates, and one of them is exact.
+    fn lookup_window(&self, addr: K, lo: u64, hi: u64, presence: Presence) -> Endpoint {
         // The parts of the window no more specific prefix has answered yet.
         let mut open: Spans = SmallVec::new();
         open.push((lo, hi));
@@ -365,10 +390,13 @@ impl<K: NetKey> Family<K> {
                 break;
             }
         }
+        let held = presence == Presence::Held;
         match owners.as_slice() {
-            // Some time of the window had no owner at any prefix: nobody is one of the answers.
-            _ if !open.is_empty() => Endpoint::unknown(),
-            [one] if !only_maybe => Endpoint::exact(Arc::clone(one)),
+            [] => Endpoint::unknown(),
+            // Some time of the window had no owner at any prefix: nobody is one of the answers
+            // (unless the flow proves the address was held).
+            _ if !open.is_empty() && !held => Endpoint::unknown(),
+            [one] if !only_maybe || held => Endpoint::exact(Arc::clone(one)),
             many => {
                 let many: SmallVec<[Arc<Identity>; 4]> =
                     many.iter().map(|o| Arc::clone(o)).collect();
@@ -852,9 +880,13 @@ impl IdentityIndex {
     /// two or more overlapping → Endpoint::ambiguous, none at any prefix → Endpoint::unknown.
     /// IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) are looked up as IPv4.
     pub fn lookup(&self, addr: IpAddr, at_ns: u64) -> Endpoint {
+        self.lookup_point(addr, at_ns, Presence::Unproven)
+    }
+
+    fn lookup_point(&self, addr: IpAddr, at_ns: u64, presence: Presence) -> Endpoint {
         let found = match addr.to_canonical() {
-            IpAddr::V4(a) => self.v4.lookup(a.to_bits(), at_ns),
-            IpAddr::V6(a) => self.v6.lookup(a.to_bits(), at_ns),
+            IpAddr::V4(a) => self.v4.lookup(a.to_bits(), at_ns, presence),
+            IpAddr::V6(a) => self.v6.lookup(a.to_bits(), at_ns, presence),
         };
         found.unwrap_or_else(Endpoint::unknown)
     }
@@ -871,16 +903,30 @@ impl IdentityIndex {
     ///
     /// `skew_ns` 0 is exactly [`Self::lookup`] at `at_ns`.
     pub fn lookup_around(&self, addr: IpAddr, at_ns: u64, skew_ns: u64) -> Endpoint {
+        self.lookup_with(addr, at_ns, skew_ns, Presence::Unproven)
+    }
+
+    /// [`Self::lookup_around`], with what the flow proves about the address
+    /// ([`Presence`]): with [`Presence::Held`], nobody is not one of the answers, so an end
+    /// whose only candidate is an owner known to within an uncertain span (or a window that
+    /// meets one owner and times of nobody) is that owner's, `exact`.
+    pub fn lookup_with(
+        &self,
+        addr: IpAddr,
+        at_ns: u64,
+        skew_ns: u64,
+        presence: Presence,
+    ) -> Endpoint {
         if skew_ns == 0 {
-            return self.lookup(addr, at_ns);
+            return self.lookup_point(addr, at_ns, presence);
         }
         let (lo, hi) = (
             at_ns.saturating_sub(skew_ns),
             at_ns.saturating_add(skew_ns).saturating_add(1),
         );
         match addr.to_canonical() {
-            IpAddr::V4(a) => self.v4.lookup_window(a.to_bits(), lo, hi),
-            IpAddr::V6(a) => self.v6.lookup_window(a.to_bits(), lo, hi),
+            IpAddr::V4(a) => self.v4.lookup_window(a.to_bits(), lo, hi, presence),
+            IpAddr::V6(a) => self.v6.lookup_window(a.to_bits(), lo, hi, presence),
         }
     }
 

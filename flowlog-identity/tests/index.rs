@@ -4,7 +4,8 @@
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use flowlog_identity::{
-    ChangeCounts, IdentityIndex, OwnershipChange, SharedIndex, SourceSet, Timing, apply_changes,
+    ChangeCounts, IdentityIndex, OwnershipChange, Presence, SharedIndex, SourceSet, Timing,
+    apply_changes,
 };
 use flowlog_record::{Attribution, Endpoint, Identity, IdentityKind};
 use ipnet::IpNet;
@@ -453,6 +454,56 @@ fn a_skew_window_reaching_an_uncertain_span_is_ambiguous() {
     assert_eq!(index.lookup_around(a, 202 * S + S / 2, skew), exact(&new));
     for t in [199 * S, 200 * S, 201 * S, 202 * S] {
         assert_eq!(index.lookup_around(a, t, 0), index.lookup(a, t), "at {t}");
+    }
+}
+
+/// A flow that proves its address was held (its peer answered) rules nobody out: where the
+/// only candidate is an owner known to within a span ("it or nobody"), that owner is exact; where
+/// two owners may have held it, both are still named; where no owner could have, it is still
+/// unknown. Point lookups and skew windows alike.
+#[test]
+fn a_held_address_makes_the_one_candidate_of_a_span_exact() {
+    let (old, new) = (pod("cart-1"), pod("checkout-7"));
+    let p = "10.1.2.3/32";
+    let index = index(vec![
+        open("kubernetes", "pod/a", p, &old, 100 * S),
+        close("kubernetes", "pod/a", p, 200 * S),
+        uncertain("pod/a", p, &old, 200 * S, 201 * S),
+        uncertain("pod/b", p, &new, 200 * S + S / 2, 202 * S),
+        open("kubernetes", "pod/b", p, &new, 202 * S),
+        close("kubernetes", "pod/b", p, 300 * S),
+    ]);
+    let a = ip("10.1.2.3");
+    let held = |t, skew| index.lookup_with(a, t, skew, Presence::Held);
+    let unproven = |t, skew| index.lookup_with(a, t, skew, Presence::Unproven);
+    // "cart-1 or nobody" → cart-1; "checkout-7 or nobody" → checkout-7.
+    assert_eq!(unproven(200 * S, 0), ambiguous(&["shop/cart-1"]));
+    assert_eq!(held(200 * S, 0), exact(&old));
+    assert_eq!(unproven(201 * S, 0), ambiguous(&["shop/checkout-7"]));
+    assert_eq!(held(201 * S, 0), exact(&new));
+    // Both spans: two candidates whatever the flow proves.
+    let both = ambiguous(&["shop/cart-1", "shop/checkout-7"]);
+    assert_eq!(held(200 * S + S / 2, 0), both);
+    // Sure answers do not change; nobody's time with no candidate stays unknown.
+    assert_eq!(held(150 * S, 0), exact(&old));
+    assert_eq!(held(250 * S, 0), exact(&new));
+    assert_eq!(held(300 * S, 0), Endpoint::unknown());
+    assert_eq!(held(50 * S, 0), Endpoint::unknown());
+    // A window that meets one owner and times of nobody: unknown unproven, the owner if held.
+    assert_eq!(unproven(300 * S, S / 2), Endpoint::unknown());
+    assert_eq!(held(300 * S, S / 2), exact(&new));
+    assert_eq!(unproven(100 * S, S / 2), Endpoint::unknown());
+    assert_eq!(held(100 * S, S / 2), exact(&old));
+    // A window across the handover still names both.
+    assert_eq!(held(201 * S, 2 * S), both);
+    // With nothing proven, lookup_with is lookup_around.
+    for t in [150 * S, 200 * S, 201 * S, 300 * S] {
+        assert_eq!(
+            unproven(t, S / 2),
+            index.lookup_around(a, t, S / 2),
+            "at {t}"
+        );
+        assert_eq!(unproven(t, 0), index.lookup(a, t), "at {t}");
     }
 }
 

@@ -105,3 +105,17 @@ pub struct FlowRecord {
     /// cgroup v2 id of that process (identifies its container).
     pub cgroup_id: Option<u64>,
 }
+
+impl FlowRecord {
+    /// Whether the peer is proven to have answered, so that something held `remote_addr` at
+    /// the flow's start: the handshake completed (`closed`, `reset`), or an `open` record has
+    /// an RTT sample (the peer acknowledged a segment). A `failed` connect proves nothing: a
+    /// SYN to an address nobody holds fails as one to a pod that drops it does.
+    pub fn peer_answered(&self) -> bool {
+        match self.outcome {
+            Outcome::Closed | Outcome::Reset => true,
+            Outcome::Open => self.srtt_us > 0,
+            Outcome::Failed => false,
+        }
+    }
+}

@@ -42,7 +42,8 @@ pub enum Placement {
     AfterOpen,
     /// Shortly before the pod gave the address up (its last connections).
     BeforeClose,
-    /// While no pod held the address (traffic to a gone pod: nobody is the right answer).
+    /// While no pod held the address (traffic to a gone pod: nobody is the right answer). A
+    /// flow whose start nobody's tenure covers is sent as a connect nobody answered (`failed`).
     InGap,
     /// Started during one tenure, ended seconds after the next pod got the address.
     AcrossReassignment,
@@ -167,6 +168,17 @@ enum Action {
         address: u32,
         record: Box<FlowRecord>,
     },
+}
+
+/// Makes `record` a connect nobody answered: `failed`, SYNs sent and nothing received.
+fn unanswered(record: &mut FlowRecord) {
+    record.outcome = Outcome::Failed;
+    record.bytes_sent = 0;
+    record.bytes_received = 0;
+    record.segs_sent = 2;
+    record.segs_received = 0;
+    record.srtt_us = 0;
+    record.min_rtt_us = 0;
 }
 
 /// Drives the churn; `produce` sends one record to the raw topic.
@@ -308,8 +320,12 @@ impl<'a> Scenario<'a> {
                 Action::Produce {
                     flow_id,
                     address,
-                    record,
+                    mut record,
                 } => {
+                    // A connect to an address nobody held goes unanswered, as on a real network.
+                    if self.out.owner_at(address, record.start_ns).is_none() {
+                        unanswered(&mut record);
+                    }
                     let current = self.out.tenures[address as usize]
                         .last()
                         .filter(|t| t.to_ns.is_none())
