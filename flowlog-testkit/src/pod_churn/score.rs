@@ -55,6 +55,9 @@ pub struct Score {
     pub unknown: u64,
     /// Flows whose address had an owner at their start (those that can come out `unknown`).
     pub owned: u64,
+    /// `Ambiguous` for a flow whose address had an owner: a connect its peer answered (the
+    /// rest of `ambiguous` are connects into a gap, which nobody answered).
+    pub ambiguous_owned: u64,
 }
 
 impl Score {
@@ -67,7 +70,10 @@ impl Score {
         }
         match answer {
             Answer::Owner(_) => self.misattributed += 1,
-            Answer::Ambiguous => self.ambiguous += 1,
+            Answer::Ambiguous => {
+                self.ambiguous += 1;
+                self.ambiguous_owned += u64::from(truth.is_some());
+            }
             // Right for an address nobody held, so here the address had an owner.
             Answer::Unknown => self.unknown += 1,
         }
@@ -80,6 +86,7 @@ impl Score {
         self.ambiguous += other.ambiguous;
         self.unknown += other.unknown;
         self.owned += other.owned;
+        self.ambiguous_owned += other.ambiguous_owned;
     }
 }
 

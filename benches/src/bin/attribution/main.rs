@@ -652,6 +652,19 @@ fn report(
          ({:.4}%).\n",
         placed_ambiguous as f64 * 100.0 / placed.max(1) as f64
     );
+    // A connect to an address a pod held completes its handshake (the record says so), which
+    // rules nobody out; one into a gap goes unanswered and proves nothing.
+    let unowned = flowlog.flows - owned;
+    let _ = writeln!(
+        out,
+        "Ambiguous among the connects a pod answered (the address had an owner): {} of {owned} \
+         ({:.4}%); among the connects into a gap, which nobody answered: {} of {unowned} \
+         ({:.4}%).\n",
+        flowlog.ambiguous_owned,
+        flowlog.ambiguous_owned as f64 * 100.0 / owned.max(1) as f64,
+        flowlog.ambiguous - flowlog.ambiguous_owned,
+        (flowlog.ambiguous - flowlog.ambiguous_owned) as f64 * 100.0 / unowned.max(1) as f64,
+    );
     let _ = writeln!(
         out,
         "| where the flow starts | flows | flowlog: correct / misattributed / ambiguous / unknown | latest owner: correct / misattributed / unknown |"
