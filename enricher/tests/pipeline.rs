@@ -451,7 +451,10 @@ from = "{t101}"
         ),
     );
     let ns = |s: f64| base_s * 1_000_000_000 + (s * 1e9).round() as u64;
-    let cases: [(u64, &str, f64, Attribution, &str); 10] = [
+    // Every flow's peer answered (its handshake completed) but 68 and 69: connects nobody
+    // answered, which leave nobody possible.
+    let failed = [68, 69];
+    let cases: [(u64, &str, f64, Attribution, &str); 12] = [
         (61, "10.4.0.5", 50.0, Attribution::Exact, "old-owner"),
         // The window [start - 2 s, start + 2 s] ends 1 ms before the change.
         (62, "10.4.0.5", 97.999, Attribution::Exact, "old-owner"),
@@ -479,15 +482,22 @@ from = "{t101}"
         // The window starts at the change.
         (66, "10.4.0.5", 102.0, Attribution::Exact, "new-owner"),
         (67, "10.4.0.6", 97.999, Attribution::Exact, "a"),
-        // The window reaches the second with no owner: nobody is possible.
+        // The window reaches the second with no owner: for a connect nobody answered, nobody
+        // is possible.
         (68, "10.4.0.6", 99.0, Attribution::Unknown, ""),
         (69, "10.4.0.6", 102.999, Attribution::Unknown, ""),
         (70, "10.4.0.6", 103.0, Attribution::Exact, "b"),
+        // The same starts answered: nobody is ruled out, so the window's owners are the answer.
+        (71, "10.4.0.6", 99.0, Attribution::Ambiguous, "a,b"),
+        (72, "10.4.0.6", 102.999, Attribution::Exact, "b"),
     ];
     let messages: Vec<(Vec<u8>, Vec<u8>)> = cases
         .iter()
         .map(|&(id, remote, s, _, _)| {
-            let r = record(id, remote, ns(s));
+            let mut r = record(id, remote, ns(s));
+            if failed.contains(&id) {
+                r.outcome = Outcome::Failed;
+            }
             (avro::key(&r), encoded(&r))
         })
         .collect();
@@ -513,17 +523,25 @@ from = "{t101}"
             "flow {id} to {remote}"
         );
     }
-    // Without the skew, 63–65, 68 and 69 are exact: the window made 3 ambiguous and 2 unknown
-    // (68 and 69; a start in the gap itself would be unknown anyway).
+    // Without the skew, 63–65, 68, 69 and 71 are exact: the window made 4 ambiguous (63–65,
+    // 71) and 2 unknown (68 and 69; a start in the gap itself would be unknown anyway). 72 is
+    // exact only because its peer answered.
     let (_, page) = http_get(enricher.metrics, "/metrics").unwrap();
-    let widened = |status: &str| {
-        let line =
-            format!("flowlog_enricher_skew_widened_total{{end=\"remote\",status=\"{status}\"}} ");
+    let value = |line: String| {
         page.lines()
             .find_map(|l| l.strip_prefix(&line)?.parse::<u64>().ok())
             .unwrap_or_else(|| panic!("no {line}in\n{page}"))
     };
-    assert_eq!((widened("ambiguous"), widened("unknown")), (3, 2));
+    let widened = |status: &str| {
+        value(format!(
+            "flowlog_enricher_skew_widened_total{{end=\"remote\",status=\"{status}\"}} "
+        ))
+    };
+    assert_eq!((widened("ambiguous"), widened("unknown")), (4, 2));
+    assert_eq!(
+        value("flowlog_enricher_presence_resolved_total{end=\"remote\"} ".to_owned()),
+        1
+    );
     enricher.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
