@@ -6,8 +6,10 @@
 //!
 //! Offsets of a partition complete out of order (a held flow finishes after later ones; Kafka
 //! acknowledges in batches; Parquet files close every roll), so each partition keeps its
-//! pending offsets in order and commits up to the first one still pending.
-use std::collections::{BTreeMap, HashMap};
+//! pending offsets in order and commits up to the first one still pending. A partition's
+//! offsets are read in increasing order, so its pending ones are a deque sorted by offset:
+//! appended at the back, found by binary search, committed from the front.
+use std::collections::{HashMap, VecDeque};
 
 /// What an input message still waits for.
 #[derive(Debug, Clone, Copy, Default)]
@@ -30,19 +32,27 @@ impl Pending {
 /// Pending input offsets per partition of one topic.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    partitions: HashMap<i32, BTreeMap<i64, Pending>>,
+    partitions: HashMap<i32, VecDeque<(i64, Pending)>>,
 }
 
 impl OffsetTracker {
-    /// A message was read: it is pending until [`written`](Self::written).
+    /// A message was read: it is pending until [`written`](Self::written). Read again (after
+    /// a rebalance or a seek back), it is pending again from the start.
     pub fn consumed(&mut self, partition: i32, offset: i64) {
-        self.partitions.entry(partition).or_default().insert(
-            offset,
-            Pending {
-                unwritten: true,
-                ..Pending::default()
-            },
-        );
+        let fresh = Pending {
+            unwritten: true,
+            ..Pending::default()
+        };
+        let pending = self.partitions.entry(partition).or_default();
+        match pending.back() {
+            Some(&(last, _)) if last >= offset => {
+                match pending.binary_search_by_key(&offset, |&(o, _)| o) {
+                    Ok(i) => pending[i].1 = fresh,
+                    Err(i) => pending.insert(i, (offset, fresh)),
+                }
+            }
+            _ => pending.push_back((offset, fresh)),
+        }
     }
 
     /// The message's output was handed over: to Kafka if `kafka` (awaiting its acknowledgement),
@@ -63,7 +73,9 @@ impl OffsetTracker {
     }
 
     fn get(&mut self, partition: i32, offset: i64) -> Option<&mut Pending> {
-        self.partitions.get_mut(&partition)?.get_mut(&offset)
+        let pending = self.partitions.get_mut(&partition)?;
+        let i = pending.binary_search_by_key(&offset, |&(o, _)| o).ok()?;
+        Some(&mut pending[i].1)
     }
 
     /// Drops every done offset at the front of each partition and returns, for each partition
@@ -72,12 +84,12 @@ impl OffsetTracker {
         let mut out = Vec::new();
         for (&partition, pending) in &mut self.partitions {
             let mut next = None;
-            while let Some(entry) = pending.first_entry() {
-                if !entry.get().done(parquet_durable) {
+            while let Some(&(offset, p)) = pending.front() {
+                if !p.done(parquet_durable) {
                     break;
                 }
-                next = Some(*entry.key() + 1);
-                entry.remove();
+                next = Some(offset + 1);
+                pending.pop_front();
             }
             if let Some(next) = next {
                 out.push((partition, next));
@@ -97,7 +109,7 @@ impl OffsetTracker {
 
     /// Input messages not yet committable.
     pub fn pending(&self) -> usize {
-        self.partitions.values().map(BTreeMap::len).sum()
+        self.partitions.values().map(VecDeque::len).sum()
     }
 }
 
@@ -132,6 +144,25 @@ mod tests {
         assert_eq!(t.committable(5), vec![(0, 15), (1, 8)]);
         assert_eq!(t.pending(), 0);
         assert_eq!(t.committable(5), vec![]);
+    }
+
+    /// Offsets read again after a seek back are pending again, in order, once each.
+    #[test]
+    fn offsets_read_again_are_pending_again_in_order() {
+        let mut t = OffsetTracker::default();
+        for o in 5..8 {
+            t.consumed(0, o);
+            t.written(0, o, false, None);
+        }
+        t.consumed(0, 6);
+        t.consumed(0, 3);
+        assert_eq!(t.pending(), 4);
+        assert_eq!(t.committable(0), vec![], "3 is pending");
+        t.written(0, 3, false, None);
+        assert_eq!(t.committable(0), vec![(0, 6)], "6 was read again");
+        t.written(0, 6, false, None);
+        assert_eq!(t.committable(0), vec![(0, 8)]);
+        assert_eq!(t.pending(), 0);
     }
 
     #[test]
