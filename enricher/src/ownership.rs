@@ -28,10 +28,11 @@ use std::{
     time::Duration,
 };
 
+use flowlog_diag::LogThrottle;
 use flowlog_identity::{
     BoxFuture, InventorySource, OwnershipChange, SourceError, SourceRegistry, Timing,
 };
-use flowlog_kafka::{ClientErrors, ClientSettings, LogThrottle};
+use flowlog_kafka::{ClientErrors, ClientSettings};
 use flowlog_record::Identity;
 use ipnet::IpNet;
 use metrics::counter;
@@ -858,7 +859,7 @@ fn follow(
         match reader(client, topic) {
             Ok(consumer) => break consumer,
             Err(e) => {
-                let what = format!("opening {topic}: {:#}", anyhow::Error::from(e));
+                let what = format!("opening {topic}: {}", flowlog_diag::error_chain(&e));
                 opening.note("open_failed", &what);
                 let until = std::time::Instant::now() + delay;
                 while std::time::Instant::now() < until && !stop.is_cancelled() {

@@ -36,6 +36,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use flowlog_diag::LogThrottle;
 use flowlog_kafka::{ClientErrors, ClientSettings, OptionError, TopicError, error_kind};
 use flowlog_record::avro;
 use metrics::{Counter, Gauge, counter, gauge};
@@ -54,7 +55,6 @@ use crate::{
     record::FlowRecord,
     sink::{RecordSink, SinkError},
     spool::{Spool, SpoolError, SpoolId, SpoolRecord},
-    throttle::LogThrottle,
 };
 
 /// Messages produced whose delivery report has not arrived, at most: bounds the memory the
@@ -468,7 +468,7 @@ impl KafkaSink {
                 spool = %self.settings.spool_dir.display(),
                 count = self.spool_error_log.count,
                 "spool {op} failed: {}",
-                crate::error_chain(e)
+                flowlog_diag::error_chain(e)
             );
         }
     }

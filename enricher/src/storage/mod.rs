@@ -30,6 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use flowlog_diag::error_chain;
 use flowlog_record::enriched::EnrichedFlow;
 use object_store::ObjectStoreExt;
 use tracing::{info, warn};
@@ -434,18 +435,6 @@ impl ParquetSink {
             }
         }
     }
-}
-
-/// An error and its sources on one line (object_store's messages nest the HTTP cause).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 #[cfg(test)]
