@@ -111,7 +111,7 @@ pub fn spawn_source(
     tokio::spawn(async move {
         let result = run.await;
         if let Err(error) = &result {
-            metrics::counter!("flowlog_identity_source_failures_total", "source" => name.clone())
+            metrics::counter!(crate::metrics::SOURCE_FAILURES, "source" => name.clone())
                 .increment(1);
             tracing::error!(source = %name, error = %error_chain(error), "inventory source stopped");
         }
@@ -142,8 +142,7 @@ impl FailureLog {
     /// Records a failure; logs it if it is the first since the last success, or if the last log
     /// of it is a minute old.
     pub fn failed(&mut self, error: &(dyn std::error::Error + 'static)) {
-        metrics::counter!("flowlog_identity_source_errors_total", "source" => self.source)
-            .increment(1);
+        metrics::counter!(crate::metrics::SOURCE_ERRORS, "source" => self.source).increment(1);
         self.note(error);
     }
 
@@ -151,7 +150,7 @@ impl FailureLog {
     /// e.g. `throttled`, `timeout`, `dispatch`), so that throttling can be told from an outage.
     pub fn failed_kind(&mut self, kind: &'static str, error: &(dyn std::error::Error + 'static)) {
         metrics::counter!(
-            "flowlog_identity_source_errors_total",
+            crate::metrics::SOURCE_ERRORS,
             "source" => self.source,
             "kind" => kind
         )

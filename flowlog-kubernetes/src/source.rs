@@ -270,8 +270,7 @@ impl KubernetesSource {
                 state.listed = true;
                 state.lists += 1;
                 if state.lists > 1 {
-                    metrics::counter!("flowlog_kubernetes_relists_total", "kind" => KINDS[k])
-                        .increment(1);
+                    metrics::counter!(crate::metrics::RELISTS, "kind" => KINDS[k]).increment(1);
                 }
                 tracing::debug!(
                     kind = KINDS[k],
