@@ -45,8 +45,8 @@ impl Inventory {
                     Ok(()) => info!(source = name, "inventory source stopped"),
                     Err(e) => error!(
                         source = name,
-                        "inventory source failed: {:#}; flows are held, then attributed unknown",
-                        anyhow::Error::from(e)
+                        "inventory source failed: {}; flows are held, then attributed unknown",
+                        flowlog_diag::error_chain(&e)
                     ),
                 }
             });

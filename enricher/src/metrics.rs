@@ -1,4 +1,5 @@
-//! The enricher's Prometheus metrics: names (README lists them) and the exporter.
+//! The Prometheus metrics of the enricher and of `flowlog-inventory`: names (README lists them;
+//! every name is a constant here, none spelled where it is counted) and the exporter.
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -48,6 +49,32 @@ pub const LATENCY: &str = "flowlog_enricher_latency_seconds";
 pub const INVENTORY_LAG: &str = "flowlog_enricher_inventory_lag_seconds";
 /// Input offsets stored for commit (every output durable up to them).
 pub const OFFSETS_STORED: &str = "flowlog_enricher_offsets_stored_total";
+
+/// Parquet files written (uploaded completely).
+pub const PARQUET_FILES: &str = "flowlog_enricher_parquet_files_total";
+/// Rows in the Parquet files written.
+pub const PARQUET_ROWS: &str = "flowlog_enricher_parquet_rows_total";
+/// Bytes of the Parquet files written.
+pub const PARQUET_BYTES: &str = "flowlog_enricher_parquet_bytes_total";
+/// Failed Parquet upload attempts (each is retried).
+pub const PARQUET_UPLOAD_ERRORS: &str = "flowlog_enricher_parquet_upload_errors_total";
+
+/// Kafka client errors of the ownership topic's reader and publisher, by `kind`.
+pub const OWNERSHIP_KAFKA_ERRORS: &str = "flowlog_ownership_kafka_errors_total";
+/// Ownership records that could not be read (not JSON of an ownership record): skipped.
+pub const OWNERSHIP_MALFORMED: &str = "flowlog_ownership_malformed_total";
+
+/// Ownership records `flowlog-inventory` published to the ownership topic.
+pub const INVENTORY_PUBLISHED: &str = "flowlog_inventory_published_total";
+/// Failed attempts (retried) to publish an ownership record, by `kind`.
+pub const INVENTORY_PUBLISH_ERRORS: &str = "flowlog_inventory_publish_errors_total";
+/// Closes for no open tenure, which `flowlog-inventory` ignores.
+pub const INVENTORY_UNMATCHED_CLOSES: &str = "flowlog_inventory_unmatched_closes_total";
+/// 1 while this `flowlog-inventory` is the one that publishes (always, without
+/// `--leader-election`).
+pub const INVENTORY_LEADER: &str = "flowlog_inventory_leader";
+/// Times this `flowlog-inventory` became the leader.
+pub const INVENTORY_LEADER_TRANSITIONS: &str = "flowlog_inventory_leader_transitions_total";
 
 /// The Prometheus recorder's settings: the latency histogram's buckets.
 pub fn builder() -> PrometheusBuilder {

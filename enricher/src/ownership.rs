@@ -21,17 +21,18 @@
 //! Broker outages and restarts stop neither side: the publisher produces again until the
 //! broker acknowledges, and the follower keeps reading (librdkafka reconnects) or keeps trying to
 //! open the topic, while the index holds flows for it; a record that does not parse is counted,
-//! logged and skipped. Every client error is counted in [`OWNERSHIP_KAFKA_ERRORS`].
+//! logged and skipped. Every client error is counted in [`crate::metrics::OWNERSHIP_KAFKA_ERRORS`].
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
 
+use flowlog_diag::LogThrottle;
 use flowlog_identity::{
     BoxFuture, InventorySource, OwnershipChange, SourceError, SourceRegistry, Timing,
 };
-use flowlog_kafka::{ClientErrors, ClientSettings, LogThrottle};
+use flowlog_kafka::{ClientErrors, ClientSettings};
 use flowlog_record::Identity;
 use ipnet::IpNet;
 use metrics::counter;
@@ -46,6 +47,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use crate::metrics as m;
 
 /// The source name under which an enricher's index sees the topic (and whose watermark gates
 /// its flows).
@@ -300,7 +303,7 @@ impl Tenures {
                 let key = (source, owner, prefix);
                 match self.open.remove(&key) {
                     Some(open) => out.push(self.closed_record(&key, open, at_ns)),
-                    None => counter!("flowlog_inventory_unmatched_closes_total").increment(1),
+                    None => counter!(m::INVENTORY_UNMATCHED_CLOSES).increment(1),
                 }
             }
             OwnershipChange::Uncertain {
@@ -392,9 +395,6 @@ pub enum OwnershipError {
     Topic(#[from] flowlog_kafka::TopicError),
 }
 
-/// Kafka client errors of the ownership topic's reader and publisher, by `kind`.
-pub const OWNERSHIP_KAFKA_ERRORS: &str = "flowlog_ownership_kafka_errors_total";
-
 /// The ownership topic's client context: librdkafka's log lines and client errors go through
 /// `flowlog_kafka` (counted, logged once a minute) instead of rdkafka's default, which logs
 /// every error — including the end-of-partition events that the reader asks for and handles —
@@ -406,7 +406,7 @@ pub struct OwnershipContext {
 impl OwnershipContext {
     fn new(brokers: &str) -> Self {
         Self {
-            errors: ClientErrors::new(OWNERSHIP_KAFKA_ERRORS, brokers, "retrying"),
+            errors: ClientErrors::new(m::OWNERSHIP_KAFKA_ERRORS, brokers, "retrying"),
         }
     }
 }
@@ -501,13 +501,10 @@ enum Polled {
     Nothing,
 }
 
-/// Ownership records that could not be read (not JSON of an [`OwnershipRecord`]): skipped.
-pub const OWNERSHIP_MALFORMED: &str = "flowlog_ownership_malformed_total";
-
 /// One poll of the reader. Nothing read stops it: librdkafka reconnects by itself after a
 /// client error (brokers down, connections reset), which is counted and logged by the
 /// context's [`ClientErrors`]; a record that does not parse is counted in
-/// [`OWNERSHIP_MALFORMED`], logged (once, then at most once a minute) and skipped, so that one
+/// [`crate::metrics::OWNERSHIP_MALFORMED`], logged (once, then at most once a minute) and skipped, so that one
 /// bad record cannot end attribution for every flow after it.
 fn poll(
     consumer: &BaseConsumer<OwnershipContext>,
@@ -530,7 +527,7 @@ fn poll(
             Some(p) => match serde_json::from_slice(p) {
                 Ok(record) => Polled::Record(Some(record)),
                 Err(e) => {
-                    counter!(OWNERSHIP_MALFORMED).increment(1);
+                    counter!(m::OWNERSHIP_MALFORMED).increment(1);
                     if malformed.hit() {
                         tracing::error!(
                             topic,
@@ -682,7 +679,7 @@ async fn send_in_order(
             Err(e) => Err(e),
         };
         match outcome {
-            Ok(()) => counter!("flowlog_inventory_published_total").increment(1),
+            Ok(()) => counter!(m::INVENTORY_PUBLISHED).increment(1),
             Err(e) => {
                 note_publish_error(topic, &e, errors);
                 first_failure.get_or_insert(i);
@@ -697,7 +694,7 @@ async fn send_in_order(
                 .await
             {
                 Ok(_) => {
-                    counter!("flowlog_inventory_published_total").increment(1);
+                    counter!(m::INVENTORY_PUBLISHED).increment(1);
                     break;
                 }
                 Err((e, _)) => {
@@ -710,8 +707,7 @@ async fn send_in_order(
 }
 
 fn note_publish_error(topic: &str, e: &KafkaError, errors: &mut LogThrottle) {
-    counter!("flowlog_inventory_publish_errors_total", "kind" => flowlog_kafka::error_kind(e))
-        .increment(1);
+    counter!(m::INVENTORY_PUBLISH_ERRORS, "kind" => flowlog_kafka::error_kind(e)).increment(1);
     if errors.hit() {
         warn!(
             topic,
@@ -840,7 +836,7 @@ const REOPEN_MAX: Duration = Duration::from_secs(30);
 
 /// The follower's reading thread: opens the topic (again and again, backing off, while the
 /// brokers cannot be reached or refuse: the index holds flows meanwhile, and `/readyz` and
-/// [`OWNERSHIP_KAFKA_ERRORS`] say why), then reads it until `stop`, through broker outages and
+/// [`crate::metrics::OWNERSHIP_KAFKA_ERRORS`] say why), then reads it until `stop`, through broker outages and
 /// restarts, handing what it reads to `tx`. Never gives up: a follower that stopped would leave
 /// every later flow `unknown` until the process restarted.
 fn follow(
@@ -849,7 +845,11 @@ fn follow(
     stop: &CancellationToken,
     tx: &mpsc::Sender<Polled>,
 ) {
-    let opening = ClientErrors::new(OWNERSHIP_KAFKA_ERRORS, client.brokers.clone(), "retrying");
+    let opening = ClientErrors::new(
+        m::OWNERSHIP_KAFKA_ERRORS,
+        client.brokers.clone(),
+        "retrying",
+    );
     let mut delay = Duration::from_secs(1);
     let consumer = loop {
         if stop.is_cancelled() {
@@ -858,7 +858,7 @@ fn follow(
         match reader(client, topic) {
             Ok(consumer) => break consumer,
             Err(e) => {
-                let what = format!("opening {topic}: {:#}", anyhow::Error::from(e));
+                let what = format!("opening {topic}: {}", flowlog_diag::error_chain(&e));
                 opening.note("open_failed", &what);
                 let until = std::time::Instant::now() + delay;
                 while std::time::Instant::now() < until && !stop.is_cancelled() {

@@ -20,8 +20,8 @@ use std::{
 };
 
 use flowlog_cli::Health;
+use flowlog_diag::LogThrottle;
 use flowlog_identity::SharedIndex;
-use flowlog_kafka::LogThrottle;
 use flowlog_record::{EnrichedFlow, avro, enriched_avro};
 use futures::FutureExt as _;
 use metrics::{Counter, Histogram, counter, gauge, histogram};

@@ -14,8 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use flowlog_enricher::storage::{
-    METRIC_FILES, METRIC_ROWS, METRIC_UPLOAD_ERRORS, ParquetSettings, ParquetSink, S3Options,
+use flowlog_enricher::{
+    metrics::{PARQUET_FILES, PARQUET_ROWS, PARQUET_UPLOAD_ERRORS},
+    storage::{ParquetSettings, ParquetSink, S3Options},
 };
 use flowlog_record::{
     enriched::{Endpoint, EnrichedFlow, Identity, IdentityKind, Workload},
@@ -729,7 +730,7 @@ fn failed_uploads_are_retried_until_durable() {
             std::fs::write(&root, b"not a directory").unwrap();
             let failures_seen = async {
                 let deadline = Instant::now() + Duration::from_secs(60);
-                while counters.get(METRIC_UPLOAD_ERRORS) < 2 {
+                while counters.get(PARQUET_UPLOAD_ERRORS) < 2 {
                     assert!(Instant::now() < deadline, "no upload failure seen");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     counters.add(&snapshotter);
@@ -741,8 +742,8 @@ fn failed_uploads_are_retried_until_durable() {
             }
             // Nothing durable or counted as written while every attempt fails.
             assert_eq!((sink.written(), sink.durable()), (6, 0));
-            assert_eq!(counters.get(METRIC_FILES), 0);
-            assert_eq!(counters.get(METRIC_ROWS), 0);
+            assert_eq!(counters.get(PARQUET_FILES), 0);
+            assert_eq!(counters.get(PARQUET_ROWS), 0);
             std::fs::remove_file(&root).unwrap();
             std::fs::rename(&away, &root).unwrap();
             // Not due by size or time: it only finishes what the cancelled roll left.
@@ -751,7 +752,7 @@ fn failed_uploads_are_retried_until_durable() {
         })
     });
     counters.add(&snapshotter);
-    assert!(counters.get(METRIC_UPLOAD_ERRORS) >= 2);
+    assert!(counters.get(PARQUET_UPLOAD_ERRORS) >= 2);
     // However many attempts failed, across the cancelled roll and the resumed one: one warning,
     // and one line when it recovered.
     assert_eq!(logs.lines_containing("parquet upload failed"), 1);
@@ -759,8 +760,8 @@ fn failed_uploads_are_retried_until_durable() {
         logs.lines_containing("parquet upload succeeded after failed attempts"),
         1
     );
-    assert_eq!(counters.get(METRIC_FILES), 3);
-    assert_eq!(counters.get(METRIC_ROWS), 6);
+    assert_eq!(counters.get(PARQUET_FILES), 3);
+    assert_eq!(counters.get(PARQUET_ROWS), 6);
     let back = read_back(root.to_str().unwrap(), None);
     assert_eq!(back.objects.len(), 3, "{:?}", back.objects);
     let flows: Vec<EnrichedFlow> = (0..6).map(flow).collect();

@@ -60,6 +60,7 @@
 //! ```
 pub mod client;
 pub mod error;
+pub mod metrics;
 pub mod snapshot;
 pub mod source;
 

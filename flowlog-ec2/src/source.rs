@@ -116,12 +116,12 @@ impl Ec2Source {
             Ok(s) => s,
             Err(e) => {
                 self.failures.failed_kind(e.kind.as_str(), &e);
-                metrics::counter!("flowlog_ec2_polls_total", "result" => "error").increment(1);
+                metrics::counter!(crate::metrics::POLLS, "result" => "error").increment(1);
                 return Err(e);
             }
         };
         self.failures.succeeded();
-        metrics::counter!("flowlog_ec2_polls_total", "result" => "ok").increment(1);
+        metrics::counter!(crate::metrics::POLLS, "result" => "ok").increment(1);
         let mut changes = snapshot::diff(&self.applied, &snapshot, self.applied_at, at_ns);
         changes.push(OwnershipChange::Watermark {
             source: EC2_SOURCE.to_owned(),
@@ -129,7 +129,7 @@ impl Ec2Source {
         });
         self.applied = snapshot;
         self.applied_at = Some(at_ns);
-        metrics::gauge!("flowlog_ec2_prefixes").set(self.applied.len() as f64);
+        metrics::gauge!(crate::metrics::PREFIXES).set(self.applied.len() as f64);
         Ok(changes)
     }
 

@@ -18,7 +18,7 @@ pub async fn apply_changes(index: SharedIndex, mut changes: mpsc::Receiver<Owner
             }
             (index.intervals(), index.prefixes())
         };
-        metrics::gauge!("flowlog_identity_intervals").set(intervals as f64);
-        metrics::gauge!("flowlog_identity_prefixes").set(prefixes as f64);
+        metrics::gauge!(crate::metrics::INTERVALS).set(intervals as f64);
+        metrics::gauge!(crate::metrics::PREFIXES).set(prefixes as f64);
     }
 }

@@ -606,7 +606,7 @@ impl IdentityIndex {
 
     /// Applies one change. Never fails: odd changes are counted (see [`ChangeCounts`]).
     pub fn apply(&mut self, change: OwnershipChange) {
-        metrics::counter!("flowlog_identity_changes_total", "kind" => change.kind()).increment(1);
+        metrics::counter!(crate::metrics::CHANGES, "kind" => change.kind()).increment(1);
         match change {
             OwnershipChange::Open {
                 source,
@@ -688,7 +688,7 @@ impl IdentityIndex {
         let prefix = key.prefix;
         if let Some(open) = self.open.get(&key).copied() {
             self.counts.duplicate_opens += 1;
-            metrics::counter!("flowlog_identity_duplicate_opens_total").increment(1);
+            metrics::counter!(crate::metrics::DUPLICATE_OPENS).increment(1);
             let id = self.next_id();
             let Some(slot) = self.slot_mut(prefix) else {
                 return;
@@ -727,7 +727,7 @@ impl IdentityIndex {
         let closed_at = match self.pending_closes.remove(&key) {
             Some(close) if close >= at => {
                 self.counts.late_opens += 1;
-                metrics::counter!("flowlog_identity_late_opens_total").increment(1);
+                metrics::counter!(crate::metrics::LATE_OPENS).increment(1);
                 Some(close)
             }
             // A pending close older than this Open ended an earlier tenure we never saw open.
@@ -741,7 +741,7 @@ impl IdentityIndex {
             .is_some_and(|slot| slot.has_closed(at, closed_at, &identity))
         {
             self.counts.stale_opens += 1;
-            metrics::counter!("flowlog_identity_stale_opens_total").increment(1);
+            metrics::counter!(crate::metrics::STALE_OPENS).increment(1);
             return;
         }
         let id = self.next_id();
@@ -766,7 +766,7 @@ impl IdentityIndex {
                 return;
             }
             self.counts.unmatched_closes += 1;
-            metrics::counter!("flowlog_identity_unmatched_closes_total").increment(1);
+            metrics::counter!(crate::metrics::UNMATCHED_CLOSES).increment(1);
             let pending = self.pending_closes.entry(key).or_insert(at);
             *pending = (*pending).max(at);
             return;
@@ -804,13 +804,13 @@ impl IdentityIndex {
         self.remove_if_empty(prefix);
         if at < open.from {
             self.counts.inverted_closes += 1;
-            metrics::counter!("flowlog_identity_inverted_closes_total").increment(1);
+            metrics::counter!(crate::metrics::INVERTED_CLOSES).increment(1);
         }
     }
 
     fn count_stale_close(&mut self) {
         self.counts.stale_closes += 1;
-        metrics::counter!("flowlog_identity_stale_closes_total").increment(1);
+        metrics::counter!(crate::metrics::STALE_CLOSES).increment(1);
     }
 
     fn watermark(&mut self, source: String, at: u64) {
@@ -818,12 +818,12 @@ impl IdentityIndex {
         let state = &mut self.sources[usize::from(n)];
         if !state.registered {
             self.counts.unregistered_watermarks += 1;
-            metrics::counter!("flowlog_identity_unregistered_watermarks_total").increment(1);
+            metrics::counter!(crate::metrics::UNREGISTERED_WATERMARKS).increment(1);
         }
         match state.watermark {
             Some(w) if at < w => {
                 self.counts.watermark_regressions += 1;
-                metrics::counter!("flowlog_identity_watermark_regressions_total").increment(1);
+                metrics::counter!(crate::metrics::WATERMARK_REGRESSIONS).increment(1);
             }
             _ => {
                 state.watermark = Some(at);
@@ -1032,7 +1032,7 @@ impl IdentityIndex {
         let removed = self.v4.prune(before_ns) + self.v6.prune(before_ns);
         self.interval_count -= removed;
         self.pending_closes.retain(|_, at| *at > before_ns);
-        metrics::counter!("flowlog_identity_pruned_intervals_total").increment(removed as u64);
+        metrics::counter!(crate::metrics::PRUNED_INTERVALS).increment(removed as u64);
         removed
     }
 

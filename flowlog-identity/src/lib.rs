@@ -80,6 +80,7 @@ pub mod cgroup;
 pub mod change;
 pub mod host_source;
 pub mod index;
+pub mod metrics;
 pub mod source;
 pub mod static_source;
 pub mod timing;

@@ -3,34 +3,46 @@
 //! [`OwnershipChange`]s into a bounded channel, which one [`apply_changes`](crate::apply_changes)
 //! task drains into the index. Sources never touch the index themselves, so they can also feed
 //! the `flows.ownership` topic unchanged.
-use std::{
-    future::Future,
-    pin::Pin,
-    time::{Duration, Instant},
-};
+use std::{future::Future, pin::Pin};
 
+use flowlog_diag::{LogThrottle, error_chain};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    change::OwnershipChange, host_source::HostError, index::SharedIndex,
-    static_source::StaticError, timing::Timing,
-};
+use crate::{change::OwnershipChange, index::SharedIndex, timing::Timing};
 
 /// A boxed, sendable future: the same type as `futures::future::BoxFuture`, spelled out so that
 /// this crate needs neither `futures` nor `async-trait`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Why a source stopped for good. Errors a source can survive are counted and logged instead.
+///
+/// One type for every source, here or in other crates (Kubernetes, EC2), so this module knows no
+/// source's own error type: the source's error is kept as this one's `source()` (boxed), and
+/// [`error_chain`] of it reads `inventory source <name>: <cause>: <its cause>...`.
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error(transparent)]
-    Static(#[from] StaticError),
-    #[error(transparent)]
-    Host(#[from] HostError),
-    /// For sources defined outside this crate (Kubernetes, EC2).
-    #[error("inventory source {name}: {message}")]
-    Other { name: String, message: String },
+#[error("inventory source {name}")]
+pub struct SourceError {
+    name: String,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl SourceError {
+    /// Source `name` stopped because of `cause`.
+    pub fn new(
+        name: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            source: Box::new(cause),
+        }
+    }
+
+    /// The source that stopped.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 /// A producer of ownership changes.
@@ -99,50 +111,46 @@ pub fn spawn_source(
     tokio::spawn(async move {
         let result = run.await;
         if let Err(error) = &result {
-            metrics::counter!("flowlog_identity_source_failures_total", "source" => name.clone())
+            metrics::counter!(crate::metrics::SOURCE_FAILURES, "source" => name.clone())
                 .increment(1);
-            tracing::error!(source = %name, %error, "inventory source stopped");
+            tracing::error!(source = %name, error = %error_chain(error), "inventory source stopped");
         }
         result
     })
 }
 
-/// Logs a repeated failure once, then at most once a minute with its running count, and the
-/// recovery with how many attempts failed — instead of once per attempt; counts every failure in
-/// `flowlog_identity_source_errors_total{source}` (plus `kind` when the source names one). Public
-/// so that sources in other crates (EC2, Kubernetes) log and count the same way.
+/// Logs a repeated failure once, then at most once a minute with its running count
+/// ([`LogThrottle`]), and the recovery with how many attempts failed — instead of once per
+/// attempt; counts every failure in `flowlog_identity_source_errors_total{source}` (plus `kind`
+/// when the source names one). Public so that sources in other crates (EC2, Kubernetes) log and
+/// count the same way.
 #[derive(Debug)]
 pub struct FailureLog {
     source: &'static str,
-    failures: u64,
-    last_logged: Option<Instant>,
+    /// Failures since the last success, and when they were last logged.
+    throttle: LogThrottle,
 }
-
-/// How often a failure that goes on is logged again.
-const RELOG: Duration = Duration::from_secs(60);
 
 impl FailureLog {
     pub fn new(source: &'static str) -> Self {
         Self {
             source,
-            failures: 0,
-            last_logged: None,
+            throttle: LogThrottle::default(),
         }
     }
 
     /// Records a failure; logs it if it is the first since the last success, or if the last log
     /// of it is a minute old.
-    pub fn failed(&mut self, error: &dyn std::error::Error) {
-        metrics::counter!("flowlog_identity_source_errors_total", "source" => self.source)
-            .increment(1);
+    pub fn failed(&mut self, error: &(dyn std::error::Error + 'static)) {
+        metrics::counter!(crate::metrics::SOURCE_ERRORS, "source" => self.source).increment(1);
         self.note(error);
     }
 
     /// [`failed`](Self::failed), counted with a `kind` label too (a small fixed set per source,
     /// e.g. `throttled`, `timeout`, `dispatch`), so that throttling can be told from an outage.
-    pub fn failed_kind(&mut self, kind: &'static str, error: &dyn std::error::Error) {
+    pub fn failed_kind(&mut self, kind: &'static str, error: &(dyn std::error::Error + 'static)) {
         metrics::counter!(
-            "flowlog_identity_source_errors_total",
+            crate::metrics::SOURCE_ERRORS,
             "source" => self.source,
             "kind" => kind
         )
@@ -150,14 +158,12 @@ impl FailureLog {
         self.note(error);
     }
 
-    fn note(&mut self, error: &dyn std::error::Error) {
-        self.failures += 1;
-        if self.failures == 1 || self.last_logged.is_none_or(|t| t.elapsed() >= RELOG) {
-            self.last_logged = Some(Instant::now());
+    fn note(&mut self, error: &(dyn std::error::Error + 'static)) {
+        if self.throttle.hit() {
             tracing::warn!(
                 source = self.source,
-                failures = self.failures,
-                %error,
+                failures = self.throttle.count,
+                error = %error_chain(error),
                 "inventory source failing (logged again at most once a minute)"
             );
         }
@@ -165,20 +171,16 @@ impl FailureLog {
 
     /// Records a success; logs the recovery (with how many attempts failed) after failures.
     pub fn succeeded(&mut self) {
-        if self.failures > 0 {
-            tracing::info!(
-                source = self.source,
-                failures = self.failures,
-                "inventory source recovered"
-            );
-            self.failures = 0;
-            self.last_logged = None;
+        if self.throttle.count > 0 {
+            // Outside the macro: its fields are evaluated only when the event is enabled.
+            let failures = self.throttle.clear();
+            tracing::info!(source = self.source, failures, "inventory source recovered");
         }
     }
 
     /// Failures since the last success.
     pub fn failures(&self) -> u64 {
-        self.failures
+        self.throttle.count
     }
 }
 

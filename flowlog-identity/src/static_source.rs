@@ -358,7 +358,7 @@ impl StaticSource {
             Ok(None) => !self.seen_failed,
             Err(e) => {
                 self.failures.failed(&e);
-                metrics::counter!("flowlog_identity_static_reload_errors_total").increment(1);
+                metrics::counter!(crate::metrics::STATIC_RELOAD_ERRORS).increment(1);
                 false
             }
         };

@@ -10,6 +10,11 @@ use flowlog_record::{Endpoint, Identity, IdentityKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// A source's own error, with a cause of its own.
+#[derive(Debug, thiserror::Error)]
+#[error("gave up")]
+struct GaveUp(#[source] std::io::Error);
+
 /// Sends one Open and a watermark, then fails for good.
 struct FailingSource(Arc<Identity>);
 
@@ -40,10 +45,10 @@ impl InventorySource for FailingSource {
             for change in sent {
                 changes.send(change).await.unwrap();
             }
-            Err(SourceError::Other {
-                name: "test".into(),
-                message: "gave up".into(),
-            })
+            Err(SourceError::new(
+                "test",
+                GaveUp(std::io::Error::other("connection reset")),
+            ))
         })
     }
 }
@@ -67,7 +72,13 @@ async fn a_spawned_source_feeds_the_index_and_reports_its_fatal_error() {
         CancellationToken::new(),
     );
     let error = handle.await.unwrap().unwrap_err();
-    assert_eq!(error.to_string(), "inventory source test: gave up");
+    assert_eq!(error.name(), "test");
+    // The source's error and its cause are kept as causes, not flattened into one message.
+    assert_eq!(error.to_string(), "inventory source test");
+    assert_eq!(
+        flowlog_diag::error_chain(&error),
+        "inventory source test: gave up: connection reset"
+    );
     // The source dropped its sender: the applier drains what was sent and ends.
     applier.await.unwrap();
     let index = shared.read();

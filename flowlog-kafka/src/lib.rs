@@ -2,13 +2,14 @@
 //! share: the settings every client of a process takes ([`settings::ClientSettings`], from
 //! `--kafka-config`), the snake_case kind of a librdkafka error (a metric label), the start-up
 //! check that a topic exists — which turns a refused TLS handshake or SASL authentication into
-//! an error naming the broker and the cause ([`Rejection`]) —, and [`throttle::LogThrottle`] for
-//! warnings that would otherwise repeat per event.
+//! an error naming the broker and the cause ([`Rejection`]) —, and [`ClientErrors`], which counts
+//! a client's errors and logs them through `flowlog_diag::LogThrottle`.
 use std::{
     sync::Mutex,
     time::{Duration, Instant},
 };
 
+use flowlog_diag::LogThrottle;
 use rdkafka::{
     ClientConfig,
     client::{Client, ClientContext},
@@ -18,11 +19,9 @@ use rdkafka::{
 use tracing::{debug, error, warn};
 
 pub mod settings;
-pub mod throttle;
 pub mod tls;
 
 pub use settings::{ClientSettings, OptionError, SettingsError, check_options};
-pub use throttle::LogThrottle;
 
 /// snake_case label of a librdkafka error, e.g. `message_timed_out`.
 pub fn error_kind(e: &KafkaError) -> String {

@@ -445,7 +445,7 @@ struct Failures {
 
 impl Failures {
     fn failed(&mut self, e: &ElectionError) {
-        metrics::counter!("flowlog_kubernetes_lease_errors_total").increment(1);
+        metrics::counter!(crate::metrics::LEASE_ERRORS).increment(1);
         self.count += 1;
         if self.count == 1
             || self

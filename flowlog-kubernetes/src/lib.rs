@@ -73,6 +73,7 @@
 //! `flowlog_kubernetes_relists_total{kind}`.
 pub mod claims;
 pub mod election;
+pub mod metrics;
 pub mod progress;
 pub mod settings;
 pub mod source;

@@ -61,6 +61,9 @@ pub enum KubernetesError {
     },
     #[error("{kind}: the API server sent no resourceVersion")]
     NoVersion { kind: &'static str },
+    /// Fatal: the watchers retry every error themselves, so this means the streams are gone.
+    #[error("every watch stream ended")]
+    StreamsEnded,
 }
 
 /// The watched kinds: the index of each in `KubernetesSource::kinds` and in `Msg`s.
@@ -267,8 +270,7 @@ impl KubernetesSource {
                 state.listed = true;
                 state.lists += 1;
                 if state.lists > 1 {
-                    metrics::counter!("flowlog_kubernetes_relists_total", "kind" => KINDS[k])
-                        .increment(1);
+                    metrics::counter!(crate::metrics::RELISTS, "kind" => KINDS[k]).increment(1);
                 }
                 tracing::debug!(
                     kind = KINDS[k],
@@ -417,10 +419,10 @@ impl KubernetesSource {
                 msg = events.next() => match msg {
                     Some(msg) => self.receive(msg),
                     None => {
-                        return Err(SourceError::Other {
-                            name: KUBERNETES_SOURCE.to_owned(),
-                            message: "every watch stream ended".to_owned(),
-                        });
+                        return Err(SourceError::new(
+                            KUBERNETES_SOURCE,
+                            KubernetesError::StreamsEnded,
+                        ));
                     }
                 },
                 Some(answer) = probes.next(), if !probes.is_empty() => self.probed(answer),

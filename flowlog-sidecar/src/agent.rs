@@ -13,6 +13,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use flowlog_common::{FlowEvent, counter, event_kind};
+use flowlog_diag::LogThrottle;
 use metrics::{counter, gauge};
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -26,7 +27,6 @@ use crate::{
     probe::{Probe, SockAccess},
     record::{FlowRecord, Outcome},
     sink::RecordSink,
-    throttle::LogThrottle,
 };
 
 /// Settings of the event loop.
@@ -180,7 +180,7 @@ pub async fn run<S: RecordSink>(
     assembler.start_flush();
     if let Err(e) = probe.sweep(true) {
         warn!(
-            error = crate::error_chain(&e),
+            error = flowlog_diag::error_chain(&e),
             "could not report open flows at shutdown"
         );
     }
@@ -328,7 +328,10 @@ impl Reporter {
                 self.ringbuf_full = ringbuf_full;
                 self.map_full = map_full;
             }
-            Err(e) => warn!(error = crate::error_chain(&e), "reading kernel counters"),
+            Err(e) => warn!(
+                error = flowlog_diag::error_chain(&e),
+                "reading kernel counters"
+            ),
         }
         match probe.skipped_runs() {
             Ok(Some(skipped)) => {
@@ -346,7 +349,7 @@ impl Reporter {
             }
             Ok(None) => {}
             Err(e) => warn!(
-                error = crate::error_chain(&e),
+                error = flowlog_diag::error_chain(&e),
                 "reading kernel program counters"
             ),
         }
@@ -381,7 +384,7 @@ impl Reporter {
     fn sweep_failed(&mut self, e: &crate::probe::ProbeError) {
         if self.sweep_log.due() {
             warn!(
-                error = crate::error_chain(e),
+                error = flowlog_diag::error_chain(e),
                 "interim sweep failed; long-lived flows get no interim record"
             );
         }
@@ -390,7 +393,7 @@ impl Reporter {
     fn flush_failed(&mut self, e: &crate::probe::ProbeError) {
         if self.flush_log.due() {
             warn!(
-                error = crate::error_chain(e),
+                error = flowlog_diag::error_chain(e),
                 "moving the CPUs' batched flow records to the ring buffer failed; they wait \
                  for the next drain"
             );
@@ -400,7 +403,7 @@ impl Reporter {
     fn sink_failed(&mut self, e: &crate::sink::SinkError, records: usize) {
         if self.sink_log.due() {
             warn!(
-                error = crate::error_chain(e),
+                error = flowlog_diag::error_chain(e),
                 records, "writing flow records failed"
             );
         }

@@ -21,9 +21,11 @@
 //!   (`flowlog_sidecar_spool_dropped_total`) and logged once (then at most once a minute).
 //! - A broker outage never stalls capture: records pile up in the spool and are replayed in order
 //!   when the broker is back; an agent crash or restart replays what the spool holds first.
-//! - Dropping the sink (agent shutdown) waits up to [`KafkaSettings::shutdown_wait`] for
+//! - [`RecordSink::close`] (agent shutdown) waits up to [`KafkaSettings::shutdown_wait`] for
 //!   deliveries, then purges what is in flight and fsyncs the spool: what was not acknowledged
-//!   stays on disk for the next start.
+//!   stays on disk for the next start. Dropping the sink waits for nothing (a `Drop` cannot be
+//!   awaited and must not block a runtime thread for seconds): a sink dropped without `close`
+//!   keeps its unacknowledged records in the spool too, unsynced.
 use std::{
     collections::VecDeque,
     path::PathBuf,
@@ -34,6 +36,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use flowlog_diag::LogThrottle;
 use flowlog_kafka::{ClientErrors, ClientSettings, OptionError, TopicError, error_kind};
 use flowlog_record::avro;
 use metrics::{Counter, Gauge, counter, gauge};
@@ -52,7 +55,6 @@ use crate::{
     record::FlowRecord,
     sink::{RecordSink, SinkError},
     spool::{Spool, SpoolError, SpoolId, SpoolRecord},
-    throttle::LogThrottle,
 };
 
 /// Messages produced whose delivery report has not arrived, at most: bounds the memory the
@@ -62,6 +64,8 @@ pub const MAX_IN_FLIGHT: u64 = 100_000;
 const PUMP_BATCH: usize = 4096;
 /// Spool fsync period.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// How often [`RecordSink::close`] looks for delivery reports while it waits.
+const CLOSE_POLL: Duration = Duration::from_millis(5);
 
 /// Where and how to produce.
 #[derive(Debug, Clone)]
@@ -76,7 +80,7 @@ pub struct KafkaSettings {
     pub options: Vec<(String, String)>,
     /// How long the start-up check waits for the cluster's metadata.
     pub metadata_timeout: Duration,
-    /// How long dropping the sink (shutdown) waits for outstanding deliveries.
+    /// How long [`RecordSink::close`] (shutdown) waits for outstanding deliveries.
     pub shutdown_wait: Duration,
     /// The spool directory (write-ahead log of records not yet acknowledged).
     pub spool_dir: PathBuf,
@@ -306,6 +310,8 @@ pub struct KafkaSink {
     spool_records: Gauge,
     spool_bytes: Gauge,
     spool_dropped: Counter,
+    /// [`RecordSink::close`] ran: dropping the sink then has nothing left to report.
+    closed: bool,
 }
 
 /// The librdkafka configuration: defaults, brokers, the `--kafka-config` options, then the
@@ -391,6 +397,7 @@ impl KafkaSink {
             spool_records: gauge!(m::SPOOL_RECORDS),
             spool_bytes: gauge!(m::SPOOL_BYTES),
             spool_dropped: counter!(m::SPOOL_DROPPED),
+            closed: false,
         };
         sink.check_topic(&config)?;
         sink.export();
@@ -461,8 +468,16 @@ impl KafkaSink {
                 spool = %self.settings.spool_dir.display(),
                 count = self.spool_error_log.count,
                 "spool {op} failed: {}",
-                crate::error_chain(e)
+                flowlog_diag::error_chain(e)
             );
+        }
+    }
+
+    /// The sink's error for a spool failure, keeping the failure as its cause.
+    fn spool_error(&self, source: SpoolError) -> SinkError {
+        SinkError::Spool {
+            dir: self.settings.spool_dir.clone(),
+            source,
         }
     }
 
@@ -615,10 +630,7 @@ impl RecordSink for KafkaSink {
                 }
                 Err(e) => {
                     self.spool_failed("append", &e);
-                    return Err(SinkError::Write {
-                        target: format!("spool {}", self.settings.spool_dir.display()),
-                        source: std::io::Error::other(crate::error_chain(&e)),
-                    });
+                    return Err(self.spool_error(e));
                 }
             }
         }
@@ -628,10 +640,7 @@ impl RecordSink for KafkaSink {
 
     async fn flush(&mut self) -> Result<(), SinkError> {
         if let Err(e) = self.persist() {
-            return Err(SinkError::Write {
-                target: format!("spool {}", self.settings.spool_dir.display()),
-                source: std::io::Error::other(crate::error_chain(&e)),
-            });
+            return Err(self.spool_error(e));
         }
         self.pump();
         Ok(())
@@ -643,13 +652,13 @@ impl RecordSink for KafkaSink {
         let _ = self.persist();
         Ok(())
     }
-}
 
-impl Drop for KafkaSink {
     /// Shutdown: for up to `shutdown_wait`, keeps producing and collecting reports until the
     /// spool is empty; then purges what is in flight (not acknowledged, so it stays spooled) and
-    /// fsyncs the spool for the next start.
-    fn drop(&mut self) {
+    /// fsyncs the spool for the next start. Records left over are logged (with the
+    /// `flowlog_sidecar_spool_records` gauge saying how many), not an error: the spool exists
+    /// so that an agent can stop while Kafka is away.
+    async fn close(&mut self) -> Result<(), SinkError> {
         let deadline = Instant::now() + self.settings.shutdown_wait;
         let mut said = false;
         loop {
@@ -667,16 +676,19 @@ impl Drop for KafkaSink {
                     "waiting up to {:?} for Kafka deliveries", self.settings.shutdown_wait
                 );
             }
-            std::thread::sleep(Duration::from_millis(5));
+            tokio::time::sleep(CLOSE_POLL).await;
         }
         if self.in_flight() > 0 {
             self.producer
                 .purge(PurgeConfig::default().queue().inflight());
+            // Purged messages get their (failed) reports at once; this only waits for those.
             let _ = self.producer.flush(Duration::from_secs(1));
         }
         self.collect_reports();
-        if let Err(e) = self.spool.sync() {
-            self.spool_failed("sync", &e);
+        self.closed = true;
+        let synced = self.spool.sync();
+        if let Err(e) = &synced {
+            self.spool_failed("sync", e);
         }
         self.export();
         let left = self.spool.len_records();
@@ -687,6 +699,24 @@ impl Drop for KafkaSink {
                 records = left,
                 spool = %self.settings.spool_dir.display(),
                 "flow records not delivered to Kafka yet: kept in the spool, delivered at the next start"
+            );
+        }
+        synced.map_err(|e| self.spool_error(e))
+    }
+}
+
+impl Drop for KafkaSink {
+    /// Waits for nothing: shutdown is [`RecordSink::close`]. Without it (an error ended the
+    /// agent early) the spool's own drop writes out its buffer and acknowledgements, and the
+    /// unacknowledged records are delivered at the next start; this only says so.
+    fn drop(&mut self) {
+        let left = self.spool.len_records();
+        if !self.closed && left > 0 {
+            warn!(
+                records = left,
+                spool = %self.settings.spool_dir.display(),
+                "Kafka sink dropped without close: undelivered flow records stay in the spool \
+                 for the next start"
             );
         }
     }

@@ -289,7 +289,7 @@ impl Probe {
             }
             Err(e) => {
                 warn!(
-                    error = crate::error_chain(&e),
+                    error = flowlog_diag::error_chain(&e),
                     "accepted sockets cannot be traced on this kernel: inbound flows get their \
                      process when they close instead of when they are accepted"
                 );
@@ -319,11 +319,11 @@ impl Probe {
                     // Refused for want of a capability: the raw tracepoint would be refused
                     // too, and the error must name the capability rather than fall back.
                     Err(e) if e.lacks_capabilities() => return Err(e),
-                    Err(e) => Err(crate::error_chain(&e)),
+                    Err(e) => Err(flowlog_diag::error_chain(&e)),
                 },
                 Err(e) => Err(format!(
                     "reading /sys/kernel/btf/vmlinux: {}",
-                    crate::error_chain(&e)
+                    flowlog_diag::error_chain(&e)
                 )),
             }
         };
@@ -366,7 +366,7 @@ impl Probe {
                 other => {
                     if let Some(Err(e)) = other {
                         warn!(
-                            error = crate::error_chain(&e),
+                            error = flowlog_diag::error_chain(&e),
                             "the accept program with typed task pointers cannot be loaded on \
                              this kernel; using the one with probe reads"
                         );
@@ -589,7 +589,7 @@ fn caught_or_warn<T>(attached: Result<T, ProbeError>) -> bool {
         Ok(_) => true,
         Err(e) => {
             warn!(
-                error = crate::error_chain(&e),
+                error = flowlog_diag::error_chain(&e),
                 "the second state-change program cannot be attached: state changes made by a \
                  softirq that interrupts the first one are missed (counted as skipped_run)"
             );

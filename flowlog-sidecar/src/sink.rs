@@ -22,6 +22,12 @@ pub enum SinkError {
         target: String,
         source: std::io::Error,
     },
+    /// The Kafka output's spool (its write-ahead log) could not take or keep the records.
+    #[error("writing flow records to spool {}", dir.display())]
+    Spool {
+        dir: PathBuf,
+        source: crate::spool::SpoolError,
+    },
     /// An output implemented outside this crate failed (the embedded enricher's Parquet files).
     #[error("writing flow records to {target}")]
     Output {

@@ -1061,6 +1061,62 @@ fn a_kafka_config_file_that_cannot_be_used_is_a_usage_error_naming_it() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `close` is the agent's shutdown: it waits (up to `shutdown_wait`) until everything written
+/// is acknowledged, without the caller pumping the sink; what the broker does not take in that
+/// time stays in the spool, is logged, and is there for the next start.
+#[test]
+fn close_delivers_what_was_written_or_keeps_it_in_the_spool() {
+    let rt = runtime();
+    let topic = Topic::create("close", 3);
+    let host = format!("test-kafka-close-{}", std::process::id());
+    let records = synthetic_records(&host, 25);
+    let spool = temp_dir("close-spool");
+    let mut settings = KafkaSettings::new(topic.brokers.as_str(), &topic.name);
+    settings.spool_dir = spool.clone();
+    let mut sink = KafkaSink::connect(settings).expect("the sink starts");
+    rt.block_on(sink.write(&records)).unwrap();
+    rt.block_on(sink.close()).unwrap();
+    assert_eq!(sink.spool().len_records(), 0, "close waited for every ack");
+    assert_eq!(sink.in_flight(), 0);
+    drop(sink);
+    let written: HashMap<u64, &FlowRecord> = records.iter().map(|r| (r.flow_id, r)).collect();
+    let all = consume(&topic, |rs| {
+        rs.iter().filter(|r| r.host == host).count() >= 25
+    });
+    let delivered: HashSet<u64> = ours_in_topic(&all, &written, &host)
+        .iter()
+        .map(|r| r.flow_id)
+        .collect();
+    assert_eq!(delivered, written.keys().copied().collect());
+    let _ = std::fs::remove_dir_all(&spool);
+
+    // No broker: close gives up after `shutdown_wait` and the records stay spooled.
+    let spool = temp_dir("close-down-spool");
+    let mut settings = KafkaSettings::new(format!("127.0.0.1:{}", free_port()), "nowhere");
+    settings.spool_dir = spool.clone();
+    settings.metadata_timeout = Duration::from_millis(200);
+    settings.shutdown_wait = Duration::from_millis(300);
+    let ((), logs) = observed(|_| {
+        let mut sink = KafkaSink::connect(settings).expect("the sink starts with no broker");
+        rt.block_on(sink.write(&records)).unwrap();
+        let start = Instant::now();
+        rt.block_on(sink.close()).unwrap();
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(3), "close took {took:?}");
+        assert_eq!(sink.spool().len_records(), records.len() as u64);
+    });
+    let logs = logs.text();
+    assert!(
+        logs.contains("kept in the spool, delivered at the next start"),
+        "logs:\n{logs}"
+    );
+    assert!(!logs.contains("dropped without close"), "logs:\n{logs}");
+    let (reopened, _) = flowlog_sidecar::spool::Spool::open(&spool, 1 << 20).unwrap();
+    assert_eq!(reopened.len_records(), records.len() as u64);
+    drop(reopened);
+    let _ = std::fs::remove_dir_all(&spool);
+}
+
 /// Writes `records` through a sink with `partitioning` into `topic` and returns, per
 /// message of the topic, its partition and flow id (after every record was acknowledged).
 fn partitions_of(
@@ -1078,7 +1134,7 @@ fn partitions_of(
     rt.block_on(sink.write(records)).unwrap();
     rt.block_on(sink.flush()).unwrap();
     deliver_all(&rt, &mut sink);
-    drop(sink);
+    rt.block_on(sink.close()).unwrap();
     let _ = std::fs::remove_dir_all(&spool);
     topic
         .read_all()

@@ -32,7 +32,7 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser;
 use flowlog_cli::Health;
-use flowlog_enricher::{ownership, source_flags::SourceFlags};
+use flowlog_enricher::{metrics as m, ownership, source_flags::SourceFlags};
 use flowlog_identity::{InventorySource, spawn_source};
 use flowlog_kafka::ClientSettings;
 use flowlog_kubernetes::election::{ElectionConfig, Elector, Lost, Term, spawn_fence};
@@ -40,11 +40,6 @@ use metrics::{counter, gauge};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
-
-/// 1 while this process is the one that publishes (always, without `--leader-election`).
-const LEADER: &str = "flowlog_inventory_leader";
-/// Times this process became the leader.
-const LEADER_TRANSITIONS: &str = "flowlog_inventory_leader_transitions_total";
 
 /// `/healthz` fails when the main loop has not beaten for this long (it beats every second).
 const STALL_AFTER: Duration = Duration::from_secs(30);
@@ -273,7 +268,7 @@ async fn run(args: Args, kafka: ClientSettings) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
     };
     let (Some(config), Some(client)) = (election, client) else {
-        gauge!(LEADER).set(1.0);
+        gauge!(m::INVENTORY_LEADER).set(1.0);
         return beating(&health, publisher.run(sources)).await;
     };
     lead(config, client, publisher, sources, &health, &shutdown).await
@@ -293,7 +288,7 @@ async fn lead(
     let identity = config.identity.clone();
     // A standby that cannot read the Lease for a lease duration is not ready.
     health.expect_fresh("lease", config.lease_duration);
-    gauge!(LEADER).set(0.0);
+    gauge!(m::INVENTORY_LEADER).set(0.0);
     let touched = health.clone();
     let mut elector = Elector::new(client, config).on_contact(move || touched.touch("lease"));
     info!(%lease, %identity, "leader election: standing by until this replica holds the Lease");
@@ -308,8 +303,8 @@ async fn lead(
         stop_now("leadership lost: the Lease was not renewed before the renew deadline");
     })
     .context("starting the lease fence thread")?;
-    counter!(LEADER_TRANSITIONS).increment(1);
-    gauge!(LEADER).set(1.0);
+    counter!(m::INVENTORY_LEADER_TRANSITIONS).increment(1);
+    gauge!(m::INVENTORY_LEADER).set(1.0);
     info!(%lease, %identity, "leadership gained: this replica publishes");
 
     let stop_renewing = CancellationToken::new();
@@ -350,7 +345,7 @@ async fn lead(
         ),
     }
     term.retire();
-    gauge!(LEADER).set(0.0);
+    gauge!(m::INVENTORY_LEADER).set(0.0);
     published
 }
 

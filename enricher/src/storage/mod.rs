@@ -30,6 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use flowlog_diag::error_chain;
 use flowlog_record::enriched::EnrichedFlow;
 use object_store::ObjectStoreExt;
 use tracing::{info, warn};
@@ -41,26 +42,19 @@ pub use store::S3Options;
 use partition::{ClosedFile, OpenFile};
 use store::Target;
 
-/// Files written (uploaded completely).
-pub const METRIC_FILES: &str = "flowlog_enricher_parquet_files_total";
-/// Rows in the files written.
-pub const METRIC_ROWS: &str = "flowlog_enricher_parquet_rows_total";
-/// Bytes of the files written.
-pub const METRIC_BYTES: &str = "flowlog_enricher_parquet_bytes_total";
-/// Failed upload attempts (each is retried).
-pub const METRIC_UPLOAD_ERRORS: &str = "flowlog_enricher_parquet_upload_errors_total";
+use crate::metrics as m;
 
 /// Registers the descriptions of the storage metrics with the installed recorder.
 pub fn describe_metrics() {
-    metrics::describe_counter!(METRIC_FILES, "Parquet files written completely");
-    metrics::describe_counter!(METRIC_ROWS, "rows in the Parquet files written");
+    metrics::describe_counter!(m::PARQUET_FILES, "Parquet files written completely");
+    metrics::describe_counter!(m::PARQUET_ROWS, "rows in the Parquet files written");
     metrics::describe_counter!(
-        METRIC_BYTES,
+        m::PARQUET_BYTES,
         metrics::Unit::Bytes,
         "bytes of the Parquet files written"
     );
     metrics::describe_counter!(
-        METRIC_UPLOAD_ERRORS,
+        m::PARQUET_UPLOAD_ERRORS,
         "failed attempts to upload a Parquet file (every one is retried)"
     );
 }
@@ -399,9 +393,9 @@ impl ParquetSink {
                 .await
             {
                 Ok(_) => {
-                    metrics::counter!(METRIC_FILES).increment(1);
-                    metrics::counter!(METRIC_ROWS).increment(file.rows);
-                    metrics::counter!(METRIC_BYTES).increment(len);
+                    metrics::counter!(m::PARQUET_FILES).increment(1);
+                    metrics::counter!(m::PARQUET_ROWS).increment(file.rows);
+                    metrics::counter!(m::PARQUET_BYTES).increment(len);
                     if self.retry.failures > 0 {
                         info!(
                             url = %self.url,
@@ -416,7 +410,7 @@ impl ParquetSink {
                 Err(e) => {
                     let retry = &mut self.retry;
                     retry.failures += 1;
-                    metrics::counter!(METRIC_UPLOAD_ERRORS).increment(1);
+                    metrics::counter!(m::PARQUET_UPLOAD_ERRORS).increment(1);
                     if retry.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
                         retry.last_log = Some(Instant::now());
                         warn!(
@@ -434,18 +428,6 @@ impl ParquetSink {
             }
         }
     }
-}
-
-/// An error and its sources on one line (object_store's messages nest the HTTP cause).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -116,7 +116,7 @@ pub fn through_sink(
             wall: start.elapsed(),
             cpu: cpu_time(libc::RUSAGE_SELF) - cpu0,
         };
-        drop(sink);
+        sink.close().await?;
         Ok(run)
     });
     let _ = std::fs::remove_dir_all(spool_dir);

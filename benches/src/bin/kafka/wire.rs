@@ -187,7 +187,7 @@ pub fn measure(
         let (tx1, req1) = wait_for(&totals, |t| t.emissions > seen, Duration::from_secs(5))
             .await
             .unwrap_or((tx1, req1));
-        drop(sink);
+        sink.close().await?;
         let t = totals.lock().unwrap_or_else(|e| e.into_inner());
         let mut raw_bytes = 0u64;
         let mut buf = Vec::with_capacity(256);
