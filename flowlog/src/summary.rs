@@ -1,16 +1,60 @@
 //! The live summary the embedded mode prints every few seconds on stdout: flows per second, the
-//! top talkers by bytes, and the failed and reset connections of the last interval, each end
-//! named by its attributed identity where there is one.
+//! top talkers by bytes, and the failed and reset connections of the last interval.
+//!
+//! It speaks in connections, as a user thinks of them: each is shown once, as
+//! `client → server:port`, whichever end this host saw. A connection between two processes of
+//! this host has two records (the client's outbound one and the server's inbound one); they are
+//! matched by their 4-tuple and counted once, from the client's record. A client is named
+//! without its ephemeral port (its process, identity or address), so many connections of one
+//! client to one service add up to one line: the top talkers are services, not ports.
 use std::{
     collections::HashMap,
     io::Write,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
-use flowlog_record::{Attribution, Endpoint, EnrichedFlow, Outcome};
+use flowlog_record::{Attribution, Direction, Endpoint, EnrichedFlow, FlowRecord, Outcome};
 
 /// Talkers and failures listed per interval.
 const TOP: usize = 5;
+
+/// One TCP connection: the client's and the server's socket address.
+type Connection = (SocketAddr, SocketAddr);
+
+/// What one side's records of a connection said in the interval.
+struct Side {
+    /// `(client, server:port)` as this side names them: its own end with its process.
+    names: (String, String),
+    /// Payload bytes both ways.
+    bytes: u64,
+    /// How it ended, if it did badly.
+    trouble: Option<&'static str>,
+}
+
+/// A connection's records of the interval: the client's side and the server's side, as seen.
+#[derive(Default)]
+struct Sides {
+    client: Option<Side>,
+    server: Option<Side>,
+}
+
+impl Sides {
+    /// The connection's bytes and trouble, once (the client's record where this host has it),
+    /// and its names: each end as its own side names it (with its process), where seen.
+    fn counted(self) -> Option<((String, String), u64, Option<&'static str>)> {
+        let (counted, other) = match (self.client, self.server) {
+            (Some(c), s) => (c, s),
+            (None, Some(s)) => (s, None),
+            (None, None) => return None,
+        };
+        let server = match other {
+            Some(s) => s.names.1,
+            None => counted.names.1,
+        };
+        Some(((counted.names.0, server), counted.bytes, counted.trouble))
+    }
+}
 
 /// Counts of one interval.
 #[derive(Default)]
@@ -19,10 +63,7 @@ struct Window {
     ended: u64,
     failed: u64,
     reset: u64,
-    /// Payload bytes both ways per (local, remote) pair.
-    talkers: HashMap<(String, String), u64>,
-    /// Failed or reset flows per (local, remote, outcome).
-    troubles: HashMap<(String, String, &'static str), u64>,
+    connections: HashMap<Connection, Sides>,
 }
 
 /// Accumulates enriched flows and prints a summary when its interval has passed.
@@ -33,10 +74,11 @@ pub struct Summary {
     out: Box<dyn Write + Send>,
 }
 
-/// How an end is named: the identity (with its kind) when exact, else the address.
-fn name(end: &Endpoint, addr: std::net::IpAddr, port: Option<u16>) -> String {
+/// How an end is named: the address (with the port, if given), and the identity with its kind
+/// when exact.
+fn name(end: &Endpoint, addr: IpAddr, port: Option<u16>) -> String {
     let addr = match port {
-        Some(p) => std::net::SocketAddr::new(addr, p).to_string(),
+        Some(p) => SocketAddr::new(addr, p).to_string(),
         None => addr.to_string(),
     };
     match (&end.status, &end.identity) {
@@ -45,6 +87,41 @@ fn name(end: &Endpoint, addr: std::net::IpAddr, port: Option<u16>) -> String {
         }
         (Attribution::Ambiguous, _) => format!("{addr} (ambiguous)"),
         _ => addr,
+    }
+}
+
+/// The local end's name, after its process when the record knows it (`curl 10.0.0.5 (pod …)`).
+fn local_name(f: &FlowRecord, end: &Endpoint, port: Option<u16>) -> String {
+    let end = name(end, f.local_addr, port);
+    match &f.comm {
+        Some(comm) => format!("{comm} {end}"),
+        None => end,
+    }
+}
+
+/// The connection of a record, its `(client, server:port)` names as this side gives them, and
+/// whether this host's end is the client.
+fn connection(e: &EnrichedFlow) -> (Connection, (String, String), bool) {
+    let f = &e.flow;
+    let local = SocketAddr::new(f.local_addr, f.local_port);
+    let remote = SocketAddr::new(f.remote_addr, f.remote_port);
+    match f.direction {
+        Direction::Inbound => (
+            (remote, local),
+            (
+                name(&e.remote, f.remote_addr, None),
+                local_name(f, &e.local, Some(f.local_port)),
+            ),
+            false,
+        ),
+        _ => (
+            (local, remote),
+            (
+                local_name(f, &e.local, None),
+                name(&e.remote, f.remote_addr, Some(f.remote_port)),
+            ),
+            true,
+        ),
     }
 }
 
@@ -78,13 +155,6 @@ impl Summary {
     /// Counts one enriched flow record.
     pub fn observe(&mut self, e: &EnrichedFlow) {
         let f = &e.flow;
-        let local = match (&f.comm, f.pid) {
-            (Some(comm), Some(pid)) => {
-                format!("{comm}[{pid}] {}", name(&e.local, f.local_addr, None))
-            }
-            _ => name(&e.local, f.local_addr, None),
-        };
-        let remote = name(&e.remote, f.remote_addr, Some(f.remote_port));
         let w = &mut self.window;
         let trouble = match f.outcome {
             Outcome::Open => None,
@@ -103,15 +173,20 @@ impl Summary {
                 Some("reset")
             }
         };
-        if let Some(what) = trouble {
-            *w.troubles
-                .entry((local.clone(), remote.clone(), what))
-                .or_default() += 1;
-        }
-        let moved = f.bytes_sent + f.bytes_received;
-        if moved > 0 {
-            *w.talkers.entry((local, remote)).or_default() += moved;
-        }
+        let (key, names, client) = connection(e);
+        let sides = w.connections.entry(key).or_default();
+        let side = if client {
+            &mut sides.client
+        } else {
+            &mut sides.server
+        };
+        let side = side.get_or_insert_with(|| Side {
+            names,
+            bytes: 0,
+            trouble: None,
+        });
+        side.bytes += f.bytes_sent + f.bytes_received;
+        side.trouble = side.trouble.or(trouble);
     }
 
     /// Prints the summary if its interval has passed. `rows` is what Parquet holds durably,
@@ -144,21 +219,35 @@ impl Summary {
             held,
             rows
         );
-        let mut talkers: Vec<_> = w.talkers.into_iter().collect();
+        let mut talkers: HashMap<(String, String), u64> = HashMap::new();
+        let mut troubles: HashMap<(String, String, &'static str), u64> = HashMap::new();
+        for ((client, server), moved, trouble) in
+            w.connections.into_values().filter_map(Sides::counted)
+        {
+            if let Some(what) = trouble {
+                *troubles
+                    .entry((client.clone(), server.clone(), what))
+                    .or_default() += 1;
+            }
+            if moved > 0 {
+                *talkers.entry((client, server)).or_default() += moved;
+            }
+        }
+        let mut talkers: Vec<_> = talkers.into_iter().collect();
         talkers.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         if !talkers.is_empty() {
-            text.push_str("  top talkers (payload bytes both ways):\n");
+            text.push_str("  top talkers, client → server:port (payload bytes both ways):\n");
         }
-        for ((local, remote), n) in talkers.into_iter().take(TOP) {
-            text.push_str(&format!("    {:>9}  {local} → {remote}\n", bytes(n)));
+        for ((client, server), n) in talkers.into_iter().take(TOP) {
+            text.push_str(&format!("    {:>9}  {client} → {server}\n", bytes(n)));
         }
-        let mut troubles: Vec<_> = w.troubles.into_iter().collect();
+        let mut troubles: Vec<_> = troubles.into_iter().collect();
         troubles.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         if !troubles.is_empty() {
-            text.push_str("  failures and resets:\n");
+            text.push_str("  failed and reset connections, client → server:port:\n");
         }
-        for ((local, remote, what), n) in troubles.into_iter().take(TOP) {
-            text.push_str(&format!("    {n:>6} {what:<6}  {local} → {remote}\n"));
+        for ((client, server, what), n) in troubles.into_iter().take(TOP) {
+            text.push_str(&format!("    {n:>6} {what:<6}  {client} → {server}\n"));
         }
         // A closed stdout (piped into `head`) must not stop capture.
         let _ = self.out.write_all(text.as_bytes());
@@ -168,7 +257,149 @@ impl Summary {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use flowlog_record::{Family, Identity, IdentityKind};
+
     use super::*;
+
+    /// A writer the test reads back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A record of this host's end `local` talking to `remote`.
+    fn flow(
+        direction: Direction,
+        outcome: Outcome,
+        local: &str,
+        remote: &str,
+        comm: &str,
+        bytes: (u64, u64),
+    ) -> EnrichedFlow {
+        let (local, remote): (SocketAddr, SocketAddr) =
+            (local.parse().unwrap(), remote.parse().unwrap());
+        EnrichedFlow {
+            flow: FlowRecord {
+                flow_id: 1,
+                host: "h".into(),
+                seq: 0,
+                start_ns: 1,
+                end_ns: 2,
+                family: Family::Ipv4,
+                local_addr: local.ip(),
+                local_port: local.port(),
+                remote_addr: remote.ip(),
+                remote_port: remote.port(),
+                direction,
+                outcome,
+                bytes_sent: bytes.0,
+                bytes_received: bytes.1,
+                segs_sent: 0,
+                segs_received: 0,
+                retransmits: 0,
+                resets_sent: 0,
+                resets_received: 0,
+                srtt_us: 0,
+                min_rtt_us: 0,
+                pid: Some(7),
+                comm: Some(comm.into()),
+                cgroup_id: None,
+            },
+            local: Endpoint::unknown(),
+            remote: Endpoint::unknown(),
+            enriched_ns: 3,
+        }
+    }
+
+    fn printed(flows: &[EnrichedFlow]) -> String {
+        let out = Captured::default();
+        let mut summary = Summary::new(Duration::from_secs(5), Box::new(out.clone()));
+        for f in flows {
+            summary.observe(f);
+        }
+        summary.finish(0);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        // The first line has the interval's rate: everything after it is exact.
+        text.split_once('\n').unwrap().1.to_owned()
+    }
+
+    /// Fifty loopback connections of one client process to one server: each has a client and a
+    /// server record, counted once, and the clients' ephemeral ports add up to one line named
+    /// by both processes.
+    #[test]
+    fn a_service_is_one_talker_however_many_connections_and_ports() {
+        let mut flows = Vec::new();
+        for port in 40_001..=40_050 {
+            let client = format!("127.0.0.1:{port}");
+            flows.push(flow(
+                Direction::Outbound,
+                Outcome::Closed,
+                &client,
+                "127.0.0.1:8080",
+                "curl",
+                (100, 1_000),
+            ));
+            flows.push(flow(
+                Direction::Inbound,
+                Outcome::Closed,
+                "127.0.0.1:8080",
+                &client,
+                "nginx",
+                (1_000, 100),
+            ));
+        }
+        assert_eq!(
+            printed(&flows),
+            "  top talkers, client → server:port (payload bytes both ways):\n\
+             \x20     55.0 kB  curl 127.0.0.1 → nginx 127.0.0.1:8080\n"
+        );
+    }
+
+    /// Seen from one end only: an inbound connection from an attributed client names the client
+    /// by its identity without its port; a failed connect and a reset are listed once each, as
+    /// client → server:port.
+    #[test]
+    fn one_sided_connections_and_failures_read_client_to_server() {
+        let mut inbound = flow(
+            Direction::Inbound,
+            Outcome::Reset,
+            "10.0.0.1:443",
+            "10.0.0.9:5555",
+            "nginx",
+            (2_000, 300),
+        );
+        inbound.remote = Endpoint::exact(Arc::new(Identity {
+            kind: IdentityKind::Pod,
+            name: "web-1".into(),
+            namespace: Some("shop".into()),
+            ..Identity::default()
+        }));
+        let failed = flow(
+            Direction::Outbound,
+            Outcome::Failed,
+            "10.0.0.1:41000",
+            "10.0.0.7:5432",
+            "psql",
+            (0, 0),
+        );
+        assert_eq!(
+            printed(&[inbound, failed]),
+            "  top talkers, client → server:port (payload bytes both ways):\n\
+             \x20      2.3 kB  10.0.0.9 (pod shop/web-1) → nginx 10.0.0.1:443\n\
+             \x20 failed and reset connections, client → server:port:\n\
+             \x20        1 reset   10.0.0.9 (pod shop/web-1) → nginx 10.0.0.1:443\n\
+             \x20        1 failed  psql 10.0.0.1 → 10.0.0.7:5432\n"
+        );
+    }
 
     #[test]
     fn byte_counts_read_well() {

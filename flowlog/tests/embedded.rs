@@ -185,5 +185,17 @@ fn the_run_command_writes_parquet_with_the_exact_flows() {
         summary.contains(&format!("127.0.0.1:{closed} (host {HOST})")),
         "the failed connect is not in the summary:\n{summary}"
     );
+    // It speaks in connections: client → server:port, the clients' ephemeral ports aggregated
+    // (an inbound record drawn as server → client:port would name one).
+    assert!(
+        summary.contains(&format!(" 127.0.0.1:{server_port} (host {HOST})\n")),
+        "no talker line for the server:\n{summary}"
+    );
+    for &((client_port, _), _) in &flows {
+        assert!(
+            !summary.contains(&format!(":{client_port}")),
+            "a client's ephemeral port {client_port} is in the summary:\n{summary}"
+        );
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
