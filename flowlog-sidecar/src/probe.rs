@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// The compiled kernel programs (built by build.rs with aya-build).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowlog"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowlog-ebpf"));
 
 /// Why the probe could not start.
 #[derive(Debug, thiserror::Error)]
