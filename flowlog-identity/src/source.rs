@@ -1,5 +1,5 @@
 //! The inventory-source abstraction: anything that knows who owns which addresses (a static
-//! file, this host's interfaces, later Kubernetes and EC2) runs as one task that sends
+//! file, this host's interfaces, Kubernetes, EC2) runs as one task that sends
 //! [`OwnershipChange`]s into a bounded channel, which one [`apply_changes`](crate::apply_changes)
 //! task drains into the index. Sources never touch the index themselves, so they can also feed
 //! the `flows.ownership` topic unchanged.

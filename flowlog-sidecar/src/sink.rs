@@ -1,5 +1,5 @@
-//! Where flow records go. The agent writes through the [`RecordSink`] trait so that new outputs
-//! (Kafka, next) slot in without touching capture.
+//! Where flow records go. The agent writes through the [`RecordSink`] trait, so every output
+//! (stdout, a file, Kafka, the embedded mode's enricher) slots in without touching capture.
 use std::{
     fs::OpenOptions,
     io::{BufWriter, Write},
