@@ -68,18 +68,27 @@ const DENIED_CODES: &[&str] = &[
     "RequestExpired",
 ];
 
-/// A failed EC2 API call: which call, what kind of failure, the service's code and message, or
-/// for failures without an answer the whole error chain (the SDK's `Display` alone often says
-/// only "dispatch failure").
+/// A failed EC2 API call: which call, what kind of failure, and the service's code and message
+/// when it answered. A failure without an answer (dispatch, timeout, an unreadable response)
+/// keeps the SDK's error as its `source()`, whose own chain says what happened (its `Display`
+/// alone often says only "dispatch failure"): log it with `flowlog_diag::error_chain`.
 #[derive(Debug, thiserror::Error)]
-#[error("EC2 {operation} failed ({kind}{}): {message}", code.as_deref().map(|c| format!(", {c}")).unwrap_or_default())]
+#[error(
+    "EC2 {operation} failed ({kind}{}){}",
+    code.as_deref().map(|c| format!(", {c}")).unwrap_or_default(),
+    message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()
+)]
 pub struct Ec2Error {
     /// `DescribeNetworkInterfaces` or `DescribeInstances`.
     pub operation: &'static str,
     pub kind: ErrorKind,
     /// The service's error code, when it answered with one.
     pub code: Option<String>,
-    pub message: String,
+    /// The service's message, when it answered.
+    pub message: Option<String>,
+    /// The SDK's error, for a failure the service did not answer.
+    #[source]
+    cause: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl Ec2Error {
@@ -87,8 +96,8 @@ impl Ec2Error {
     /// error chain.
     pub fn from_sdk<E, R>(operation: &'static str, error: SdkError<E, R>) -> Self
     where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: fmt::Debug,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: fmt::Debug + Send + Sync + 'static,
     {
         let code = error.code().map(str::to_owned);
         let kind = match &error {
@@ -104,27 +113,22 @@ impl Ec2Error {
             SdkError::ConstructionFailure(_) => ErrorKind::Construction,
             _ => ErrorKind::Service,
         };
-        let message = match &error {
-            SdkError::ServiceError(_) => error.message().unwrap_or("(no message)").to_owned(),
-            _ => chain(&error),
+        let (message, cause) = match &error {
+            SdkError::ServiceError(_) => (
+                Some(error.message().unwrap_or("(no message)").to_owned()),
+                None,
+            ),
+            _ => (
+                None,
+                Some(Box::new(error) as Box<dyn std::error::Error + Send + Sync>),
+            ),
         };
         Self {
             operation,
             kind,
             code,
             message,
+            cause,
         }
     }
-}
-
-/// An error and its sources, `: `-separated.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }

@@ -159,6 +159,17 @@ async fn a_failing_api_closes_nothing_and_sends_no_watermark() {
     // One kind (connection refused is a dispatch failure), logged once.
     assert_eq!(errors.kinds(), vec!["dispatch"]);
     assert_eq!(logs.lines_containing("inventory source failing"), 1);
+    // The log line carries the whole chain down to the refused connection, not only the
+    // SDK's "dispatch failure".
+    let failing = logs.text();
+    let failing = failing
+        .lines()
+        .find(|l| l.contains("inventory source failing"))
+        .unwrap();
+    assert!(
+        failing.contains("dispatch failure") && failing.contains("Connection refused"),
+        "{failing}"
+    );
 
     // Back: the next good poll sends only a watermark (nothing re-opened, nothing closed).
     let _relay = Relay::start(relay_addr, moto).await;
