@@ -61,11 +61,12 @@ pub struct SourceFlags {
     )]
     pub kubernetes_labels: Vec<String>,
     /// How often each watched kind is probed (a consistent list of one object, for its
-    /// resourceVersion; one request per kind). Changes are dated to within this, so flows that
-    /// start this close to one come out `ambiguous`; the watermark moves in these steps.
-    /// 100 ms: at the attribution benchmark's churn (every address changing hands every
-    /// 2–6 s, the watch up to 1 s late) 1 s left 62% of flows 10–500 ms from a change
-    /// ambiguous, 100 ms 4.3% (benches/RESULTS.md), for 10 one-object lists per kind per
+    /// resourceVersion; one request per kind). Changes are dated to within this, so connects
+    /// nobody answered that start this close to one come out `ambiguous` (one a pod answered is
+    /// exact); the watermark moves in these steps. 100 ms: at the attribution benchmark's
+    /// churn (every address changing hands every 2–6 s, the watch up to 1 s late), before
+    /// answered connects were told apart, 1 s left 62% of flows 10–500 ms from a change
+    /// ambiguous and 100 ms 4.3% (benches/RESULTS.md), for 10 one-object lists per kind per
     /// second from the one publishing replica.
     #[arg(long, env = "FLOWLOG_KUBERNETES_PROBE_INTERVAL", default_value = "100ms", value_parser = flowlog_cli::parse_duration)]
     pub kubernetes_probe_interval: Duration,

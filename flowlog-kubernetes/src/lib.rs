@@ -46,7 +46,9 @@
 //! arrive while a probe sent before them is in flight wait for its answer). An Open is dated at
 //! the span's end (held for sure from then) and a Close at its start, each with an
 //! `OwnershipChange::Uncertain` span over the rest, in which the index names the owner only as
-//! a candidate: flows there come out `ambiguous`, never wrong. A pod given an address that a
+//! a candidate: flows there come out `ambiguous`, never wrong (unless the flow proves the
+//! address was held — its peer answered — which makes the one candidate exact: the enricher's
+//! `Presence`). A pod given an address that a
 //! terminating pod still holds may have had it since the termination began ([`tracker`]).
 //! The spans are about a probe interval wide, whatever the watch's lag; the churn test
 //! reassigns 50 addresses every 200 ms, also with every watch event 0–1 s late, and counts none
