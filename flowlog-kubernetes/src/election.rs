@@ -54,6 +54,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use flowlog_diag::{LogThrottle, error_chain};
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::MicroTime,
@@ -438,50 +439,26 @@ impl std::fmt::Display for Lost {
 
 /// A failure that repeats is logged once, then at most once a minute with its count.
 #[derive(Debug, Default)]
-struct Failures {
-    count: u64,
-    logged: Option<Instant>,
-}
+struct Failures(LogThrottle);
 
 impl Failures {
     fn failed(&mut self, e: &ElectionError) {
         metrics::counter!(crate::metrics::LEASE_ERRORS).increment(1);
-        self.count += 1;
-        if self.count == 1
-            || self
-                .logged
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
-        {
-            self.logged = Some(Instant::now());
+        if self.0.hit() {
             warn!(
-                failures = self.count,
+                failures = self.0.count,
                 "leader election: {}; retrying",
-                anyhow_chain(e)
+                error_chain(e)
             );
         }
     }
 
     fn succeeded(&mut self) {
-        if self.count > 0 {
-            info!(
-                failures = self.count,
-                "leader election: the Lease is reachable again"
-            );
+        let failures = self.0.clear();
+        if failures > 0 {
+            info!(failures, "leader election: the Lease is reachable again");
         }
-        *self = Self::default();
     }
-}
-
-/// An error with its causes, `: `-separated.
-fn anyhow_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// A candidate that waits for the Lease ([`Elector::acquire`]), keeps it
