@@ -651,8 +651,16 @@ mod tests {
     /// A counter's name, labels and value.
     type Counted = (String, Vec<(String, String)>, u64);
 
-    /// The counters recorded so far. Taken once per test: a
-    /// snapshot of the debugging recorder resets what it reads.
+    /// Runs `test` with a debugging recorder of its own and returns the counters it recorded.
+    fn counted_while(test: impl FnOnce()) -> Vec<Counted> {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, test);
+        counters(&snapshotter)
+    }
+
+    /// The counters recorded so far. A snapshot of the debugging recorder resets what it
+    /// reads, so it is taken once, by [`counted_while`].
     fn counters(snapshotter: &Snapshotter) -> Vec<Counted> {
         snapshotter
             .snapshot()
@@ -712,9 +720,7 @@ mod tests {
     /// poll's due time waits for it too.
     #[test]
     fn a_flow_waits_for_a_polled_source_only_where_its_next_poll_could_change_the_answer() {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        metrics::with_local_recorder(&recorder, || {
+        let counts = counted_while(|| {
             let index = static_and_polled();
             // EC2 last polled at 995 s: its next poll is due at 1,005 s.
             watermark_of(&index, "ec2", 995 * S);
@@ -765,7 +771,6 @@ mod tests {
             assert_eq!(a.held(), 0);
             assert_eq!(a.next_deadline(), None);
         });
-        let counts = counters(&snapshotter);
         let waits = |source| counter_value(&counts, m::WAITS_TOTAL, &[("source", source)]);
         assert_eq!((waits("ec2"), waits("static")), (2, 2));
         assert_eq!(counter_value(&counts, m::HELD_TOTAL, &[]), 3);
@@ -776,9 +781,7 @@ mod tests {
     /// `ambiguous` between both owners; if no poll comes within the period + hold, `unknown`.
     #[test]
     fn a_handover_seen_by_the_next_poll_is_ambiguous_and_no_poll_is_unknown() {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        metrics::with_local_recorder(&recorder, || {
+        let counts = counted_while(|| {
             let index = static_and_polled();
             let hold = Duration::from_secs(2);
             let mut a: Attributor<u64> = Attributor::new(SharedIndex::clone(&index), None, hold);
@@ -817,7 +820,6 @@ mod tests {
                 vec![(3, Attribution::Unknown, String::new())]
             );
         });
-        let counts = counters(&snapshotter);
         assert_eq!(
             counter_value(&counts, m::WAIT_EXPIRED_TOTAL, &[("source", "ec2")]),
             1
@@ -830,9 +832,7 @@ mod tests {
     /// inventory has reported up to its start + skew. Skew 0 answers as before.
     #[test]
     fn a_clock_skew_allowance_widens_the_window_and_the_wait() {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        metrics::with_local_recorder(&recorder, || {
+        let counts = counted_while(|| {
             let mut index = IdentityIndex::new();
             index.register_source("s");
             let index = index.into_shared();
@@ -882,7 +882,6 @@ mod tests {
             a.release(t, &mut out);
             assert_eq!(remotes(&out), vec![(6, Attribution::Exact, "new".into())]);
         });
-        let counts = counters(&snapshotter);
         let widened = |status| {
             counter_value(
                 &counts,
@@ -904,9 +903,7 @@ mod tests {
     /// (the host's own address) is always held.
     #[test]
     fn a_peer_that_answered_rules_out_nobody_in_an_uncertain_span() {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        metrics::with_local_recorder(&recorder, || {
+        let counts = counted_while(|| {
             let mut index = IdentityIndex::new();
             index.register_source("s");
             let index = index.into_shared();
@@ -966,7 +963,6 @@ mod tests {
                 assert_eq!(e.local.identity.as_ref().unwrap().name, "host");
             }
         });
-        let counts = counters(&snapshotter);
         let resolved = |end| counter_value(&counts, m::PRESENCE_RESOLVED_TOTAL, &[("end", end)]);
         assert_eq!((resolved("local"), resolved("remote")), (4, 2));
     }
