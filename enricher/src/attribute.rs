@@ -509,17 +509,13 @@ fn enrich(
         if !behind.is_empty() {
             return Endpoint::unknown();
         }
-        // Most ends are exact without the proof: look up without it first, so that only the
-        // few near a change pay for a second lookup.
-        let mut found = index.lookup_with(addr, at, skew_ns, Presence::Unproven);
-        if found.status != Attribution::Exact && presence == Presence::Held {
-            found = index.lookup_with(addr, at, skew_ns, presence);
-            if found.status == Attribution::Exact {
-                counters.held_resolved[end].increment(1);
-            }
+        let found = index.lookup_with(addr, at, skew_ns, presence);
+        if found.by_presence {
+            counters.held_resolved[end].increment(1);
         }
+        let found = found.endpoint;
         if skew_ns > 0 && found.status != Attribution::Exact {
-            let alone = index.lookup_with(addr, at, 0, presence);
+            let alone = index.lookup_with(addr, at, 0, presence).endpoint;
             if alone.status != found.status {
                 counters.widened[end][found.status as usize - 1].increment(1);
             }

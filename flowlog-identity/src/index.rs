@@ -47,6 +47,24 @@ pub enum Presence {
     Held,
 }
 
+/// An end's answer from [`IdentityIndex::lookup_with`], and whether the flow's [`Presence`]
+/// decided it: `exact` only because nobody was ruled out (the one candidate of an uncertain
+/// span, or a window that also meets times of nobody).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub endpoint: Endpoint,
+    pub by_presence: bool,
+}
+
+impl Found {
+    fn of(endpoint: Endpoint) -> Self {
+        Self {
+            endpoint,
+            by_presence: false,
+        }
+    }
+}
+
 /// The index shared between the task that applies changes and the enricher's lookups
 /// (`parking_lot`'s lock: no poisoning, and readers are cheap).
 pub type SharedIndex = Arc<parking_lot::RwLock<IdentityIndex>>;
@@ -202,7 +220,7 @@ impl Slot {
     /// owner held it for sure and no other may have; ambiguous (all of them) otherwise —
     /// also when the only candidate is one that only may have held it, unless `presence`
     /// rules out nobody.
-    fn containing(&self, at: u64, presence: Presence) -> Option<Endpoint> {
+    fn containing(&self, at: u64, presence: Presence) -> Option<Found> {
         let ivs = &self.intervals;
         // Fast path, the common case of a flow looked up soon after it happened: the newest
         // interval contains `at` and nothing before it reaches `at`.
@@ -212,7 +230,7 @@ impl Slot {
             && at < last.to
             && earlier.last().is_none_or(|b| b.reach <= at)
         {
-            return Some(Endpoint::exact(Arc::clone(&last.identity)));
+            return Some(Found::of(Endpoint::exact(Arc::clone(&last.identity))));
         }
         // The number of intervals starting at or before `at`. Flows are mostly looked up soon
         // after they happen, at the newest intervals: a short slot is scanned from its end.
@@ -240,13 +258,16 @@ impl Slot {
         if let [one] = held.as_slice()
             && maybe.iter().all(|m| same(m, one))
         {
-            return Some(Endpoint::exact(Arc::clone(one)));
+            return Some(Found::of(Endpoint::exact(Arc::clone(one))));
         }
         // One owner that only may have held it, or nobody: a held address was that owner's.
         if let ([], [one]) = (held.as_slice(), maybe.as_slice())
             && presence == Presence::Held
         {
-            return Some(Endpoint::exact(Arc::clone(one)));
+            return Some(Found {
+                endpoint: Endpoint::exact(Arc::clone(one)),
+                by_presence: true,
+            });
         }
         for m in maybe {
             add_distinct(&mut held, m);
@@ -255,7 +276,7 @@ impl Slot {
             return None;
         }
         let owners: SmallVec<[Arc<Identity>; 4]> = held.into_iter().map(Arc::clone).collect();
-        Some(Endpoint::ambiguous(&owners))
+        Some(Found::of(Endpoint::ambiguous(&owners)))
     }
 }
 
@@ -332,7 +353,7 @@ impl<K: NetKey> Family<K> {
         }
     }
 
-    fn lookup(&self, addr: K, at: u64, presence: Presence) -> Option<Endpoint> {
+    fn lookup(&self, addr: K, at: u64, presence: Presence) -> Option<Found> {
         self.lens.iter().find_map(|(len, map)| {
             map.get(&addr.masked(*len))
                 .and_then(|slot| slot.containing(at, presence))
@@ -345,7 +366,7 @@ impl<K: NetKey> Family<K> {
     /// answers has no sure owner, so the window is then ambiguous even with one candidate, as
     /// a point lookup there would be. With [`Presence::Held`] nobody is not an answer: the
     /// owners any time of the window gets are the candidates, and one of them is exact.
-    fn lookup_window(&self, addr: K, lo: u64, hi: u64, presence: Presence) -> Endpoint {
+    fn lookup_window(&self, addr: K, lo: u64, hi: u64, presence: Presence) -> Found {
         // The parts of the window no more specific prefix has answered yet.
         let mut open: Spans = SmallVec::new();
         open.push((lo, hi));
@@ -391,16 +412,20 @@ impl<K: NetKey> Family<K> {
             }
         }
         let held = presence == Presence::Held;
+        // Times of nobody, or of an owner that only may have held it: nobody is an answer
+        // unless the flow proves the address was held.
+        let nobody = !open.is_empty() || only_maybe;
         match owners.as_slice() {
-            [] => Endpoint::unknown(),
-            // Some time of the window had no owner at any prefix: nobody is one of the answers
-            // (unless the flow proves the address was held).
-            _ if !open.is_empty() && !held => Endpoint::unknown(),
-            [one] if !only_maybe || held => Endpoint::exact(Arc::clone(one)),
+            [] => Found::of(Endpoint::unknown()),
+            _ if !open.is_empty() && !held => Found::of(Endpoint::unknown()),
+            [one] if !nobody || held => Found {
+                endpoint: Endpoint::exact(Arc::clone(one)),
+                by_presence: nobody,
+            },
             many => {
                 let many: SmallVec<[Arc<Identity>; 4]> =
                     many.iter().map(|o| Arc::clone(o)).collect();
-                Endpoint::ambiguous(&many)
+                Found::of(Endpoint::ambiguous(&many))
             }
         }
     }
@@ -880,15 +905,15 @@ impl IdentityIndex {
     /// two or more overlapping → Endpoint::ambiguous, none at any prefix → Endpoint::unknown.
     /// IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) are looked up as IPv4.
     pub fn lookup(&self, addr: IpAddr, at_ns: u64) -> Endpoint {
-        self.lookup_point(addr, at_ns, Presence::Unproven)
+        self.lookup_point(addr, at_ns, Presence::Unproven).endpoint
     }
 
-    fn lookup_point(&self, addr: IpAddr, at_ns: u64, presence: Presence) -> Endpoint {
+    fn lookup_point(&self, addr: IpAddr, at_ns: u64, presence: Presence) -> Found {
         let found = match addr.to_canonical() {
             IpAddr::V4(a) => self.v4.lookup(a.to_bits(), at_ns, presence),
             IpAddr::V6(a) => self.v6.lookup(a.to_bits(), at_ns, presence),
         };
-        found.unwrap_or_else(Endpoint::unknown)
+        found.unwrap_or_else(|| Found::of(Endpoint::unknown()))
     }
 
     /// Who owned `addr` throughout the window `[at_ns - skew_ns, at_ns + skew_ns]` (both ends
@@ -904,19 +929,15 @@ impl IdentityIndex {
     /// `skew_ns` 0 is exactly [`Self::lookup`] at `at_ns`.
     pub fn lookup_around(&self, addr: IpAddr, at_ns: u64, skew_ns: u64) -> Endpoint {
         self.lookup_with(addr, at_ns, skew_ns, Presence::Unproven)
+            .endpoint
     }
 
     /// [`Self::lookup_around`], with what the flow proves about the address
     /// ([`Presence`]): with [`Presence::Held`], nobody is not one of the answers, so an end
     /// whose only candidate is an owner known to within an uncertain span (or a window that
-    /// meets one owner and times of nobody) is that owner's, `exact`.
-    pub fn lookup_with(
-        &self,
-        addr: IpAddr,
-        at_ns: u64,
-        skew_ns: u64,
-        presence: Presence,
-    ) -> Endpoint {
+    /// meets one owner and times of nobody) is that owner's, `exact`, and
+    /// [`Found::by_presence`] says so.
+    pub fn lookup_with(&self, addr: IpAddr, at_ns: u64, skew_ns: u64, presence: Presence) -> Found {
         if skew_ns == 0 {
             return self.lookup_point(addr, at_ns, presence);
         }

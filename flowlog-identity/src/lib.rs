@@ -89,7 +89,7 @@ pub use apply::apply_changes;
 pub use cgroup::{CgroupPath, CgroupResolver, cgroup_identity, cgroup2_mount, parse_cgroup_path};
 pub use change::{OwnershipChange, now_ns};
 pub use host_source::{HOST_SOURCE, HostError, HostSource, hostname};
-pub use index::{ChangeCounts, IdentityIndex, Presence, SharedIndex};
+pub use index::{ChangeCounts, Found, IdentityIndex, Presence, SharedIndex};
 pub use source::{
     BoxFuture, FailureLog, InventorySource, SourceError, SourceRegistry, send_all, spawn_source,
 };

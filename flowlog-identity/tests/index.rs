@@ -474,8 +474,10 @@ fn a_held_address_makes_the_one_candidate_of_a_span_exact() {
         close("kubernetes", "pod/b", p, 300 * S),
     ]);
     let a = ip("10.1.2.3");
-    let held = |t, skew| index.lookup_with(a, t, skew, Presence::Held);
-    let unproven = |t, skew| index.lookup_with(a, t, skew, Presence::Unproven);
+    let held = |t, skew| index.lookup_with(a, t, skew, Presence::Held).endpoint;
+    let unproven = |t, skew| index.lookup_with(a, t, skew, Presence::Unproven).endpoint;
+    // Which answers the proof decided.
+    let by_presence = |t, skew| index.lookup_with(a, t, skew, Presence::Held).by_presence;
     // "cart-1 or nobody" → cart-1; "checkout-7 or nobody" → checkout-7.
     assert_eq!(unproven(200 * S, 0), ambiguous(&["shop/cart-1"]));
     assert_eq!(held(200 * S, 0), exact(&old));
@@ -496,6 +498,12 @@ fn a_held_address_makes_the_one_candidate_of_a_span_exact() {
     assert_eq!(held(100 * S, S / 2), exact(&old));
     // A window across the handover still names both.
     assert_eq!(held(201 * S, 2 * S), both);
+    // The proof decided exactly the answers it changed.
+    assert!(by_presence(200 * S, 0) && by_presence(201 * S, 0));
+    assert!(by_presence(300 * S, S / 2) && by_presence(100 * S, S / 2));
+    assert!(!by_presence(150 * S, 0) && !by_presence(250 * S, 0));
+    assert!(!by_presence(200 * S + S / 2, 0) && !by_presence(201 * S, 2 * S));
+    assert!(!by_presence(300 * S, 0));
     // With nothing proven, lookup_with is lookup_around.
     for t in [150 * S, 200 * S, 201 * S, 300 * S] {
         assert_eq!(
