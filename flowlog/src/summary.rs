@@ -99,29 +99,30 @@ fn local_name(f: &FlowRecord, end: &Endpoint, port: Option<u16>) -> String {
     }
 }
 
-/// The connection of a record, its `(client, server:port)` names as this side gives them, and
-/// whether this host's end is the client.
-fn connection(e: &EnrichedFlow) -> (Connection, (String, String), bool) {
-    let f = &e.flow;
+/// The connection of a record, and whether this host's end is the client.
+fn connection(f: &FlowRecord) -> (Connection, bool) {
     let local = SocketAddr::new(f.local_addr, f.local_port);
     let remote = SocketAddr::new(f.remote_addr, f.remote_port);
     match f.direction {
-        Direction::Inbound => (
-            (remote, local),
-            (
-                name(&e.remote, f.remote_addr, None),
-                local_name(f, &e.local, Some(f.local_port)),
-            ),
-            false,
-        ),
-        _ => (
-            (local, remote),
-            (
-                local_name(f, &e.local, None),
-                name(&e.remote, f.remote_addr, Some(f.remote_port)),
-            ),
-            true,
-        ),
+        Direction::Inbound => ((remote, local), false),
+        _ => ((local, remote), true),
+    }
+}
+
+/// A record's `(client, server:port)` names, as its side gives them (its own end with its
+/// process).
+fn names(e: &EnrichedFlow, client: bool) -> (String, String) {
+    let f = &e.flow;
+    if client {
+        (
+            local_name(f, &e.local, None),
+            name(&e.remote, f.remote_addr, Some(f.remote_port)),
+        )
+    } else {
+        (
+            name(&e.remote, f.remote_addr, None),
+            local_name(f, &e.local, Some(f.local_port)),
+        )
     }
 }
 
@@ -173,15 +174,16 @@ impl Summary {
                 Some("reset")
             }
         };
-        let (key, names, client) = connection(e);
+        let (key, client) = connection(f);
         let sides = w.connections.entry(key).or_default();
         let side = if client {
             &mut sides.client
         } else {
             &mut sides.server
         };
+        // Named once per connection and side, not per record (interim records repeat them).
         let side = side.get_or_insert_with(|| Side {
-            names,
+            names: names(e, client),
             bytes: 0,
             trouble: None,
         });
