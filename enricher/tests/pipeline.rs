@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeSet, HashSet},
     io::{BufRead, BufReader},
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{Arc, Mutex, mpsc},
     thread,
@@ -774,17 +774,23 @@ fn enrichers_follow_the_ownership_topic_of_one_inventory_process() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[test]
-fn a_broken_configuration_file_is_a_usage_error_naming_it() {
-    let dir = temp_dir("config");
+/// Runs the enricher with a `--config` file holding `text`; its exit code, stderr and the file.
+fn run_with_config(name: &str, text: &str) -> (Option<i32>, String, PathBuf) {
+    let dir = temp_dir(name);
     let config = dir.join("enricher.toml");
-    std::fs::write(&config, "static = [\"unterminated\n").unwrap();
+    std::fs::write(&config, text).unwrap();
     let out = Command::new(ENRICHER)
         .args(["--config", &config.display().to_string()])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stderr, config)
+}
+
+#[test]
+fn a_broken_configuration_file_is_a_usage_error_naming_it() {
+    let (code, stderr, config) = run_with_config("config", "static = [\"unterminated\n");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "parsing the configuration file {}",
@@ -792,22 +798,16 @@ fn a_broken_configuration_file_is_a_usage_error_naming_it() {
         )),
         "{stderr}"
     );
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(config.parent().unwrap());
 }
 
 /// A key no flag reads (a typo, here `hodl`) is a usage error naming it and the settings there
 /// are, not a setting silently ignored.
 #[test]
 fn an_unknown_configuration_key_is_a_usage_error_naming_it() {
-    let dir = temp_dir("config-unknown");
-    let config = dir.join("enricher.toml");
-    std::fs::write(&config, "hold = \"2s\"\nhodl = \"5s\"\n").unwrap();
-    let out = Command::new(ENRICHER)
-        .args(["--config", &config.display().to_string()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr, config) =
+        run_with_config("config-unknown", "hold = \"2s\"\nhodl = \"5s\"\n");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "parsing the configuration file {}: unknown setting `hodl` (no flag reads FLOWLOG_HODL)",
@@ -817,7 +817,7 @@ fn an_unknown_configuration_key_is_a_usage_error_naming_it() {
     );
     // The message lists the real settings, the one meant among them.
     assert!(stderr.contains(", hold, "), "{stderr}");
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(config.parent().unwrap());
 }
 
 /// Reading pauses at `--max-pending` records not yet durable; when the open Parquet files are
