@@ -218,8 +218,10 @@ pub struct Config {
     /// for the agent's periodic drain (batching keeps the agent's CPU cost low).
     pub wakeup_bytes: u64,
     /// Flow ids are `flow_id_base + n × flow_id_stride + cpu` (wrapping), `n` counting the flows
-    /// started on that CPU since the programs were loaded. The agent draws the base at random at
-    /// each start; the stride is the number of possible CPUs, so CPUs never hand out the same id.
+    /// started on that CPU since the counters were created. The agent draws the base at random
+    /// when it creates the maps; one that takes pinned maps over keeps their base (kept in
+    /// `PIN_STATE`) and their per-CPU counters, so ids stay distinct across restarts. The stride
+    /// is the number of possible CPUs, so CPUs never hand out the same id.
     /// Ids of one run are distinct (a start that interrupts another on the same CPU, possible on
     /// kernels before ~6.1, takes a random id instead); two runs collide only if their id ranges
     /// (as wide as the flows they saw) overlap. Unlike fully random ids, consecutive records

@@ -476,3 +476,64 @@ fn write_layout_id(dir: &Path, id: u64) {
         .set(flowlog_common::pin_state::LAYOUT_ID, id, 0)
         .expect("writing the layout id");
 }
+
+/// A final stop: after a pinned agent's SIGTERM, `--unpin` takes the pins over, writes the flows
+/// still open as `open` records (exact: what moved before and after the first agent stopped),
+/// detaches the programs and removes the pin directory.
+#[test]
+fn unpin_reports_open_flows_and_removes_the_pins() {
+    let test = "restart-unpin";
+    let pins = PinDirGuard::new(test);
+    let net = NetnsPair::new(53);
+    let port = server_port();
+    let v4 = SocketAddr::new(net.server_v4, port);
+    let listen_v4 = net.listen(v4);
+    let ours = net.flows(port);
+    let args = ["--interim", INTERIM, "--pin-dir", &pins.arg()];
+
+    let first = Agent::start_run(test, &format!("{test}-1"), &args);
+    let mut conn = Conn::open(&net, &listen_v4, v4);
+    conn.transfer(54_321, 12_345);
+    first.wait_for(&ours, |records| {
+        side(records, conn.port, true).len() == 1 && side(records, conn.port, false).len() == 1
+    });
+    let first_records = first.stop();
+    conn.transfer(1_000, 2_000);
+    let mut unpin_args = args.to_vec();
+    unpin_args.push("--unpin");
+    let final_stop = Agent::start_run(test, &format!("{test}-2"), &unpin_args);
+    let final_records = final_stop.stop();
+    assert!(
+        !pins.0.exists(),
+        "--unpin removes the pin directory: {:?}",
+        std::fs::read_dir(&pins.0).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+    );
+    let all: Vec<FlowRecord> = first_records
+        .into_iter()
+        .chain(final_records)
+        .filter(&ours)
+        .collect();
+    assert_unique_flow_seq(&all);
+    let t = conn.totals();
+    for (client, sent, received) in [
+        (true, t.client_wrote, t.server_wrote),
+        (false, t.server_wrote, t.client_wrote),
+    ] {
+        let records = side(&all, t.port, client);
+        let seqs: Vec<u32> = records.iter().map(|r| r.seq).collect();
+        let expected: Vec<u32> = (0..records.len() as u32).collect();
+        assert!(
+            records.len() >= 2 && seqs == expected,
+            "interim records, then the final stop's: {seqs:?}"
+        );
+        assert!(records.iter().all(|r| r.outcome == Outcome::Open));
+        assert_eq!(
+            (
+                records.iter().map(|r| r.bytes_sent).sum::<u64>(),
+                records.iter().map(|r| r.bytes_received).sum::<u64>()
+            ),
+            (sent, received)
+        );
+    }
+    drop(conn);
+}
