@@ -180,59 +180,54 @@ pub async fn run<S: RecordSink>(
         health.beat();
     }
 
-    if let (Some(dir), false) = (&pin_dir, settings.unpin) {
-        // The programs keep tracking: no `open` record for a flow that is not over, only what
-        // waits in the kernel now. The next agent continues every flow from the kernel's maps.
-        health.set_not_ready(
-            NOT_STOPPING,
-            "shutting down: the kernel side keeps tracking",
-        );
-        info!(
-            pin_dir = dir.as_str(),
-            "shutting down: the kernel programs stay attached and keep tracking for the next \
-             agent (`flowlog-sidecar --unpin` stops them)"
-        );
-        if let Err(e) = probe.flush_batches(true) {
-            reporter.flush_failed(&e);
-        }
-        drain(ring.get_mut(), &mut assembler, &mut out);
-        assembler.release_all(&mut out);
-        emit(&mut sink, &mut out, &mut reporter).await;
-        if let Err(e) = sink.close().await {
-            counter!(m::SINK_ERRORS).increment(1);
-            reporter.sink_failed(&e, 0);
-        }
-        reporter.export(&probe, assembler.stats());
-        info!("stopped");
-        return Ok(());
-    }
-    health.set_not_ready(NOT_STOPPING, "shutting down: reporting open flows");
-    info!("shutting down: reporting open flows");
-    if settings.unpin {
-        // Detached first, so that no flow ends after its `open` record below.
-        if let Err(e) = probe.detach() {
-            warn!(
-                error = flowlog_diag::error_chain(&e),
-                "could not detach the pinned programs"
+    match (&pin_dir, settings.unpin) {
+        (Some(dir), false) => {
+            // The programs keep tracking: no `open` record for a flow that is not over, only
+            // what waits in the kernel now. The next agent continues every flow from the maps.
+            health.set_not_ready(
+                NOT_STOPPING,
+                "shutting down: the kernel side keeps tracking",
             );
+            info!(
+                pin_dir = dir.as_str(),
+                "shutting down: the kernel programs stay attached and keep tracking for the \
+                 next agent (`flowlog-sidecar --unpin` stops them)"
+            );
+            if let Err(e) = probe.flush_batches(true) {
+                reporter.flush_failed(&e);
+            }
+            drain(ring.get_mut(), &mut assembler, &mut out);
+        }
+        _ => {
+            health.set_not_ready(NOT_STOPPING, "shutting down: reporting open flows");
+            info!("shutting down: reporting open flows");
+            if settings.unpin {
+                // Detached first, so that no flow ends after its `open` record below.
+                if let Err(e) = probe.detach() {
+                    warn!(
+                        error = flowlog_diag::error_chain(&e),
+                        "could not detach the pinned programs"
+                    );
+                }
+            }
+            if let Err(e) = probe.flush_batches(true) {
+                reporter.flush_failed(&e);
+            }
+            drain(ring.get_mut(), &mut assembler, &mut out);
+            assembler.start_flush();
+            if let Err(e) = probe.sweep(true) {
+                warn!(
+                    error = flowlog_diag::error_chain(&e),
+                    "could not report open flows at shutdown"
+                );
+            }
+            // Ends batched on the CPUs since the first flush.
+            if let Err(e) = probe.flush_batches(true) {
+                reporter.flush_failed(&e);
+            }
+            drain(ring.get_mut(), &mut assembler, &mut out);
         }
     }
-    if let Err(e) = probe.flush_batches(true) {
-        reporter.flush_failed(&e);
-    }
-    drain(ring.get_mut(), &mut assembler, &mut out);
-    assembler.start_flush();
-    if let Err(e) = probe.sweep(true) {
-        warn!(
-            error = flowlog_diag::error_chain(&e),
-            "could not report open flows at shutdown"
-        );
-    }
-    // Ends batched on the CPUs since the first flush.
-    if let Err(e) = probe.flush_batches(true) {
-        reporter.flush_failed(&e);
-    }
-    drain(ring.get_mut(), &mut assembler, &mut out);
     assembler.release_all(&mut out);
     emit(&mut sink, &mut out, &mut reporter).await;
     if let Err(e) = sink.close().await {
@@ -241,7 +236,6 @@ pub async fn run<S: RecordSink>(
     }
     reporter.export(&probe, assembler.stats());
     if settings.unpin {
-        drop(ring);
         probe
             .unpin()
             .context("removing the pinned kernel state (--unpin)")?;
