@@ -8,7 +8,8 @@
 //!
 //! Each test opens three long-lived connections (IPv4, IPv6, IPv4) and moves bytes both ways
 //! before the first agent stops, while no agent runs, and after the second agent started. One
-//! connection closes while no agent runs; another opens, moves bytes and closes in the gap. The
+//! connection closes while no agent runs; another opens, moves bytes and closes in the gap; a
+//! last one opens after the second agent started (its flow id must continue the same range). The
 //! first agent runs with a one-second interim, and the test waits for an interim record of each
 //! connection that covers everything sent before the stop, so that the second agent must continue
 //! a `seq` that is not 0, from a baseline it never saw; the second agent too writes an interim
@@ -251,6 +252,7 @@ fn across_a_restart(index: u8, test: &str, stop: Stop) {
         "the first agent pins: {}",
         first.stderr()
     );
+    let base = read_pin_state(&pins.0, flowlog_common::pin_state::FLOW_ID_BASE);
     let mut conns = vec![
         Conn::open(&net, &listen_v4, v4),
         Conn::open(&net, &listen_v6, v6),
@@ -292,6 +294,16 @@ fn across_a_restart(index: u8, test: &str, stop: Stop) {
         "the second agent takes over: {}",
         second.stderr()
     );
+    assert_eq!(
+        read_pin_state(&pins.0, flowlog_common::pin_state::FLOW_ID_BASE),
+        base,
+        "the flow-id base survives the restart"
+    );
+    // A connection the second agent's programs start: its id continues the same range, and
+    // the unique (flow_id, seq) check below fails if it repeats one.
+    let mut after_restart = Conn::open(&net, &listen_v4, v4);
+    after_restart.transfer(11_111, 22_222);
+    let after_restart = after_restart.close();
     // An interim record of each long-lived side from the second agent, for a flow it had not
     // seen before (its first record continues the first agent's `seq` and baseline), ...
     second.wait_for(&ours, |records| {
@@ -308,6 +320,7 @@ fn across_a_restart(index: u8, test: &str, stop: Stop) {
     let mut totals: Vec<Totals> = conns.into_iter().map(Conn::close).collect();
     totals.push(closed_in_gap);
     totals.push(whole_in_gap);
+    totals.push(after_restart);
     let expected_ends = 2 * totals.len();
     second.wait_for(&ours, |records| {
         records
@@ -462,6 +475,16 @@ fn an_upgrade_with_another_layout_falls_back_and_says_so() {
             received,
         );
     }
+}
+
+/// One value of the pinned `PIN_STATE`.
+fn read_pin_state(dir: &Path, index: u32) -> u64 {
+    use aya::maps::{Array, Map, MapData};
+    let path = dir.join("PIN_STATE");
+    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let map = Map::from_map_data(data).expect("an array map");
+    let array: Array<MapData, u64> = Array::try_from(map).expect("an array of u64");
+    array.get(&index, 0).expect("reading PIN_STATE")
 }
 
 /// Writes another layout id into the pinned `PIN_STATE`, as a build with another kernel layout
