@@ -118,6 +118,12 @@ fn the_agent_image_with_the_daemonsets_privileges_records_exact_flows() {
     )
     .unwrap();
     agent.wait_for_line(CAPTURING).unwrap();
+    // Pinning in bpffs needs no capability beyond the spec's (deploy/CAPABILITIES.md).
+    assert!(
+        agent.stderr().contains("pinned the kernel state"),
+        "the agent pins with the DaemonSet's privileges:\n{}",
+        agent.stderr()
+    );
 
     // What the kernel gave the agent's process: the spec's privileges and nothing more.
     let status = agent.host_status().unwrap();
