@@ -253,6 +253,7 @@ fn across_a_restart(index: u8, test: &str, stop: Stop) {
         first.stderr()
     );
     let base = read_pin_state(&pins.0, flowlog_common::pin_state::FLOW_ID_BASE);
+    let first_links = links(&pins.0);
     let mut conns = vec![
         Conn::open(&net, &listen_v4, v4),
         Conn::open(&net, &listen_v6, v6),
@@ -298,6 +299,13 @@ fn across_a_restart(index: u8, test: &str, stop: Stop) {
         read_pin_state(&pins.0, flowlog_common::pin_state::FLOW_ID_BASE),
         base,
         "the flow-id base survives the restart"
+    );
+    // The second agent's programs replaced the first's: as many links, none of the first's.
+    let second_links = links(&pins.0);
+    assert_eq!(second_links.len(), first_links.len(), "{second_links:?}");
+    assert!(
+        second_links.iter().all(|l| !first_links.contains(l)),
+        "the first agent's links are gone: {first_links:?} then {second_links:?}"
     );
     // A connection the second agent's programs start: its id continues the same range, and
     // the unique (flow_id, seq) check below fails if it repeats one.
@@ -475,6 +483,19 @@ fn an_upgrade_with_another_layout_falls_back_and_says_so() {
             received,
         );
     }
+}
+
+/// The names of the pinned program links (one per attached program and tracepoint).
+fn links(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .expect("the pin directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("link-"))
+        .collect();
+    out.sort();
+    assert!(!out.is_empty(), "no pinned link in {}", dir.display());
+    out
 }
 
 /// One value of the pinned `PIN_STATE`.
