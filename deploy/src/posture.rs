@@ -31,7 +31,7 @@ pub struct Policy {
 
 impl Policy {
     /// flowlog's policy: the agent `flowlog-agent` with `capabilities` and the host paths of
-    /// tracefs and BTF (read-only) and its state directory (read-write), and `images`.
+    /// tracefs and BTF (read-only), its state directory and bpffs (read-write), and `images`.
     pub fn flowlog(capabilities: &[String], images: BTreeSet<String>) -> Self {
         Policy {
             agent: "flowlog-agent".to_string(),
@@ -40,6 +40,8 @@ impl Policy {
                 ("/sys/kernel/tracing".to_string(), true),
                 ("/sys/kernel/btf".to_string(), true),
                 ("/var/lib/flowlog".to_string(), false),
+                // bpffs: the agent pins its kernel state there (README "Restarts and upgrades").
+                ("/sys/fs/bpf".to_string(), false),
             ]),
             images,
         }

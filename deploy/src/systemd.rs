@@ -157,6 +157,9 @@ pub enum AgentRun {
 /// (`CAP_*` names) as its ambient, inheritable and bounding sets, as systemd's `User=` and
 /// `AmbientCapabilities=` would, through `setpriv`; JSON lines to /dev/null, metrics on
 /// `metrics_addr`. Waits up to `timeout` for the agent to capture, then stops it with SIGTERM.
+/// It pins its kernel state in a directory of its own on bpffs, made for `uid` as the unit's
+/// `ExecStartPre=` makes /sys/fs/bpf/flowlog, and removed afterwards (unpinned where no bpffs
+/// is mounted).
 pub fn run_agent_as(
     agent: &Path,
     uid: u32,
@@ -169,6 +172,7 @@ pub fn run_agent_as(
         .iter()
         .map(|c| format!(",+{}", setpriv_name(c)))
         .collect::<String>();
+    let pins = PinDir::for_uid(uid)?;
     let mut child = Command::new("setpriv")
         .arg(format!("--reuid={uid}"))
         .arg(format!("--regid={uid}"))
@@ -179,6 +183,7 @@ pub fn run_agent_as(
         .arg("--")
         .arg(agent)
         .args(["--output", "jsonl", "--metrics-addr", metrics_addr])
+        .args(["--pin-dir", &pins.arg()])
         .args([
             "--tracefs",
             "/sys/kernel/tracing",
@@ -224,6 +229,7 @@ pub fn run_agent_as(
     }
     let status = child.wait()?;
     let _ = reader.join();
+    drop(pins);
     Ok(if captured {
         AgentRun::Captured {
             exit_code: status.code(),
@@ -240,4 +246,41 @@ pub fn run_agent_as(
             log,
         }
     })
+}
+
+/// A pin directory on bpffs for one run of the agent as `uid`; removed with its pins on drop.
+struct PinDir(Option<PathBuf>);
+
+impl PinDir {
+    fn for_uid(uid: u32) -> anyhow::Result<Self> {
+        static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let bpffs = Path::new("/sys/fs/bpf");
+        // SAFETY: statfs writes into the struct we own; the path is NUL-terminated.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statfs(c"/sys/fs/bpf".as_ptr(), &mut st) };
+        if rc != 0 || st.f_type as i64 != 0xcafe_4a11 {
+            return Ok(Self(None));
+        }
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = bpffs.join(format!("flowlog-deploy-{}-{run}", std::process::id()));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::os::unix::fs::chown(&dir, Some(uid), Some(uid))
+            .with_context(|| format!("giving {} to uid {uid}", dir.display()))?;
+        Ok(Self(Some(dir.join("flowlog"))))
+    }
+
+    fn arg(&self) -> String {
+        self.0
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Some(parent) = self.0.as_ref().and_then(|d| d.parent()) {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
 }

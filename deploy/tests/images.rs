@@ -17,7 +17,7 @@
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
@@ -99,7 +99,10 @@ fn records(path: &Path) -> Vec<FlowRecord> {
 fn the_agent_image_with_the_daemonsets_privileges_records_exact_flows() {
     build_images().unwrap();
     let spool = temp_dir("images-agent");
-    let spec = agent_spec().with_host_path("/var/lib/flowlog", &spool);
+    let pins = bpffs_dir("images-agent");
+    let spec = agent_spec()
+        .with_host_path("/var/lib/flowlog", &spool)
+        .with_host_path("/sys/fs/bpf", &pins);
     let host = "images-agent";
     let mut agent = Container::start(
         &unique_name("agent"),
@@ -115,6 +118,12 @@ fn the_agent_image_with_the_daemonsets_privileges_records_exact_flows() {
     )
     .unwrap();
     agent.wait_for_line(CAPTURING).unwrap();
+    // Pinning in bpffs needs no capability beyond the spec's (deploy/CAPABILITIES.md).
+    assert!(
+        agent.stderr().contains("pinned the kernel state"),
+        "the agent pins with the DaemonSet's privileges:\n{}",
+        agent.stderr()
+    );
 
     // What the kernel gave the agent's process: the spec's privileges and nothing more.
     let status = agent.host_status().unwrap();
@@ -191,6 +200,17 @@ fn the_agent_image_with_the_daemonsets_privileges_records_exact_flows() {
         assert_eq!(out.pid, Some(std::process::id()), "{out:#?}");
     }
     let _ = std::fs::remove_dir_all(spool);
+    let _ = std::fs::remove_dir_all(pins);
+}
+
+/// A directory of the test's own on the host's bpffs, mounted as the agent's /sys/fs/bpf, so
+/// that what the agent pins (in its `flowlog` directory) is the test's to remove.
+fn bpffs_dir(what: &str) -> PathBuf {
+    let dir = PathBuf::from(format!("/sys/fs/bpf/{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (is bpffs mounted?)", dir.display()));
+    dir
 }
 
 /// Runs the agent image with `spec` and returns its stderr and how long it took to fail.
@@ -213,9 +233,11 @@ fn failed_start(spec: &podman::ContainerSpec, what: &str) -> (String, Duration) 
 fn the_agent_image_without_any_one_capability_fails_at_start_naming_it() {
     build_images().unwrap();
     let spool = temp_dir("images-agent-caps");
+    let pins = bpffs_dir("images-agent-caps");
     for cap in agent_spec().capabilities {
         let spec = agent_spec()
             .with_host_path("/var/lib/flowlog", &spool)
+            .with_host_path("/sys/fs/bpf", &pins)
             .without_capability(&cap);
         let (stderr, took) = failed_start(&spec, &format!("agent-no-{}", cap.to_lowercase()));
         assert!(
@@ -230,13 +252,17 @@ fn the_agent_image_without_any_one_capability_fails_at_start_naming_it() {
         );
     }
     let _ = std::fs::remove_dir_all(spool);
+    let _ = std::fs::remove_dir_all(pins);
 }
 
 #[test]
 fn the_agent_image_under_a_seccomp_profile_that_refuses_bpf_says_so() {
     build_images().unwrap();
     let spool = temp_dir("images-agent-seccomp");
-    let mut spec = agent_spec().with_host_path("/var/lib/flowlog", &spool);
+    let pins = bpffs_dir("images-agent-seccomp");
+    let mut spec = agent_spec()
+        .with_host_path("/var/lib/flowlog", &spool)
+        .with_host_path("/sys/fs/bpf", &pins);
     spec.seccomp = Seccomp::PodmanDefault;
     let (stderr, took) = failed_start(&spec, "agent-podman-seccomp");
     assert!(
@@ -245,6 +271,7 @@ fn the_agent_image_under_a_seccomp_profile_that_refuses_bpf_says_so() {
     );
     assert!(took < FAILS_WITHIN, "took {took:?} to fail:\n{stderr}");
     let _ = std::fs::remove_dir_all(spool);
+    let _ = std::fs::remove_dir_all(pins);
 }
 
 /// Produces `record` (Avro, schema id 1, keyed as the agent keys it) to `topic`.

@@ -92,10 +92,44 @@ pub mod counter {
     pub const COUNT: u32 = 6;
 }
 
+/// Indexes of the `PIN_STATE` array: what an agent that takes over pinned kernel state (see
+/// `flowlog-sidecar/src/pins.rs`) must know before it reuses the pinned maps. Written by the
+/// agent that created them, never by the programs. Index 0 and 1 keep their meaning in every
+/// layout, so that any later agent can at least read what it is looking at.
+pub mod pin_state {
+    /// [`super::PIN_LAYOUT_ID`] of the agent that created the maps.
+    pub const LAYOUT_ID: u32 = 0;
+    /// `Config::flow_id_base` of the flows in the maps: a later agent hands out ids from the
+    /// same base, and the pinned per-CPU counters continue, so no id is ever handed out twice.
+    pub const FLOW_ID_BASE: u32 = 1;
+    /// Capacity of the pinned flow map (`--max-flows`).
+    pub const MAX_FLOWS: u32 = 2;
+    /// Size of the pinned ring buffer (`--ring-buffer-bytes`).
+    pub const RING_BYTES: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Version of everything an agent shares with the kernel programs it leaves running behind it:
+/// the maps that are pinned, their keys and values ([`FlowState`], [`FlowEvent`], [`Batch`], the
+/// per-CPU flow-id counter, the counter and `PIN_STATE` indexes) and what their fields mean.
+/// **Bump it on any change to them**: an agent finding pins of another version does not reuse
+/// them (it removes them and starts afresh, and says so).
+pub const PIN_LAYOUT_VERSION: u64 = 1;
+
+/// [`PIN_LAYOUT_VERSION`] with the sizes of the shared types mixed in, so that a layout change
+/// that forgot the bump still changes the id when a size changes.
+pub const PIN_LAYOUT_ID: u64 = (PIN_LAYOUT_VERSION << 48)
+    ^ ((core::mem::size_of::<FlowState>() as u64) << 32)
+    ^ ((core::mem::size_of::<FlowEvent>() as u64) << 16)
+    ^ ((core::mem::size_of::<Batch>() as u64) << 4)
+    ^ (counter::COUNT as u64);
+
 /// Indexes of the `STATS` array (single values written by the sweep program).
 pub mod stat {
     /// Sockets in the flow map at the last sweep.
     pub const TRACKED: u32 = 0;
+    /// `PIN_STATE[LAYOUT_ID]` as the sweep read it: the layout of the maps the programs use.
+    pub const PIN_LAYOUT_ID: u32 = 1;
     pub const COUNT: u32 = 2;
 }
 
@@ -184,8 +218,10 @@ pub struct Config {
     /// for the agent's periodic drain (batching keeps the agent's CPU cost low).
     pub wakeup_bytes: u64,
     /// Flow ids are `flow_id_base + n × flow_id_stride + cpu` (wrapping), `n` counting the flows
-    /// started on that CPU since the programs were loaded. The agent draws the base at random at
-    /// each start; the stride is the number of possible CPUs, so CPUs never hand out the same id.
+    /// started on that CPU since the counters were created. The agent draws the base at random
+    /// when it creates the maps; one that takes pinned maps over keeps their base (kept in
+    /// `PIN_STATE`) and their per-CPU counters, so ids stay distinct across restarts. The stride
+    /// is the number of possible CPUs, so CPUs never hand out the same id.
     /// Ids of one run are distinct (a start that interrupts another on the same CPU, possible on
     /// kernels before ~6.1, takes a random id instead); two runs collide only if their id ranges
     /// (as wide as the flows they saw) overlap. Unlike fully random ids, consecutive records
@@ -221,6 +257,30 @@ pub struct Batch {
     pub events: [FlowEvent; BATCH_LEN],
 }
 
+/// What the flow's last record said, kept in the kernel so that its records can be continued by
+/// whichever agent reads the next one: a restarted agent starts with no memory of the flows it
+/// reported, and its first record of a flow must carry the delta since the last record the
+/// previous agent wrote, with the next `seq`. The sweep updates it each time it writes a
+/// snapshot (interim, flush) into the ring buffer; every snapshot carries the value it had
+/// before ([`FlowEvent::prev`]), so a snapshot is a complete delta on its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// The raw counters of that snapshot (as in [`FlowEvent`]).
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub segs_out: u32,
+    pub segs_in: u32,
+    pub total_retrans: u32,
+    pub resets_sent: u16,
+    pub resets_received: u16,
+    /// Snapshots of the flow written before: the `seq` of the next one.
+    pub seq: u32,
+    /// Its [`flow_flag`] bits (which SYN and FINs its byte counts include).
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Per-socket state kept in the kernel's LRU flow map, keyed by the socket's address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -244,6 +304,8 @@ pub struct FlowState {
     pub flags: u8,
     pub _pad: u8,
     pub comm: [u8; 16],
+    /// The flow's last snapshot written by the sweep (zero before the first).
+    pub prev: Reported,
 }
 
 /// One ring-buffer record: a snapshot of a flow's cumulative counters since its start.
@@ -284,6 +346,9 @@ pub struct FlowEvent {
     /// The TCP state the socket left when it closed (`END` only): tells a failed connect.
     pub end_state: u8,
     pub _pad: [u8; 3],
+    /// The flow's previous snapshot written by the sweep, and this one's `seq` (`prev.seq`):
+    /// what an agent that did not see the earlier records computes this one's delta from.
+    pub prev: Reported,
 }
 
 #[cfg(feature = "user")]
@@ -294,8 +359,10 @@ mod pod {
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::Batch {}
+    unsafe impl aya::Pod for super::Reported {}
 }
 
 // The kernel and user space must agree on these sizes; a change here is a layout change.
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 136);
-const _: () = assert!(core::mem::size_of::<FlowState>() == 96);
+const _: () = assert!(core::mem::size_of::<Reported>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 176);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 136);

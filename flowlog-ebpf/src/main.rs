@@ -43,8 +43,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use flowlog_common::{
-    AF_INET6, AcceptLayout, BATCH_LEN, Batch, Config, FlowEvent, FlowState, IPPROTO_TCP, counter,
-    direction, event_kind, flow_flag, stat, tcp_state, tuple_block,
+    AF_INET6, AcceptLayout, BATCH_LEN, Batch, Config, FlowEvent, FlowState, IPPROTO_TCP, Reported,
+    counter, direction, event_kind, flow_flag, pin_state, stat, tcp_state, tuple_block,
 };
 
 /// Layout and settings, overridden by the agent at load time (`EbpfLoader::override_global`).
@@ -144,6 +144,12 @@ static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
 /// Records of this CPU not yet in the ring buffer (see [`Batch`]).
 #[map]
 static BATCH: PerCpuArray<Batch> = PerCpuArray::with_max_entries(1, 0);
+
+/// What an agent taking over the pinned maps checks first (indexes in
+/// `flowlog_common::pin_state`): written by the agent that created them, read by the next. No
+/// program uses it; the sweep reads one value so that the linker keeps the map in the object.
+#[map]
+static PIN_STATE: Array<u64> = Array::with_max_entries(pin_state::COUNT, 0);
 
 /// How a program reads the fields of a socket. The flow logic ([`on_set_state`] and what it
 /// calls) is generic over it, so the BTF-typed and the plain raw tracepoint run the same code.
@@ -538,6 +544,15 @@ pub fn flowlog_sweep(ctx: RawTracePointContext) -> i32 {
     if let Some(tracked) = STATS.get_ptr_mut(stat::TRACKED) {
         unsafe { *tracked = sweep.visited };
     }
+    // Keeps `PIN_STATE` in the object (an unused map is dropped by the linker): the agent's
+    // check that the pinned maps have its layout is then also visible to a reader of the
+    // sweep's statistics.
+    if let (Some(layout), Some(seen)) = (
+        PIN_STATE.get(pin_state::LAYOUT_ID),
+        STATS.get_ptr_mut(stat::PIN_LAYOUT_ID),
+    ) {
+        unsafe { *seen = *layout };
+    }
     0
 }
 
@@ -762,7 +777,7 @@ enum Emit {
 #[inline(always)]
 fn emit_snapshot<S: SockRead>(
     sock: S,
-    state: &FlowState,
+    state: &mut FlowState,
     kind: u8,
     tcp_state: u8,
     now: u64,
@@ -840,10 +855,32 @@ fn emit_snapshot<S: SockRead>(
         count(counter::RINGBUF_FULL, 1);
         return flags;
     };
-    let flags =
-        unsafe { write_event(entry.as_mut_ptr(), sock, state, kind, flags, tcp_state, now) };
+    let ev = entry.as_mut_ptr();
+    let flags = unsafe { write_event(ev, sock, state, kind, flags, tcp_state, now) };
+    if kind != event_kind::END {
+        // In the ring buffer now (a failed reservation leaves `prev` as it was, so the next
+        // snapshot's delta covers the lost one): the next record continues from this one.
+        unsafe { set_reported(state, ev, flags) };
+    }
     submit(entry);
     flags
+}
+
+/// Remembers the snapshot at `ev` as the flow's last record ([`FlowState::prev`]).
+#[inline(always)]
+unsafe fn set_reported(state: &mut FlowState, ev: *const FlowEvent, flags: u8) {
+    let prev = &raw mut state.prev;
+    unsafe {
+        write_volatile(&raw mut (*prev).bytes_acked, (*ev).bytes_acked);
+        write_volatile(&raw mut (*prev).bytes_received, (*ev).bytes_received);
+        write_volatile(&raw mut (*prev).segs_out, (*ev).segs_out);
+        write_volatile(&raw mut (*prev).segs_in, (*ev).segs_in);
+        write_volatile(&raw mut (*prev).total_retrans, (*ev).total_retrans);
+        write_volatile(&raw mut (*prev).resets_sent, (*ev).resets_sent);
+        write_volatile(&raw mut (*prev).resets_received, (*ev).resets_received);
+        write_volatile(&raw mut (*prev).seq, (*ev).prev.seq.wrapping_add(1));
+        write_volatile(&raw mut (*prev).flags, flags);
+    }
 }
 
 /// Fills the record at `ev`; returns `flags` with `FIN_ACKED` added where it applies.
@@ -892,6 +929,7 @@ unsafe fn write_event<S: SockRead>(
         } else {
             0
         };
+        copy_words(&raw mut (*ev).prev, &raw const state.prev);
         // Byte by byte and volatile: an array store, or three adjacent zero bytes that the
         // compiler may merge, becomes a `memset` call.
         let pad = &raw mut (*ev)._pad as *mut u8;
@@ -1027,6 +1065,15 @@ unsafe fn copy16(dst: *mut [u8; 16], src: *const [u8; 16]) {
     }
 }
 
+/// Copies a `T` in 8-byte words (see [`copy16`]); both sides 8-byte aligned.
+#[inline(always)]
+unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
+    let (dst, src) = (dst as *mut u64, src as *const u64);
+    for i in 0..size_of::<T>() / 8 {
+        unsafe { write_volatile(dst.add(i), read_volatile(src.add(i))) };
+    }
+}
+
 /// Zeroes a 16-byte array (see [`copy16`]).
 #[inline(always)]
 unsafe fn zero16(dst: *mut [u8; 16]) {
@@ -1046,6 +1093,9 @@ const _: () = {
     assert!(offset_of!(FlowEvent, local_addr).is_multiple_of(8));
     assert!(offset_of!(FlowEvent, remote_addr).is_multiple_of(8));
     assert!(offset_of!(FlowEvent, comm).is_multiple_of(8));
+    assert!(offset_of!(FlowState, prev).is_multiple_of(8));
+    assert!(offset_of!(FlowEvent, prev).is_multiple_of(8));
+    assert!(size_of::<Reported>().is_multiple_of(8));
 };
 
 /// Reads a `T` at `base + offset` in kernel memory.

@@ -61,9 +61,10 @@ impl Outcome {
 /// them over all records of a `flow_id` gives the flow's totals exactly.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct FlowRecord {
-    /// The flow's id, the same on every record of one flow on this host and distinct from every
-    /// other flow of the same agent run: a random base drawn at each agent start plus a per-CPU
-    /// counter (`flowlog_common::Config::flow_id_base`). Opaque to consumers.
+    /// The flow's id, the same on every record of one flow on this host (across agent restarts
+    /// too, while the kernel state stays pinned) and distinct from every other flow of those
+    /// runs: a random base drawn when the pins are created plus a per-CPU counter
+    /// (`flowlog_common::Config::flow_id_base`). Opaque to consumers.
     pub flow_id: u64,
     /// The reporting host.
     pub host: String,

@@ -1,5 +1,8 @@
 //! The agent's event loop: drains the kernel ring buffer, runs the interim sweep, hands records
-//! to the sink, exports metrics, and on shutdown flushes every open flow as an `open` record.
+//! to the sink, exports metrics. On shutdown, an agent whose kernel state is pinned
+//! (`crate::pins`) reads what waits in the kernel and leaves the programs tracking for the next
+//! agent; an unpinned one, or a final stop (`--unpin`), flushes every open flow as an `open`
+//! record.
 //!
 //! Reading is batched: the kernel wakes us only when the ring buffer fills past a threshold, and
 //! otherwise we drain it every `drain_interval`. That bounds the agent's wake-ups (and so its
@@ -39,6 +42,9 @@ pub struct AgentSettings {
     /// while the programs are attached ([`PROGRAMS_ATTACHED`]) and the ring buffer was drained
     /// recently ([`RING_BUFFER_DRAINED`]).
     pub health: flowlog_cli::Health,
+    /// A final stop: at shutdown, detach the programs, report the open flows and remove the
+    /// pins, rather than leave the kernel side tracking for the next agent.
+    pub unpin: bool,
 }
 
 /// Readiness check: the kernel programs are loaded and attached (set by the caller while the
@@ -130,10 +136,13 @@ pub async fn run<S: RecordSink>(
     for path in SockAccess::ALL {
         gauge!(m::READ_PATH, "path" => path.as_str()).set(f64::from(u8::from(path == read_path)));
     }
+    gauge!(m::PINNED).set(f64::from(u8::from(probe.pin_dir().is_some())));
+    let pin_dir = probe.pin_dir().map(|d| d.display().to_string());
     info!(
         host = %settings.host,
         interim = ?settings.interim,
         read_path = read_path.as_str(),
+        pinned = pin_dir.as_deref().unwrap_or("no"),
         "capturing TCP flows"
     );
 
@@ -171,24 +180,54 @@ pub async fn run<S: RecordSink>(
         health.beat();
     }
 
-    health.set_not_ready(NOT_STOPPING, "shutting down: reporting open flows");
-    info!("shutting down: reporting open flows");
-    if let Err(e) = probe.flush_batches(true) {
-        reporter.flush_failed(&e);
+    match (&pin_dir, settings.unpin) {
+        (Some(dir), false) => {
+            // The programs keep tracking: no `open` record for a flow that is not over, only
+            // what waits in the kernel now. The next agent continues every flow from the maps.
+            health.set_not_ready(
+                NOT_STOPPING,
+                "shutting down: the kernel side keeps tracking",
+            );
+            info!(
+                pin_dir = dir.as_str(),
+                "shutting down: the kernel programs stay attached and keep tracking for the \
+                 next agent (`flowlog-sidecar --unpin` stops them)"
+            );
+            if let Err(e) = probe.flush_batches(true) {
+                reporter.flush_failed(&e);
+            }
+            drain(ring.get_mut(), &mut assembler, &mut out);
+        }
+        _ => {
+            health.set_not_ready(NOT_STOPPING, "shutting down: reporting open flows");
+            info!("shutting down: reporting open flows");
+            if settings.unpin {
+                // Detached first, so that no flow ends after its `open` record below.
+                if let Err(e) = probe.detach() {
+                    warn!(
+                        error = flowlog_diag::error_chain(&e),
+                        "could not detach the pinned programs"
+                    );
+                }
+            }
+            if let Err(e) = probe.flush_batches(true) {
+                reporter.flush_failed(&e);
+            }
+            drain(ring.get_mut(), &mut assembler, &mut out);
+            assembler.start_flush();
+            if let Err(e) = probe.sweep(true) {
+                warn!(
+                    error = flowlog_diag::error_chain(&e),
+                    "could not report open flows at shutdown"
+                );
+            }
+            // Ends batched on the CPUs since the first flush.
+            if let Err(e) = probe.flush_batches(true) {
+                reporter.flush_failed(&e);
+            }
+            drain(ring.get_mut(), &mut assembler, &mut out);
+        }
     }
-    drain(ring.get_mut(), &mut assembler, &mut out);
-    assembler.start_flush();
-    if let Err(e) = probe.sweep(true) {
-        warn!(
-            error = flowlog_diag::error_chain(&e),
-            "could not report open flows at shutdown"
-        );
-    }
-    // Ends batched on the CPUs since the first flush.
-    if let Err(e) = probe.flush_batches(true) {
-        reporter.flush_failed(&e);
-    }
-    drain(ring.get_mut(), &mut assembler, &mut out);
     assembler.release_all(&mut out);
     emit(&mut sink, &mut out, &mut reporter).await;
     if let Err(e) = sink.close().await {
@@ -196,6 +235,14 @@ pub async fn run<S: RecordSink>(
         reporter.sink_failed(&e, 0);
     }
     reporter.export(&probe, assembler.stats());
+    if settings.unpin {
+        probe
+            .unpin()
+            .context("removing the pinned kernel state (--unpin)")?;
+        if let Some(dir) = &pin_dir {
+            info!(pin_dir = dir.as_str(), "removed the pinned kernel state");
+        }
+    }
     info!("stopped");
     Ok(())
 }

@@ -16,6 +16,13 @@
 //!   any later event of it is ignored rather than restarting its records at `seq` 0. Silence
 //!   counts only while the agent keeps up: after kernel record losses or a stall of the agent
 //!   every flow starts its three periods afresh.
+//! - A flow can be older than the agent: with the kernel state pinned, a restarted agent reads
+//!   snapshots of flows an earlier agent reported. The kernel keeps each flow's last snapshot
+//!   written by the sweep and its number, and sends them with every snapshot
+//!   (`FlowEvent::prev`): the first record of a flow this agent has not seen continues from
+//!   there (its `seq`, and the delta since that snapshot), so `seq` goes on and sums stay exact.
+//!   Flows this agent has seen use its own memory, as a snapshot racing the close can carry a
+//!   `prev` that the close's end record carries too.
 //! - The kernel moves a socket to `TCP_CLOSE` *before* it sends the reset of an abortive close,
 //!   so an end record that the kernel marks `MAY_RESET` waits [`RESET_GRACE`] for a
 //!   `RESET_AFTER_END` amendment before it is released. Ordinary closes are released at once.
@@ -106,6 +113,22 @@ pub fn payload(ev: &FlowEvent) -> (u64, u64) {
         ev.bytes_acked.saturating_sub(syn + fin),
         ev.bytes_received.saturating_sub(peer_fin),
     )
+}
+
+/// The flow's previous snapshot written by the sweep (`FlowEvent::prev`) as a snapshot of its own.
+fn previous(ev: &FlowEvent) -> FlowEvent {
+    FlowEvent {
+        bytes_acked: ev.prev.bytes_acked,
+        bytes_received: ev.prev.bytes_received,
+        segs_out: ev.prev.segs_out,
+        segs_in: ev.prev.segs_in,
+        total_retrans: ev.prev.total_retrans,
+        resets_sent: ev.prev.resets_sent,
+        resets_received: ev.prev.resets_received,
+        flags: ev.prev.flags,
+        direction: ev.direction,
+        ..FlowEvent::default()
+    }
 }
 
 fn cumulative(ev: &FlowEvent) -> Counters {
@@ -453,18 +476,27 @@ impl Assembler {
                 (seq, delta)
             }
             None => {
+                // Records of it written before this agent started end at `prev` (none: 0).
+                let (seq, baseline) = match ev.prev.seq {
+                    0 => (0, Counters::default()),
+                    seq => (seq, cumulative(&previous(ev))),
+                };
+                let (delta, regressed) = now_cum.since(&baseline);
+                if regressed {
+                    self.stats.counter_regressions += 1;
+                }
                 if outcome == Outcome::Open {
                     self.reported.insert(
                         ev.flow_id,
                         Reported {
-                            next_seq: 1,
-                            baseline: now_cum,
+                            next_seq: seq + 1,
+                            baseline: now_cum.max(&baseline),
                             start_ns,
                             seen_at: now,
                         },
                     );
                 }
-                (0, now_cum)
+                (seq, delta)
             }
         };
         let (family, local_addr, remote_addr) = addresses(ev);
@@ -639,6 +671,39 @@ mod tests {
         assert_eq!(out[2].end_ns, 5_010);
         assert_eq!(out[2].comm.as_deref(), Some("curl"));
         assert_eq!(out[2].local_addr, "198.51.100.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn a_flow_reported_by_an_earlier_agent_continues_from_its_last_record() {
+        // The earlier agent wrote seq 0 and 1; the kernel's `prev` is its seq 1 snapshot
+        // (1 + 2500 acked with the SYN, 300 received). The snapshot after the restart carries
+        // it, so this agent's first record is seq 2 with the delta since it.
+        let t0 = Instant::now();
+        let mut a = Assembler::new("h".into(), Clock::with_offset(0), INTERIM, t0);
+        let mut out = Vec::new();
+        let mut ev = event(event_kind::INTERIM, 1 + 4000, 700, 0);
+        ev.prev = flowlog_common::Reported {
+            bytes_acked: 1 + 2500,
+            bytes_received: 300,
+            seq: 2,
+            flags: flow_flag::ESTABLISHED | flow_flag::PROCESS_KNOWN,
+            ..Default::default()
+        };
+        a.on_event(&ev, t0, &mut out);
+        let mut end = event(
+            event_kind::END,
+            1 + 5000 + 1,
+            901,
+            flow_flag::FIN_SENT | flow_flag::FIN_ACKED | flow_flag::PEER_FIN,
+        );
+        // The end carries the kernel's `prev` too; this agent goes by its own memory.
+        end.prev = ev.prev;
+        a.on_event(&end, t0, &mut out);
+        let got: Vec<(u32, u64, u64)> = out
+            .iter()
+            .map(|r| (r.seq, r.bytes_sent, r.bytes_received))
+            .collect();
+        assert_eq!(got, [(2, 1500, 400), (3, 1000, 200)]);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod flows;
 pub mod kafka;
 pub mod layout;
 pub mod metrics;
+pub mod pins;
 pub mod privileges;
 pub mod probe;
 /// The flow record lives in `flowlog-record` (shared with the enricher); re-exported here so

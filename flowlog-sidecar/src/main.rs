@@ -118,6 +118,16 @@ struct Args {
     /// Schema-registry id of schemas/flow_record.v1.avsc, written in every Kafka message.
     #[arg(long, env = "FLOWLOG_SCHEMA_ID", default_value_t = 1)]
     schema_id: u32,
+    /// Directory on bpffs where the kernel state is pinned, so that the programs keep tracking
+    /// while no agent runs and the next agent takes over every open flow (its flow_id, seq and
+    /// exact sums). Empty: run unpinned (a stop reports open flows as `open`, and a restart
+    /// loses them). Without a writable bpffs the agent says so and runs unpinned.
+    #[arg(long, env = "FLOWLOG_PIN_DIR", default_value = "/sys/fs/bpf/flowlog")]
+    pin_dir: String,
+    /// Final stop: take over the pinned kernel state, write what waits in it and every open
+    /// flow as an `open` record, detach the programs, remove the pins and exit.
+    #[arg(long, env = "FLOWLOG_UNPIN")]
+    unpin: bool,
 }
 
 /// The Kafka sink, or the process exits: a `--kafka-config` file that cannot be used and a
@@ -143,7 +153,25 @@ fn kafka_sink(args: &Args) -> anyhow::Result<KafkaSink> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let shutdown = agent::shutdown_signal().context("installing the signal handlers")?;
+    let pin_dir = (!args.pin_dir.is_empty()).then(|| PathBuf::from(&args.pin_dir));
+    if args.unpin {
+        match &pin_dir {
+            Some(dir) if dir.exists() => {}
+            Some(dir) => {
+                tracing::info!(pin_dir = %dir.display(), "nothing is pinned: nothing to do");
+                return Ok(());
+            }
+            None => flowlog_cli::usage_error::<Args>("--unpin needs a --pin-dir".to_string()),
+        }
+    }
+    let signal = agent::shutdown_signal().context("installing the signal handlers")?;
+    // A final stop (`--unpin`) stops as soon as it has started: its shutdown does the work.
+    let unpin = args.unpin;
+    let shutdown = async move {
+        if !unpin {
+            signal.await;
+        }
+    };
     let health = flowlog_cli::Health::new(agent::STALL_LIMIT);
     health.expect(
         agent::PROGRAMS_ATTACHED,
@@ -163,6 +191,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_flows: args.max_flows,
             ring_buffer_bytes: args.ring_buffer_bytes,
             drain_interval: args.drain_interval,
+            pin_dir,
         },
         args.probe_reads,
     )
@@ -172,6 +201,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         interim: args.interim,
         drain_interval: args.drain_interval,
         health,
+        unpin: args.unpin,
     };
     match args.output {
         Output::Jsonl => agent::run(probe, JsonLines::stdout(), settings, shutdown).await,

@@ -11,6 +11,7 @@ pub const KERNEL_DROPS: &str = "flowlog_sidecar_kernel_drops_total";
 pub const UNTRACKED_CLOSES: &str = "flowlog_sidecar_untracked_closes_total";
 pub const SOCKETS_TRACKED: &str = "flowlog_sidecar_sockets_tracked";
 pub const READ_PATH: &str = "flowlog_sidecar_read_path";
+pub const PINNED: &str = "flowlog_sidecar_pinned";
 pub const CPU_SECONDS: &str = "flowlog_sidecar_cpu_seconds_total";
 pub const RESIDENT_BYTES: &str = "flowlog_sidecar_resident_memory_bytes";
 pub const STALE_SNAPSHOTS: &str = "flowlog_sidecar_stale_snapshots_total";
@@ -60,6 +61,10 @@ pub async fn serve(
     describe_gauge!(
         READ_PATH,
         "How the socket state-change programs read struct tcp_sock, chosen at start: 1 for the path in use (tp_btf: BTF-typed tracepoint, direct loads; probe_read: raw tracepoint with probe reads, the fallback), 0 for the other."
+    );
+    describe_gauge!(
+        PINNED,
+        "1 if the kernel state is pinned in bpffs (the programs keep tracking while no agent runs, and a restart loses nothing), 0 if the agent runs unpinned (--pin-dir '', or bpffs not mounted or writable)."
     );
     describe_counter!(
         CPU_SECONDS,

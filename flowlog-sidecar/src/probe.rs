@@ -12,15 +12,16 @@ use aya::{
     maps::{Array, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, Program, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun,
-        TracePoint,
+        TracePoint, links::FdLink,
     },
 };
 use flowlog_common::{Batch, Config, counter, stat};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
     layout::{self, LayoutError},
+    pins::{self, Found, PinDir, PinError},
     privileges::{self, Operation, Refusal},
 };
 
@@ -69,6 +70,8 @@ pub enum ProbeError {
         map: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("keeping the kernel state pinned (run with --pin-dir '' to run without)")]
+    Pin(#[from] PinError),
 }
 
 impl ProbeError {
@@ -184,6 +187,9 @@ pub struct ProbeSettings {
     /// How often the agent drains the ring buffer: a batched flow end waits at most one and a
     /// half of these (see `Batch`).
     pub drain_interval: Duration,
+    /// Where to pin the kernel state so that it outlives the agent (`crate::pins`); `None`
+    /// runs unpinned: the programs detach and the maps go when the agent exits.
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// Raw tracepoint programs: the program's name in the object is the tracepoint's name.
@@ -239,6 +245,12 @@ pub struct Probe {
     /// Whether the catching state-change program is attached: the main one's skipped runs are
     /// then caught, not lost.
     catching: bool,
+    /// The pin directory, when the kernel state is pinned.
+    pins: Option<PinDir>,
+    /// What the start found there.
+    found: Option<Found>,
+    /// Links of an unpinned probe, detached when it is dropped (a pinned probe's are in bpffs).
+    links: Vec<FdLink>,
 }
 
 /// Runs of the attached programs that the kernel skipped ([`Probe::skipped_runs`]).
@@ -265,12 +277,33 @@ impl Probe {
         let kernel = layout::kernel_release();
         let btf_path = settings.btf.as_path();
         let layout = layout::discover(btf_path)?;
+        let mut state = pins::wanted(random_u64(), settings.max_flows, settings.ring_buffer_bytes);
+        let (pins, found) = match &settings.pin_dir {
+            None => (None, None),
+            Some(dir) => match PinDir::open(dir) {
+                Ok(pins) => {
+                    let found = pins.check(&state)?;
+                    if let Found::Compatible { flow_id_base } = found {
+                        state.flow_id_base = flow_id_base;
+                    }
+                    (Some(pins), Some(found))
+                }
+                Err(e) => {
+                    warn!(
+                        error = flowlog_diag::error_chain(&e),
+                        "cannot pin the kernel state: running unpinned (an agent restart loses \
+                         the flows open across it; flowlog_sidecar_pinned is 0)"
+                    );
+                    (None, None)
+                }
+            },
+        };
         let config = Config {
             layout,
             interim_ns: settings.interim.as_nanos() as u64,
             // Wake the agent early once an eighth of the ring buffer is in use.
             wakeup_bytes: u64::from(settings.ring_buffer_bytes / 8),
-            flow_id_base: random_u64(),
+            flow_id_base: state.flow_id_base,
             flow_id_stride: possible_cpus(),
             batch_age_ns: (settings.drain_interval / 2).as_nanos() as u64,
         };
@@ -296,17 +329,25 @@ impl Probe {
                 None
             }
         };
-        let mut ebpf = EbpfLoader::new()
+        let accept_layout = accept.unwrap_or_default();
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("CONFIG", &config, true)
-            .override_global("ACCEPT", &accept.unwrap_or_default(), true)
+            .override_global("ACCEPT", &accept_layout, true)
             .map_max_entries("FLOWS", settings.max_flows)
-            .map_max_entries("EVENTS", settings.ring_buffer_bytes)
-            .load(OBJECT)
-            .map_err(|source| ProbeError::Load {
-                kernel: kernel.clone(),
-                refused: Refused::of(Operation::CreateMaps, &source),
-                source: Box::new(source),
-            })?;
+            .map_max_entries("EVENTS", settings.ring_buffer_bytes);
+        if let Some(pins) = &pins {
+            // A pinned map of that name is reused as it is; otherwise created and pinned.
+            for name in pins::PINNED_MAPS {
+                loader.map_pin_path(name, pins.map_path(name));
+            }
+        }
+        let mut links: Vec<(String, FdLink)> = Vec::new();
+        let mut ebpf = loader.load(OBJECT).map_err(|source| ProbeError::Load {
+            kernel: kernel.clone(),
+            refused: Refused::of(Operation::CreateMaps, &source),
+            source: Box::new(source),
+        })?;
         let btf_attached = if probe_reads {
             Err("disabled by --probe-reads".to_string())
         } else {
@@ -314,7 +355,8 @@ impl Probe {
             // which parses its own copy, is gone: two copies at once cost 12 MiB of peak RSS
             // (and kept the heap from shrinking back).
             match Btf::from_sys_fs() {
-                Ok(vmlinux) => match attach_btf_set_state(&mut ebpf, &vmlinux, &kernel) {
+                Ok(vmlinux) => match attach_btf_set_state(&mut ebpf, &vmlinux, &kernel, &mut links)
+                {
                     Ok(catching) => Ok(catching),
                     // Refused for want of a capability: the raw tracepoint would be refused
                     // too, and the error must name the capability rather than fall back.
@@ -339,22 +381,25 @@ impl Probe {
                     );
                 }
                 let prog: &mut RawTracePoint = load_program(&mut ebpf, SET_STATE, &kernel)?;
-                prog.attach(SET_STATE)
-                    .map_err(program_error(attach_raw(SET_STATE, SET_STATE), &kernel))?;
+                links.push((
+                    SET_STATE.into(),
+                    attach_raw_link(prog, SET_STATE, SET_STATE, &kernel)?,
+                ));
                 let catching = load_program::<RawTracePoint>(&mut ebpf, SET_STATE_CATCH, &kernel)
                     .and_then(|prog| {
-                        prog.attach(SET_STATE).map_err(program_error(
-                            attach_raw(SET_STATE_CATCH, SET_STATE),
-                            &kernel,
-                        ))
+                        let link = attach_raw_link(prog, SET_STATE_CATCH, SET_STATE, &kernel)?;
+                        links.push((SET_STATE_CATCH.into(), link));
+                        Ok(())
                     });
                 (SockAccess::ProbeRead, caught_or_warn(catching))
             }
         };
         for program in RAW_PROGRAMS {
             let prog: &mut RawTracePoint = load_program(&mut ebpf, program, &kernel)?;
-            prog.attach(program)
-                .map_err(program_error(attach_raw(program, program), &kernel))?;
+            links.push((
+                program.into(),
+                attach_raw_link(prog, program, program, &kernel)?,
+            ));
         }
         if accept.is_some() {
             let btf_loaded = match access {
@@ -388,8 +433,30 @@ impl Probe {
                     program,
                     tracepoint,
                 };
-                prog.attach(category, name)
-                    .map_err(program_error(action, &kernel))?;
+                let id = prog
+                    .attach(category, name)
+                    .map_err(program_error(action.clone(), &kernel))?;
+                if pins.is_some() {
+                    let link = prog
+                        .take_link(id)
+                        .map_err(program_error(action.clone(), &kernel))?;
+                    match FdLink::try_from(link) {
+                        Ok(link) => links.push((format!("{program}-{name}"), link)),
+                        // A kernel before 5.15 attaches through the perf event itself, which
+                        // cannot be pinned: attached again, it detaches when the agent exits,
+                        // and inbound flows accepted while no agent runs get their process at
+                        // their close instead.
+                        Err(_) => {
+                            warn!(
+                                program,
+                                "this kernel cannot pin a tracepoint's link: inbound flows \
+                                 accepted while no agent runs get their process at their close"
+                            );
+                            prog.attach(category, name)
+                                .map_err(program_error(action, &kernel))?;
+                        }
+                    }
+                }
             }
         }
         // Loaded, never attached: run on demand by `sweep` and `flush_batches`.
@@ -397,6 +464,23 @@ impl Probe {
         let _: &mut RawTracePoint = load_program(&mut ebpf, FLUSH, &kernel)?;
         let cpus =
             aya::util::online_cpus().map_err(|(path, source)| ProbeError::Cpus { path, source })?;
+        let links = match &pins {
+            None => links.into_iter().map(|(_, link)| link).collect(),
+            Some(pins) => {
+                // This agent's programs are attached: the previous agent's can go (both ran
+                // for the few microseconds in between; see `crate::pins`).
+                for (name, link) in links {
+                    pins.pin_link(link, &name)?;
+                }
+                let replaced = pins.remove_old_links()?;
+                let map = ebpf
+                    .map_mut("PIN_STATE")
+                    .ok_or(ProbeError::MissingMap("PIN_STATE"))?;
+                pins::write_state(map, &state).map_err(map_error("PIN_STATE"))?;
+                log_found(pins, found.as_ref(), replaced);
+                Vec::new()
+            }
+        };
         Ok(Self {
             ebpf,
             kernel,
@@ -404,7 +488,39 @@ impl Probe {
             cpus,
             batch_age: settings.drain_interval / 2,
             catching,
+            pins,
+            found,
+            links,
         })
+    }
+
+    /// The pin directory, if the kernel state is pinned (it then outlives the agent).
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        self.pins.as_ref().map(PinDir::path)
+    }
+
+    /// What the start found in the pin directory (`None`: unpinned).
+    pub fn found(&self) -> Option<&Found> {
+        self.found.as_ref()
+    }
+
+    /// Detaches the programs, pinned or not (a final stop: `--unpin`, or an unpinned agent's
+    /// shutdown): no record is written after this but those already batched or in the ring.
+    pub fn detach(&mut self) -> Result<(), ProbeError> {
+        self.links.clear();
+        if let Some(pins) = &self.pins {
+            pins.remove_links()?;
+        }
+        Ok(())
+    }
+
+    /// Removes every pin (call after [`Probe::detach`] and the last drain): the kernel frees the
+    /// maps when the agent exits.
+    pub fn unpin(&mut self) -> Result<(), ProbeError> {
+        if let Some(pins) = self.pins.take() {
+            pins.remove_all()?;
+        }
+        Ok(())
     }
 
     /// How the state-change program reads sockets on this kernel.
@@ -557,11 +673,53 @@ fn recursion_misses(fdinfo: &str) -> Option<u64> {
 /// tracing programs are not allowed (some lock them down with EPERM, as they do fentry), and
 /// the verifier refuses it where a socket field cannot be read directly; the caller then falls
 /// back to the raw tracepoint. A failed load leaves nothing attached.
-fn attach_btf_set_state(ebpf: &mut Ebpf, vmlinux: &Btf, kernel: &str) -> Result<bool, ProbeError> {
-    attach_btf(ebpf, SET_STATE_BTF, vmlinux, kernel)?;
+fn attach_btf_set_state(
+    ebpf: &mut Ebpf,
+    vmlinux: &Btf,
+    kernel: &str,
+    links: &mut Vec<(String, FdLink)>,
+) -> Result<bool, ProbeError> {
+    links.push((
+        SET_STATE_BTF.into(),
+        attach_btf(ebpf, SET_STATE_BTF, vmlinux, kernel)?,
+    ));
     // After the main program, so that it runs after it for each change.
-    let catching = attach_btf(ebpf, SET_STATE_BTF_CATCH, vmlinux, kernel);
+    let catching = attach_btf(ebpf, SET_STATE_BTF_CATCH, vmlinux, kernel)
+        .map(|link| links.push((SET_STATE_BTF_CATCH.into(), link)));
     Ok(caught_or_warn(catching))
+}
+
+/// Attaches a raw tracepoint program and takes its link (dropped: detached; pinned: kept).
+fn attach_raw_link(
+    prog: &mut RawTracePoint,
+    program: &'static str,
+    tracepoint: &'static str,
+    kernel: &str,
+) -> Result<FdLink, ProbeError> {
+    let err = program_error(attach_raw(program, tracepoint), kernel);
+    let id = prog.attach(tracepoint).map_err(&err)?;
+    Ok(prog.take_link(id).map_err(&err)?.into())
+}
+
+/// Says once what the start found in the pin directory and what that means for the flows open.
+fn log_found(pins: &PinDir, found: Option<&Found>, replaced: usize) {
+    let dir = pins.path().display();
+    match found {
+        Some(Found::Compatible { .. }) => info!(
+            dir = %dir,
+            replaced_links = replaced,
+            "took over the kernel state a previous agent pinned: flows open across the restart \
+             keep their flow_id and seq, and records written meanwhile are read now"
+        ),
+        Some(Found::Incompatible(reason)) => warn!(
+            dir = %dir,
+            reason = reason.as_str(),
+            "the pinned kernel state cannot be taken over, so it was removed and the capture \
+             starts afresh: connections open before this start are not tracked (their closes \
+             count in flowlog_sidecar_untracked_closes_total)"
+        ),
+        Some(Found::Nothing) | None => info!(dir = %dir, "pinned the kernel state"),
+    }
 }
 
 /// Loads `program` as a BTF-typed tracepoint on the state-change tracepoint and attaches it.
@@ -570,7 +728,7 @@ fn attach_btf(
     program: &'static str,
     vmlinux: &Btf,
     kernel: &str,
-) -> Result<(), ProbeError> {
+) -> Result<FdLink, ProbeError> {
     let load_error = program_error(Action::Load(program), kernel);
     let prog: &mut BtfTracePoint = ebpf
         .program_mut(program)
@@ -578,9 +736,9 @@ fn attach_btf(
         .try_into()
         .map_err(&load_error)?;
     prog.load(SET_STATE, vmlinux).map_err(&load_error)?;
-    prog.attach()
-        .map_err(program_error(attach_raw(program, SET_STATE), kernel))?;
-    Ok(())
+    let err = program_error(attach_raw(program, SET_STATE), kernel);
+    let id = prog.attach().map_err(&err)?;
+    Ok(prog.take_link(id).map_err(&err)?.into())
 }
 
 /// Whether the catching program is attached; if not, says once what that costs.

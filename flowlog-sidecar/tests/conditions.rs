@@ -30,7 +30,7 @@ fn run_to_exit(prefix: &[&str], args: &[&str]) -> (i32, String) {
         cmd.arg(BIN);
     }
     let out = cmd
-        .args(["--metrics-addr", &metrics])
+        .args(["--metrics-addr", &metrics, "--pin-dir", ""])
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -187,7 +187,7 @@ impl Agent {
         let metrics = format!("127.0.0.1:{}", free_port());
         let mut child = Command::new(BIN)
             .args(["--output", &format!("file:{}", output.display())])
-            .args(["--metrics-addr", &metrics])
+            .args(["--metrics-addr", &metrics, "--pin-dir", ""])
             .args(args)
             .env("FLOWLOG_LOG", "info")
             .stdin(Stdio::null())

@@ -77,6 +77,8 @@ impl KafkaAgent {
             .args(["--output", "kafka", "--kafka-brokers", brokers])
             .args(["--kafka-topic", topic, "--host", &host])
             .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            // Unpinned: agents of tests that run in parallel must not share the pin directory.
+            .args(["--pin-dir", ""])
             .args(extra)
             .env_remove("FLOWLOG_LOG")
             .env_remove("FLOWLOG_KAFKA_OPTIONS")

@@ -99,6 +99,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_flows: 131_072,
         ring_buffer_bytes: 4 << 20,
         drain_interval: DRAIN_INTERVAL,
+        // One process for a host's look at itself: its Ctrl-C reports the flows still open.
+        pin_dir: None,
     })
     .context("starting the kernel probe")?;
     let summary = summary::Summary::new(args.summary_interval, Box::new(std::io::stdout()));
@@ -115,6 +117,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         interim: args.interim,
         drain_interval: DRAIN_INTERVAL,
         health,
+        unpin: false,
     };
     let result = agent::run(probe, sink, settings, signal).await;
     stop_inventory.cancel();

@@ -600,8 +600,14 @@ impl Agent {
 
     /// Starts the agent with extra arguments and waits until it logs that it is capturing.
     pub fn start_with(test: &str, extra: &[&str]) -> Self {
+        Self::start_run(test, test, extra)
+    }
+
+    /// [`Agent::start_with`] for one of several agents of a test that run one after the other:
+    /// each writes its own file (named after `run`), all with the host name of `test`.
+    pub fn start_run(test: &str, run: &str, extra: &[&str]) -> Self {
         let pid = std::process::id();
-        let output = std::env::temp_dir().join(format!("flowlog-test-{pid}-{test}.jsonl"));
+        let output = std::env::temp_dir().join(format!("flowlog-test-{pid}-{run}.jsonl"));
         let _ = std::fs::remove_file(&output);
         let metrics_addr: SocketAddr = ([127, 0, 0, 1], free_loopback_port()).into();
         let host = format!("test-{test}");
@@ -610,6 +616,13 @@ impl Agent {
             .arg(format!("file:{}", output.display()))
             .args(["--metrics-addr", &metrics_addr.to_string()])
             .args(["--host", &host])
+            // Unpinned unless the test pins (in a directory of its own): agents of tests that
+            // run in parallel must not share, or wait for, the default pin directory.
+            .args(if extra.contains(&"--pin-dir") {
+                &[][..]
+            } else {
+                &["--pin-dir", ""][..]
+            })
             .args(extra)
             .env_remove("FLOWLOG_LOG")
             .stdin(Stdio::null())
@@ -796,6 +809,15 @@ impl Agent {
                 self.host
             );
         }
+        self.records()
+    }
+
+    /// SIGKILL (no chance to flush anything), waits for the exit and returns every record
+    /// written.
+    pub fn kill(mut self) -> Vec<FlowRecord> {
+        let mut child = self.child.take().expect("the agent runs");
+        child.kill().expect("killing the agent");
+        child.wait().expect("waiting for the agent");
         self.records()
     }
 

@@ -97,6 +97,8 @@ impl Attached {
         let log = dir.join(format!("{tag}.log"));
         let metrics_addr = free_loopback_port()?;
         let child = Command::new(bin)
+            // Unpinned: a benchmark's agent leaves nothing attached behind it.
+            .args(["--pin-dir", ""])
             .args(args)
             .arg("--metrics-addr")
             .arg(metrics_addr.to_string())
