@@ -136,7 +136,12 @@ impl OpenFile {
     }
 
     pub fn append(&mut self, flow: &EnrichedFlow) -> Result<(), StorageError> {
-        self.pending.append(flow);
+        self.pending
+            .append(flow)
+            .map_err(|source| StorageError::Arrow {
+                file: self.path.to_string(),
+                source,
+            })?;
         self.rows += 1;
         if self.pending.len() >= BATCH_ROWS {
             self.encode_pending()?;

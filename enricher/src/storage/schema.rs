@@ -8,7 +8,6 @@
 //!
 //! [`FlowRecord`]: flowlog_record::record::FlowRecord
 use std::{
-    collections::HashMap,
     fmt::Write as _,
     net::IpAddr,
     sync::{Arc, LazyLock},
@@ -20,12 +19,10 @@ use arrow_array::{
         ListBuilder, MapBuilder, MapFieldNames, StringBuilder, UInt16Builder, UInt32Builder,
         UInt64Builder,
     },
-    cast::AsArray,
 };
 use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef};
-use arrow_select::take::take;
 use flowlog_record::{
-    enriched::{Endpoint, EnrichedFlow, Identity},
+    enriched::{Endpoint, EnrichedFlow},
     record::{Direction, Family},
 };
 
@@ -182,48 +179,9 @@ pub fn direction_str(direction: Direction) -> &'static str {
     }
 }
 
-/// The identities of a batch, each once: the identity columns of every row are taken from
-/// here by index when the batch is finished.
-///
-/// Why: an identity has some 20 strings (labels included) and is shared by every flow of its
-/// owner (one `Arc` per owner in the index), so appending them row by row copied the same
-/// strings thousands of times per batch and was the largest single cost of the Parquet path
-/// in a profile of the enricher (`EndpointBuilder::append`, 17% of its own time; see
-/// `benches/RESULTS.md`). Now a row costs one hash of the `Arc`'s address, and the columns
-/// are gathered in one pass per column with Arrow's `take`.
-#[derive(Default)]
-struct DistinctIdentities {
-    /// Position in `list` by the address of the `Arc`'s identity. The `Arc`s in `list` keep
-    /// every address alive, so an address cannot be reused by another identity meanwhile.
-    positions: HashMap<usize, u32, foldhash::fast::RandomState>,
-    list: Vec<Arc<Identity>>,
-}
-
-impl DistinctIdentities {
-    /// The position of `identity` in this batch's table, adding it if new.
-    fn position(&mut self, identity: &Arc<Identity>) -> u32 {
-        let key = Arc::as_ptr(identity) as usize;
-        *self.positions.entry(key).or_insert_with(|| {
-            self.list.push(identity.clone());
-            u32::try_from(self.list.len() - 1).expect("fewer than 2^32 identities in a batch")
-        })
-    }
-
-    /// The identity columns (`kind` … `source`, as in [`endpoint_fields`]) of every distinct
-    /// identity, in `list` order; the table starts over empty.
-    fn finish(&mut self) -> Result<StructArray, ArrowError> {
-        let mut columns = IdentityColumns::new();
-        for identity in &self.list {
-            columns.append(identity)?;
-        }
-        self.positions.clear();
-        self.list.clear();
-        columns.finish()
-    }
-}
-
-/// Column builders for the identity fields of an end, filled once per distinct identity.
-struct IdentityColumns {
+/// Column builders for one end of the flow.
+struct EndpointBuilder {
+    status: StringBuilder,
     kind: StringBuilder,
     name: StringBuilder,
     namespace: StringBuilder,
@@ -240,9 +198,10 @@ struct IdentityColumns {
     container_id: StringBuilder,
     pod_uid: StringBuilder,
     source: StringBuilder,
+    candidates: ListBuilder<StringBuilder>,
 }
 
-impl IdentityColumns {
+impl EndpointBuilder {
     fn new() -> Self {
         let names = map_field_names();
         let labels = MapBuilder::new(
@@ -253,6 +212,7 @@ impl IdentityColumns {
         .with_keys_field(Field::new(names.key, DataType::Utf8, false))
         .with_values_field(Field::new(names.value, DataType::Utf8, false));
         Self {
+            status: StringBuilder::new(),
             kind: StringBuilder::new(),
             name: StringBuilder::new(),
             namespace: StringBuilder::new(),
@@ -269,38 +229,62 @@ impl IdentityColumns {
             container_id: StringBuilder::new(),
             pod_uid: StringBuilder::new(),
             source: StringBuilder::new(),
+            candidates: ListBuilder::new(StringBuilder::new()).with_field(candidate_item()),
         }
     }
 
-    fn append(&mut self, i: &Identity) -> Result<(), ArrowError> {
-        self.kind.append_value(i.kind.as_str());
-        self.name.append_value(&i.name);
-        self.namespace.append_option(i.namespace.as_deref());
-        let workload = i.workload.as_ref();
+    fn append(&mut self, end: &Endpoint) -> Result<(), ArrowError> {
+        self.status.append_value(end.status.as_str());
+        // The identity is shown only for an exact end, whatever else the value carries.
+        let id = end
+            .identity
+            .as_deref()
+            .filter(|_| end.status == flowlog_record::enriched::Attribution::Exact);
+        self.kind.append_option(id.map(|i| i.kind.as_str()));
+        self.name.append_option(id.map(|i| i.name.as_str()));
+        self.namespace
+            .append_option(id.and_then(|i| i.namespace.as_deref()));
+        let workload = id.and_then(|i| i.workload.as_ref());
         self.workload_kind
             .append_option(workload.map(|w| w.kind.as_str()));
         self.workload_name
             .append_option(workload.map(|w| w.name.as_str()));
-        for (k, v) in &i.labels {
-            self.labels.keys().append_value(k);
-            self.labels.values().append_value(v);
+        match id {
+            Some(i) => {
+                for (k, v) in &i.labels {
+                    self.labels.keys().append_value(k);
+                    self.labels.values().append_value(v);
+                }
+                self.labels.append(true)?;
+            }
+            None => self.labels.append(false)?,
         }
-        self.labels.append(true)?;
-        self.node.append_option(i.node.as_deref());
-        self.zone.append_option(i.zone.as_deref());
-        self.region.append_option(i.region.as_deref());
-        self.account.append_option(i.account.as_deref());
-        self.vpc.append_option(i.vpc.as_deref());
-        self.subnet.append_option(i.subnet.as_deref());
-        self.instance_id.append_option(i.instance_id.as_deref());
-        self.container_id.append_option(i.container_id.as_deref());
-        self.pod_uid.append_option(i.pod_uid.as_deref());
-        self.source.append_value(i.source.as_str());
+        self.node.append_option(id.and_then(|i| i.node.as_deref()));
+        self.zone.append_option(id.and_then(|i| i.zone.as_deref()));
+        self.region
+            .append_option(id.and_then(|i| i.region.as_deref()));
+        self.account
+            .append_option(id.and_then(|i| i.account.as_deref()));
+        self.vpc.append_option(id.and_then(|i| i.vpc.as_deref()));
+        self.subnet
+            .append_option(id.and_then(|i| i.subnet.as_deref()));
+        self.instance_id
+            .append_option(id.and_then(|i| i.instance_id.as_deref()));
+        self.container_id
+            .append_option(id.and_then(|i| i.container_id.as_deref()));
+        self.pod_uid
+            .append_option(id.and_then(|i| i.pod_uid.as_deref()));
+        self.source.append_option(id.map(|i| i.source.as_str()));
+        for c in &end.candidates {
+            self.candidates.values().append_value(c);
+        }
+        self.candidates.append(true);
         Ok(())
     }
 
-    fn finish(mut self) -> Result<StructArray, ArrowError> {
+    fn finish(&mut self) -> Result<ArrayRef, ArrowError> {
         let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.status.finish()),
             Arc::new(self.kind.finish()),
             Arc::new(self.name.finish()),
             Arc::new(self.namespace.finish()),
@@ -317,62 +301,8 @@ impl IdentityColumns {
             Arc::new(self.container_id.finish()),
             Arc::new(self.pod_uid.finish()),
             Arc::new(self.source.finish()),
+            Arc::new(self.candidates.finish()),
         ];
-        StructArray::try_new(identity_fields(), columns, None)
-    }
-}
-
-/// The identity fields of [`endpoint_fields`]: all but the first (`status`) and the last
-/// (`candidates`).
-fn identity_fields() -> Fields {
-    let all = endpoint_fields();
-    all.iter().skip(1).take(all.len() - 2).cloned().collect()
-}
-
-/// Column builders for one end of the flow: what is per row (the status, the candidates, the
-/// row's position in the batch's [`DistinctIdentities`]); the identity columns themselves are
-/// gathered when the batch is finished.
-struct EndpointBuilder {
-    status: StringBuilder,
-    /// Null where the end is not exact: its identity columns are then null, so that no guess
-    /// reads as fact.
-    identity: UInt32Builder,
-    candidates: ListBuilder<StringBuilder>,
-}
-
-impl EndpointBuilder {
-    fn new() -> Self {
-        Self {
-            status: StringBuilder::new(),
-            identity: UInt32Builder::new(),
-            candidates: ListBuilder::new(StringBuilder::new()).with_field(candidate_item()),
-        }
-    }
-
-    fn append(&mut self, end: &Endpoint, identities: &mut DistinctIdentities) {
-        self.status.append_value(end.status.as_str());
-        // The identity is shown only for an exact end, whatever else the value carries.
-        let id = end
-            .identity
-            .as_ref()
-            .filter(|_| end.status == flowlog_record::enriched::Attribution::Exact);
-        self.identity
-            .append_option(id.map(|i| identities.position(i)));
-        for c in &end.candidates {
-            self.candidates.values().append_value(c);
-        }
-        self.candidates.append(true);
-    }
-
-    /// The end's struct column, its identity fields taken from `identities` (the batch's
-    /// distinct identities, finished).
-    fn finish(&mut self, identities: &StructArray) -> Result<ArrayRef, ArrowError> {
-        let taken = take(identities, &self.identity.finish(), None)?;
-        let (_, identity_columns, _) = taken.as_struct().clone().into_parts();
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(identity_columns.len() + 2);
-        columns.push(Arc::new(self.status.finish()));
-        columns.extend(identity_columns);
-        columns.push(Arc::new(self.candidates.finish()));
         Ok(Arc::new(StructArray::try_new(
             endpoint_fields(),
             columns,
@@ -382,9 +312,8 @@ impl EndpointBuilder {
 }
 
 /// Accumulates enriched flows column by column and hands them out as [`RecordBatch`]es of
-/// [`enriched_flow_schema`]. Appending copies a row's own strings into Arrow buffers and
-/// each end's identity only by reference ([`DistinctIdentities`]); nothing is allocated per
-/// row except when a buffer grows.
+/// [`enriched_flow_schema`]. Appending copies the strings into Arrow buffers once; nothing is
+/// allocated per row except when a buffer grows.
 pub struct FlowBatchBuilder {
     rows: usize,
     /// Bytes of variable-length data appended since the last batch (strings, labels): with
@@ -418,8 +347,6 @@ pub struct FlowBatchBuilder {
     cgroup_id: UInt64Builder,
     local: EndpointBuilder,
     remote: EndpointBuilder,
-    /// The identities of both ends of the rows since the last batch.
-    identities: DistinctIdentities,
     enriched_ns: UInt64Builder,
 }
 
@@ -467,7 +394,6 @@ impl FlowBatchBuilder {
             cgroup_id: UInt64Builder::new(),
             local: EndpointBuilder::new(),
             remote: EndpointBuilder::new(),
-            identities: DistinctIdentities::default(),
             enriched_ns: UInt64Builder::new(),
         }
     }
@@ -489,7 +415,7 @@ impl FlowBatchBuilder {
     }
 
     /// Appends one flow as one row.
-    pub fn append(&mut self, e: &EnrichedFlow) {
+    pub fn append(&mut self, e: &EnrichedFlow) -> Result<(), ArrowError> {
         let f = &e.flow;
         self.flow_id.append_value(f.flow_id);
         self.host.append_value(&f.host);
@@ -515,8 +441,8 @@ impl FlowBatchBuilder {
         self.pid.append_option(f.pid);
         self.comm.append_option(f.comm.as_deref());
         self.cgroup_id.append_option(f.cgroup_id);
-        self.local.append(&e.local, &mut self.identities);
-        self.remote.append(&e.remote, &mut self.identities);
+        self.local.append(&e.local)?;
+        self.remote.append(&e.remote)?;
         self.enriched_ns.append_value(e.enriched_ns);
         self.rows += 1;
         self.var_bytes += f.host.len()
@@ -524,11 +450,11 @@ impl FlowBatchBuilder {
             + 2 * 16
             + endpoint_var_bytes(&e.local)
             + endpoint_var_bytes(&e.remote);
+        Ok(())
     }
 
     /// The rows appended so far as one batch; the builder starts over empty.
     pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
-        let identities = self.identities.finish()?;
         let columns: Vec<ArrayRef> = vec![
             Arc::new(self.flow_id.finish()),
             Arc::new(self.host.finish()),
@@ -554,8 +480,8 @@ impl FlowBatchBuilder {
             Arc::new(self.pid.finish()),
             Arc::new(self.comm.finish()),
             Arc::new(self.cgroup_id.finish()),
-            self.local.finish(&identities)?,
-            self.remote.finish(&identities)?,
+            self.local.finish()?,
+            self.remote.finish()?,
             Arc::new(self.enriched_ns.finish()),
         ];
         self.rows = 0;
@@ -602,7 +528,6 @@ fn append_addr(builder: &mut StringBuilder, scratch: &mut String, addr: IpAddr) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow_array::Array as _;
 
     /// The strings written for `family` and `direction` are the enums' serde names (those of
     /// the JSON lines and the Avro schema), not names of our own.
@@ -616,122 +541,6 @@ mod tests {
             let json = serde_json::to_string(&d).unwrap();
             assert_eq!(json, format!("\"{}\"", direction_str(d)));
         }
-    }
-
-    fn flow(local: Endpoint, remote: Endpoint) -> EnrichedFlow {
-        EnrichedFlow {
-            flow: flowlog_record::record::FlowRecord {
-                flow_id: 1,
-                host: "h".into(),
-                seq: 0,
-                start_ns: 1,
-                end_ns: 2,
-                family: Family::Ipv4,
-                local_addr: "192.0.2.1".parse().unwrap(),
-                local_port: 40_000,
-                remote_addr: "10.0.0.1".parse().unwrap(),
-                remote_port: 443,
-                direction: Direction::Outbound,
-                outcome: flowlog_record::record::Outcome::Closed,
-                bytes_sent: 0,
-                bytes_received: 0,
-                segs_sent: 0,
-                segs_received: 0,
-                retransmits: 0,
-                resets_sent: 0,
-                resets_received: 0,
-                srtt_us: 0,
-                min_rtt_us: 0,
-                pid: None,
-                comm: None,
-                cgroup_id: None,
-            },
-            local,
-            remote,
-            enriched_ns: 3,
-        }
-    }
-
-    fn identity(name: &str, labels: &[(&str, &str)]) -> Arc<Identity> {
-        Arc::new(Identity {
-            name: name.into(),
-            namespace: Some("shop".into()),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            source: "kubernetes".into(),
-            ..Identity::default()
-        })
-    }
-
-    /// `(name, labels as "k=v,…")` of one end per row; `None` where the identity is null.
-    fn end_columns(batch: &RecordBatch, end: &str) -> Vec<Option<(String, String)>> {
-        let end = batch.column_by_name(end).unwrap().as_struct();
-        let names = end.column_by_name("name").unwrap().as_string::<i32>();
-        let labels = end.column_by_name("labels").unwrap().as_map();
-        (0..end.len())
-            .map(|row| {
-                assert_eq!(names.is_null(row), labels.is_null(row), "row {row}");
-                (!names.is_null(row)).then(|| {
-                    let entries = labels.value(row);
-                    let keys = entries.column(0).as_string::<i32>();
-                    let values = entries.column(1).as_string::<i32>();
-                    let text: Vec<String> = (0..entries.len())
-                        .map(|i| format!("{}={}", keys.value(i), values.value(i)))
-                        .collect();
-                    (names.value(row).to_string(), text.join(","))
-                })
-            })
-            .collect()
-    }
-
-    /// Rows that share an identity, equal identities in different `Arc`s, ends that are not
-    /// exact (even one that carries an identity) and a second batch after the first: each row
-    /// gets exactly its own end's identity, and nothing of a previous batch.
-    #[test]
-    fn each_row_gets_its_own_identity_once_per_batch() {
-        let a = identity("a", &[("app", "a")]);
-        let b = identity("b", &[]);
-        let b_again = identity("b", &[]);
-        let not_exact = Endpoint {
-            identity: Some(a.clone()),
-            ..Endpoint::ambiguous(&[a.clone(), b.clone()])
-        };
-        let mut builder = FlowBatchBuilder::new();
-        builder.append(&flow(
-            Endpoint::exact(a.clone()),
-            Endpoint::exact(b.clone()),
-        ));
-        builder.append(&flow(Endpoint::exact(b_again.clone()), Endpoint::unknown()));
-        builder.append(&flow(Endpoint::exact(a.clone()), not_exact));
-        builder.append(&flow(Endpoint::unknown(), Endpoint::exact(a.clone())));
-        let first = builder.finish().unwrap();
-        let some = |name: &str, labels: &str| Some((name.to_string(), labels.to_string()));
-        assert_eq!(
-            end_columns(&first, "local"),
-            [some("a", "app=a"), some("b", ""), some("a", "app=a"), None]
-        );
-        assert_eq!(
-            end_columns(&first, "remote"),
-            [some("b", ""), None, None, some("a", "app=a")]
-        );
-        let remote = first.column_by_name("remote").unwrap().as_struct();
-        let status = remote.column_by_name("status").unwrap().as_string::<i32>();
-        assert_eq!(status.value(2), "ambiguous");
-        let candidates = remote
-            .column_by_name("candidates")
-            .unwrap()
-            .as_list::<i32>();
-        assert_eq!(candidates.value(2).as_string::<i32>().value(1), "shop/b");
-
-        builder.append(&flow(Endpoint::unknown(), Endpoint::exact(b.clone())));
-        let second = builder.finish().unwrap();
-        assert_eq!(end_columns(&second, "local"), [None]);
-        assert_eq!(end_columns(&second, "remote"), [some("b", "")]);
-        let remote = second.column_by_name("remote").unwrap().as_struct();
-        let source = remote.column_by_name("source").unwrap().as_string::<i32>();
-        assert_eq!(source.value(0), "kubernetes");
     }
 
     #[test]
