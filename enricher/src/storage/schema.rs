@@ -528,6 +528,8 @@ fn append_addr(builder: &mut StringBuilder, scratch: &mut String, addr: IpAddr) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow_array::{Array as _, cast::AsArray};
+    use flowlog_record::enriched::Identity;
 
     /// The strings written for `family` and `direction` are the enums' serde names (those of
     /// the JSON lines and the Avro schema), not names of our own.
@@ -541,6 +543,132 @@ mod tests {
             let json = serde_json::to_string(&d).unwrap();
             assert_eq!(json, format!("\"{}\"", direction_str(d)));
         }
+    }
+
+    fn flow(local: Endpoint, remote: Endpoint) -> EnrichedFlow {
+        EnrichedFlow {
+            flow: flowlog_record::record::FlowRecord {
+                flow_id: 1,
+                host: "h".into(),
+                seq: 0,
+                start_ns: 1,
+                end_ns: 2,
+                family: Family::Ipv4,
+                local_addr: "192.0.2.1".parse().unwrap(),
+                local_port: 40_000,
+                remote_addr: "10.0.0.1".parse().unwrap(),
+                remote_port: 443,
+                direction: Direction::Outbound,
+                outcome: flowlog_record::record::Outcome::Closed,
+                bytes_sent: 0,
+                bytes_received: 0,
+                segs_sent: 0,
+                segs_received: 0,
+                retransmits: 0,
+                resets_sent: 0,
+                resets_received: 0,
+                srtt_us: 0,
+                min_rtt_us: 0,
+                pid: None,
+                comm: None,
+                cgroup_id: None,
+            },
+            local,
+            remote,
+            enriched_ns: 3,
+        }
+    }
+
+    fn identity(name: &str, labels: &[(&str, &str)]) -> Arc<Identity> {
+        Arc::new(Identity {
+            name: name.into(),
+            namespace: Some("shop".into()),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            source: "kubernetes".into(),
+            ..Identity::default()
+        })
+    }
+
+    /// `(name, labels as "k=v,…")` of one end per row; `None` where the identity is null.
+    fn end_columns(batch: &RecordBatch, end: &str) -> Vec<Option<(String, String)>> {
+        let end = batch.column_by_name(end).unwrap().as_struct();
+        let names = end.column_by_name("name").unwrap().as_string::<i32>();
+        let labels = end.column_by_name("labels").unwrap().as_map();
+        (0..end.len())
+            .map(|row| {
+                assert_eq!(names.is_null(row), labels.is_null(row), "row {row}");
+                (!names.is_null(row)).then(|| {
+                    let entries = labels.value(row);
+                    let keys = entries.column(0).as_string::<i32>();
+                    let values = entries.column(1).as_string::<i32>();
+                    let text: Vec<String> = (0..entries.len())
+                        .map(|i| format!("{}={}", keys.value(i), values.value(i)))
+                        .collect();
+                    (names.value(row).to_string(), text.join(","))
+                })
+            })
+            .collect()
+    }
+
+    /// Rows that share an identity, equal identities in different `Arc`s, ends that are not
+    /// exact (even one that carries an identity) and a second batch after the first: each row
+    /// gets exactly its own end's identity (null unless exact), and nothing of a previous batch.
+    #[test]
+    fn each_row_gets_its_own_identity_once_per_batch() {
+        let a = identity("a", &[("app", "a")]);
+        let b = identity("b", &[]);
+        let b_again = identity("b", &[]);
+        let not_exact = Endpoint {
+            identity: Some(a.clone()),
+            ..Endpoint::ambiguous(&[a.clone(), b.clone()])
+        };
+        let mut builder = FlowBatchBuilder::new();
+        builder
+            .append(&flow(
+                Endpoint::exact(a.clone()),
+                Endpoint::exact(b.clone()),
+            ))
+            .unwrap();
+        builder
+            .append(&flow(Endpoint::exact(b_again.clone()), Endpoint::unknown()))
+            .unwrap();
+        builder
+            .append(&flow(Endpoint::exact(a.clone()), not_exact))
+            .unwrap();
+        builder
+            .append(&flow(Endpoint::unknown(), Endpoint::exact(a.clone())))
+            .unwrap();
+        let first = builder.finish().unwrap();
+        let some = |name: &str, labels: &str| Some((name.to_string(), labels.to_string()));
+        assert_eq!(
+            end_columns(&first, "local"),
+            [some("a", "app=a"), some("b", ""), some("a", "app=a"), None]
+        );
+        assert_eq!(
+            end_columns(&first, "remote"),
+            [some("b", ""), None, None, some("a", "app=a")]
+        );
+        let remote = first.column_by_name("remote").unwrap().as_struct();
+        let status = remote.column_by_name("status").unwrap().as_string::<i32>();
+        assert_eq!(status.value(2), "ambiguous");
+        let candidates = remote
+            .column_by_name("candidates")
+            .unwrap()
+            .as_list::<i32>();
+        assert_eq!(candidates.value(2).as_string::<i32>().value(1), "shop/b");
+
+        builder
+            .append(&flow(Endpoint::unknown(), Endpoint::exact(b.clone())))
+            .unwrap();
+        let second = builder.finish().unwrap();
+        assert_eq!(end_columns(&second, "local"), [None]);
+        assert_eq!(end_columns(&second, "remote"), [some("b", "")]);
+        let remote = second.column_by_name("remote").unwrap().as_struct();
+        let source = remote.column_by_name("source").unwrap().as_string::<i32>();
+        assert_eq!(source.value(0), "kubernetes");
     }
 
     #[test]
