@@ -5,9 +5,8 @@
 //! `ParquetSink` into a temporary directory, and prints flows/s for `write()`, for the whole
 //! path including encoding and the final roll, and the bytes per flow on disk.
 //! The enricher's target is ≥ 200k flows/s/core Kafka-to-Kafka; this output must not be the
-//! bottleneck. Measured here (release, 2 shared cores, load ~4): `write()` 380k flows/s,
-//! with encoding, zstd and the fsynced roll 347k flows/s; 57.6 bytes per flow on disk
-//! (53.0 with Parquet 2.0 data pages, see `partition.rs`).
+//! bottleneck. The measured figures and their runs are in `benches/RESULTS.md` (run under
+//! `valgrind --tool=callgrind` for instruction counts that do not depend on the VM's noise).
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
