@@ -20,11 +20,12 @@ use std::{
 };
 
 use flowlog_cli::Health;
+use flowlog_cli::histogram::{FixedHistogram, Tally};
 use flowlog_diag::LogThrottle;
 use flowlog_identity::SharedIndex;
 use flowlog_record::{EnrichedFlow, avro, enriched_avro};
 use futures::FutureExt as _;
-use metrics::{Counter, Histogram, counter, gauge, histogram};
+use metrics::{Counter, counter, gauge};
 use rdkafka::{
     consumer::StreamConsumer,
     consumer::{CommitMode, Consumer as _},
@@ -152,7 +153,10 @@ struct Pipeline {
     /// key up in the registry every time).
     records_in: Counter,
     records_out: Counter,
-    latency: Histogram,
+    /// End → acknowledged, counted into `latency_tally` per delivery report and added to the
+    /// served histogram once per batch of reports.
+    latency: Arc<FixedHistogram>,
+    latency_tally: Tally,
     /// The index the attributor reads, for the readiness check of its watermark.
     index: SharedIndex,
     /// When readiness was last evaluated.
@@ -181,6 +185,7 @@ pub async fn run(
         parquet = parquet.is_some(),
         "enriching"
     );
+    let latency = m::latency_histogram();
     let mut p = Pipeline {
         attributor: Attributor::new(index.clone(), None, settings.hold)
             .with_clock_skew(settings.clock_skew),
@@ -200,7 +205,8 @@ pub async fn run(
         delivery_errors: LogThrottle::default(),
         records_in: counter!(m::RECORDS_IN),
         records_out: counter!(m::RECORDS_OUT),
-        latency: histogram!(m::LATENCY),
+        latency_tally: latency.tally(),
+        latency,
     };
     if let Some(health) = &p.settings.health {
         declare_readiness(health);
@@ -420,7 +426,7 @@ impl Pipeline {
                     self.offsets.acknowledged(t.partition, t.offset);
                     if t.end_ns > 0 {
                         self.records_out.increment(1);
-                        self.latency
+                        self.latency_tally
                             .record(now.saturating_sub(t.end_ns) as f64 / 1e9);
                     }
                 }
@@ -438,6 +444,7 @@ impl Pipeline {
                 }
             }
         }
+        self.latency.add(&mut self.latency_tally);
     }
 
     /// Every tick: held flows released, Parquet rolled when due, offsets stored.

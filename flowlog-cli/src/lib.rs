@@ -3,7 +3,8 @@
 //! (level from `FLOWLOG_LOG`, `EnvFilter` syntax, default `info`; colours only on a terminal),
 //! a tokio runtime, and a failure's whole error chain logged once with exit status 1; and the
 //! TOML configuration file of the long-running services ([`config_file_to_env`]); and the
-//! listener for `/metrics`, `/healthz` and `/readyz` ([`telemetry`], [`health`]).
+//! listener for `/metrics`, `/healthz` and `/readyz` ([`telemetry`], [`health`]), with the
+//! fixed-bucket histograms of hot paths ([`histogram`]).
 use std::{
     collections::BTreeSet, future::Future, io::IsTerminal as _, path::PathBuf, process::ExitCode,
 };
@@ -11,6 +12,7 @@ use std::{
 use tracing::error;
 
 pub mod health;
+pub mod histogram;
 pub mod telemetry;
 
 pub use health::Health;

@@ -1,5 +1,6 @@
 //! The HTTP listener of every long-running binary, on its `--metrics-addr`: `/metrics`
-//! (Prometheus text format), `/healthz` (alive) and `/readyz` (ready), the last two answered from
+//! (Prometheus text format: the recorder's metrics, then the registered
+//! [`crate::histogram::FixedHistogram`]s), `/healthz` (alive) and `/readyz` (ready), the last two answered from
 //! a [`Health`] that the binary's work loops keep up to date. Orchestrators probe the latter two
 //! (Kubernetes liveness and readiness probes, a load balancer, a systemd watchdog script); each
 //! answers `200 ok` or `503` with one line per failing check, so a person reading the probe's
@@ -82,10 +83,9 @@ async fn upkeep(metrics: PrometheusHandle) {
 async fn render_metrics(
     State(served): State<Served>,
 ) -> ([(&'static str, &'static str); 1], String) {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        served.metrics.render(),
-    )
+    let mut page = served.metrics.render();
+    crate::histogram::FixedHistogram::render_registered(&mut page);
+    ([("content-type", "text/plain; version=0.0.4")], page)
 }
 
 fn answer(result: Result<(), NotReady>) -> (StatusCode, String) {
