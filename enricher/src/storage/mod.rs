@@ -13,10 +13,12 @@
 //! process run and sequence).
 //!
 //! Sizes are the Parquet encoder's: bytes of the row groups already encoded plus its estimate
-//! of the row group in progress, whose last pages and dictionaries are not compressed yet. So
-//! files come out somewhat smaller than `roll_bytes` (~60% of 64 KiB in the tests; closer for
-//! large files, where flushed row groups dominate), never larger by more than the rows
-//! written between two `maybe_roll` calls.
+//! of the row group in progress, whose last pages and dictionaries are not compressed yet,
+//! scaled by what earlier row groups of the sink really encoded to against that estimate, plus
+//! the last footer's size (`partition::SizeModel`; the sink's first file to reach `roll_bytes`
+//! ends its row group there to learn them). So files come out near `roll_bytes`, larger only
+//! by the rows written between two `maybe_roll` calls or when their rows compress worse than
+//! the earlier files' did.
 //!
 //! Submodules: [`schema`] (the columns), `partition` (partition paths and open files),
 //! `store` (local or S3 target).
@@ -39,7 +41,7 @@ pub use partition::PartitionKey;
 pub use schema::enriched_flow_schema;
 pub use store::S3Options;
 
-use partition::{ClosedFile, OpenFile};
+use partition::{ClosedFile, OpenFile, SizeModel};
 use store::Target;
 
 use crate::metrics as m;
@@ -161,6 +163,8 @@ pub struct ParquetSink {
     closed: VecDeque<Generation>,
     written: u64,
     durable: u64,
+    /// What the files so far encoded to, for the sizes of the open ones.
+    size_model: SizeModel,
     /// Set by the first encoding error (see [`StorageError::Poisoned`]).
     poisoned: Option<String>,
     /// The current run of failed uploads; kept across calls, so that an outage is logged
@@ -220,6 +224,7 @@ impl ParquetSink {
             closed: VecDeque::new(),
             written: 0,
             durable: 0,
+            size_model: SizeModel::default(),
             poisoned: None,
             retry: RetryState::default(),
         })
@@ -269,7 +274,11 @@ impl ParquetSink {
     /// The estimated size of the largest open file, in encoded bytes (rows not encoded yet
     /// are estimated; see [`ParquetSink::maybe_roll`]).
     pub fn largest_open_bytes(&self) -> u64 {
-        self.open.values().map(OpenFile::size).max().unwrap_or(0)
+        self.open
+            .values()
+            .map(|f| f.size(&self.size_model))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Files open in the current generation (one per partition that received rows).
@@ -309,11 +318,17 @@ impl ParquetSink {
         if now.saturating_duration_since(start) >= self.roll_interval {
             return Ok(true);
         }
+        let model = &mut self.size_model;
         for file in self.open.values_mut() {
-            if file.size() >= self.roll_bytes && file.has_pending() {
+            if file.size(model) >= self.roll_bytes && file.has_pending() {
                 file.encode_pending()?;
             }
-            if file.size() >= self.roll_bytes {
+            if file.size(model) >= self.roll_bytes && !model.calibrated() {
+                // The first time: encode the row group to learn what the estimate of one
+                // comes to, and judge the file by that.
+                file.flush_row_group(model)?;
+            }
+            if file.size(model) >= self.roll_bytes {
                 return Ok(true);
             }
         }
@@ -370,7 +385,7 @@ impl ParquetSink {
         let mut rows = 0;
         for file in open.into_values() {
             rows += file.rows;
-            files.push_back(file.close()?);
+            files.push_back(file.close(&mut self.size_model)?);
         }
         self.closed.push_back(Generation { files, rows });
         Ok(())

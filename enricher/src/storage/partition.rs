@@ -6,7 +6,7 @@ use chrono::{DateTime, Datelike, Timelike};
 use flowlog_record::enriched::EnrichedFlow;
 use object_store::{PutPayload, path::Path};
 use parquet::{
-    arrow::ArrowWriter,
+    arrow::{ArrowWriter, arrow_writer::ArrowWriterOptions},
     basic::{Compression, ZstdLevel},
     file::{metadata::KeyValue, properties::WriterProperties},
     schema::types::ColumnPath,
@@ -14,7 +14,7 @@ use parquet::{
 
 use super::{
     StorageError,
-    schema::{FlowBatchBuilder, SCHEMA_KEY, SCHEMA_VERSION, enriched_flow_schema},
+    schema::{FlowBatchBuilder, SCHEMA_KEY, SCHEMA_VERSION, batch_schema},
 };
 
 /// Rows handed to the Parquet encoder at a time: big enough that per-batch overhead vanishes,
@@ -118,10 +118,15 @@ pub(crate) struct ClosedFile {
 
 impl OpenFile {
     pub fn new(path: Path) -> Result<Self, StorageError> {
-        let writer = ArrowWriter::try_new(
+        // The batches' identity columns are Arrow dictionaries (see `batch_schema`); without
+        // the Arrow schema in the footer, readers take the Parquet schema, which is the same as
+        // for plain strings: `enriched_flow_schema`.
+        let writer = ArrowWriter::try_new_with_options(
             Vec::new(),
-            enriched_flow_schema(),
-            Some(writer_properties()),
+            batch_schema(),
+            ArrowWriterOptions::new()
+                .with_properties(writer_properties())
+                .with_skip_arrow_metadata(true),
         )
         .map_err(|source| StorageError::Encode {
             file: path.to_string(),
@@ -175,27 +180,40 @@ impl OpenFile {
         !self.pending.is_empty()
     }
 
-    /// Encoded bytes so far: the row groups written and the encoder's estimate of the row
-    /// group in progress (its pages are compressed as they fill).
-    fn encoded_size(&self) -> u64 {
-        (self.writer.bytes_written() + self.writer.in_progress_size()) as u64
-    }
-
-    /// The file's size so far: [`OpenFile::encoded_size`] plus the rows not yet encoded, at
-    /// the encoded size per row seen so far in this file, or at their unencoded size before
-    /// any row was encoded (an over-estimate: the sink encodes them before acting on it).
-    pub fn size(&self) -> u64 {
-        let encoded = self.encoded_size();
+    /// The file's size so far (see [`SizeModel`]): the row groups written, the row group in
+    /// progress at the sink's calibrated ratio, the footer as large as the last one, and the
+    /// rows not yet encoded at the encoded size per row seen so far in this file, or at their
+    /// unencoded size before any row was encoded (an over-estimate: the sink encodes them
+    /// before acting on it).
+    pub fn size(&self, model: &SizeModel) -> u64 {
+        let in_progress = self.writer.in_progress_size() as f64 * model.in_progress_ratio;
+        let encoded = self.writer.bytes_written() as u64 + in_progress as u64;
         let encoded_rows = self.rows - self.pending.len() as u64;
         let pending = (encoded * self.pending.len() as u64)
             .checked_div(encoded_rows)
             .unwrap_or(self.pending.estimated_bytes() as u64);
-        encoded + pending
+        encoded + pending + model.footer
     }
 
-    /// Encodes what is left and the footer.
-    pub fn close(mut self) -> Result<ClosedFile, StorageError> {
+    /// Encodes the row group in progress (which ends it) and calibrates `model` with what it
+    /// came to against the encoder's estimate of it.
+    pub fn flush_row_group(&mut self, model: &mut SizeModel) -> Result<(), StorageError> {
         self.encode_pending()?;
+        let estimate = self.writer.in_progress_size();
+        let before = self.writer.bytes_written();
+        self.writer.flush().map_err(|source| StorageError::Encode {
+            file: self.path.to_string(),
+            source,
+        })?;
+        model.learn_row_group(estimate, self.writer.bytes_written() - before);
+        Ok(())
+    }
+
+    /// Encodes what is left and the footer; calibrates `model` with the last row group and
+    /// the footer.
+    pub fn close(mut self, model: &mut SizeModel) -> Result<ClosedFile, StorageError> {
+        self.flush_row_group(model)?;
+        let data = self.writer.bytes_written() as u64;
         let bytes = self
             .writer
             .into_inner()
@@ -203,6 +221,7 @@ impl OpenFile {
                 file: self.path.to_string(),
                 source,
             })?;
+        model.footer = (bytes.len() as u64).saturating_sub(data);
         Ok(ClosedFile {
             path: self.path,
             rows: self.rows,
@@ -212,9 +231,87 @@ impl OpenFile {
     }
 }
 
+/// What the sink has seen its files encode to, for the sizes of the open ones.
+///
+/// The Parquet encoder's estimate of a row group in progress (`in_progress_size`) counts its
+/// pages that are not compressed yet (each column's current data page and its dictionary) at
+/// their uncompressed size, the worst case of the indices' RLE; zstd makes them much smaller
+/// (about half, in the tests' small files), so roll sizes taken from it came out far below
+/// `roll_bytes`. The model holds the ratio of what row groups really encoded to (the bytes a
+/// flush wrote) over that estimate just before, and the size of the last footer (the schema
+/// and the column statistics, which a file's size includes). Until the sink's first row group
+/// is flushed it knows neither: the ratio is 1 (the estimate as it is) and the footer 0, and
+/// the sink flushes the first file that reaches `roll_bytes` that way, to learn them.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SizeModel {
+    pub in_progress_ratio: f64,
+    pub footer: u64,
+    /// Row groups the ratio was learnt from.
+    pub samples: u64,
+}
+
+impl Default for SizeModel {
+    fn default() -> Self {
+        Self {
+            in_progress_ratio: 1.0,
+            footer: 0,
+            samples: 0,
+        }
+    }
+}
+
+impl SizeModel {
+    /// Least estimate worth learning from: a near-empty row group's ratio says little.
+    const MIN_ESTIMATE: usize = 4096;
+
+    /// True once a flushed row group calibrated the ratio.
+    pub fn calibrated(&self) -> bool {
+        self.samples > 0
+    }
+
+    /// A row group the encoder estimated at `estimate` bytes encoded to `encoded`. The ratio
+    /// follows the latest row groups (each sample weighs a quarter after the first), so it
+    /// tracks a change of traffic within a few files.
+    fn learn_row_group(&mut self, estimate: usize, encoded: usize) {
+        if estimate < Self::MIN_ESTIMATE {
+            return;
+        }
+        let ratio = (encoded as f64 / estimate as f64).min(1.0);
+        self.in_progress_ratio = if self.samples == 0 {
+            ratio
+        } else {
+            0.75 * self.in_progress_ratio + 0.25 * ratio
+        };
+        self.samples += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ratio starts as the first real row group's, then follows later ones by a quarter
+    /// each; a row group too small to say anything is not learnt from.
+    #[test]
+    fn the_size_model_learns_what_row_groups_encode_to() {
+        let mut model = SizeModel::default();
+        assert!(!model.calibrated());
+        assert_eq!(model.in_progress_ratio, 1.0);
+        model.learn_row_group(1_000, 400);
+        assert!(!model.calibrated(), "too small to learn from");
+        model.learn_row_group(100_000, 50_000);
+        assert!(model.calibrated());
+        assert_eq!(model.in_progress_ratio, 0.5);
+        model.learn_row_group(100_000, 70_000);
+        assert_eq!(model.in_progress_ratio, 0.75 * 0.5 + 0.25 * 0.7);
+        // Never above the estimate itself.
+        model.learn_row_group(10_000, 30_000);
+        assert_eq!(
+            model.in_progress_ratio,
+            0.75 * (0.75 * 0.5 + 0.25 * 0.7) + 0.25
+        );
+        assert_eq!(model.samples, 3);
+    }
 
     #[test]
     fn partition_of_end_ns_in_utc() {

@@ -8,21 +8,24 @@
 //!
 //! [`FlowRecord`]: flowlog_record::record::FlowRecord
 use std::{
+    collections::HashMap,
     fmt::Write as _,
+    hash::{BuildHasherDefault, Hasher},
     net::IpAddr,
     sync::{Arc, LazyLock},
 };
 
 use arrow_array::{
-    ArrayRef, RecordBatch, StructArray,
+    ArrayRef, DictionaryArray, MapArray, RecordBatch, StringArray, StructArray, UInt32Array,
     builder::{
-        ListBuilder, MapBuilder, MapFieldNames, StringBuilder, UInt16Builder, UInt32Builder,
-        UInt64Builder,
+        ArrayBuilder as _, ListBuilder, StringBuilder, UInt16Builder, UInt32Builder, UInt64Builder,
     },
+    types::UInt32Type,
 };
+use arrow_buffer::{NullBufferBuilder, OffsetBuffer, ScalarBuffer};
 use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef};
 use flowlog_record::{
-    enriched::{Endpoint, EnrichedFlow},
+    enriched::{Attribution, Endpoint, EnrichedFlow, Identity},
     record::{Direction, Family},
 };
 
@@ -34,26 +37,37 @@ pub const SCHEMA_KEY: &str = "flowlog.schema";
 
 /// The names of the map's inner fields: Parquet's canonical `key_value { key, value }` (what
 /// the format spec and pyarrow write), rather than Arrow's `entries { keys, values }`.
-fn map_field_names() -> MapFieldNames {
-    MapFieldNames {
-        entry: "key_value".to_string(),
-        key: "key".to_string(),
-        value: "value".to_string(),
+const MAP_ENTRY: &str = "key_value";
+const MAP_KEY: &str = "key";
+const MAP_VALUE: &str = "value";
+
+/// The type of an identity string column: plain in the files ([`enriched_flow_schema`]), an
+/// Arrow dictionary over the batch's distinct identities in the batches handed to the writer
+/// ([`batch_schema`]).
+fn identity_string(dict: bool) -> DataType {
+    if dict {
+        DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8))
+    } else {
+        DataType::Utf8
     }
 }
 
-/// The struct fields of one end of a flow (`local`, `remote`).
-fn endpoint_fields() -> Fields {
-    let string = |name: &str| Field::new(name, DataType::Utf8, true);
-    let names = map_field_names();
-    let labels = Field::new_map(
-        "labels",
-        names.entry,
-        Field::new(names.key, DataType::Utf8, false),
-        Field::new(names.value, DataType::Utf8, false),
+/// The `labels` map's entries field.
+fn labels_entry(dict: bool) -> Arc<Field> {
+    Arc::new(Field::new(
+        MAP_ENTRY,
+        DataType::Struct(Fields::from(vec![
+            Field::new(MAP_KEY, identity_string(dict), false),
+            Field::new(MAP_VALUE, identity_string(dict), false),
+        ])),
         false,
-        true,
-    );
+    ))
+}
+
+/// The struct fields of one end of a flow (`local`, `remote`); `dict`: as in the batches.
+fn endpoint_fields(dict: bool) -> Fields {
+    let string = |name: &str| Field::new(name, identity_string(dict), true);
+    let labels = Field::new("labels", DataType::Map(labels_entry(dict), false), true);
     Fields::from(vec![
         Field::new("status", DataType::Utf8, false),
         string("kind"),
@@ -85,12 +99,12 @@ fn candidates_type() -> DataType {
     DataType::List(candidate_item())
 }
 
-static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+fn schema(dict: bool) -> SchemaRef {
     let u64_ = |name: &str| Field::new(name, DataType::UInt64, false);
     let u32_ = |name: &str| Field::new(name, DataType::UInt32, false);
     let u16_ = |name: &str| Field::new(name, DataType::UInt16, false);
     let string = |name: &str| Field::new(name, DataType::Utf8, false);
-    let endpoint = |name: &str| Field::new(name, DataType::Struct(endpoint_fields()), false);
+    let endpoint = |name: &str| Field::new(name, DataType::Struct(endpoint_fields(dict)), false);
     Arc::new(Schema::new(vec![
         u64_("flow_id"),
         string("host"),
@@ -120,7 +134,20 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         endpoint("remote"),
         u64_("enriched_ns"),
     ]))
-});
+}
+
+static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| schema(false));
+static BATCH_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| schema(true));
+
+/// The schema of the batches [`FlowBatchBuilder`] makes and the writer encodes: that of
+/// [`enriched_flow_schema`], but each end's identity strings (and its labels' keys and values)
+/// are Arrow dictionaries whose values are the batch's distinct identities, so a row costs an
+/// index rather than a copy of some 16 strings. Parquet stores a dictionary column exactly as
+/// the plain column of the same values; the files are written without the Arrow schema
+/// (`skip_arrow_metadata`), so every reader sees [`enriched_flow_schema`].
+pub fn batch_schema() -> SchemaRef {
+    BATCH_SCHEMA.clone()
+}
 
 /// The schema of an enriched flow in Parquet, one column per field, in this order:
 ///
@@ -179,132 +206,256 @@ pub fn direction_str(direction: Direction) -> &'static str {
     }
 }
 
-/// Column builders for one end of the flow.
+/// Hashes a pointer by one multiplication (Fibonacci hashing): the identities of a batch are
+/// found by the address of their `Arc`, which needs no stronger hash.
+#[derive(Default)]
+struct PtrHasher(u64);
+
+impl Hasher for PtrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// The distinct identities of a batch (both ends): the values of its identity dictionary
+/// columns. An identity is found by its `Arc`'s address (equal identities in two `Arc`s are
+/// two entries, which the Parquet dictionary merges again); the `Arc`s are kept until the batch
+/// is finished, so an address is not reused meanwhile.
+#[derive(Default)]
+struct Identities {
+    index: HashMap<usize, u32, BuildHasherDefault<PtrHasher>>,
+    ids: Vec<Arc<Identity>>,
+    /// Per identity, its range of entries in `label_keys`/`label_values`.
+    labels: Vec<(u32, u32)>,
+    label_keys: StringBuilder,
+    label_values: StringBuilder,
+    /// Per identity, the bytes of its strings, for the size estimate.
+    bytes: Vec<usize>,
+}
+
+/// One batch's identity dictionaries: the values that both ends' keys point into.
+struct IdentityColumns {
+    /// In the order of [`endpoint_fields`]: kind, name, namespace, workload_kind,
+    /// workload_name, then node … source.
+    strings: [ArrayRef; 15],
+    label_keys: ArrayRef,
+    label_values: ArrayRef,
+}
+
+impl Identities {
+    /// The index of `id` among the batch's identities, adding it if it is new.
+    fn key(&mut self, id: &Arc<Identity>) -> u32 {
+        let next = self.ids.len() as u32;
+        let key = *self.index.entry(Arc::as_ptr(id).addr()).or_insert(next);
+        if key == next {
+            self.ids.push(id.clone());
+            let start = self.label_keys.len() as u32;
+            for (k, v) in &id.labels {
+                self.label_keys.append_value(k);
+                self.label_values.append_value(v);
+            }
+            self.labels.push((start, self.label_keys.len() as u32));
+            self.bytes.push(identity_bytes(id));
+        }
+        key
+    }
+
+    /// The dictionaries' values; the table starts over empty.
+    fn finish(&mut self) -> IdentityColumns {
+        let ids = std::mem::take(&mut self.ids);
+        self.index.clear();
+        self.labels.clear();
+        self.bytes.clear();
+        let column = |f: fn(&Identity) -> Option<&str>| -> ArrayRef {
+            Arc::new(ids.iter().map(|i| f(i)).collect::<StringArray>())
+        };
+        IdentityColumns {
+            strings: [
+                column(|i| Some(i.kind.as_str())),
+                column(|i| Some(i.name.as_str())),
+                column(|i| i.namespace.as_deref()),
+                column(|i| i.workload.as_ref().map(|w| w.kind.as_str())),
+                column(|i| i.workload.as_ref().map(|w| w.name.as_str())),
+                column(|i| i.node.as_deref()),
+                column(|i| i.zone.as_deref()),
+                column(|i| i.region.as_deref()),
+                column(|i| i.account.as_deref()),
+                column(|i| i.vpc.as_deref()),
+                column(|i| i.subnet.as_deref()),
+                column(|i| i.instance_id.as_deref()),
+                column(|i| i.container_id.as_deref()),
+                column(|i| i.pod_uid.as_deref()),
+                column(|i| Some(i.source.as_str())),
+            ],
+            label_keys: Arc::new(self.label_keys.finish()),
+            label_values: Arc::new(self.label_values.finish()),
+        }
+    }
+}
+
+/// Bytes of an identity's strings (for the size estimate).
+fn identity_bytes(i: &Identity) -> usize {
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    i.name.len()
+        + i.source.len()
+        + opt(&i.namespace)
+        + i.workload
+            .as_ref()
+            .map_or(0, |w| w.kind.len() + w.name.len())
+        + i.labels
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+        + opt(&i.node)
+        + opt(&i.zone)
+        + opt(&i.region)
+        + opt(&i.account)
+        + opt(&i.vpc)
+        + opt(&i.subnet)
+        + opt(&i.instance_id)
+        + opt(&i.container_id)
+        + opt(&i.pod_uid)
+}
+
+/// Column builders for one end of the flow. Its identity is a key per row into the batch's
+/// [`Identities`] (null unless the end is `exact`), its labels a range of their entries.
 struct EndpointBuilder {
     status: StringBuilder,
-    kind: StringBuilder,
-    name: StringBuilder,
-    namespace: StringBuilder,
-    workload_kind: StringBuilder,
-    workload_name: StringBuilder,
-    labels: MapBuilder<StringBuilder, StringBuilder>,
-    node: StringBuilder,
-    zone: StringBuilder,
-    region: StringBuilder,
-    account: StringBuilder,
-    vpc: StringBuilder,
-    subnet: StringBuilder,
-    instance_id: StringBuilder,
-    container_id: StringBuilder,
-    pod_uid: StringBuilder,
-    source: StringBuilder,
+    identity: UInt32Builder,
+    label_offsets: Vec<i32>,
+    /// Per label entry of every row, its index in the batch's label dictionaries.
+    label_entries: Vec<u32>,
+    label_nulls: NullBufferBuilder,
     candidates: ListBuilder<StringBuilder>,
 }
 
 impl EndpointBuilder {
     fn new() -> Self {
-        let names = map_field_names();
-        let labels = MapBuilder::new(
-            Some(names.clone()),
-            StringBuilder::new(),
-            StringBuilder::new(),
-        )
-        .with_keys_field(Field::new(names.key, DataType::Utf8, false))
-        .with_values_field(Field::new(names.value, DataType::Utf8, false));
         Self {
             status: StringBuilder::new(),
-            kind: StringBuilder::new(),
-            name: StringBuilder::new(),
-            namespace: StringBuilder::new(),
-            workload_kind: StringBuilder::new(),
-            workload_name: StringBuilder::new(),
-            labels,
-            node: StringBuilder::new(),
-            zone: StringBuilder::new(),
-            region: StringBuilder::new(),
-            account: StringBuilder::new(),
-            vpc: StringBuilder::new(),
-            subnet: StringBuilder::new(),
-            instance_id: StringBuilder::new(),
-            container_id: StringBuilder::new(),
-            pod_uid: StringBuilder::new(),
-            source: StringBuilder::new(),
+            identity: UInt32Builder::new(),
+            label_offsets: vec![0],
+            label_entries: Vec::new(),
+            label_nulls: NullBufferBuilder::new(0),
             candidates: ListBuilder::new(StringBuilder::new()).with_field(candidate_item()),
         }
     }
 
-    fn append(&mut self, end: &Endpoint) -> Result<(), ArrowError> {
+    /// Appends one end; returns the bytes of strings it adds (for the size estimate).
+    fn append(&mut self, end: &Endpoint, ids: &mut Identities) -> usize {
         self.status.append_value(end.status.as_str());
         // The identity is shown only for an exact end, whatever else the value carries.
         let id = end
             .identity
-            .as_deref()
-            .filter(|_| end.status == flowlog_record::enriched::Attribution::Exact);
-        self.kind.append_option(id.map(|i| i.kind.as_str()));
-        self.name.append_option(id.map(|i| i.name.as_str()));
-        self.namespace
-            .append_option(id.and_then(|i| i.namespace.as_deref()));
-        let workload = id.and_then(|i| i.workload.as_ref());
-        self.workload_kind
-            .append_option(workload.map(|w| w.kind.as_str()));
-        self.workload_name
-            .append_option(workload.map(|w| w.name.as_str()));
+            .as_ref()
+            .filter(|_| end.status == Attribution::Exact);
+        let mut bytes = 0;
         match id {
-            Some(i) => {
-                for (k, v) in &i.labels {
-                    self.labels.keys().append_value(k);
-                    self.labels.values().append_value(v);
-                }
-                self.labels.append(true)?;
+            Some(id) => {
+                let key = ids.key(id);
+                self.identity.append_value(key);
+                let (start, stop) = ids.labels[key as usize];
+                self.label_entries.extend(start..stop);
+                self.label_nulls.append_non_null();
+                bytes += ids.bytes[key as usize];
             }
-            None => self.labels.append(false)?,
+            None => {
+                self.identity.append_null();
+                self.label_nulls.append_null();
+            }
         }
-        self.node.append_option(id.and_then(|i| i.node.as_deref()));
-        self.zone.append_option(id.and_then(|i| i.zone.as_deref()));
-        self.region
-            .append_option(id.and_then(|i| i.region.as_deref()));
-        self.account
-            .append_option(id.and_then(|i| i.account.as_deref()));
-        self.vpc.append_option(id.and_then(|i| i.vpc.as_deref()));
-        self.subnet
-            .append_option(id.and_then(|i| i.subnet.as_deref()));
-        self.instance_id
-            .append_option(id.and_then(|i| i.instance_id.as_deref()));
-        self.container_id
-            .append_option(id.and_then(|i| i.container_id.as_deref()));
-        self.pod_uid
-            .append_option(id.and_then(|i| i.pod_uid.as_deref()));
-        self.source.append_option(id.map(|i| i.source.as_str()));
+        self.label_offsets.push(self.label_entries.len() as i32);
         for c in &end.candidates {
             self.candidates.values().append_value(c);
+            bytes += c.len();
         }
         self.candidates.append(true);
-        Ok(())
+        bytes
     }
 
-    fn finish(&mut self) -> Result<ArrayRef, ArrowError> {
+    fn finish(&mut self, ids: &IdentityColumns) -> Result<ArrayRef, ArrowError> {
+        let keys = self.identity.finish();
+        let dict = |values: &ArrayRef| -> Result<ArrayRef, ArrowError> {
+            Ok(Arc::new(DictionaryArray::<UInt32Type>::try_new(
+                keys.clone(),
+                values.clone(),
+            )?))
+        };
+        let entries: UInt32Array = std::mem::take(&mut self.label_entries).into();
+        let offsets = std::mem::replace(&mut self.label_offsets, vec![0]);
+        let entry_fields = match labels_entry(true).data_type() {
+            DataType::Struct(fields) => fields.clone(),
+            _ => unreachable!("labels_entry is a struct"),
+        };
+        let labels = MapArray::try_new(
+            labels_entry(true),
+            OffsetBuffer::new(ScalarBuffer::from(offsets)),
+            StructArray::try_new(
+                entry_fields,
+                vec![
+                    Arc::new(DictionaryArray::<UInt32Type>::try_new(
+                        entries.clone(),
+                        ids.label_keys.clone(),
+                    )?),
+                    Arc::new(DictionaryArray::<UInt32Type>::try_new(
+                        entries,
+                        ids.label_values.clone(),
+                    )?),
+                ],
+                None,
+            )?,
+            self.label_nulls.finish(),
+            false,
+        )?;
+        let [
+            kind,
+            name,
+            namespace,
+            wk,
+            wn,
+            node,
+            zone,
+            region,
+            account,
+            vpc,
+            subnet,
+            iid,
+            cid,
+            uid,
+            source,
+        ] = &ids.strings;
         let columns: Vec<ArrayRef> = vec![
             Arc::new(self.status.finish()),
-            Arc::new(self.kind.finish()),
-            Arc::new(self.name.finish()),
-            Arc::new(self.namespace.finish()),
-            Arc::new(self.workload_kind.finish()),
-            Arc::new(self.workload_name.finish()),
-            Arc::new(self.labels.finish()),
-            Arc::new(self.node.finish()),
-            Arc::new(self.zone.finish()),
-            Arc::new(self.region.finish()),
-            Arc::new(self.account.finish()),
-            Arc::new(self.vpc.finish()),
-            Arc::new(self.subnet.finish()),
-            Arc::new(self.instance_id.finish()),
-            Arc::new(self.container_id.finish()),
-            Arc::new(self.pod_uid.finish()),
-            Arc::new(self.source.finish()),
+            dict(kind)?,
+            dict(name)?,
+            dict(namespace)?,
+            dict(wk)?,
+            dict(wn)?,
+            Arc::new(labels),
+            dict(node)?,
+            dict(zone)?,
+            dict(region)?,
+            dict(account)?,
+            dict(vpc)?,
+            dict(subnet)?,
+            dict(iid)?,
+            dict(cid)?,
+            dict(uid)?,
+            dict(source)?,
             Arc::new(self.candidates.finish()),
         ];
         Ok(Arc::new(StructArray::try_new(
-            endpoint_fields(),
+            endpoint_fields(true),
             columns,
             None,
         )?))
@@ -347,6 +498,8 @@ pub struct FlowBatchBuilder {
     cgroup_id: UInt64Builder,
     local: EndpointBuilder,
     remote: EndpointBuilder,
+    /// Both ends' identities in this batch.
+    identities: Identities,
     enriched_ns: UInt64Builder,
 }
 
@@ -394,6 +547,7 @@ impl FlowBatchBuilder {
             cgroup_id: UInt64Builder::new(),
             local: EndpointBuilder::new(),
             remote: EndpointBuilder::new(),
+            identities: Identities::default(),
             enriched_ns: UInt64Builder::new(),
         }
     }
@@ -441,20 +595,18 @@ impl FlowBatchBuilder {
         self.pid.append_option(f.pid);
         self.comm.append_option(f.comm.as_deref());
         self.cgroup_id.append_option(f.cgroup_id);
-        self.local.append(&e.local)?;
-        self.remote.append(&e.remote)?;
+        let local = self.local.append(&e.local, &mut self.identities);
+        let remote = self.remote.append(&e.remote, &mut self.identities);
         self.enriched_ns.append_value(e.enriched_ns);
         self.rows += 1;
-        self.var_bytes += f.host.len()
-            + f.comm.as_ref().map_or(0, String::len)
-            + 2 * 16
-            + endpoint_var_bytes(&e.local)
-            + endpoint_var_bytes(&e.remote);
+        self.var_bytes +=
+            f.host.len() + f.comm.as_ref().map_or(0, String::len) + 2 * 16 + local + remote;
         Ok(())
     }
 
     /// The rows appended so far as one batch; the builder starts over empty.
     pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
+        let identities = self.identities.finish();
         let columns: Vec<ArrayRef> = vec![
             Arc::new(self.flow_id.finish()),
             Arc::new(self.host.finish()),
@@ -480,41 +632,14 @@ impl FlowBatchBuilder {
             Arc::new(self.pid.finish()),
             Arc::new(self.comm.finish()),
             Arc::new(self.cgroup_id.finish()),
-            self.local.finish()?,
-            self.remote.finish()?,
+            self.local.finish(&identities)?,
+            self.remote.finish(&identities)?,
             Arc::new(self.enriched_ns.finish()),
         ];
         self.rows = 0;
         self.var_bytes = 0;
-        RecordBatch::try_new(enriched_flow_schema(), columns)
+        RecordBatch::try_new(batch_schema(), columns)
     }
-}
-
-/// Bytes of strings one end adds to a batch (for the size estimate).
-fn endpoint_var_bytes(end: &Endpoint) -> usize {
-    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-    let id = end.identity.as_deref().map_or(0, |i| {
-        i.name.len()
-            + i.source.len()
-            + opt(&i.namespace)
-            + i.workload
-                .as_ref()
-                .map_or(0, |w| w.kind.len() + w.name.len())
-            + i.labels
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
-            + opt(&i.node)
-            + opt(&i.zone)
-            + opt(&i.region)
-            + opt(&i.account)
-            + opt(&i.vpc)
-            + opt(&i.subnet)
-            + opt(&i.instance_id)
-            + opt(&i.container_id)
-            + opt(&i.pod_uid)
-    });
-    id + end.candidates.iter().map(String::len).sum::<usize>()
 }
 
 /// Appends an address in its canonical text form, formatted into a reused buffer.
@@ -528,8 +653,7 @@ fn append_addr(builder: &mut StringBuilder, scratch: &mut String, addr: IpAddr) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow_array::{Array as _, cast::AsArray};
-    use flowlog_record::enriched::Identity;
+    use arrow_array::{Array, cast::AsArray};
 
     /// The strings written for `family` and `direction` are the enums' serde names (those of
     /// the JSON lines and the Avro schema), not names of our own.
@@ -592,22 +716,46 @@ mod tests {
         })
     }
 
+    /// A string column's values, whether plain or a dictionary (as identity columns are).
+    fn strings(array: &dyn Array) -> Vec<Option<String>> {
+        match array.data_type() {
+            DataType::Dictionary(_, _) => {
+                let dict = array.as_dictionary::<UInt32Type>();
+                let values = dict.values().as_string::<i32>();
+                dict.keys()
+                    .iter()
+                    .map(|k| {
+                        let k = k? as usize;
+                        values.is_valid(k).then(|| values.value(k).to_string())
+                    })
+                    .collect()
+            }
+            _ => array
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.map(str::to_string))
+                .collect(),
+        }
+    }
+
     /// `(name, labels as "k=v,…")` of one end per row; `None` where the identity is null.
     fn end_columns(batch: &RecordBatch, end: &str) -> Vec<Option<(String, String)>> {
         let end = batch.column_by_name(end).unwrap().as_struct();
-        let names = end.column_by_name("name").unwrap().as_string::<i32>();
+        let names = strings(end.column_by_name("name").unwrap());
         let labels = end.column_by_name("labels").unwrap().as_map();
         (0..end.len())
             .map(|row| {
-                assert_eq!(names.is_null(row), labels.is_null(row), "row {row}");
-                (!names.is_null(row)).then(|| {
+                assert_eq!(names[row].is_none(), labels.is_null(row), "row {row}");
+                names[row].clone().map(|name| {
                     let entries = labels.value(row);
-                    let keys = entries.column(0).as_string::<i32>();
-                    let values = entries.column(1).as_string::<i32>();
-                    let text: Vec<String> = (0..entries.len())
-                        .map(|i| format!("{}={}", keys.value(i), values.value(i)))
+                    let keys = strings(entries.column(0));
+                    let values = strings(entries.column(1));
+                    let text: Vec<String> = keys
+                        .iter()
+                        .zip(&values)
+                        .map(|(k, v)| format!("{}={}", k.as_ref().unwrap(), v.as_ref().unwrap()))
                         .collect();
-                    (names.value(row).to_string(), text.join(","))
+                    (name, text.join(","))
                 })
             })
             .collect()
@@ -667,15 +815,18 @@ mod tests {
         assert_eq!(end_columns(&second, "local"), [None]);
         assert_eq!(end_columns(&second, "remote"), [some("b", "")]);
         let remote = second.column_by_name("remote").unwrap().as_struct();
-        let source = remote.column_by_name("source").unwrap().as_string::<i32>();
-        assert_eq!(source.value(0), "kubernetes");
+        let source = strings(remote.column_by_name("source").unwrap());
+        assert_eq!(source, [Some("kubernetes".to_string())]);
+        // An identity without a field (no workload here) is null in that field only.
+        let workload = strings(remote.column_by_name("workload_name").unwrap());
+        assert_eq!(workload, [None]);
     }
 
     #[test]
     fn an_empty_batch_has_the_schema() {
         let batch = FlowBatchBuilder::new().finish().unwrap();
         assert_eq!(batch.num_rows(), 0);
-        assert_eq!(batch.schema(), enriched_flow_schema());
+        assert_eq!(batch.schema(), batch_schema());
         let names: Vec<&str> = batch
             .schema_ref()
             .fields()
@@ -685,5 +836,44 @@ mod tests {
         assert_eq!(names.len(), 27);
         assert_eq!(names[0], "flow_id");
         assert_eq!(names[24..], ["local", "remote", "enriched_ns"]);
+    }
+
+    /// The batch schema is the file schema but for the identity strings, which are
+    /// dictionaries of strings: the same columns, names, nullability and value types.
+    #[test]
+    fn the_batch_schema_is_the_file_schema_with_identity_dictionaries() {
+        fn plain(t: &DataType) -> DataType {
+            match t {
+                DataType::Dictionary(_, v) => (**v).clone(),
+                DataType::Struct(fields) => DataType::Struct(
+                    fields
+                        .iter()
+                        .map(|f| f.as_ref().clone().with_data_type(plain(f.data_type())))
+                        .collect(),
+                ),
+                DataType::Map(entry, sorted) => DataType::Map(
+                    Arc::new(
+                        entry
+                            .as_ref()
+                            .clone()
+                            .with_data_type(plain(entry.data_type())),
+                    ),
+                    *sorted,
+                ),
+                t => t.clone(),
+            }
+        }
+        let batch = batch_schema();
+        let file = enriched_flow_schema();
+        let dictionaries = |schema: &Schema| format!("{schema:?}").matches("Dictionary").count();
+        // 15 identity strings and the labels' keys and values, in each end.
+        assert_eq!(dictionaries(&batch), 2 * 17);
+        assert_eq!(dictionaries(&file), 0);
+        let as_plain: Vec<Field> = batch
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_data_type(plain(f.data_type())))
+            .collect();
+        assert_eq!(Schema::new(as_plain), *file);
     }
 }
