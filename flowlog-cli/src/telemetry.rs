@@ -133,6 +133,11 @@ mod tests {
         metrics::with_local_recorder(&recorder, || {
             metrics::counter!("flowlog_test_things_total").increment(3);
         });
+        let latency =
+            crate::histogram::FixedHistogram::register("flowlog_test_served_seconds", &[0.5, 1.0]);
+        let mut tally = latency.tally();
+        tally.record(0.75);
+        latency.add(&mut tally);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve_on(listener, metrics, health.clone()));
@@ -148,6 +153,19 @@ mod tests {
         assert_eq!(status, 200);
         assert!(
             body.lines().any(|l| l == "flowlog_test_things_total 3"),
+            "{body}"
+        );
+        // The registered histograms are on the page after the recorder's metrics.
+        let served = body
+            .find("flowlog_test_served_seconds_bucket{le=\"1\"} 1")
+            .unwrap();
+        assert!(
+            body.find("flowlog_test_things_total 3").unwrap() < served,
+            "{body}"
+        );
+        assert!(
+            body.lines()
+                .any(|l| l == "flowlog_test_served_seconds_count 1"),
             "{body}"
         );
         assert_eq!(get(addr, "/nothing").await.0, 404);
