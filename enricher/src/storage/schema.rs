@@ -20,6 +20,7 @@ use arrow_array::{
     builder::{
         ArrayBuilder as _, ListBuilder, StringBuilder, UInt16Builder, UInt32Builder, UInt64Builder,
     },
+    new_null_array,
     types::UInt32Type,
 };
 use arrow_buffer::{NullBufferBuilder, OffsetBuffer, ScalarBuffer};
@@ -246,8 +247,9 @@ struct Identities {
 /// One batch's identity dictionaries: the values that both ends' keys point into.
 struct IdentityColumns {
     /// In the order of [`endpoint_fields`]: kind, name, namespace, workload_kind,
-    /// workload_name, then node … source.
-    strings: [ArrayRef; 15],
+    /// workload_name, then node … source; `None` where no identity of the batch has the field
+    /// (the column is then all null, which the writer takes without reading each row's key).
+    strings: [Option<ArrayRef>; 15],
     label_keys: ArrayRef,
     label_values: ArrayRef,
 }
@@ -276,8 +278,11 @@ impl Identities {
         self.index.clear();
         self.labels.clear();
         self.bytes.clear();
-        let column = |f: fn(&Identity) -> Option<&str>| -> ArrayRef {
-            Arc::new(ids.iter().map(|i| f(i)).collect::<StringArray>())
+        let column = |f: fn(&Identity) -> Option<&str>| -> Option<ArrayRef> {
+            if ids.iter().all(|i| f(i).is_none()) {
+                return None;
+            }
+            Some(Arc::new(ids.iter().map(|i| f(i)).collect::<StringArray>()))
         };
         IdentityColumns {
             strings: [
@@ -385,11 +390,14 @@ impl EndpointBuilder {
 
     fn finish(&mut self, ids: &IdentityColumns) -> Result<ArrayRef, ArrowError> {
         let keys = self.identity.finish();
-        let dict = |values: &ArrayRef| -> Result<ArrayRef, ArrowError> {
-            Ok(Arc::new(DictionaryArray::<UInt32Type>::try_new(
-                keys.clone(),
-                values.clone(),
-            )?))
+        let dict = |values: &Option<ArrayRef>| -> Result<ArrayRef, ArrowError> {
+            Ok(match values {
+                Some(values) => Arc::new(DictionaryArray::<UInt32Type>::try_new(
+                    keys.clone(),
+                    values.clone(),
+                )?),
+                None => new_null_array(&identity_string(true), keys.len()),
+            })
         };
         let entries: UInt32Array = std::mem::take(&mut self.label_entries).into();
         let offsets = std::mem::replace(&mut self.label_offsets, vec![0]);
