@@ -16,8 +16,8 @@ use std::{
 use arrow_array::{
     ArrayRef, RecordBatch, StructArray,
     builder::{
-        ListBuilder, MapBuilder, MapFieldNames, StringBuilder, UInt16Builder, UInt32Builder,
-        UInt64Builder,
+        BooleanBuilder, ListBuilder, MapBuilder, MapFieldNames, StringBuilder, UInt16Builder,
+        UInt32Builder, UInt64Builder,
     },
 };
 use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef};
@@ -119,6 +119,7 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         endpoint("local"),
         endpoint("remote"),
         u64_("enriched_ns"),
+        Field::new("adopted", DataType::Boolean, false),
     ]))
 });
 
@@ -137,7 +138,10 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 ///   `instance_id`, `container_id`, `pod_uid`, `source` (all null unless `status` is `exact`;
 ///   `labels` is then a map, possibly empty) and `candidates` list<string> (the owners'
 ///   `namespace/name` when `ambiguous`, empty otherwise);
-/// - `enriched_ns` u64.
+/// - `enriched_ns` u64;
+/// - `adopted` bool: the flow record's field of schema version 2, after the rest so that files
+///   written before it keep their column order (schema v1 records are written false; an
+///   engine reading older files with newer ones sees it null there, or fills a default).
 ///
 /// Why these types:
 /// - Addresses are strings in their canonical text form (`10.0.0.1`, `2001:db8::1`,
@@ -348,6 +352,7 @@ pub struct FlowBatchBuilder {
     local: EndpointBuilder,
     remote: EndpointBuilder,
     enriched_ns: UInt64Builder,
+    adopted: BooleanBuilder,
 }
 
 impl Default for FlowBatchBuilder {
@@ -395,6 +400,7 @@ impl FlowBatchBuilder {
             local: EndpointBuilder::new(),
             remote: EndpointBuilder::new(),
             enriched_ns: UInt64Builder::new(),
+            adopted: BooleanBuilder::new(),
         }
     }
 
@@ -444,6 +450,7 @@ impl FlowBatchBuilder {
         self.local.append(&e.local)?;
         self.remote.append(&e.remote)?;
         self.enriched_ns.append_value(e.enriched_ns);
+        self.adopted.append_value(f.adopted);
         self.rows += 1;
         self.var_bytes += f.host.len()
             + f.comm.as_ref().map_or(0, String::len)
@@ -483,6 +490,7 @@ impl FlowBatchBuilder {
             self.local.finish()?,
             self.remote.finish()?,
             Arc::new(self.enriched_ns.finish()),
+            Arc::new(self.adopted.finish()),
         ];
         self.rows = 0;
         self.var_bytes = 0;
@@ -572,6 +580,7 @@ mod tests {
                 pid: None,
                 comm: None,
                 cgroup_id: None,
+                adopted: false,
             },
             local,
             remote,
@@ -682,8 +691,8 @@ mod tests {
             .iter()
             .map(|f| f.name().as_str())
             .collect();
-        assert_eq!(names.len(), 27);
+        assert_eq!(names.len(), 28);
         assert_eq!(names[0], "flow_id");
-        assert_eq!(names[24..], ["local", "remote", "enriched_ns"]);
+        assert_eq!(names[24..], ["local", "remote", "enriched_ns", "adopted"]);
     }
 }
