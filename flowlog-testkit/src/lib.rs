@@ -307,6 +307,28 @@ pub fn pyarrow(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Runs one of the shipped DuckDB SQL files (`analysis/duckdb/<name>.sql`) on the Parquet files
+/// matching `data`, with the other DuckDB variables `vars` (`NAME=VALUE`), and returns its rows
+/// (`flowlog-testkit/duckdb_query.py`; `scripts/bootstrap` installs duckdb).
+pub fn duckdb(name: &str, data: &str, vars: &[&str]) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/duckdb_query.py");
+    let sql = format!(
+        "{}/../analysis/duckdb/{name}.sql",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = std::process::Command::new("python3")
+        .args([script, &sql, data])
+        .args(vars)
+        .output()
+        .expect("running python3 (scripts/bootstrap installs duckdb)");
+    assert!(
+        out.status.success(),
+        "{sql} on {data} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the rows as JSON")
+}
+
 /// Log lines of the code under test, captured by a `tracing` subscriber of the test's own
 /// ([`LogCapture::subscriber`]), for counting what was logged (a condition logged once, not once
 /// per event).
