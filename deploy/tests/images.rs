@@ -282,7 +282,7 @@ fn produce(topic: &Topic, record: &FlowRecord) {
         .create()
         .expect("creating the test producer");
     let mut value = Vec::new();
-    avro::encode(record, 1, &mut value);
+    avro::encode(record, avro::DEFAULT_SCHEMA_ID, &mut value);
     let key = avro::key(record);
     producer
         .send(BaseRecord::to(&topic.name).key(&key).payload(&value))
@@ -420,6 +420,7 @@ fn the_enricher_and_inventory_images_unprivileged_enrich_a_record_end_to_end() {
         pid: Some(4242),
         comm: Some("psql".to_owned()),
         cgroup_id: Some(77),
+        adopted: false,
     };
     let produced_ns = now_ns();
     produce(&raw, &record);

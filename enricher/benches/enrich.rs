@@ -121,9 +121,10 @@ fn raw_messages(n: usize, rng: &mut SmallRng) -> Vec<Vec<u8>> {
                 pid: Some(rng.random_range(1..60_000)),
                 comm: Some("java".into()),
                 cgroup_id: Some(rng.random_range(1..500)),
+                adopted: false,
             };
             let mut out = Vec::new();
-            avro::encode(&record, 1, &mut out);
+            avro::encode(&record, avro::DEFAULT_SCHEMA_ID, &mut out);
             out
         })
         .collect()
@@ -156,21 +157,21 @@ fn main() {
     );
     let mut out = Vec::with_capacity(512);
     let baseline = rate(&messages, |m| {
-        let r = avro::decode_expecting(m, 1).unwrap();
+        let r = avro::decode_expecting(m, avro::DEFAULT_SCHEMA_ID).unwrap();
         out.clear();
-        avro::encode(&r, 1, &mut out);
+        avro::encode(&r, avro::DEFAULT_SCHEMA_ID, &mut out);
     });
     let mut attributor: Attributor<()> = Attributor::new(index.clone(), None, Duration::ZERO);
     let mut ready = Vec::with_capacity(1);
     let now = Instant::now();
     let mut exact = 0u64;
     let attribute = rate(&messages, |m| {
-        let r = avro::decode_expecting(m, 1).unwrap();
+        let r = avro::decode_expecting(m, avro::DEFAULT_SCHEMA_ID).unwrap();
         attributor.push(r, (), now, &mut ready);
         for (flow, ()) in ready.drain(..) {
             exact += u64::from(flow.remote.identity.is_some());
             out.clear();
-            enriched_avro::encode(&flow, 2, &mut out);
+            enriched_avro::encode(&flow, enriched_avro::DEFAULT_SCHEMA_ID, &mut out);
         }
     });
     assert_eq!(attributor.held(), 0);
@@ -186,11 +187,11 @@ fn main() {
         .unwrap();
     let start = Instant::now();
     for m in &messages {
-        let r = avro::decode_expecting(m, 1).unwrap();
+        let r = avro::decode_expecting(m, avro::DEFAULT_SCHEMA_ID).unwrap();
         attributor.push(r, (), now, &mut ready);
         for (flow, ()) in ready.drain(..) {
             out.clear();
-            enriched_avro::encode(&flow, 2, &mut out);
+            enriched_avro::encode(&flow, enriched_avro::DEFAULT_SCHEMA_ID, &mut out);
             sink.write(&flow).unwrap();
         }
     }

@@ -118,6 +118,7 @@ fn main() {
                     pid: Some(1_000 + rng.below(30_000) as u32),
                     comm: Some(format!("svc{}", host % 40)),
                     cgroup_id: Some(10_000 + host),
+                    adopted: false,
                 },
                 local: Endpoint::exact(pods[host as usize].clone()),
                 remote: remote_end,

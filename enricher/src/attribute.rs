@@ -581,6 +581,7 @@ mod tests {
             pid: None,
             comm: None,
             cgroup_id: None,
+            adopted: false,
         }
     }
 

@@ -14,6 +14,10 @@ use std::{
 };
 
 use flowlog_kafka::{ClientErrors, ClientSettings, error_kind};
+use flowlog_record::{
+    avro::{self, SchemaIds},
+    enriched_avro,
+};
 use metrics::gauge;
 use rdkafka::{
     ClientContext, Statistics,
@@ -40,9 +44,10 @@ pub struct KafkaSettings {
     pub output_topic: Option<String>,
     /// Dead-letter topic for messages that cannot be decoded (`flows.dlq`).
     pub dlq_topic: String,
-    /// Registry id of `flow_record.v1.avsc`: messages with another id are dead letters.
-    pub input_schema_id: u32,
-    /// Registry id of `enriched_flow.v1.avsc`, written in every enriched message.
+    /// Registry ids of `flow_record.v2.avsc` and `flow_record.v1.avsc` (agents before v2):
+    /// messages with another id are dead letters.
+    pub input_schema_ids: SchemaIds,
+    /// Registry id of `enriched_flow.v2.avsc`, written in every enriched message.
     pub output_schema_id: u32,
     /// librdkafka consumer options, applied after (overriding) [`CONSUMER_DEFAULTS`] and the
     /// `--kafka-config` options.
@@ -64,8 +69,11 @@ impl KafkaSettings {
             group: "flowlog-enricher".into(),
             output_topic: Some("flows.enriched".into()),
             dlq_topic: "flows.dlq".into(),
-            input_schema_id: 1,
-            output_schema_id: 2,
+            input_schema_ids: SchemaIds {
+                v1: avro::DEFAULT_SCHEMA_ID_V1,
+                v2: avro::DEFAULT_SCHEMA_ID,
+            },
+            output_schema_id: enriched_avro::DEFAULT_SCHEMA_ID,
             consumer_options: Vec::new(),
             producer_options: Vec::new(),
             metadata_timeout: Duration::from_secs(10),

@@ -13,6 +13,10 @@ use flowlog_enricher::{
     storage::{ParquetSettings, ParquetSink, S3Options},
 };
 use flowlog_kafka::ClientSettings;
+use flowlog_record::{
+    avro::{self, SchemaIds},
+    enriched_avro,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Attributes both ends of every flow in `flows.raw` to the workload that owned the address at
@@ -43,11 +47,15 @@ struct Args {
     /// Dead-letter topic for messages that cannot be decoded.
     #[arg(long, env = "FLOWLOG_DLQ_TOPIC", default_value = "flows.dlq")]
     dlq_topic: String,
-    /// Schema-registry id of schemas/flow_record.v1.avsc (other ids are dead letters).
-    #[arg(long, env = "FLOWLOG_INPUT_SCHEMA_ID", default_value_t = 1)]
+    /// Schema-registry id of schemas/flow_record.v2.avsc (ids other than this and
+    /// --input-schema-id-v1 are dead letters).
+    #[arg(long, env = "FLOWLOG_INPUT_SCHEMA_ID", default_value_t = avro::DEFAULT_SCHEMA_ID)]
     input_schema_id: u32,
-    /// Schema-registry id of schemas/enriched_flow.v1.avsc, written in every enriched message.
-    #[arg(long, env = "FLOWLOG_OUTPUT_SCHEMA_ID", default_value_t = 2)]
+    /// Schema-registry id of schemas/flow_record.v1.avsc, which agents before version 2 write.
+    #[arg(long, env = "FLOWLOG_INPUT_SCHEMA_ID_V1", default_value_t = avro::DEFAULT_SCHEMA_ID_V1)]
+    input_schema_id_v1: u32,
+    /// Schema-registry id of schemas/enriched_flow.v2.avsc, written in every enriched message.
+    #[arg(long, env = "FLOWLOG_OUTPUT_SCHEMA_ID", default_value_t = enriched_avro::DEFAULT_SCHEMA_ID)]
     output_schema_id: u32,
     /// A librdkafka consumer option, KEY=VALUE; repeatable.
     #[arg(long = "consumer-option", env = "FLOWLOG_CONSUMER_OPTIONS", value_delimiter = ',', value_parser = flowlog_kafka::parse_option)]
@@ -138,7 +146,10 @@ async fn run(args: Args, client: ClientSettings) -> anyhow::Result<()> {
     kafka.group = args.group;
     kafka.output_topic = (args.output_topic != "none").then_some(args.output_topic);
     kafka.dlq_topic = args.dlq_topic;
-    kafka.input_schema_id = args.input_schema_id;
+    kafka.input_schema_ids = SchemaIds {
+        v1: args.input_schema_id_v1,
+        v2: args.input_schema_id,
+    };
     kafka.output_schema_id = args.output_schema_id;
     kafka.consumer_options = args.consumer_options;
     kafka.producer_options = args.producer_options;

@@ -262,7 +262,7 @@ impl Pipeline {
         self.offsets.consumed(partition, offset);
         let decoded = match message.payload() {
             None => Err(avro::DecodeError::Truncated("empty message")),
-            Some(payload) => avro::decode_expecting(payload, self.settings.kafka.input_schema_id),
+            Some(payload) => avro::decode_with(payload, &self.settings.kafka.input_schema_ids),
         };
         let mut token = Token {
             partition,

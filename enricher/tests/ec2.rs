@@ -69,6 +69,7 @@ fn record(flow_id: u64, remote: &str, start_ns: u64) -> FlowRecord {
         pid: None,
         comm: None,
         cgroup_id: None,
+        adopted: false,
     }
 }
 
@@ -80,7 +81,7 @@ fn produce(topic: &Topic, records: &[FlowRecord]) {
         .expect("creating the test producer");
     for r in records {
         let mut value = Vec::new();
-        avro::encode(r, 1, &mut value);
+        avro::encode(r, avro::DEFAULT_SCHEMA_ID, &mut value);
         producer
             .send(
                 BaseRecord::to(&topic.name)

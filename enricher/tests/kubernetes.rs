@@ -114,7 +114,7 @@ fn reused_pod_addresses_are_attributed_to_their_owner_at_the_flow_start() {
     let mut value = Vec::new();
     let truth = Scenario::new(shape, &server).run(|record| {
         value.clear();
-        avro::encode(record, 1, &mut value);
+        avro::encode(record, avro::DEFAULT_SCHEMA_ID, &mut value);
         producer
             .send(
                 BaseRecord::to(&raw.name)

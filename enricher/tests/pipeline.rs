@@ -76,12 +76,13 @@ fn record(flow_id: u64, remote: &str, start_ns: u64) -> FlowRecord {
         pid: Some(4242),
         comm: Some("curl".to_owned()),
         cgroup_id: Some(1),
+        adopted: false,
     }
 }
 
 fn encoded(r: &FlowRecord) -> Vec<u8> {
     let mut out = Vec::new();
-    avro::encode(r, 1, &mut out);
+    avro::encode(r, avro::DEFAULT_SCHEMA_ID, &mut out);
     out
 }
 
@@ -200,6 +201,8 @@ fn header<'a>(m: &'a OwnedMessage, key: &str) -> &'a str {
     std::str::from_utf8(h.value.unwrap()).unwrap()
 }
 
+/// Also: records of both schema versions are read, each by its id (a version 1 record, from an
+/// agent before adoption, reads `adopted` false; version 2 keeps it), and enriched as version 2.
 #[test]
 fn undecodable_messages_go_to_the_dead_letter_topic_and_the_rest_is_enriched() {
     let _serial = serial();
@@ -214,7 +217,16 @@ fn undecodable_messages_go_to_the_dead_letter_topic_and_the_rest_is_enriched() {
         "[[entry]]\ncidr = \"10.1.0.0/16\"\nname = \"corp\"\nlabels = { site = \"hq\" }\n",
     );
     let t = now_ns() - 60_000_000_000;
-    let (good1, good2) = (record(1, "10.1.2.3", t), record(2, "10.9.9.9", t + 1));
+    let good1 = record(1, "10.1.2.3", t);
+    let good2 = FlowRecord {
+        adopted: true,
+        ..record(2, "10.9.9.9", t + 1)
+    };
+    // An agent of schema version 1 wrote this one.
+    let old = record(3, "10.1.2.4", t + 2);
+    let mut v1 = vec![0];
+    v1.extend_from_slice(&avro::DEFAULT_SCHEMA_ID_V1.to_be_bytes());
+    avro::encode_datum_v1(&old, &mut v1);
     let truncated = encoded(&good1)[..20].to_vec();
     let mut wrong_magic = encoded(&good1);
     wrong_magic[0] = 1;
@@ -229,6 +241,7 @@ fn undecodable_messages_go_to_the_dead_letter_topic_and_the_rest_is_enriched() {
             (key.clone(), wrong_magic.clone()),
             (key.clone(), unknown_id.clone()),
             (avro::key(&good2), encoded(&good2)),
+            (avro::key(&old), v1),
         ],
     );
     let group = unique_name("dlq-group");
@@ -242,10 +255,15 @@ fn undecodable_messages_go_to_the_dead_letter_topic_and_the_rest_is_enriched() {
     let config = config.display().to_string();
     let enricher = Enricher::start(&raw, &enriched, &dlq, &group, &["--config", &config]);
 
-    let out = enriched_flows(&enriched.read_until(|m| m.len() >= 2));
-    assert_eq!(out.len(), 2);
+    let out = enriched_flows(&enriched.read_until(|m| m.len() >= 3));
+    assert_eq!(out.len(), 3);
     assert_eq!(out[0].flow, good1);
     assert_eq!(out[1].flow, good2);
+    assert_eq!(out[2].flow, old);
+    assert_eq!(
+        out[2].remote.identity.as_ref().map(|i| i.name.as_str()),
+        Some("corp")
+    );
     assert_eq!(out[0].remote.status, Attribution::Exact);
     let corp = out[0].remote.identity.as_ref().unwrap();
     assert_eq!(
@@ -283,7 +301,7 @@ fn undecodable_messages_go_to_the_dead_letter_topic_and_the_rest_is_enriched() {
     enricher.stop();
     assert_eq!(
         raw.committed(&group),
-        vec![Some(5)],
+        vec![Some(6)],
         "every offset committed"
     );
     let _ = std::fs::remove_dir_all(dir);

@@ -264,6 +264,7 @@ fn flow(i: u64) -> EnrichedFlow {
             pid: (!i.is_multiple_of(3)).then_some(1_000 + i as u32),
             comm: (!i.is_multiple_of(3)).then(|| format!("proc{i}")),
             cgroup_id: (!i.is_multiple_of(4)).then_some(7_000 + i),
+            adopted: i.is_multiple_of(5),
         },
         local: end(i),
         remote,
@@ -340,6 +341,7 @@ fn expected_row(e: &EnrichedFlow) -> Value {
         "local": end(&e.local),
         "remote": end(&e.remote),
         "enriched_ns": e.enriched_ns,
+        "adopted": f.adopted,
     })
 }
 
@@ -402,6 +404,7 @@ container_id: string, pod_uid: string, source: string, candidates: list<item: st
         ["local", end, false],
         ["remote", end, false],
         ["enriched_ns", "uint64", false],
+        ["adopted", "bool", false],
     ])
 }
 

@@ -66,6 +66,10 @@ pub mod flow_flag {
     /// The close may be followed by a reset of this socket (`tcp_disconnect` sends it after the
     /// move to `TCP_CLOSE`): the agent holds the end record briefly to fold that reset in.
     pub const MAY_RESET: u8 = 1 << 6;
+    /// The connection was open before the programs were attached and was adopted at the agent's
+    /// start (`flowlog_adopt`): its start time is the adoption time, and its first record counts
+    /// everything the socket carried since it was opened.
+    pub const ADOPTED: u8 = 1 << 7;
 }
 
 /// Indexes of the per-CPU `COUNTERS` array: places where the kernel side loses or skips data.
@@ -88,8 +92,11 @@ pub mod counter {
     /// completed (a failed connect) and wrote its end record itself (see `MISSED_END` for the
     /// ends it cannot write).
     pub const RECOVERED_END: u32 = 5;
+    /// Connections open before the programs were attached that the adoption at start began to
+    /// track (`flowlog_adopt`).
+    pub const ADOPTED: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Indexes of the `PIN_STATE` array: what an agent that takes over pinned kernel state (see
@@ -114,7 +121,7 @@ pub mod pin_state {
 /// per-CPU flow-id counter, the counter and `PIN_STATE` indexes) and what their fields mean.
 /// **Bump it on any change to them**: an agent finding pins of another version does not reuse
 /// them (it removes them and starts afresh, and says so).
-pub const PIN_LAYOUT_VERSION: u64 = 1;
+pub const PIN_LAYOUT_VERSION: u64 = 2;
 
 /// [`PIN_LAYOUT_VERSION`] with the sizes of the shared types mixed in, so that a layout change
 /// that forgot the bump still changes the id when a size changes.
@@ -200,6 +207,48 @@ pub struct AcceptLayout {
     pub file_private_data: u32,
     pub socket_sk: u32,
     pub _pad: u32,
+}
+
+/// What the adoption program (`flowlog_adopt`, an `iter/task_file` iterator run once at start)
+/// reads besides the socket: the socket behind a file, the network namespace a listener is in,
+/// and the owning task's process id, name and cgroup (`task_struct.cgroups → css_set.dfl_cgrp →
+/// cgroup.kn → kernfs_node.id`, the cgroup v2 id `bpf_get_current_cgroup_id` returns). All zero
+/// when the kernel's BTF lacks one of them: the agent then does not adopt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdoptLayout {
+    /// `struct socket.sk`.
+    pub socket_sk: u32,
+    /// `struct socket.type` (`SOCK_STREAM` for TCP).
+    pub socket_type: u32,
+    /// `sock_common.skc_net` (its `struct net *`), from the socket address.
+    pub sk_net: u32,
+    pub task_tgid: u32,
+    pub task_comm: u32,
+    pub task_cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
+    pub _pad: u32,
+}
+
+/// Passes of the adoption iterator over every task's open files (`ADOPT_PASS[0]`): listening
+/// sockets first, so that the second pass can tell an accepted connection (its local port has a
+/// listener in its network namespace: inbound) from one this host opened (outbound).
+pub mod adopt_pass {
+    /// Record every listening socket's network namespace and port.
+    pub const LISTENERS: u64 = 1;
+    /// Start tracking every connection the flow map does not know.
+    pub const ADOPT: u64 = 2;
+}
+
+/// Key of the adoption's listener map: a network namespace (the kernel address of its `struct
+/// net`) and a local port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerKey {
+    pub net: u64,
+    pub port: u64,
 }
 
 /// Flow ends a CPU collects before it moves them into the ring buffer as one record of
@@ -356,6 +405,7 @@ mod pod {
     // SAFETY: all types are repr(C), Copy, and valid for every bit pattern (integers and arrays).
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::AcceptLayout {}
+    unsafe impl aya::Pod for super::AdoptLayout {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::Batch {}

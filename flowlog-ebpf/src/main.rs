@@ -47,6 +47,8 @@ use flowlog_common::{
     counter, direction, event_kind, flow_flag, pin_state, stat, tcp_state, tuple_block,
 };
 
+mod adopt;
+
 /// Layout and settings, overridden by the agent at load time (`EbpfLoader::override_global`).
 #[unsafe(no_mangle)]
 static CONFIG: Config = unsafe { core::mem::zeroed() };

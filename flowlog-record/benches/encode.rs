@@ -64,6 +64,7 @@ fn value(r: &FlowRecord) -> Value {
             "cgroup_id",
             nullable(r.cgroup_id.map(|c| Value::Long(c as i64))),
         ),
+        ("adopted", Value::Boolean(r.adopted)),
     ];
     Value::Record(fields.into_iter().map(|(n, v)| (n.to_owned(), v)).collect())
 }
@@ -127,6 +128,7 @@ fn records(n: usize) -> Vec<FlowRecord> {
                 comm: with_process
                     .then(|| ["curl", "postgres", "envoy", "java"][(r % 4) as usize].to_owned()),
                 cgroup_id: with_process.then_some(4_000 + r % 10_000),
+                adopted: false,
             }
         })
         .collect()
@@ -165,7 +167,7 @@ fn main() {
     let time = Duration::from_millis(if quick { 50 } else { 2_000 });
     let records = records(10_000);
     let n = records.len() as f64;
-    let schema = Schema::parse_str(avro::SCHEMA_V1).expect("schemas/flow_record.v1.avsc parses");
+    let schema = Schema::parse_str(avro::SCHEMA_V2).expect("schemas/flow_record.v2.avsc parses");
     let generic = GenericDatumWriter::builder(&schema)
         .build()
         .expect("a writer for the schema");
@@ -180,7 +182,9 @@ fn main() {
     }
     let mut rounds = Vec::new();
     for _ in 0..if quick { 1 } else { 3 } {
-        let (avro_rate, avro_bytes) = measure(&records, time, |r, out| avro::encode(r, 1, out));
+        let (avro_rate, avro_bytes) = measure(&records, time, |r, out| {
+            avro::encode(r, avro::DEFAULT_SCHEMA_ID, out)
+        });
         let (json_rate, json_bytes) = measure(&records, time, |r, out| {
             serde_json::to_writer(&mut *out, r).expect("a FlowRecord always serializes");
         });

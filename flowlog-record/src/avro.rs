@@ -1,5 +1,6 @@
 //! The Avro codec for Kafka: a [`FlowRecord`] as an Avro binary datum of
-//! `schemas/flow_record.v1.avsc` ([`SCHEMA_V1`]) in the Confluent wire format (magic byte 0,
+//! `schemas/flow_record.v2.avsc` ([`SCHEMA_V2`], the version [`encode`] writes; [`decode_with`]
+//! also reads version 1, [`SCHEMA_V1`]) in the Confluent wire format (magic byte 0,
 //! 4-byte big-endian schema-registry id, datum), so that Schema-Registry-aware consumers (Kafka
 //! Connect, ClickHouse `AvroConfluent`, Flink, fastavro) read it; and the message [`key`].
 //!
@@ -18,9 +19,54 @@ use thiserror::Error;
 
 use crate::record::{Direction, Family, FlowRecord, Outcome};
 
-/// The text of schema version 1 (`schemas/flow_record.v1.avsc`), the schema [`encode`] writes
-/// and [`decode`] reads; for registering it in a schema registry or handing it to a reader.
+/// The text of schema version 1 (`schemas/flow_record.v1.avsc`), which agents before adoption
+/// wrote; [`decode_with`] reads it.
 pub const SCHEMA_V1: &str = include_str!("../../schemas/flow_record.v1.avsc");
+
+/// The text of schema version 2 (`schemas/flow_record.v2.avsc`: version 1 and `adopted`), the
+/// schema [`encode`] writes and [`decode`] reads; for registering it in a schema registry or
+/// handing it to a reader.
+pub const SCHEMA_V2: &str = include_str!("../../schemas/flow_record.v2.avsc");
+
+/// The schema id the agent writes and the enricher reads as version 2 unless told otherwise
+/// (`--schema-id`, `--input-schema-id`): the id a schema registry gives the subject's third
+/// schema, after `flow_record.v1` (1) and `enriched_flow.v1` (2) registered in that order.
+/// With a registry, use the ids it gave (schemas/README.md).
+pub const DEFAULT_SCHEMA_ID: u32 = 3;
+
+/// The schema id the enricher reads as version 1 unless told otherwise
+/// (`--input-schema-id-v1`): what agents before version 2 wrote by default.
+pub const DEFAULT_SCHEMA_ID_V1: u32 = 1;
+
+/// A version of the flow record's schema, `schemas/flow_record.v<N>.avsc`. An Avro datum does
+/// not say which version wrote it: the message's schema id does ([`SchemaIds`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+/// The schema-registry ids a reader accepts, and the version each names (the registry gives
+/// each version of a subject its own id). A reader that knows both reads the records of agents
+/// of either version, e.g. during a rolling upgrade.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchemaIds {
+    pub v1: u32,
+    pub v2: u32,
+}
+
+impl SchemaIds {
+    /// The version `id` names, if it is one of these.
+    pub fn version(&self, id: u32) -> Option<Version> {
+        if id == self.v2 {
+            Some(Version::V2)
+        } else if id == self.v1 {
+            Some(Version::V1)
+        } else {
+            None
+        }
+    }
+}
 
 /// First byte of every Confluent-framed message.
 pub const MAGIC_BYTE: u8 = 0;
@@ -47,7 +93,7 @@ pub enum DecodeError {
 }
 
 /// Appends `record` to `out` in the Confluent wire format with `schema_id` (the id the schema
-/// registry gave `schemas/flow_record.v1.avsc` under the topic's value subject). `out` is not
+/// registry gave `schemas/flow_record.v2.avsc` under the topic's value subject). `out` is not
 /// cleared, so one buffer can be reused across records.
 pub fn encode(record: &FlowRecord, schema_id: u32, out: &mut Vec<u8>) {
     out.reserve(HEADER_LEN + 96 + record.host.len());
@@ -56,8 +102,15 @@ pub fn encode(record: &FlowRecord, schema_id: u32, out: &mut Vec<u8>) {
     encode_datum(record, out);
 }
 
-/// Appends the bare Avro binary datum of `record` (schema v1), without the Confluent header.
+/// Appends the bare Avro binary datum of `record` (schema v2), without the Confluent header.
 pub fn encode_datum(r: &FlowRecord, out: &mut Vec<u8>) {
+    encode_datum_v1(r, out);
+    put_bool(out, r.adopted);
+}
+
+/// Appends the bare Avro binary datum of `record` as schema v1 wrote it (without `adopted`):
+/// the fields every version starts with, which the enriched flow's datum starts with too.
+pub fn encode_datum_v1(r: &FlowRecord, out: &mut Vec<u8>) {
     put_long(out, r.flow_id as i64);
     put_bytes(out, r.host.as_bytes());
     put_int(out, r.seq as i32);
@@ -104,8 +157,9 @@ pub fn encode_datum(r: &FlowRecord, out: &mut Vec<u8>) {
 }
 
 /// Decodes a Confluent-framed message: returns the schema id from the header and the record,
-/// reading the datum as schema v1. Checking that the id is one whose schema is v1-shaped is the
-/// caller's job (or use [`decode_expecting`]): the id alone does not say which version it is.
+/// reading the datum as schema v2. Checking that the id is one whose schema is v2 is the
+/// caller's job (or use [`decode_expecting`] or [`decode_with`]): the id alone does not say
+/// which version it is.
 pub fn decode(message: &[u8]) -> Result<(u32, FlowRecord), DecodeError> {
     let (id, datum) = split_header(message)?;
     Ok((id, decode_datum(datum)?))
@@ -138,15 +192,33 @@ pub fn decode_expecting(message: &[u8], schema_id: u32) -> Result<FlowRecord, De
     decode(message).map(|(_, record)| record)
 }
 
-/// Decodes a bare schema-v1 datum, which must fill `datum` exactly.
+/// Decodes a Confluent-framed message of either version, by the version its schema id names in
+/// `ids`; any other id is refused before the datum is read. A version 1 record reads with
+/// `adopted` false, the field's default.
+pub fn decode_with(message: &[u8], ids: &SchemaIds) -> Result<FlowRecord, DecodeError> {
+    let (id, datum) = split_header(message)?;
+    let version = ids.version(id).ok_or(DecodeError::UnknownSchemaId(id))?;
+    decode_datum_as(datum, version)
+}
+
+/// Decodes a bare schema-v2 datum, which must fill `datum` exactly.
 pub fn decode_datum(datum: &[u8]) -> Result<FlowRecord, DecodeError> {
+    decode_datum_as(datum, Version::V2)
+}
+
+/// Decodes a bare datum of schema `version`, which must fill `datum` exactly.
+pub fn decode_datum_as(datum: &[u8], version: Version) -> Result<FlowRecord, DecodeError> {
     let mut r = Reader { buf: datum };
-    let record = read_record(&mut r)?;
+    let mut record = read_record(&mut r)?;
+    if version == Version::V2 {
+        record.adopted = r.boolean("adopted")?;
+    }
     r.finish()?;
     Ok(record)
 }
 
-/// Reads the fields of a schema-v1 record from `r` (also the first fields of an enriched flow).
+/// Reads the fields of a schema-v1 record from `r` (also the first fields of an enriched flow);
+/// `adopted` is left false.
 pub(crate) fn read_record(r: &mut Reader<'_>) -> Result<FlowRecord, DecodeError> {
     let flow_id = r.long("flow_id")? as u64;
     let host = r.string("host")?;
@@ -205,6 +277,7 @@ pub(crate) fn read_record(r: &mut Reader<'_>) -> Result<FlowRecord, DecodeError>
             false => None,
             true => Some(r.long("cgroup_id")? as u64),
         },
+        adopted: false,
     };
     Ok(record)
 }
@@ -294,6 +367,10 @@ pub(crate) fn put_int(out: &mut Vec<u8>, v: i32) {
 }
 
 #[inline]
+pub(crate) fn put_bool(out: &mut Vec<u8>, b: bool) {
+    out.push(u8::from(b));
+}
+
 pub(crate) fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     put_long(out, b.len() as i64);
     out.extend_from_slice(b);
@@ -395,6 +472,20 @@ impl<'a> Reader<'a> {
     }
 
     /// Branch of a `["null", T]` union: `false` for null, `true` for the value.
+    /// An Avro boolean: one byte, 0 or 1.
+    pub(crate) fn boolean(&mut self, field: &str) -> Result<bool, DecodeError> {
+        let (&b, rest) = self
+            .buf
+            .split_first()
+            .ok_or(DecodeError::Truncated("datum ends before a boolean"))?;
+        self.buf = rest;
+        match b {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(DecodeError::Malformed(format!("{field}: boolean byte {b}"))),
+        }
+    }
+
     pub(crate) fn union_branch(&mut self, field: &str) -> Result<bool, DecodeError> {
         match self.long(field)? {
             0 => Ok(false),

@@ -1,23 +1,31 @@
 //! The Avro codec of `flows.enriched`: an [`EnrichedFlow`] as a datum of
-//! `schemas/enriched_flow.v1.avsc` ([`ENRICHED_SCHEMA_V1`]) in the Confluent wire format.
+//! `schemas/enriched_flow.v2.avsc` ([`ENRICHED_SCHEMA_V2`]) in the Confluent wire format.
 //!
-//! The enriched schema starts with every field of the flow record, in the same order, so the
-//! datum is the flow record's datum ([`crate::avro::encode_datum`]) followed by the two
-//! endpoints and `enriched_ns`. As with the flow record, the tests decode every datum with
+//! The enriched schema starts with every field of the flow record's version 1, in the same
+//! order, so the datum is the flow record's version 1 datum ([`crate::avro::encode_datum_v1`])
+//! followed by the two endpoints and `enriched_ns`, then what later flow record versions added
+//! (`adopted`, version 2): fields are only ever added at the end. As with the flow record, the tests decode every datum with
 //! apache-avro's generic reader and the `.avsc` file, so the hand-written layout cannot drift.
 use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
-    avro::{self, DecodeError, HEADER_LEN, MAGIC_BYTE, Reader, put_bytes, put_long},
+    avro::{self, DecodeError, HEADER_LEN, MAGIC_BYTE, Reader, put_bool, put_bytes, put_long},
     enriched::{Attribution, Endpoint, EnrichedFlow, Identity, IdentityKind, Workload},
 };
 
-/// The text of `schemas/enriched_flow.v1.avsc`, the schema [`encode`] writes and [`decode`]
-/// reads.
+/// The text of `schemas/enriched_flow.v1.avsc`, which enrichers before adoption wrote.
 pub const ENRICHED_SCHEMA_V1: &str = include_str!("../../schemas/enriched_flow.v1.avsc");
 
+/// The text of `schemas/enriched_flow.v2.avsc` (version 1 and `adopted`), the schema [`encode`]
+/// writes and [`decode_expecting`] reads.
+pub const ENRICHED_SCHEMA_V2: &str = include_str!("../../schemas/enriched_flow.v2.avsc");
+
+/// The schema id the enricher writes unless told otherwise (`--output-schema-id`): see
+/// [`crate::avro::DEFAULT_SCHEMA_ID`]; `enriched_flow.v1` was 2.
+pub const DEFAULT_SCHEMA_ID: u32 = 4;
+
 /// Appends `flow` to `out` in the Confluent wire format with `schema_id` (the registry id of
-/// `schemas/enriched_flow.v1.avsc`). `out` is not cleared, so one buffer can be reused.
+/// `schemas/enriched_flow.v2.avsc`). `out` is not cleared, so one buffer can be reused.
 pub fn encode(flow: &EnrichedFlow, schema_id: u32, out: &mut Vec<u8>) {
     out.reserve(HEADER_LEN + 256);
     out.push(MAGIC_BYTE);
@@ -25,12 +33,13 @@ pub fn encode(flow: &EnrichedFlow, schema_id: u32, out: &mut Vec<u8>) {
     encode_datum(flow, out);
 }
 
-/// Appends the bare Avro datum of `flow` (enriched schema v1).
+/// Appends the bare Avro datum of `flow` (enriched schema v2).
 pub fn encode_datum(flow: &EnrichedFlow, out: &mut Vec<u8>) {
-    avro::encode_datum(&flow.flow, out);
+    avro::encode_datum_v1(&flow.flow, out);
     put_endpoint(out, &flow.local);
     put_endpoint(out, &flow.remote);
     put_long(out, flow.enriched_ns as i64);
+    put_bool(out, flow.flow.adopted);
 }
 
 /// Decodes a Confluent-framed enriched flow, refusing a schema id other than `schema_id`.
@@ -42,13 +51,14 @@ pub fn decode_expecting(message: &[u8], schema_id: u32) -> Result<EnrichedFlow, 
     decode_datum(datum)
 }
 
-/// Decodes a bare enriched-schema-v1 datum, which must fill `datum` exactly.
+/// Decodes a bare enriched-schema-v2 datum, which must fill `datum` exactly.
 pub fn decode_datum(datum: &[u8]) -> Result<EnrichedFlow, DecodeError> {
     let mut r = Reader { buf: datum };
-    let flow = avro::read_record(&mut r)?;
+    let mut flow = avro::read_record(&mut r)?;
     let local = read_endpoint(&mut r, "local")?;
     let remote = read_endpoint(&mut r, "remote")?;
     let enriched_ns = r.long("enriched_ns")? as u64;
+    flow.adopted = r.boolean("adopted")?;
     r.finish()?;
     Ok(EnrichedFlow {
         flow,

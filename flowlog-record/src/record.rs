@@ -105,6 +105,12 @@ pub struct FlowRecord {
     pub comm: Option<String>,
     /// cgroup v2 id of that process (identifies its container).
     pub cgroup_id: Option<u64>,
+    /// The connection was already open when the agent first started and was adopted then
+    /// (schema v2): `start_ns` is the adoption time, not the connection's start, and the flow's
+    /// first record counts everything the socket carried since it was opened. `direction` is
+    /// inferred (inbound when a listener holds the local port in the socket's network namespace).
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 impl FlowRecord {

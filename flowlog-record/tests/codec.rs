@@ -1,8 +1,9 @@
 //! The Avro codec against the schema file and against apache-avro, a reader we did not write:
 //! round trips over every kind of value, the datum as apache-avro reads and writes it with
-//! `schemas/flow_record.v1.avsc` (so the hand-written codec and the schema cannot drift apart),
-//! the Kafka key, and the errors malformed messages give; the same for the enriched flow and
-//! `schemas/enriched_flow.v1.avsc`.
+//! `schemas/flow_record.v2.avsc` (so the hand-written codec and the schema cannot drift apart),
+//! version 1 and version 2 data read by readers of the other version, the Kafka key, and the
+//! errors malformed messages give; the same for the enriched flow and
+//! `schemas/enriched_flow.v2.avsc`.
 use std::{net::IpAddr, sync::Arc};
 
 use apache_avro::{
@@ -17,11 +18,21 @@ use flowlog_record::{
 
 const SCHEMA_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
+    "/../schemas/flow_record.v2.avsc"
+);
+
+const SCHEMA_V1_FILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
     "/../schemas/flow_record.v1.avsc"
 );
 
 fn schema_file() -> Schema {
-    let text = std::fs::read_to_string(SCHEMA_FILE).expect("read schemas/flow_record.v1.avsc");
+    let text = std::fs::read_to_string(SCHEMA_FILE).expect("read schemas/flow_record.v2.avsc");
+    Schema::parse_str(&text).expect("parse schemas/flow_record.v2.avsc")
+}
+
+fn schema_v1_file() -> Schema {
+    let text = std::fs::read_to_string(SCHEMA_V1_FILE).expect("read schemas/flow_record.v1.avsc");
     Schema::parse_str(&text).expect("parse schemas/flow_record.v1.avsc")
 }
 
@@ -51,6 +62,7 @@ fn ipv4_record() -> FlowRecord {
         pid: Some(2_817),
         comm: Some("curl".to_owned()),
         cgroup_id: Some(8_714),
+        adopted: false,
     }
 }
 
@@ -121,7 +133,69 @@ fn records() -> Vec<FlowRecord> {
         cgroup_id: Some(0),
         ..v4.clone()
     };
-    vec![v4, v6, reset, failed, extremes]
+    let adopted = FlowRecord {
+        adopted: true,
+        ..v4.clone()
+    };
+    vec![v4, v6, reset, failed, extremes, adopted]
+}
+
+/// Version 1 and version 2 data each read by a reader of the other version: apache-avro
+/// resolving the writer's schema file against the reader's (a v1 reader skips `adopted`; a v2
+/// reader fills its default, false), and the codec's own reader picking the version by the
+/// message's schema id.
+#[test]
+fn each_version_reads_the_others_data() {
+    let (v1, v2) = (schema_v1_file(), schema_file());
+    let v1_reads_v2 = GenericDatumReader::builder(&v2)
+        .reader_schema(&v1)
+        .build()
+        .unwrap();
+    let v2_reads_v1 = GenericDatumReader::builder(&v1)
+        .reader_schema(&v2)
+        .build()
+        .unwrap();
+    let ids = avro::SchemaIds { v1: 1, v2: 3 };
+    for (i, r) in records().iter().enumerate() {
+        let Value::Record(mut fields) = expected_value(r) else {
+            unreachable!()
+        };
+        assert_eq!(fields.pop().map(|f| f.0), Some("adopted".to_owned()));
+        let as_v1 = Value::Record(fields.clone());
+
+        let mut v2_datum = Vec::new();
+        avro::encode_datum(r, &mut v2_datum);
+        let mut datum = &v2_datum[..];
+        assert_eq!(v1_reads_v2.read_value(&mut datum).unwrap(), as_v1, "{i}");
+        assert!(datum.is_empty());
+
+        let mut v1_datum = Vec::new();
+        avro::encode_datum_v1(r, &mut v1_datum);
+        let mut datum = &v1_datum[..];
+        fields.push(("adopted".to_owned(), Value::Boolean(false)));
+        assert_eq!(
+            v2_reads_v1.read_value(&mut datum).unwrap(),
+            Value::Record(fields),
+            "{i}"
+        );
+
+        let not_adopted = FlowRecord {
+            adopted: false,
+            ..r.clone()
+        };
+        let mut message = vec![0, 0, 0, 0, 1];
+        message.extend_from_slice(&v1_datum);
+        assert_eq!(avro::decode_with(&message, &ids), Ok(not_adopted), "{i}");
+        let mut message = Vec::new();
+        avro::encode(r, 3, &mut message);
+        assert_eq!(avro::decode_with(&message, &ids), Ok(r.clone()), "{i}");
+        let mut message = Vec::new();
+        avro::encode(r, 2, &mut message);
+        assert_eq!(
+            avro::decode_with(&message, &ids),
+            Err(DecodeError::UnknownSchemaId(2))
+        );
+    }
 }
 
 /// The Avro value the schema file says `r` is, built from the record here, independently of
@@ -177,6 +251,7 @@ fn expected_value(r: &FlowRecord) -> Value {
             "cgroup_id",
             nullable(r.cgroup_id.map(|c| Value::Long(c as i64))),
         ),
+        ("adopted", Value::Boolean(r.adopted)),
     ];
     Value::Record(
         fields
@@ -263,8 +338,12 @@ fn apache_avro_writes_the_same_bytes() {
 #[test]
 fn schema_fields_are_the_record_fields() {
     assert_eq!(
-        avro::SCHEMA_V1,
+        avro::SCHEMA_V2,
         std::fs::read_to_string(SCHEMA_FILE).unwrap()
+    );
+    assert_eq!(
+        avro::SCHEMA_V1,
+        std::fs::read_to_string(SCHEMA_V1_FILE).unwrap()
     );
     let Schema::Record(schema) = schema_file() else {
         panic!("the schema is not a record");
@@ -317,9 +396,10 @@ fn typical_ipv4_record_size() {
         + 2 + 2 // srtt_us 312, min_rtt_us 201
         + 1 + 2 // pid: branch + 2817
         + 1 + 1 + 4 // comm: branch + length + "curl"
-        + 1 + 3; // cgroup_id: branch + 8714
+        + 1 + 3 // cgroup_id: branch + 8714
+        + 1; // adopted
     assert_eq!(out.len(), expected);
-    assert_eq!(out.len(), 103);
+    assert_eq!(out.len(), 104);
 }
 
 #[test]
@@ -449,16 +529,16 @@ fn malformed_datums() {
     }
 }
 
-// ---- flows.enriched: the enriched flow's codec against schemas/enriched_flow.v1.avsc ----
+// ---- flows.enriched: the enriched flow's codec against schemas/enriched_flow.v2.avsc ----
 
 const ENRICHED_SCHEMA_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../schemas/enriched_flow.v1.avsc"
+    "/../schemas/enriched_flow.v2.avsc"
 );
 
 fn enriched_schema_file() -> Schema {
-    let text = std::fs::read_to_string(ENRICHED_SCHEMA_FILE).expect("read enriched_flow.v1.avsc");
-    Schema::parse_str(&text).expect("parse schemas/enriched_flow.v1.avsc")
+    let text = std::fs::read_to_string(ENRICHED_SCHEMA_FILE).expect("read enriched_flow.v2.avsc");
+    Schema::parse_str(&text).expect("parse schemas/enriched_flow.v2.avsc")
 }
 
 fn pod() -> Arc<Identity> {
@@ -522,6 +602,9 @@ fn expected_enriched_value(e: &EnrichedFlow) -> Value {
     let Value::Record(mut fields) = expected_value(&e.flow) else {
         unreachable!()
     };
+    // The flow record's version 1 fields, the enriched ones, then what version 2 added.
+    let adopted = fields.pop().expect("the flow record's last field");
+    assert_eq!(adopted.0, "adopted");
     let nullable = |v: Option<Value>| match v {
         None => Value::Union(0, Box::new(Value::Null)),
         Some(v) => Value::Union(1, Box::new(v)),
@@ -599,6 +682,7 @@ fn expected_enriched_value(e: &EnrichedFlow) -> Value {
     fields.push(("local".to_owned(), endpoint(&e.local)));
     fields.push(("remote".to_owned(), endpoint(&e.remote)));
     fields.push(("enriched_ns".to_owned(), Value::Long(e.enriched_ns as i64)));
+    fields.push(adopted);
     Value::Record(fields)
 }
 
@@ -650,18 +734,21 @@ fn apache_avro_agrees_with_the_enriched_codec() {
     }
 }
 
-/// The enriched schema embeds the flow record's fields unchanged (same names, types and docs,
-/// in the same order) and documents every field it adds.
+/// The enriched schema embeds the flow record's version 1 fields unchanged (same names, types
+/// and docs, in the same order), then its own, then the fields later flow record versions added,
+/// unchanged; and documents every field it adds.
 #[test]
 fn enriched_schema_starts_with_the_flow_record() {
     assert_eq!(
-        enriched_avro::ENRICHED_SCHEMA_V1,
+        enriched_avro::ENRICHED_SCHEMA_V2,
         std::fs::read_to_string(ENRICHED_SCHEMA_FILE).unwrap()
     );
-    let raw: serde_json::Value = serde_json::from_str(avro::SCHEMA_V1).unwrap();
+    let v1: serde_json::Value = serde_json::from_str(avro::SCHEMA_V1).unwrap();
+    let v2: serde_json::Value = serde_json::from_str(avro::SCHEMA_V2).unwrap();
     let enriched: serde_json::Value =
-        serde_json::from_str(enriched_avro::ENRICHED_SCHEMA_V1).unwrap();
-    let raw_fields = raw["fields"].as_array().unwrap();
+        serde_json::from_str(enriched_avro::ENRICHED_SCHEMA_V2).unwrap();
+    let raw_fields = v1["fields"].as_array().unwrap();
+    let later_fields = &v2["fields"].as_array().unwrap()[raw_fields.len()..];
     let enriched_fields = enriched["fields"].as_array().unwrap();
     assert_eq!(enriched["name"], "EnrichedFlow");
     assert_eq!(enriched["namespace"], "flowlog");
@@ -670,7 +757,11 @@ fn enriched_schema_starts_with_the_flow_record() {
         .iter()
         .map(|f| f["name"].as_str().unwrap())
         .collect();
-    assert_eq!(added, ["local", "remote", "enriched_ns"]);
+    assert_eq!(added, ["local", "remote", "enriched_ns", "adopted"]);
+    assert_eq!(
+        &enriched_fields[enriched_fields.len() - later_fields.len()..],
+        later_fields
+    );
     let Schema::Record(schema) = enriched_schema_file() else {
         panic!("not a record");
     };

@@ -344,6 +344,7 @@ impl Reporter {
                 counter!(m::KERNEL_DROPS, "reason" => "ringbuf_full").absolute(ringbuf_full);
                 counter!(m::KERNEL_DROPS, "reason" => "map_full").absolute(map_full);
                 counter!(m::UNTRACKED_CLOSES).absolute(c[counter::UNTRACKED_CLOSE as usize]);
+                counter!(m::ADOPTED_FLOWS).absolute(c[counter::ADOPTED as usize]);
                 counter!(m::CAUGHT_ENDS).absolute(c[counter::CAUGHT_END as usize]);
                 counter!(m::RECOVERED_ENDS).absolute(c[counter::RECOVERED_END as usize]);
                 let missed_ends = c[counter::MISSED_END as usize];

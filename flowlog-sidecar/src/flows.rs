@@ -530,6 +530,7 @@ impl Assembler {
             pid: process_known.then_some(ev.pid),
             comm: process_known.then(|| comm(&ev.comm)),
             cgroup_id: process_known.then_some(ev.cgroup_id),
+            adopted: ev.flags & flow_flag::ADOPTED != 0,
         }
     }
 }

@@ -159,7 +159,7 @@ impl KafkaSettings {
         Self {
             client: client.into(),
             topic: topic.into(),
-            schema_id: 1,
+            schema_id: flowlog_record::avro::DEFAULT_SCHEMA_ID,
             options: Vec::new(),
             metadata_timeout: Duration::from_secs(5),
             shutdown_wait: Duration::from_secs(10),

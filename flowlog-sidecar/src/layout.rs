@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use flowlog_common::{AcceptLayout, KernelLayout, tuple_block};
+use flowlog_common::{AcceptLayout, AdoptLayout, KernelLayout, tuple_block};
 
 use crate::btf::{Btf, BtfError};
 
@@ -305,6 +305,35 @@ pub fn discover_accept(tracefs: &Path, btf_path: &Path) -> Result<AcceptLayout, 
         fdtable_fd: off("fdtable", "fd")?,
         file_private_data: off("file", "private_data")?,
         socket_sk: off("socket", "sk")?,
+        _pad: 0,
+    })
+}
+
+/// Discovers what the adoption program reads besides the socket (see [`AdoptLayout`]).
+pub fn discover_adopt(btf_path: &Path) -> Result<AdoptLayout, LayoutError> {
+    let kernel = kernel_release();
+    let btf = Btf::from_file(btf_path).map_err(|source| LayoutError::NoBtf {
+        kernel: kernel.clone(),
+        path: btf_path.to_path_buf(),
+        source,
+    })?;
+    let off = |structure: &str, member: &str| {
+        btf.member_offset(structure, member)
+            .map_err(|source| LayoutError::Btf {
+                kernel: kernel.clone(),
+                source,
+            })
+    };
+    Ok(AdoptLayout {
+        socket_sk: off("socket", "sk")?,
+        socket_type: off("socket", "type")?,
+        sk_net: off("sock", "__sk_common.skc_net")?,
+        task_tgid: off("task_struct", "tgid")?,
+        task_comm: off("task_struct", "comm")?,
+        task_cgroups: off("task_struct", "cgroups")?,
+        css_set_dfl_cgrp: off("css_set", "dfl_cgrp")?,
+        cgroup_kn: off("cgroup", "kn")?,
+        kernfs_node_id: off("kernfs_node", "id")?,
         _pad: 0,
     })
 }

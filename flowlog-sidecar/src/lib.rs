@@ -2,10 +2,11 @@
 //! kernel's layout, turns their events into exact per-flow records, and writes them to a sink.
 //!
 //! Modules, in data-flow order: [`btf`] and [`layout`] (kernel layout discovery), [`probe`]
-//! (load/attach, ring buffer, sweep; [`privileges`]: what the kernel refused it and why),
+//! (load/attach, ring buffer, sweep; [`adoption`]: connections older than the agent; [`privileges`]: what the kernel refused it and why),
 //! [`flows`] (snapshots → records), [`record`] (the record),
 //! [`sink`] (outputs: JSON lines; [`kafka`] through the disk [`spool`]), [`agent`] (the event
 //! loop) and [`metrics`]. Error chains and rate-limited warnings come from `flowlog-diag`.
+pub mod adoption;
 pub mod agent;
 pub mod btf;
 pub mod flows;

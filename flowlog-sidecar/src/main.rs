@@ -83,6 +83,11 @@ struct Args {
     /// agent falls back by itself when the kernel refuses the typed programs.
     #[arg(long, env = "FLOWLOG_PROBE_READS")]
     probe_reads: bool,
+    /// Do not adopt the connections already open when the programs are attached. By default
+    /// they are tracked from then on and reported like any flow, their records marked
+    /// `adopted` (start = adoption time; the first record counts everything since they opened).
+    #[arg(long, env = "FLOWLOG_NO_ADOPT")]
+    no_adopt: bool,
     /// How often the ring buffer is drained when the kernel has not woken the agent.
     #[arg(long, env = "FLOWLOG_DRAIN_INTERVAL", default_value = "100ms", value_parser = flowlog_cli::parse_duration)]
     drain_interval: Duration,
@@ -115,8 +120,8 @@ struct Args {
     /// (counted in flowlog_sidecar_spool_dropped_total).
     #[arg(long, env = "FLOWLOG_SPOOL_MAX_BYTES", default_value_t = flowlog_sidecar::kafka::DEFAULT_SPOOL_MAX_BYTES)]
     spool_max_bytes: u64,
-    /// Schema-registry id of schemas/flow_record.v1.avsc, written in every Kafka message.
-    #[arg(long, env = "FLOWLOG_SCHEMA_ID", default_value_t = 1)]
+    /// Schema-registry id of schemas/flow_record.v2.avsc, written in every Kafka message.
+    #[arg(long, env = "FLOWLOG_SCHEMA_ID", default_value_t = flowlog_record::avro::DEFAULT_SCHEMA_ID)]
     schema_id: u32,
     /// Directory on bpffs where the kernel state is pinned, so that the programs keep tracking
     /// while no agent runs and the next agent takes over every open flow (its flow_id, seq and
@@ -192,6 +197,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ring_buffer_bytes: args.ring_buffer_bytes,
             drain_interval: args.drain_interval,
             pin_dir,
+            adopt: !args.no_adopt,
         },
         args.probe_reads,
     )

@@ -9,6 +9,7 @@ pub const RECORDS: &str = "flowlog_sidecar_records_total";
 pub const EVENTS: &str = "flowlog_sidecar_events_total";
 pub const KERNEL_DROPS: &str = "flowlog_sidecar_kernel_drops_total";
 pub const UNTRACKED_CLOSES: &str = "flowlog_sidecar_untracked_closes_total";
+pub const ADOPTED_FLOWS: &str = "flowlog_sidecar_adopted_flows_total";
 pub const SOCKETS_TRACKED: &str = "flowlog_sidecar_sockets_tracked";
 pub const READ_PATH: &str = "flowlog_sidecar_read_path";
 pub const PINNED: &str = "flowlog_sidecar_pinned";
@@ -53,6 +54,10 @@ pub async fn serve(
     describe_counter!(
         UNTRACKED_CLOSES,
         "Sockets that closed without having been tracked (opened before the agent started, or evicted)."
+    );
+    describe_counter!(
+        ADOPTED_FLOWS,
+        "Connections open before the programs were attached that the agent adopted at start (their records have adopted=true)."
     );
     describe_gauge!(
         SOCKETS_TRACKED,

@@ -20,6 +20,7 @@ use flowlog_common::{Batch, Config, counter, stat};
 use tracing::{info, warn};
 
 use crate::{
+    adoption,
     layout::{self, LayoutError},
     pins::{self, Found, PinDir, PinError},
     privileges::{self, Operation, Refusal},
@@ -190,6 +191,8 @@ pub struct ProbeSettings {
     /// Where to pin the kernel state so that it outlives the agent (`crate::pins`); `None`
     /// runs unpinned: the programs detach and the maps go when the agent exits.
     pub pin_dir: Option<PathBuf>,
+    /// Adopt the connections open before the programs were attached (`crate::adoption`).
+    pub adopt: bool,
 }
 
 /// Raw tracepoint programs: the program's name in the object is the tracepoint's name.
@@ -330,10 +333,27 @@ impl Probe {
             }
         };
         let accept_layout = accept.unwrap_or_default();
+        let adopt_layout = if settings.adopt {
+            match layout::discover_adopt(btf_path) {
+                Ok(found) => Some(found),
+                Err(e) => {
+                    warn!(
+                        error = flowlog_diag::error_chain(&e),
+                        "connections open before the agent started cannot be adopted on this \
+                         kernel: they are not reported"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let adopt_globals = adopt_layout.unwrap_or_default();
         let mut loader = EbpfLoader::new();
         loader
             .override_global("CONFIG", &config, true)
             .override_global("ACCEPT", &accept_layout, true)
+            .override_global("ADOPT", &adopt_globals, true)
             .map_max_entries("FLOWS", settings.max_flows)
             .map_max_entries("EVENTS", settings.ring_buffer_bytes);
         if let Some(pins) = &pins {
@@ -481,7 +501,7 @@ impl Probe {
                 Vec::new()
             }
         };
-        Ok(Self {
+        let mut probe = Self {
             ebpf,
             kernel,
             access,
@@ -491,7 +511,44 @@ impl Probe {
             pins,
             found,
             links,
-        })
+        };
+        if adopt_layout.is_some() {
+            probe.adopt();
+        }
+        Ok(probe)
+    }
+
+    /// Adopts the connections open before the programs were attached, and says how many; a
+    /// failure is a warning (the agent runs on without them).
+    fn adopt(&mut self) {
+        let before = self.counters().map(|c| c[counter::ADOPTED as usize]);
+        let ran = Btf::from_sys_fs()
+            .map_err(|e| {
+                format!(
+                    "reading /sys/kernel/btf/vmlinux: {}",
+                    flowlog_diag::error_chain(&e)
+                )
+            })
+            .and_then(|vmlinux| {
+                adoption::adopt(&mut self.ebpf, &vmlinux).map_err(|e| flowlog_diag::error_chain(&e))
+            });
+        match (ran, before, self.counters()) {
+            (Ok(took), Ok(before), Ok(after)) => info!(
+                adopted = after[counter::ADOPTED as usize] - before,
+                took_ms = took.as_millis() as u64,
+                "adopted the connections open before the agent started (their records are \
+                 marked adopted)"
+            ),
+            (Err(error), _, _) => warn!(
+                error,
+                "connections open before the agent started cannot be adopted: they are not \
+                 reported"
+            ),
+            (Ok(_), Err(e), _) | (Ok(_), _, Err(e)) => warn!(
+                error = flowlog_diag::error_chain(&e),
+                "adopted the connections open before the agent started, but cannot count them"
+            ),
+        }
     }
 
     /// The pin directory, if the kernel state is pinned (it then outlives the agent).

@@ -205,7 +205,11 @@ pub fn write_json(out: &mut Vec<u8>, r: &FlowRecord) {
         Some(id) => write_u64(out, id),
         None => out.extend_from_slice(b"null"),
     }
-    out.push(b'}');
+    out.extend_from_slice(if r.adopted {
+        b",\"adopted\":true}"
+    } else {
+        b",\"adopted\":false}"
+    });
 }
 
 /// Decimal digits written straight into the buffer's spare capacity, two at a time from the
@@ -338,6 +342,7 @@ mod tests {
             pid: Some(4242),
             comm: Some("curl".to_string()),
             cgroup_id: Some(9876),
+            adopted: false,
         }
     }
 
@@ -371,6 +376,7 @@ mod tests {
         r.pid = None;
         r.comm = None;
         r.cgroup_id = None;
+        r.adopted = true;
         for outcome in Outcome::ALL {
             r.outcome = outcome;
             assert_same_as_serde(&r);

@@ -38,7 +38,7 @@ use support::{AGENT, NetnsPair, PATIENCE, accept, connect, join_both, read_exact
 
 const SCHEMA_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../schemas/flow_record.v1.avsc"
+    "/../schemas/flow_record.v2.avsc"
 );
 
 /// The agent as a child process with `--output kafka`.
@@ -262,6 +262,10 @@ fn record_from_value(value: Value) -> FlowRecord {
             Value::Long(c) => c as u64,
             v => panic!("cgroup_id {v:?}"),
         }),
+        adopted: match &f["adopted"] {
+            Value::Boolean(b) => *b,
+            v => panic!("adopted {v:?}"),
+        },
     }
 }
 
@@ -275,10 +279,11 @@ fn consume(topic: &Topic, done: impl Fn(&[FlowRecord]) -> bool) -> Vec<FlowRecor
     let reader = GenericDatumReader::builder(&schema).build().unwrap();
     let decode = |message: &OwnedMessage| {
         let payload = message.payload().expect("a message value");
+        assert_eq!(payload[0], 0, "Confluent magic byte");
         assert_eq!(
-            &payload[..5],
-            &[0, 0, 0, 0, 1],
-            "Confluent header, schema id 1"
+            payload[1..5],
+            flowlog_record::avro::DEFAULT_SCHEMA_ID.to_be_bytes(),
+            "Confluent header: the default schema id of version 2"
         );
         let mut datum = &payload[5..];
         let value = reader
@@ -683,6 +688,7 @@ fn synthetic_records(host: &str, n: usize) -> Vec<FlowRecord> {
                 pid: Some(1234),
                 comm: Some("synthetic".to_string()),
                 cgroup_id: Some(1),
+                adopted: false,
             }
         })
         .collect()
@@ -748,7 +754,7 @@ fn full_spool_drops_the_newest_counts_them_logs_once_and_delivers_the_rest() {
     let records = synthetic_records(&host, 50);
     let len = |r: &FlowRecord| {
         let mut value = Vec::new();
-        flowlog_record::avro::encode(r, 1, &mut value);
+        flowlog_record::avro::encode(r, flowlog_record::avro::DEFAULT_SCHEMA_ID, &mut value);
         (flowlog_record::avro::key(r).len() + value.len()) as u64
     };
     let body = len(&records[0]);

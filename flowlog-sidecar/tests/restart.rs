@@ -30,7 +30,7 @@ use std::{
     time::Duration,
 };
 
-use flowlog_sidecar::record::{FlowRecord, Outcome};
+use flowlog_sidecar::record::{Direction, FlowRecord, Outcome};
 use support::*;
 
 /// The interim interval of the agents: short, so that each connection has records before the
@@ -393,8 +393,10 @@ fn across_a_restart(index: u8, test: &str, stop: Stop) {
 /// An upgrade whose kernel layout differs: the second agent must not reuse the pins (it finds
 /// another layout id in them, written here as an older build would have), says so, removes them
 /// and starts afresh. The connections open across it keep the records the first agent wrote,
-/// exact up to its stop, and get none from the second (which cannot know what was reported of
-/// them): nothing is counted twice. A connection opened after the upgrade is exact.
+/// exact up to its stop, and the second agent adopts them (it cannot know what was reported of
+/// them): a new flow id, every record marked `adopted`, summing to everything since the connect
+/// (README says how consumers then count each byte once). A connection opened after the upgrade
+/// is exact and not adopted.
 #[test]
 fn an_upgrade_with_another_layout_falls_back_and_says_so() {
     let test = "restart-layout";
@@ -436,12 +438,16 @@ fn an_upgrade_with_another_layout_falls_back_and_says_so() {
     let mut new = Conn::open(&net, &listen_v4, v4);
     new.transfer(77_777, 88_888);
     let new = new.close();
-    old.close();
+    let whole = old.close();
     second.wait_for(&ours, |records| {
-        side(records, new.port, true).len() == 1 && side(records, new.port, false).len() == 1
+        [new.port, whole.port].iter().all(|&port| {
+            [true, false].iter().all(|&client| {
+                side(records, port, client)
+                    .iter()
+                    .any(|r| r.outcome != Outcome::Open)
+            })
+        })
     });
-    // The old connection's close reaches the second agent's programs as an untracked close.
-    thread::sleep(Duration::from_millis(500));
     let second_records = second.stop();
 
     let first_ours: Vec<FlowRecord> = first_records.into_iter().filter(&ours).collect();
@@ -467,22 +473,155 @@ fn an_upgrade_with_another_layout_falls_back_and_says_so() {
             (sent, received),
             "old connection, first agent: exact up to its stop"
         );
+        let (sent, received) = if client {
+            (whole.client_wrote, whole.server_wrote)
+        } else {
+            (whole.server_wrote, whole.client_wrote)
+        };
+        let adopted = side(&second_ours, before.port, client);
+        check_side("old connection, adopted", &adopted, sent, received);
         assert!(
-            side(&second_ours, before.port, client).is_empty(),
-            "the second agent reports nothing of a connection it cannot continue"
+            adopted
+                .iter()
+                .all(|r| r.adopted && !ids.contains(&r.flow_id)),
+            "the second agent adopts the old connection under a new flow id: {adopted:#?}"
         );
         let (sent, received) = if client {
             (new.client_wrote, new.server_wrote)
         } else {
             (new.server_wrote, new.client_wrote)
         };
+        let new_side = side(&second_ours, new.port, client);
         check_side(
             "connection opened after the upgrade",
-            &side(&second_ours, new.port, client),
+            &new_side,
             sent,
             received,
         );
+        assert!(new_side.iter().all(|r| !r.adopted), "{new_side:#?}");
     }
+}
+
+/// Connections open before the agent's first start (issue 13 part 2): the agent adopts them at
+/// start, and reports them like any flow from then on, marked `adopted`, their first record
+/// counting everything since they were opened. Checked for both sides of an IPv4 and an IPv6
+/// connection with transfers before the agent and after it started: one flow id, `seq` 0..n,
+/// one end record, sums equal to everything each side wrote and read since the connect; the
+/// direction inferred (the server side's port has a listener in its namespace, the client's
+/// none); the process that holds the sockets (this test) as their owner; the start no earlier
+/// than the agent's. A connection opened after the start is not adopted.
+#[test]
+fn connections_open_before_the_agent_started_are_adopted() {
+    let test = "adopt";
+    let net = NetnsPair::new(54);
+    let port = server_port();
+    let v4 = SocketAddr::new(net.server_v4, port);
+    let v6 = SocketAddr::new(net.server_v6, port);
+    let listen_v4 = net.listen(v4);
+    let listen_v6 = net.listen(v6);
+    let ours = net.flows(port);
+
+    let mut old = vec![
+        Conn::open(&net, &listen_v4, v4),
+        Conn::open(&net, &listen_v6, v6),
+    ];
+    for (i, c) in old.iter_mut().enumerate() {
+        c.transfer(40_000 + 1_234 * i, 90_000 + 77 * i);
+    }
+    let before_start = epoch_ns();
+    let agent = Agent::start_with(test, &["--interim", INTERIM]);
+    let log = agent.stderr();
+    assert!(
+        log.contains("adopted the connections open before the agent started"),
+        "the agent says what it adopted: {log}"
+    );
+    // An interim record of each side first: the first record carries what the socket moved
+    // before the agent, the later ones only what came after.
+    agent.wait_for(&ours, |records| {
+        old.iter().all(|c| {
+            [true, false]
+                .iter()
+                .all(|&client| !side(records, c.port, client).is_empty())
+        })
+    });
+    for (i, c) in old.iter_mut().enumerate() {
+        c.transfer(3_000 + 10 * i, 7_000 + 20 * i);
+    }
+    let mut new = Conn::open(&net, &listen_v4, v4);
+    new.transfer(5_555, 6_666);
+    let new = new.close();
+    let old: Vec<Totals> = old.into_iter().map(Conn::close).collect();
+    agent.wait_for(&ours, |records| {
+        records
+            .iter()
+            .filter(|r| r.outcome != Outcome::Open)
+            .count()
+            >= 2 * (old.len() + 1)
+    });
+    let page = agent.metrics();
+    let records: Vec<FlowRecord> = agent.stop().into_iter().filter(&ours).collect();
+
+    assert_unique_flow_seq(&records);
+    let me = std::process::id();
+    let comm = std::fs::read_to_string(format!("/proc/{me}/comm"))
+        .expect("this process's name")
+        .trim_end()
+        .to_string();
+    for (t, adopted) in old.iter().map(|t| (t, true)).chain([(&new, false)]) {
+        for client in [true, false] {
+            let what = format!(
+                "{} side of the {} connection from port {}",
+                if client { "client" } else { "server" },
+                if adopted { "adopted" } else { "new" },
+                t.port
+            );
+            let (sent, received) = if client {
+                (t.client_wrote, t.server_wrote)
+            } else {
+                (t.server_wrote, t.client_wrote)
+            };
+            let records = side(&records, t.port, client);
+            check_side(&what, &records, sent, received);
+            let first = &records[0];
+            assert!(
+                records.iter().all(|r| r.adopted == adopted),
+                "{what}: adopted = {adopted} on every record: {records:#?}"
+            );
+            let direction = if client {
+                Direction::Outbound
+            } else {
+                Direction::Inbound
+            };
+            assert_eq!(first.direction, direction, "{what}: direction");
+            if adopted {
+                assert!(
+                    first.start_ns >= before_start && first.start_ns <= first.end_ns,
+                    "{what}: starts when adopted, after {before_start}: {first:#?}"
+                );
+                assert!(
+                    records.len() >= 2,
+                    "{what}: an interim record before the end: {records:#?}"
+                );
+                assert_eq!(
+                    (first.pid, first.comm.as_deref(), first.cgroup_id),
+                    (Some(me), Some(comm.as_str()), own_cgroup_id()),
+                    "{what}: owned by this test's process"
+                );
+            }
+        }
+    }
+    let adopted = Agent::metric(&page, "flowlog_sidecar_adopted_flows_total").unwrap_or(0.0);
+    assert!(
+        adopted >= 4.0,
+        "flowlog_sidecar_adopted_flows_total counts at least this test's 4 sockets: {adopted}"
+    );
+}
+
+fn epoch_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_nanos() as u64
 }
 
 /// The names of the pinned program links (one per attached program and tracepoint).

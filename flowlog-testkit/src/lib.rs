@@ -6,6 +6,7 @@
 //! ([`tls::TlsBroker`]). The benchmarks under `benches/` use it too.
 pub mod broker;
 pub mod kubernetes;
+pub mod netns;
 pub mod pod_churn;
 pub mod tls;
 
@@ -305,6 +306,27 @@ pub fn pyarrow(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs one of the shipped DuckDB reports (`analysis/duckdb/<name>.sql`, after `views.sql`) on
+/// the Parquet files matching `data`, with the other DuckDB variables `vars` (`NAME=VALUE`), and
+/// returns its rows (`flowlog-testkit/duckdb_query.py`; `scripts/bootstrap` installs duckdb).
+pub fn duckdb(name: &str, data: &str, vars: &[&str]) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/duckdb_query.py");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../analysis/duckdb");
+    let views = format!("{dir}/views.sql");
+    let sql = format!("{dir}/{name}.sql");
+    let out = std::process::Command::new("python3")
+        .args([script, &views, &sql, data])
+        .args(vars)
+        .output()
+        .expect("running python3 (scripts/bootstrap installs duckdb)");
+    assert!(
+        out.status.success(),
+        "{sql} on {data} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the rows as JSON")
 }
 
 /// Log lines of the code under test, captured by a `tracing` subscriber of the test's own

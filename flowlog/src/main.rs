@@ -101,6 +101,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain_interval: DRAIN_INTERVAL,
         // One process for a host's look at itself: its Ctrl-C reports the flows still open.
         pin_dir: None,
+        // The connections already open are part of the host's picture.
+        adopt: true,
     })
     .context("starting the kernel probe")?;
     let summary = summary::Summary::new(args.summary_interval, Box::new(std::io::stdout()));

@@ -315,6 +315,7 @@ mod tests {
                 pid: Some(7),
                 comm: Some(comm.into()),
                 cgroup_id: None,
+                adopted: false,
             },
             local: Endpoint::unknown(),
             remote: Endpoint::unknown(),

@@ -1,7 +1,8 @@
 //! README's run command for real: `flowlog` captures this host's TCP flows from the kernel,
 //! attributes both ends with the host's own inventory, and writes Parquet that pyarrow (a reader
 //! nobody here wrote) reads back with the exact flows of traffic made here: byte counts, ports,
-//! outcomes and identities. Needs root (eBPF), like the agent's tests.
+//! outcomes and identities; and the shipped DuckDB SQL (`analysis/duckdb/connections.sql`) makes
+//! one row of each connection's two ends. Needs root (eBPF), like the agent's tests.
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -11,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use flowlog_testkit::{ChildGuard, PATIENCE, free_port, pyarrow, temp_dir};
+use flowlog_testkit::{ChildGuard, PATIENCE, duckdb, free_port, pyarrow, temp_dir};
 use serde_json::Value;
 
 const FLOWLOG: &str = env!("CARGO_BIN_EXE_flowlog");
@@ -174,6 +175,64 @@ fn the_run_command_writes_parquet_with_the_exact_flows() {
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0]["outcome"], "failed");
     assert_eq!(failed[0]["bytes_sent"], 0);
+
+    // The shipped SQL (analysis/duckdb/connections.sql) on the same files, in DuckDB: one row
+    // per connection, its two ends (both on this host) joined, bytes each way exact.
+    let connections = duckdb(
+        "connections",
+        &format!("{}/**/*.parquet", out.display()),
+        &[
+            "skew_ns=1000000000",
+            "from_ns=0",
+            "to_ns=9223372036854775807",
+        ],
+    );
+    let connections = connections.as_array().unwrap();
+    for &((client_port, _), (up, down)) in &flows {
+        let found: Vec<&Value> = connections
+            .iter()
+            .filter(|c| c["client_port"] == client_port && c["server_port"] == server_port)
+            .collect();
+        assert_eq!(found.len(), 1, "one row for port {client_port}: {found:?}");
+        let c = found[0];
+        assert_eq!(c["seen_from"], "both", "{c}");
+        assert_eq!(
+            (c["bytes_up"].as_u64(), c["bytes_down"].as_u64()),
+            (Some(up as u64), Some(down as u64)),
+            "{c}"
+        );
+        assert_eq!(c["bytes_agree"], true, "{c}");
+        assert_eq!(c["outcome"], "closed", "{c}");
+        assert_eq!(
+            (c["client_host"].as_str(), c["server_host"].as_str()),
+            (Some(HOST), Some(HOST))
+        );
+        // Each end named by the other end's record of its address: this host.
+        assert_eq!(
+            (c["client"].as_str(), c["server"].as_str()),
+            (Some(HOST), Some(HOST)),
+            "{c}"
+        );
+        assert_eq!(c["adopted"], false, "{c}");
+    }
+    let refused: Vec<&Value> = connections
+        .iter()
+        .filter(|c| c["server_port"] == closed)
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(
+        (
+            &refused[0]["seen_from"],
+            &refused[0]["outcome"],
+            &refused[0]["bytes_up"]
+        ),
+        (
+            &Value::from("client"),
+            &Value::from("failed"),
+            &Value::from(0)
+        ),
+        "a refused connect has its client end only"
+    );
 
     let summary = stdout.lock().unwrap().clone();
     assert!(summary.contains("flows/s"), "no live summary:\n{summary}");

@@ -18,7 +18,8 @@ use std::{
 use arrow_array::{
     ArrayRef, DictionaryArray, MapArray, RecordBatch, StringArray, StructArray, UInt32Array,
     builder::{
-        ArrayBuilder as _, ListBuilder, StringBuilder, UInt16Builder, UInt32Builder, UInt64Builder,
+        ArrayBuilder as _, BooleanBuilder, ListBuilder, StringBuilder, UInt16Builder,
+        UInt32Builder, UInt64Builder,
     },
     new_null_array,
     types::UInt32Type,
@@ -134,6 +135,7 @@ fn schema(dict: bool) -> SchemaRef {
         endpoint("local"),
         endpoint("remote"),
         u64_("enriched_ns"),
+        Field::new("adopted", DataType::Boolean, false),
     ]))
 }
 
@@ -165,7 +167,10 @@ pub fn batch_schema() -> SchemaRef {
 ///   `instance_id`, `container_id`, `pod_uid`, `source` (all null unless `status` is `exact`;
 ///   `labels` is then a map, possibly empty) and `candidates` list<string> (the owners'
 ///   `namespace/name` when `ambiguous`, empty otherwise);
-/// - `enriched_ns` u64.
+/// - `enriched_ns` u64;
+/// - `adopted` bool: the flow record's field of schema version 2, after the rest so that files
+///   written before it keep their column order (schema v1 records are written false; an
+///   engine reading older files with newer ones sees it null there, or fills a default).
 ///
 /// Why these types:
 /// - Addresses are strings in their canonical text form (`10.0.0.1`, `2001:db8::1`,
@@ -510,6 +515,7 @@ pub struct FlowBatchBuilder {
     /// Both ends' identities in this batch.
     identities: Identities,
     enriched_ns: UInt64Builder,
+    adopted: BooleanBuilder,
 }
 
 impl Default for FlowBatchBuilder {
@@ -558,6 +564,7 @@ impl FlowBatchBuilder {
             remote: EndpointBuilder::new(),
             identities: Identities::default(),
             enriched_ns: UInt64Builder::new(),
+            adopted: BooleanBuilder::new(),
         }
     }
 
@@ -607,6 +614,7 @@ impl FlowBatchBuilder {
         let local = self.local.append(&e.local, &mut self.identities);
         let remote = self.remote.append(&e.remote, &mut self.identities);
         self.enriched_ns.append_value(e.enriched_ns);
+        self.adopted.append_value(f.adopted);
         self.rows += 1;
         self.var_bytes +=
             f.host.len() + f.comm.as_ref().map_or(0, String::len) + 2 * 16 + local + remote;
@@ -644,6 +652,7 @@ impl FlowBatchBuilder {
             self.local.finish(&identities)?,
             self.remote.finish(&identities)?,
             Arc::new(self.enriched_ns.finish()),
+            Arc::new(self.adopted.finish()),
         ];
         self.rows = 0;
         self.var_bytes = 0;
@@ -740,6 +749,7 @@ mod tests {
                 pid: None,
                 comm: None,
                 cgroup_id: None,
+                adopted: false,
             },
             local,
             remote,
@@ -908,9 +918,9 @@ mod tests {
             .iter()
             .map(|f| f.name().as_str())
             .collect();
-        assert_eq!(names.len(), 27);
+        assert_eq!(names.len(), 28);
         assert_eq!(names[0], "flow_id");
-        assert_eq!(names[24..], ["local", "remote", "enriched_ns"]);
+        assert_eq!(names[24..], ["local", "remote", "enriched_ns", "adopted"]);
     }
 
     /// The batch schema is the file schema but for the identity strings, which are

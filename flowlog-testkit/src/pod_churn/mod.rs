@@ -274,6 +274,7 @@ impl<'a> Scenario<'a> {
             pid: None,
             comm: None,
             cgroup_id: None,
+            adopted: false,
         });
         self.out.flows.insert(
             flow_id,

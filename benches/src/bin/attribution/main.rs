@@ -438,7 +438,7 @@ fn main() -> anyhow::Result<()> {
     let mut produce_errors = 0u64;
     let truth = Scenario::new(shape.clone(), &server).run(|record| {
         value.clear();
-        avro::encode(record, 1, &mut value);
+        avro::encode(record, avro::DEFAULT_SCHEMA_ID, &mut value);
         let key = avro::key(record);
         let mut message = BaseRecord::to(&raw.name).key(&key).payload(&value);
         // A full local queue is waited out, never dropped: every planned flow must arrive.

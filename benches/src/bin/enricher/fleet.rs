@@ -176,6 +176,7 @@ impl Fleet {
                 ["java", "envoy", "node", "python3", "kubelet"][(rng.next() % 5) as usize].into(),
             ),
             cgroup_id: Some(4_000 + rng.next() % 300),
+            adopted: false,
         }
     }
 }

@@ -143,10 +143,12 @@ pub fn measure(
                 match consumer.poll(Duration::from_millis(50)) {
                     Some(Ok(m)) => {
                         let read_ns = now_ns();
-                        let flow =
-                            enriched_avro::decode_expecting(m.payload().unwrap_or_default(), 2)
-                                .context("decoding a flows.enriched record")?
-                                .flow;
+                        let flow = enriched_avro::decode_expecting(
+                            m.payload().unwrap_or_default(),
+                            enriched_avro::DEFAULT_SCHEMA_ID,
+                        )
+                        .context("decoding a flows.enriched record")?
+                        .flow;
                         // The load's flows: either end on one of the churn's server ports.
                         let ours = port_of.contains(&flow.local_port)
                             || port_of.contains(&flow.remote_port);

@@ -269,7 +269,7 @@ fn prefill(
         unknown_remote += u64::from(!is_inventoried(&record.remote_addr));
         let key = avro::key(&record);
         value.clear();
-        avro::encode(&record, 1, &mut value);
+        avro::encode(&record, avro::DEFAULT_SCHEMA_ID, &mut value);
         let partition = avro::host_partition(&key, partitions).context("partitioning")?;
         let mut message = BaseRecord::to(&topic.name)
             .key(&key)

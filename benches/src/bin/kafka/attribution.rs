@@ -67,7 +67,7 @@ pub fn bytes_per_record(records: &[FlowRecord], n: usize, level: i32) -> f64 {
             put_varint(&mut body, kv.len() as i64);
             body.extend_from_slice(&kv);
             kv.clear();
-            avro::encode(r, 1, &mut kv);
+            avro::encode(r, avro::DEFAULT_SCHEMA_ID, &mut kv);
             put_varint(&mut body, kv.len() as i64);
             body.extend_from_slice(&kv);
             put_varint(&mut body, 0); // headers

@@ -298,7 +298,7 @@ fn describe_records(out: &mut String, records: &[FlowRecord]) -> anyhow::Result<
         *outcomes.entry(r.outcome.as_str()).or_insert(0u64) += 1;
         buf.clear();
         flowlog_record::avro::key_into(r, &mut buf);
-        flowlog_record::avro::encode(r, 1, &mut buf);
+        flowlog_record::avro::encode(r, flowlog_record::avro::DEFAULT_SCHEMA_ID, &mut buf);
         raw += buf.len();
     }
     let outcomes: Vec<String> = outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();

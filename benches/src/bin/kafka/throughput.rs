@@ -70,7 +70,7 @@ pub fn encode_only(records: &[FlowRecord], total: usize) -> Run {
         key.clear();
         avro::key_into(r, &mut key);
         value.clear();
-        avro::encode(r, 1, &mut value);
+        avro::encode(r, avro::DEFAULT_SCHEMA_ID, &mut value);
         black_box((&key, &value));
     }
     Run {
@@ -208,7 +208,7 @@ pub fn pre_encode(records: &[FlowRecord]) -> Vec<(Vec<u8>, Vec<u8>)> {
         .iter()
         .map(|r| {
             let mut value = Vec::with_capacity(128);
-            avro::encode(r, 1, &mut value);
+            avro::encode(r, avro::DEFAULT_SCHEMA_ID, &mut value);
             (avro::key(r), value)
         })
         .collect()

@@ -194,7 +194,7 @@ pub fn measure(
         for r in records {
             buf.clear();
             avro::key_into(r, &mut buf);
-            avro::encode(r, 1, &mut buf);
+            avro::encode(r, avro::DEFAULT_SCHEMA_ID, &mut buf);
             raw_bytes += buf.len() as u64;
         }
         Ok(WireResult {

@@ -1,0 +1,22 @@
+-- One row per TCP connection, from flowlog's Parquet files (DuckDB).
+--
+-- flowlog records a connection at each end it can see: the client's host reports it
+-- `outbound`, the server's host `inbound`, with the 4-tuple mirrored. Summing bytes over records
+-- counts such a connection twice; this query joins the two ends into one conversation:
+-- who is the client and the server, bytes each way, the outcome, retransmits on each side and
+-- the client's RTT. A connection seen from one end only (the peer is outside the fleet, or no
+-- agent runs there) stays one row with `seen_from` = 'client' or 'server'.
+--
+-- Read views.sql first (it says which variables to set).
+--
+-- Columns: client_host, client_addr, client_port, client (the client end's owner as the
+-- enricher attributed it: namespace/workload, or the name, or the address; named by the
+-- server's record of it when that is exact, see `pick` in views.sql), client_status
+-- (exact, ambiguous, unknown), client_zone, server_host, server_addr, server_port, server,
+-- server_status, server_zone, start_ns, end_ns, bytes_up (client → server), bytes_down
+-- (server → client), bytes_agree (both ends counted the same bytes each way; null when one end
+-- is missing), outcome (the client's, else the server's: closed, reset, failed, open),
+-- retransmits_client, retransmits_server, segs_sent (both ends), resets, rtt_us (the client's last smoothed RTT),
+-- seen_from ('both', 'client', 'server'), adopted (either end was adopted at an agent's start:
+-- its start is not the connection's).
+SELECT * FROM connections ORDER BY start_ns, client_addr, client_port;

@@ -1,0 +1,275 @@
+//! The shipped DuckDB reports (`analysis/duckdb/`) answer from what a real capture wrote, checked
+//! against traffic whose truth this test knows: two network namespaces that a static inventory
+//! names as workloads in two zones (`shop/web` in zone-a, `shop/db` in zone-b), three
+//! connections with known transfers, one that the server resets, and a refused connect. The
+//! one-host `flowlog` sees both ends of each connection (both namespaces are on this host), so
+//! every connection has two flows that the reports must count once. Needs root (eBPF,
+//! namespaces), like the agent's tests.
+use std::{
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use flowlog_testkit::{
+    ChildGuard, PATIENCE, duckdb, free_port,
+    netns::{NetnsPair, abort, join},
+    temp_dir,
+};
+use serde_json::Value;
+
+const FLOWLOG: &str = env!("CARGO_BIN_EXE_flowlog");
+const HOST: &str = "flowlog-analysis-test";
+
+/// Transfers of the closed connections: (client → server, server → client) bytes.
+const TRANSFERS: [(usize, usize); 3] = [(1_000, 20_000), (5_000, 300), (70_000, 70_000)];
+/// Bytes the client sends on the connection the server then resets.
+const BEFORE_RESET: usize = 10;
+
+/// One connection from the client namespace: sends `up` bytes, half-closes, reads to the end.
+/// The server (this thread) reads everything, answers `down` bytes and closes.
+fn exchange(net: &NetnsPair, listener: &TcpListener, to: SocketAddr, up: usize, down: usize) {
+    let client = net.client("fla-client", move || {
+        let mut s = TcpStream::connect(to).unwrap();
+        s.write_all(&vec![b'u'; up]).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), down);
+    });
+    let (mut conn, _) = listener.accept().unwrap();
+    let mut got = Vec::new();
+    conn.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), up);
+    conn.write_all(&vec![b'd'; down]).unwrap();
+    drop(conn);
+    join(client);
+}
+
+/// A connection the server discards with a reset once it has read the client's bytes.
+fn reset(net: &NetnsPair, listener: &TcpListener, to: SocketAddr) {
+    let (tx, rx) = mpsc::channel::<()>();
+    let client = net.client("fla-reset", move || {
+        let mut s = TcpStream::connect(to).unwrap();
+        s.write_all(&[b'r'; BEFORE_RESET]).unwrap();
+        rx.recv().unwrap();
+        let mut buf = [0u8; 16];
+        let err = s
+            .read(&mut buf)
+            .expect_err("the server resets the connection");
+        assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+    });
+    let (mut conn, _) = listener.accept().unwrap();
+    let mut got = [0u8; BEFORE_RESET];
+    conn.read_exact(&mut got).unwrap();
+    abort(conn);
+    tx.send(()).unwrap();
+    join(client);
+}
+
+fn row<'a>(rows: &'a Value, what: &str, pred: impl Fn(&Value) -> bool) -> &'a Value {
+    let found: Vec<&Value> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| pred(r))
+        .collect();
+    assert_eq!(found.len(), 1, "{what}: {found:#?}\nall: {rows:#}");
+    found[0]
+}
+
+#[test]
+fn the_shipped_reports_answer_from_a_real_capture() {
+    let net = NetnsPair::new(60);
+    let (client_addr, server_addr) = net.addrs(false);
+    let port = 21_000 + (std::process::id() % 20_000) as u16;
+    let closed_port = port + 1;
+    let dir = temp_dir("analysis");
+    let out = dir.join("flowlogs");
+    let inventory = dir.join("static.toml");
+    std::fs::write(
+        &inventory,
+        format!(
+            "[[entry]]\ncidr = \"{client_addr}\"\nname = \"web-1\"\nnamespace = \"shop\"\n\
+             zone = \"zone-a\"\nworkload = {{ kind = \"Deployment\", name = \"web\" }}\n\n\
+             [[entry]]\ncidr = \"{server_addr}\"\nname = \"db-1\"\nnamespace = \"shop\"\n\
+             zone = \"zone-b\"\nworkload = {{ kind = \"StatefulSet\", name = \"db\" }}\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(FLOWLOG)
+        .args(["--out", &out.display().to_string(), "--host", HOST])
+        .args(["--static", &inventory.display().to_string()])
+        .args(["--summary-interval", "60s", "--hold", "1s"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .env("FLOWLOG_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting flowlog");
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            eprintln!("flowlog: {line}");
+            if line.contains("capturing TCP flows") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    let mut flowlog = ChildGuard(child);
+    ready_rx
+        .recv_timeout(PATIENCE)
+        .expect("flowlog did not start capturing");
+
+    let to = SocketAddr::new(server_addr, port);
+    let listener = net.listen(to);
+    for (up, down) in TRANSFERS {
+        exchange(&net, &listener, to, up, down);
+    }
+    reset(&net, &listener, to);
+    let refused = SocketAddr::new(server_addr, closed_port);
+    let failed = net.client("fla-refused", move || TcpStream::connect(refused).is_err());
+    assert!(join(failed), "the connect to a closed port is refused");
+    // Past the hold, so that everything is attributed and written at the stop.
+    thread::sleep(Duration::from_millis(1500));
+    assert!(
+        flowlog.terminate(PATIENCE),
+        "flowlog did not exit cleanly on SIGTERM"
+    );
+
+    let data = format!("{}/**/*.parquet", out.display());
+    let vars = [
+        "skew_ns=1000000000",
+        "from_ns=0",
+        "to_ns=9223372036854775807",
+        "price_per_gb=0.01",
+    ];
+    let ours = |r: &Value| r["server_addr"] == server_addr.to_string();
+    let server = |r: &Value| r["server"] == "shop/db";
+
+    // One row per connection, each named by the inventory, bytes each way exact.
+    let connections = duckdb("connections", &data, &vars);
+    let rows: Vec<&Value> = connections
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| ours(r))
+        .collect();
+    assert_eq!(rows.len(), TRANSFERS.len() + 2, "{rows:#?}");
+    let up: u64 = TRANSFERS.iter().map(|t| t.0 as u64).sum::<u64>() + BEFORE_RESET as u64;
+    let down: u64 = TRANSFERS.iter().map(|t| t.1 as u64).sum();
+    for r in &rows {
+        assert_eq!(
+            (r["client"].as_str(), r["client_zone"].as_str()),
+            (Some("shop/web"), Some("zone-a")),
+            "{r}"
+        );
+        assert_eq!(
+            (r["server"].as_str(), r["server_zone"].as_str()),
+            (Some("shop/db"), Some("zone-b")),
+            "{r}"
+        );
+        assert_eq!(r["client_addr"], client_addr.to_string());
+        let expected_seen = if r["server_port"] == closed_port {
+            "client"
+        } else {
+            "both"
+        };
+        assert_eq!(r["seen_from"], expected_seen, "{r}");
+        if expected_seen == "both" {
+            assert_eq!(r["bytes_agree"], true, "{r}");
+        }
+    }
+    for (up, down) in TRANSFERS {
+        let matching: Vec<&&Value> = rows
+            .iter()
+            .filter(|r| r["bytes_up"] == up as u64 && r["bytes_down"] == down as u64)
+            .collect();
+        assert_eq!(
+            matching.len(),
+            1,
+            "one closed connection {up}/{down}: {rows:#?}"
+        );
+        assert_eq!(matching[0]["outcome"], "closed");
+    }
+
+    // Availability: the pair's connections, the reset and the refused connect, worst first.
+    let availability = duckdb("availability", &data, &vars);
+    let refused_pair = row(&availability, "the refused port", |r| {
+        server(r) && r["server_port"] == closed_port
+    });
+    assert_eq!(
+        (
+            &refused_pair["connections"],
+            &refused_pair["failed"],
+            &refused_pair["unhealthy"]
+        ),
+        (&Value::from(1), &Value::from(1), &Value::from(1.0))
+    );
+    let pair = row(&availability, "web → db", |r| {
+        server(r) && r["server_port"] == port
+    });
+    assert_eq!(pair["client"], "shop/web");
+    assert_eq!(
+        (&pair["connections"], &pair["failed"], &pair["resets"]),
+        (&Value::from(4), &Value::from(0), &Value::from(1)),
+        "{pair}"
+    );
+    assert_eq!(pair["unhealthy"], 0.25);
+    assert!(
+        pair["rtt_p50_us"].as_u64().is_some_and(|rtt| rtt > 0),
+        "{pair}"
+    );
+    let first = &availability.as_array().unwrap()[0];
+    assert_eq!(first["unhealthy"], 1.0, "worst first: {availability:#}");
+
+    // Audit: the edge, with its first and last sight, counted once per connection.
+    let audit = duckdb("audit", &data, &vars);
+    let edge = row(&audit, "the edge web → db", |r| {
+        server(r) && r["server_port"] == port
+    });
+    assert_eq!(
+        (&edge["connections"], &edge["bytes_up"], &edge["bytes_down"]),
+        (&Value::from(4), &Value::from(up), &Value::from(down)),
+        "{edge}"
+    );
+    assert_eq!(
+        (
+            &edge["egress_to_unowned"],
+            &edge["inbound_from_unowned"],
+            &edge["not_exact"]
+        ),
+        (
+            &Value::from(false),
+            &Value::from(false),
+            &Value::from(false)
+        )
+    );
+    assert!(edge["first_seen_ns"].as_u64() < edge["last_seen_ns"].as_u64());
+
+    // Capacity: bytes by pair and hour, across zones, and what that costs.
+    let capacity = duckdb("capacity", &data, &vars);
+    let pair: Vec<&Value> = capacity
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| server(r) && r["server_port"] == port)
+        .collect();
+    let bytes: u64 = pair.iter().map(|r| r["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(bytes, up + down, "{pair:#?}");
+    let cost: f64 = pair
+        .iter()
+        .map(|r| r["cross_zone_cost"].as_f64().unwrap())
+        .sum();
+    let expected = (up + down) as f64 * 2.0 * 0.01 / (1u64 << 30) as f64;
+    assert!(
+        (cost - expected).abs() < expected * 1e-9,
+        "cross-zone cost {cost}, expected {expected}: {pair:#?}"
+    );
+    assert!(pair.iter().all(|r| r["cross_zone"] == true), "{pair:#?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
