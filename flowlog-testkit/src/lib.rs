@@ -308,6 +308,28 @@ pub fn pyarrow(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Runs one of the shipped ClickHouse reports (`analysis/clickhouse/<name>.sql`, after
+/// `views.sql`) in chDB, an embedded ClickHouse, on the Parquet files matching `data`, with the
+/// other query parameters `vars` (`NAME=VALUE`), and returns its rows
+/// (`flowlog-testkit/chdb_query.py`; `scripts/bootstrap` installs chdb).
+pub fn chdb(name: &str, data: &str, vars: &[&str]) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/chdb_query.py");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../analysis/clickhouse");
+    let views = format!("{dir}/views.sql");
+    let sql = format!("{dir}/{name}.sql");
+    let out = std::process::Command::new("python3")
+        .args([script, &views, &sql, data])
+        .args(vars)
+        .output()
+        .expect("running python3 (scripts/bootstrap installs chdb)");
+    assert!(
+        out.status.success(),
+        "{sql} on {data} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the rows as JSON")
+}
+
 /// Runs one of the shipped DuckDB reports (`analysis/duckdb/<name>.sql`, after `views.sql`) on
 /// the Parquet files matching `data`, with the other DuckDB variables `vars` (`NAME=VALUE`), and
 /// returns its rows (`flowlog-testkit/duckdb_query.py`; `scripts/bootstrap` installs duckdb).

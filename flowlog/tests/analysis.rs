@@ -3,8 +3,9 @@
 //! names as workloads in two zones (`shop/web` in zone-a, `shop/db` in zone-b), three
 //! connections with known transfers, one that the server resets, and a refused connect. The
 //! one-host `flowlog` sees both ends of each connection (both namespaces are on this host), so
-//! every connection has two flows that the reports must count once. Needs root (eBPF,
-//! namespaces), like the agent's tests.
+//! every connection has two flows that the reports must count once. The ClickHouse reports
+//! (`analysis/clickhouse/`, run in chDB) must give the same rows. Needs root (eBPF, namespaces),
+//! like the agent's tests.
 use std::{
     io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -15,7 +16,7 @@ use std::{
 };
 
 use flowlog_testkit::{
-    ChildGuard, PATIENCE, duckdb, free_port,
+    ChildGuard, PATIENCE, chdb, duckdb, free_port,
     netns::{NetnsPair, abort, join},
     temp_dir,
 };
@@ -79,6 +80,27 @@ fn row<'a>(rows: &'a Value, what: &str, pred: impl Fn(&Value) -> bool) -> &'a Va
         .collect();
     assert_eq!(found.len(), 1, "{what}: {found:#?}\nall: {rows:#}");
     found[0]
+}
+
+/// Rows as the two engines' JSON can be compared: booleans as 0/1 (ClickHouse's `Bool` of an
+/// expression comes out as a number), numbers as f64 rounded to 12 significant digits.
+fn normalized(rows: &Value) -> Vec<Vec<(String, String)>> {
+    let text = |v: &Value| match v {
+        Value::Bool(b) => format!("{:.12e}", f64::from(u8::from(*b))),
+        Value::Number(n) => format!("{:.12e}", n.as_f64().unwrap()),
+        other => other.to_string(),
+    };
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), text(v)))
+                .collect()
+        })
+        .collect()
 }
 
 #[test]
@@ -271,5 +293,20 @@ fn the_shipped_reports_answer_from_a_real_capture() {
         "cross-zone cost {cost}, expected {expected}: {pair:#?}"
     );
     assert!(pair.iter().all(|r| r["cross_zone"] == true), "{pair:#?}");
+
+    // The ClickHouse SQL (analysis/clickhouse/, in chDB) gives the same answers.
+    for (report, duck) in [
+        ("connections", &connections),
+        ("availability", &availability),
+        ("audit", &audit),
+        ("capacity", &capacity),
+    ] {
+        let click = chdb(report, &data, &vars);
+        assert_eq!(
+            normalized(&click),
+            normalized(duck),
+            "{report}: ClickHouse and DuckDB differ"
+        );
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
