@@ -104,8 +104,31 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("parsing the configuration file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("parsing the configuration file {path}")]
+    Syntax {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error(
+        "parsing the configuration file {path}: unknown setting `{key}` (no flag reads {name}); \
+         the settings are: {settings}"
+    )]
+    UnknownSetting {
+        path: PathBuf,
+        key: String,
+        name: String,
+        /// Every setting the binary reads, comma-separated.
+        settings: String,
+    },
+    #[error(
+        "parsing the configuration file {path}: `{key}`: {what}; use `key = value` or \
+         `key = [values]`"
+    )]
+    NotASetting {
+        path: PathBuf,
+        key: String,
+        what: &'static str,
+    },
 }
 
 /// The `--config FILE` flag of the services that read a configuration file (flatten it into
@@ -125,7 +148,7 @@ pub struct ConfigFile {
 pub fn parse_with_config_file<A: clap::Parser>() -> A {
     let known = env_names(&A::command());
     if let Err(e) = config_file_to_env(&known) {
-        eprintln!("error: {e}");
+        eprintln!("error: {}", flowlog_diag::error_chain(&e));
         std::process::exit(2);
     }
     A::parse()
@@ -161,33 +184,33 @@ pub fn config_file_to_env(known: &BTreeSet<String>) -> Result<Option<PathBuf>, C
     })?;
     let table: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| ConfigError::Parse {
+        .map_err(|e: toml::de::Error| ConfigError::Syntax {
             path: path.clone(),
-            message: e.to_string(),
+            source: Box::new(e),
         })?;
     for (key, value) in &table {
         let name = format!("FLOWLOG_{}", key.to_uppercase().replace('-', "_"));
         if !known.contains(&name) {
-            return Err(ConfigError::Parse {
+            return Err(ConfigError::UnknownSetting {
                 path: path.clone(),
-                message: format!(
-                    "unknown setting `{key}` (no flag reads {name}); the settings are: {}",
-                    known
-                        .iter()
-                        .filter_map(|n| n.strip_prefix("FLOWLOG_"))
-                        .filter(|n| *n != "CONFIG")
-                        .map(|n| n.to_lowercase())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                key: key.clone(),
+                name,
+                settings: known
+                    .iter()
+                    .filter_map(|n| n.strip_prefix("FLOWLOG_"))
+                    .filter(|n| *n != "CONFIG")
+                    .map(|n| n.to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
         if std::env::var_os(&name).is_some() {
             continue;
         }
-        let bad = |what: &str| ConfigError::Parse {
+        let bad = |what: &'static str| ConfigError::NotASetting {
             path: path.clone(),
-            message: format!("`{key}`: {what}; use `key = value` or `key = [values]`"),
+            key: key.clone(),
+            what,
         };
         let value = match value {
             toml::Value::Array(items) => items

@@ -69,10 +69,19 @@ pub enum StaticError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Not TOML, or not the fields an entry has.
+    #[error("static inventory {}:{line}", path.display())]
+    Syntax {
+        path: PathBuf,
+        /// 1-based line the TOML parser points at (0 when it gave no position).
+        line: usize,
+        source: Box<toml::de::Error>,
+    },
+    /// An entry's value that cannot be used (an address, a time, a duplicate).
     #[error("static inventory {}:{line}: {message}", path.display())]
     Parse {
         path: PathBuf,
-        /// 1-based line of the offending entry or field (0 when the parser gave no position).
+        /// 1-based line of the offending entry or field.
         line: usize,
         message: String,
     },
@@ -208,8 +217,11 @@ fn parse(path: &Path, text: &str) -> Result<BTreeMap<EntryKey, Entry>, StaticErr
         line: offset.map_or(0, |o| line_of(text, o)),
         message,
     };
-    let raw: RawFile =
-        toml::from_str(text).map_err(|e| error(e.span().map(|s| s.start), e.message().into()))?;
+    let raw: RawFile = toml::from_str(text).map_err(|e| StaticError::Syntax {
+        path: path.to_owned(),
+        line: e.span().map_or(0, |s| line_of(text, s.start)),
+        source: Box::new(e),
+    })?;
     let mut entries = BTreeMap::new();
     for spanned in raw.entry {
         let at = spanned.span().start;

@@ -29,6 +29,7 @@ mod store;
 use std::{
     collections::{BTreeMap, VecDeque},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -66,6 +67,16 @@ pub fn describe_metrics() {
 pub enum StorageError {
     #[error("parquet output `{url}`: {reason}")]
     Config { url: String, reason: String },
+    #[error("parquet output `{url}`: not a valid file URL")]
+    Url {
+        url: String,
+        source: url::ParseError,
+    },
+    #[error("parquet output `{url}`: not a valid key prefix")]
+    Prefix {
+        url: String,
+        source: object_store::path::Error,
+    },
     #[error("parquet output `{url}`: cannot create directory {}", dir.display())]
     CreateDir {
         url: String,
@@ -92,10 +103,14 @@ pub enum StorageError {
         file: String,
         source: parquet::errors::ParquetError,
     },
-    /// An earlier encoding error left rows that can never become durable: the sink takes no
-    /// more rows, so that `durable()` cannot count past them. Restart from committed offsets.
-    #[error("parquet output `{url}` stopped after an earlier error: {reason}")]
-    Poisoned { url: String, reason: String },
+    /// An encoding error left rows that can never become durable: the sink takes no more rows,
+    /// so that `durable()` cannot count past them. Restart from committed offsets. Every call
+    /// after it returns the same cause.
+    #[error("parquet output `{url}` takes no more rows")]
+    Poisoned {
+        url: String,
+        source: Arc<StorageError>,
+    },
 }
 
 /// Where and when to write Parquet files.
@@ -165,8 +180,8 @@ pub struct ParquetSink {
     durable: u64,
     /// What the files so far encoded to, for the sizes of the open ones.
     size_model: SizeModel,
-    /// Set by the first encoding error (see [`StorageError::Poisoned`]).
-    poisoned: Option<String>,
+    /// The first encoding error (see [`StorageError::Poisoned`]).
+    poisoned: Option<Arc<StorageError>>,
     /// The current run of failed uploads; kept across calls, so that an outage is logged
     /// once (then once a minute) however often a cancelled roll is resumed.
     retry: RetryState,
@@ -303,7 +318,7 @@ impl ParquetSink {
                 Ok(())
             }
             Err(e) => {
-                self.poisoned = Some(error_chain(&e));
+                let e = self.poison(e);
                 // Generations closed before the error are still a prefix: upload them anyway.
                 self.upload_closed().await;
                 Err(e)
@@ -346,7 +361,7 @@ impl ParquetSink {
     pub async fn roll(&mut self) -> Result<(), StorageError> {
         self.check_poisoned()?;
         if let Err(e) = self.close_generation() {
-            self.poisoned = Some(error_chain(&e));
+            let e = self.poison(e);
             // Generations closed before the error are still a prefix: upload them anyway.
             self.upload_closed().await;
             return Err(e);
@@ -357,21 +372,28 @@ impl ParquetSink {
 
     fn check_poisoned(&self) -> Result<(), StorageError> {
         match &self.poisoned {
-            Some(reason) => Err(StorageError::Poisoned {
+            Some(cause) => Err(StorageError::Poisoned {
                 url: self.url.clone(),
-                reason: reason.clone(),
+                source: Arc::clone(cause),
             }),
             None => Ok(()),
         }
     }
 
-    /// Remembers the first error that loses rows, so that no later roll advances `durable`
-    /// past them.
-    fn poison_on_error(&mut self, result: Result<(), StorageError>) -> Result<(), StorageError> {
-        if let Err(e) = &result {
-            self.poisoned = Some(error_chain(e));
+    /// Remembers `error`, which loses rows, so that no later roll advances `durable` past them;
+    /// returns it as the [`StorageError::Poisoned`] every later call returns too.
+    fn poison(&mut self, error: StorageError) -> StorageError {
+        let cause = Arc::new(error);
+        self.poisoned = Some(Arc::clone(&cause));
+        StorageError::Poisoned {
+            url: self.url.clone(),
+            source: cause,
         }
-        result
+    }
+
+    /// [`Self::poison`] on an error.
+    fn poison_on_error(&mut self, result: Result<(), StorageError>) -> Result<(), StorageError> {
+        result.map_err(|e| self.poison(e))
     }
 
     /// Turns the open files into a closed generation (no await: never half done).

@@ -108,14 +108,20 @@ pub(crate) fn open(url: &str, s3: &S3Options) -> Result<Target, StorageError> {
             url: url.to_string(),
             source,
         })?;
-        let prefix = Path::parse(prefix).map_err(|e| config(format!("bad key prefix: {e}")))?;
+        let prefix = Path::parse(prefix).map_err(|source| StorageError::Prefix {
+            url: url.to_string(),
+            source,
+        })?;
         return Ok(Target {
             store: Arc::new(store),
             prefix,
         });
     }
     let dir: PathBuf = if url.starts_with("file:") {
-        let parsed = url::Url::parse(url).map_err(|e| config(e.to_string()))?;
+        let parsed = url::Url::parse(url).map_err(|source| StorageError::Url {
+            url: url.to_string(),
+            source,
+        })?;
         parsed
             .to_file_path()
             .map_err(|()| config("not an absolute local path".into()))?
