@@ -59,7 +59,8 @@ CREATE OR REPLACE VIEW flowlog.flows AS
 
 -- One row per TCP connection: the client's outbound flow and the server's inbound flow with the
 -- mirrored 4-tuple, overlapping in time within skew_ns, joined; one-sided where one is missing.
-CREATE OR REPLACE VIEW flowlog.connections AS
+-- Every connection, whatever the window (the reports that compare windows read it).
+CREATE OR REPLACE VIEW flowlog.all_connections AS
     SELECT
         c.host AS client_host,
         if(c.flow_id IS NULL, s.remote_addr, c.local_addr) AS client_addr,
@@ -99,5 +100,21 @@ CREATE OR REPLACE VIEW flowlog.connections AS
         AND c.remote_port = s.local_port
         AND c.start_ns <= s.end_ns + {skew_ns:UInt64}
         AND s.start_ns <= c.end_ns + {skew_ns:UInt64}
-    WHERE start_ns < {to_ns:UInt64} AND end_ns >= {from_ns:UInt64}
     SETTINGS join_use_nulls = 1, allow_experimental_join_condition = 1;
+
+-- The connections that overlap the window [from_ns, to_ns).
+CREATE OR REPLACE VIEW flowlog.connections AS
+    SELECT * FROM flowlog.all_connections(data = {data:String}, skew_ns = {skew_ns:UInt64})
+    WHERE start_ns < {to_ns:UInt64} AND end_ns >= {from_ns:UInt64};
+
+-- Every connection with the window it belongs to: 'current' if it overlaps [from_ns, to_ns),
+-- else 'previous' if it overlaps the window of the same length just before; else null.
+CREATE OR REPLACE VIEW flowlog.windowed_connections AS
+    SELECT
+        *,
+        multiIf(
+            start_ns < {to_ns:UInt64} AND end_ns >= {from_ns:UInt64}, 'current',
+            start_ns < {from_ns:UInt64} AND toInt128(end_ns) >=
+                2 * toInt128({from_ns:UInt64}) - toInt128({to_ns:UInt64}), 'previous',
+            NULL) AS period
+    FROM flowlog.all_connections(data = {data:String}, skew_ns = {skew_ns:UInt64});

@@ -1,5 +1,6 @@
 -- The views flowlog's reports are built on (DuckDB): `records`, `flows` (one row per flow),
--- `connections` (one row per TCP connection, its two ends joined). Read this file first, then
+-- `all_connections` (one row per TCP connection, its two ends joined), `connections` (those of
+-- the window) and `windowed_connections` (each marked current, previous or neither). Read this file first, then
 -- a report (connections.sql, availability.sql, audit.sql, capacity.sql).
 --
 -- Variables, set before reading this file:
@@ -65,7 +66,8 @@ CREATE OR REPLACE TEMP VIEW flows AS
     FROM records
     GROUP BY host, flow_id;
 
-CREATE OR REPLACE TEMP VIEW connections AS
+-- Every connection, whatever the window (the reports that compare windows read it).
+CREATE OR REPLACE TEMP VIEW all_connections AS
 WITH clients AS (SELECT * FROM flows WHERE direction = 'outbound'),
 servers AS (SELECT * FROM flows WHERE direction = 'inbound'),
 joined AS (
@@ -113,6 +115,23 @@ SELECT
         ELSE 'server'
     END AS seen_from,
     coalesce(c.adopted, false) OR coalesce(s.adopted, false) AS adopted
-FROM joined
-WHERE coalesce(c.start_ns, s.start_ns) < getvariable('to_ns')
-    AND greatest(c.end_ns, s.end_ns) >= getvariable('from_ns');
+FROM joined;
+
+-- The connections that overlap the window [from_ns, to_ns).
+CREATE OR REPLACE TEMP VIEW connections AS
+    SELECT * FROM all_connections
+    WHERE start_ns < getvariable('to_ns') AND end_ns >= getvariable('from_ns');
+
+-- Every connection with the window it belongs to: 'current' if it overlaps [from_ns, to_ns),
+-- else 'previous' if it overlaps the window of the same length just before; else neither.
+CREATE OR REPLACE TEMP VIEW windowed_connections AS
+    SELECT
+        *,
+        CASE
+            WHEN start_ns < getvariable('to_ns') AND end_ns >= getvariable('from_ns')
+                THEN 'current'
+            WHEN start_ns < getvariable('from_ns') AND end_ns::HUGEINT >=
+                2 * getvariable('from_ns')::HUGEINT - getvariable('to_ns')::HUGEINT
+                THEN 'previous'
+        END AS period
+    FROM all_connections;

@@ -1,7 +1,9 @@
 //! The shipped DuckDB reports (`analysis/duckdb/`) answer from what a real capture wrote, checked
 //! against traffic whose truth this test knows: two network namespaces that a static inventory
 //! names as workloads in two zones (`shop/web` in zone-a, `shop/db` in zone-b), three
-//! connections with known transfers, one that the server resets, and a refused connect. The
+//! connections with known transfers, one that the server resets, and a refused connect; the
+//! first transfer in a window of its own, so that the reports that compare a window with the
+//! one before it have a known answer too. The
 //! one-host `flowlog` sees both ends of each connection (both namespaces are on this host), so
 //! every connection has two flows that the reports must count once. The ClickHouse reports
 //! (`analysis/clickhouse/`, run in chDB) must give the same rows. Needs root (eBPF, namespaces),
@@ -103,6 +105,13 @@ fn normalized(rows: &Value) -> Vec<Vec<(String, String)>> {
         .collect()
 }
 
+fn epoch_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_nanos() as u64
+}
+
 #[test]
 fn the_shipped_reports_answer_from_a_real_capture() {
     let net = NetnsPair::new(60);
@@ -149,8 +158,12 @@ fn the_shipped_reports_answer_from_a_real_capture() {
 
     let to = SocketAddr::new(server_addr, port);
     let listener = net.listen(to);
-    for (up, down) in TRANSFERS {
-        exchange(&net, &listener, to, up, down);
+    // Two windows: the first transfer alone, then the rest with the failures.
+    exchange(&net, &listener, to, TRANSFERS[0].0, TRANSFERS[0].1);
+    thread::sleep(Duration::from_millis(200));
+    let second_window = epoch_ns();
+    for (up, down) in &TRANSFERS[1..] {
+        exchange(&net, &listener, to, *up, *down);
     }
     reset(&net, &listener, to);
     let refused = SocketAddr::new(server_addr, closed_port);
@@ -294,14 +307,52 @@ fn the_shipped_reports_answer_from_a_real_capture() {
     );
     assert!(pair.iter().all(|r| r["cross_zone"] == true), "{pair:#?}");
 
+    // The second window against the first (a window of the same length just before it): the
+    // pair got worse (a reset where there was none), the refused port's edge is new.
+    let from = format!("from_ns={second_window}");
+    let to_ns = format!("to_ns={}", second_window + 60_000_000_000);
+    let windowed = [vars[0], &from, &to_ns, vars[3]];
+    let worse = duckdb("availability", &data, &windowed);
+    let pair = row(&worse, "web → db, second window", |r| {
+        server(r) && r["server_port"] == port
+    });
+    assert_eq!(
+        (
+            &pair["connections"],
+            &pair["resets"],
+            &pair["prev_connections"]
+        ),
+        (&Value::from(3), &Value::from(1), &Value::from(1)),
+        "{pair}"
+    );
+    assert_eq!(
+        (&pair["prev_unhealthy"], &pair["worse"]),
+        (&Value::from(0.0), &Value::from(true)),
+        "{pair}"
+    );
+    let new_edges = duckdb("audit", &data, &windowed);
+    let seen_before = row(&new_edges, "web → db, second window", |r| {
+        server(r) && r["server_port"] == port
+    });
+    assert_eq!(
+        (&seen_before["connections"], &seen_before["new"]),
+        (&Value::from(3), &Value::from(false))
+    );
+    let refused_edge = row(&new_edges, "the refused port, second window", |r| {
+        server(r) && r["server_port"] == closed_port
+    });
+    assert_eq!(refused_edge["new"], true);
+
     // The ClickHouse SQL (analysis/clickhouse/, in chDB) gives the same answers.
-    for (report, duck) in [
-        ("connections", &connections),
-        ("availability", &availability),
-        ("audit", &audit),
-        ("capacity", &capacity),
+    for (report, vars, duck) in [
+        ("connections", &vars[..], &connections),
+        ("availability", &vars[..], &availability),
+        ("audit", &vars[..], &audit),
+        ("capacity", &vars[..], &capacity),
+        ("availability", &windowed[..], &worse),
+        ("audit", &windowed[..], &new_edges),
     ] {
-        let click = chdb(report, &data, &vars);
+        let click = chdb(report, &data, vars);
         assert_eq!(
             normalized(&click),
             normalized(duck),
