@@ -3,7 +3,8 @@
 //! names as workloads in two zones (`shop/web` in zone-a, `shop/db` in zone-b), three
 //! connections with known transfers, one that the server resets, and a refused connect; the
 //! first transfer in a window of its own, so that the reports that compare a window with the
-//! one before it have a known answer too. The
+//! one before it have a known answer too; after it, the server's namespace drops every other
+//! data segment it receives (nftables), so there are retransmits while the bytes stay exact. The
 //! one-host `flowlog` sees both ends of each connection (both namespaces are on this host), so
 //! every connection has two flows that the reports must count once. The ClickHouse reports
 //! (`analysis/clickhouse/`, run in chDB) must give the same rows. Needs root (eBPF, namespaces),
@@ -162,6 +163,12 @@ fn the_shipped_reports_answer_from_a_real_capture() {
     exchange(&net, &listener, to, TRANSFERS[0].0, TRANSFERS[0].1);
     thread::sleep(Duration::from_millis(200));
     let second_window = epoch_ns();
+    // From here on the server's side loses every other data segment it receives (the first
+    // among them): the clients retransmit, and the bytes stay exact. Deterministic, not random:
+    // veth carries large GSO segments, so a connection has few packets to lose.
+    net.add_server_input_rule(&format!(
+        "tcp dport {port} ip length > 200 numgen inc mod 2 == 0 drop"
+    ));
     for (up, down) in &TRANSFERS[1..] {
         exchange(&net, &listener, to, *up, *down);
     }
@@ -255,6 +262,11 @@ fn the_shipped_reports_answer_from_a_real_capture() {
         "{pair}"
     );
     assert_eq!(pair["unhealthy"], 0.25);
+    assert!(
+        pair["retransmits"].as_u64().is_some_and(|n| n > 0)
+            && pair["retransmit_rate"].as_f64().is_some_and(|r| r > 0.0),
+        "the loss shows as retransmits: {pair}"
+    );
     assert!(
         pair["rtt_p50_us"].as_u64().is_some_and(|rtt| rtt > 0),
         "{pair}"
