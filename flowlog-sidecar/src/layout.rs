@@ -182,12 +182,7 @@ pub const RAW_TRACEPOINTS: [&str; 3] = [
 /// Discovers the layout of sockets from the BTF file at `btf_path`, and checks that the raw
 /// tracepoints exist.
 pub fn discover(btf_path: &Path) -> Result<KernelLayout, LayoutError> {
-    let kernel = kernel_release();
-    let btf = Btf::from_file(btf_path).map_err(|source| LayoutError::NoBtf {
-        kernel: kernel.clone(),
-        path: btf_path.to_path_buf(),
-        source,
-    })?;
+    let KernelBtf { kernel, btf } = KernelBtf::open(btf_path)?;
     for tracepoint in RAW_TRACEPOINTS {
         let name = tracepoint.split_once(':').map_or(tracepoint, |(_, n)| n);
         if !btf.has_typedef(&format!("btf_trace_{name}")) {
@@ -266,6 +261,34 @@ pub fn discover(btf_path: &Path) -> Result<KernelLayout, LayoutError> {
     })
 }
 
+/// The running kernel's BTF, with errors that name the kernel.
+struct KernelBtf {
+    kernel: String,
+    btf: Btf,
+}
+
+impl KernelBtf {
+    fn open(btf_path: &Path) -> Result<Self, LayoutError> {
+        let kernel = kernel_release();
+        let btf = Btf::from_file(btf_path).map_err(|source| LayoutError::NoBtf {
+            kernel: kernel.clone(),
+            path: btf_path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self { kernel, btf })
+    }
+
+    /// The offset of `member` (a dotted path) in `structure`.
+    fn offset(&self, structure: &str, member: &str) -> Result<u32, LayoutError> {
+        self.btf
+            .member_offset(structure, member)
+            .map_err(|source| LayoutError::Btf {
+                kernel: self.kernel.clone(),
+                source,
+            })
+    }
+}
+
 /// The syscall tracepoints that report accepted sockets, as `category/name`.
 pub const ACCEPT_TRACEPOINTS: [&str; 2] = ["syscalls/sys_exit_accept4", "syscalls/sys_exit_accept"];
 
@@ -285,18 +308,8 @@ pub fn discover_accept(tracefs: &Path, btf_path: &Path) -> Result<AcceptLayout, 
         }
         ret = Some(offset);
     }
-    let btf = Btf::from_file(btf_path).map_err(|source| LayoutError::NoBtf {
-        kernel: kernel.clone(),
-        path: btf_path.to_path_buf(),
-        source,
-    })?;
-    let off = |structure: &str, member: &str| {
-        btf.member_offset(structure, member)
-            .map_err(|source| LayoutError::Btf {
-                kernel: kernel.clone(),
-                source,
-            })
-    };
+    let btf = KernelBtf::open(btf_path)?;
+    let off = |structure: &str, member: &str| btf.offset(structure, member);
     Ok(AcceptLayout {
         ret: ret.unwrap_or_default(),
         task_files: off("task_struct", "files")?,
@@ -311,19 +324,8 @@ pub fn discover_accept(tracefs: &Path, btf_path: &Path) -> Result<AcceptLayout, 
 
 /// Discovers what the adoption program reads besides the socket (see [`AdoptLayout`]).
 pub fn discover_adopt(btf_path: &Path) -> Result<AdoptLayout, LayoutError> {
-    let kernel = kernel_release();
-    let btf = Btf::from_file(btf_path).map_err(|source| LayoutError::NoBtf {
-        kernel: kernel.clone(),
-        path: btf_path.to_path_buf(),
-        source,
-    })?;
-    let off = |structure: &str, member: &str| {
-        btf.member_offset(structure, member)
-            .map_err(|source| LayoutError::Btf {
-                kernel: kernel.clone(),
-                source,
-            })
-    };
+    let btf = KernelBtf::open(btf_path)?;
+    let off = |structure: &str, member: &str| btf.offset(structure, member);
     Ok(AdoptLayout {
         socket_sk: off("socket", "sk")?,
         socket_type: off("socket", "type")?,
