@@ -310,39 +310,36 @@ pub fn pyarrow(args: &[&str]) -> String {
 
 /// Runs one of the shipped ClickHouse reports (`analysis/clickhouse/<name>.sql`, after
 /// `views.sql`) in chDB, an embedded ClickHouse, on the Parquet files matching `data`, with the
-/// other query parameters `vars` (`NAME=VALUE`), and returns its rows
-/// (`flowlog-testkit/chdb_query.py`; `scripts/bootstrap` installs chdb).
+/// other query parameters `vars` (`NAME=VALUE`), and returns its rows.
 pub fn chdb(name: &str, data: &str, vars: &[&str]) -> serde_json::Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/chdb_query.py");
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../analysis/clickhouse");
-    let views = format!("{dir}/views.sql");
-    let sql = format!("{dir}/{name}.sql");
-    let out = std::process::Command::new("python3")
-        .args([script, &views, &sql, data])
-        .args(vars)
-        .output()
-        .expect("running python3 (scripts/bootstrap installs chdb)");
-    assert!(
-        out.status.success(),
-        "{sql} on {data} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("the rows as JSON")
+    shipped_report("chdb", "clickhouse", name, data, vars)
 }
 
 /// Runs one of the shipped DuckDB reports (`analysis/duckdb/<name>.sql`, after `views.sql`) on
 /// the Parquet files matching `data`, with the other DuckDB variables `vars` (`NAME=VALUE`), and
-/// returns its rows (`flowlog-testkit/duckdb_query.py`; `scripts/bootstrap` installs duckdb).
+/// returns its rows.
 pub fn duckdb(name: &str, data: &str, vars: &[&str]) -> serde_json::Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/duckdb_query.py");
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../analysis/duckdb");
+    shipped_report("duckdb", "duckdb", name, data, vars)
+}
+
+/// `flowlog-testkit/sql_report.py` with `engine` on `analysis/<dir>/views.sql` and
+/// `analysis/<dir>/<name>.sql` (`scripts/bootstrap` installs duckdb and chdb).
+fn shipped_report(
+    engine: &str,
+    dir: &str,
+    name: &str,
+    data: &str,
+    vars: &[&str],
+) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sql_report.py");
+    let dir = format!("{}/../analysis/{dir}", env!("CARGO_MANIFEST_DIR"));
     let views = format!("{dir}/views.sql");
     let sql = format!("{dir}/{name}.sql");
     let out = std::process::Command::new("python3")
-        .args([script, &views, &sql, data])
+        .args([script, engine, &views, &sql, data])
         .args(vars)
         .output()
-        .expect("running python3 (scripts/bootstrap installs duckdb)");
+        .unwrap_or_else(|e| panic!("running python3 for {engine}: {e}"));
     assert!(
         out.status.success(),
         "{sql} on {data} failed: {}",
