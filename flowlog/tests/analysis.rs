@@ -9,23 +9,23 @@
 //! every connection has two flows that the reports must count once. The ClickHouse reports
 //! (`analysis/clickhouse/`, run in chDB) must give the same rows. Needs root (eBPF, namespaces),
 //! like the agent's tests.
+mod support;
+
 use std::{
-    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    io::{ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    process::{Command, Stdio},
     sync::mpsc,
     thread,
     time::Duration,
 };
 
 use flowlog_testkit::{
-    ChildGuard, PATIENCE, chdb, duckdb, free_port,
+    chdb, duckdb,
     netns::{NetnsPair, abort, join},
     temp_dir,
 };
 use serde_json::Value;
-
-const FLOWLOG: &str = env!("CARGO_BIN_EXE_flowlog");
+use support::Flowlog;
 const HOST: &str = "flowlog-analysis-test";
 
 /// Transfers of the closed connections: (client → server, server → client) bytes.
@@ -132,30 +132,19 @@ fn the_shipped_reports_answer_from_a_real_capture() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(FLOWLOG)
-        .args(["--out", &out.display().to_string(), "--host", HOST])
-        .args(["--static", &inventory.display().to_string()])
-        .args(["--summary-interval", "60s", "--hold", "1s"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-        .env("FLOWLOG_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting flowlog");
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            eprintln!("flowlog: {line}");
-            if line.contains("capturing TCP flows") {
-                let _ = ready_tx.send(());
-            }
-        }
-    });
-    let mut flowlog = ChildGuard(child);
-    ready_rx
-        .recv_timeout(PATIENCE)
-        .expect("flowlog did not start capturing");
+    let (out_arg, inventory_arg) = (out.display().to_string(), inventory.display().to_string());
+    let mut flowlog = Flowlog::start(&[
+        "--out",
+        &out_arg,
+        "--host",
+        HOST,
+        "--static",
+        &inventory_arg,
+        "--summary-interval",
+        "60s",
+        "--hold",
+        "1s",
+    ]);
 
     let to = SocketAddr::new(server_addr, port);
     let listener = net.listen(to);
@@ -178,10 +167,7 @@ fn the_shipped_reports_answer_from_a_real_capture() {
     assert!(join(failed), "the connect to a closed port is refused");
     // Past the hold, so that everything is attributed and written at the stop.
     thread::sleep(Duration::from_millis(1500));
-    assert!(
-        flowlog.terminate(PATIENCE),
-        "flowlog did not exit cleanly on SIGTERM"
-    );
+    assert!(flowlog.stop(), "flowlog did not exit cleanly on SIGTERM");
 
     let data = format!("{}/**/*.parquet", out.display());
     let vars = [

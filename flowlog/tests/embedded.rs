@@ -3,19 +3,18 @@
 //! nobody here wrote) reads back with the exact flows of traffic made here: byte counts, ports,
 //! outcomes and identities; and the shipped DuckDB SQL (`analysis/duckdb/connections.sql`) makes
 //! one row of each connection's two ends. Needs root (eBPF), like the agent's tests.
+mod support;
+
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    process::{Command, Stdio},
-    sync::{Arc, Mutex, mpsc},
     thread,
     time::Duration,
 };
 
-use flowlog_testkit::{ChildGuard, PATIENCE, duckdb, free_port, pyarrow, temp_dir};
+use flowlog_testkit::{duckdb, free_port, pyarrow, temp_dir};
 use serde_json::Value;
-
-const FLOWLOG: &str = env!("CARGO_BIN_EXE_flowlog");
+use support::Flowlog;
 const HOST: &str = "flowlog-embedded-test";
 
 /// One connection: the client sends `up` bytes, the server `down`, then both close.
@@ -66,37 +65,17 @@ fn rows(dir: &std::path::Path) -> Vec<Value> {
 fn the_run_command_writes_parquet_with_the_exact_flows() {
     let dir = temp_dir("embedded");
     let out = dir.join("flowlogs");
-    let mut child = Command::new(FLOWLOG)
-        .args(["--out", &out.display().to_string(), "--host", HOST])
-        .args(["--summary-interval", "1s", "--hold", "2s"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-        .env("FLOWLOG_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting flowlog");
-    let stdout = Arc::new(Mutex::new(String::new()));
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            eprintln!("flowlog: {line}");
-            if line.contains("capturing TCP flows") {
-                let _ = ready_tx.send(());
-            }
-        }
-    });
-    let summary = Arc::clone(&stdout);
-    let lines = BufReader::new(child.stdout.take().unwrap());
-    thread::spawn(move || {
-        for line in lines.lines().map_while(Result::ok) {
-            summary.lock().unwrap().push_str(&format!("{line}\n"));
-        }
-    });
-    let mut flowlog = ChildGuard(child);
-    ready_rx
-        .recv_timeout(PATIENCE)
-        .expect("flowlog did not start capturing");
+    let out_arg = out.display().to_string();
+    let mut flowlog = Flowlog::start(&[
+        "--out",
+        &out_arg,
+        "--host",
+        HOST,
+        "--summary-interval",
+        "1s",
+        "--hold",
+        "2s",
+    ]);
 
     let server = TcpListener::bind("127.0.0.1:0").unwrap();
     let sizes = [
@@ -115,10 +94,7 @@ fn the_run_command_writes_parquet_with_the_exact_flows() {
     assert!(TcpStream::connect(refused).is_err());
     // A summary interval passes with the flows in it.
     thread::sleep(Duration::from_millis(2500));
-    assert!(
-        flowlog.terminate(PATIENCE),
-        "flowlog did not exit cleanly on SIGTERM"
-    );
+    assert!(flowlog.stop(), "flowlog did not exit cleanly on SIGTERM");
 
     let rows = rows(&out);
     let cgroup = own_cgroup();
@@ -234,7 +210,7 @@ fn the_run_command_writes_parquet_with_the_exact_flows() {
         "a refused connect has its client end only"
     );
 
-    let summary = stdout.lock().unwrap().clone();
+    let summary = flowlog.stdout.lock().unwrap().clone();
     assert!(summary.contains("flows/s"), "no live summary:\n{summary}");
     assert!(
         summary.contains("top talkers"),
