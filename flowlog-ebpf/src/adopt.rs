@@ -37,9 +37,12 @@ use flowlog_common::{
     flow_flag, tcp_state, tuple_block,
 };
 
-use super::{
-    CONFIG, Direct, FLOWS, ProbeRead, SockRead, count, load_global, next_flow_id, read_tuple,
-    tracked_state, zero_words, zero16,
+use crate::{
+    CONFIG,
+    lifecycle::{next_flow_id, read_tuple, tracked_state},
+    maps::{FLOWS, count},
+    mem::{zero_words, zero16},
+    sock::{Direct, ProbeRead, SockRead},
 };
 
 /// What [`flowlog_adopt`] reads besides the socket; overridden by the agent at load time.
@@ -94,10 +97,10 @@ pub fn flowlog_adopt(ctx: *mut c_void) -> i32 {
     // checking what the typed `struct socket` says (a stream socket) and, through the probe
     // reads, that it is TCP over IPv4 or IPv6 (not MPTCP, SMC, UDP or raw).
     let socket = Direct(socket as *const u8);
-    if socket.read::<u16>(load_global(&raw const ADOPT.socket_type)) != SOCK_STREAM {
+    if socket.read::<u16>(global!(ADOPT.socket_type)) != SOCK_STREAM {
         return 0;
     }
-    let sk: u64 = socket.read(load_global(&raw const ADOPT.socket_sk));
+    let sk: u64 = socket.read(global!(ADOPT.socket_sk));
     let Some(sock) = ProbeRead::tcp(sk, true) else {
         return 0;
     };
@@ -105,14 +108,12 @@ pub fn flowlog_adopt(ctx: *mut c_void) -> i32 {
     if family != AF_INET && family != AF_INET6 {
         return 0;
     }
-    let state: u8 =
-        sock.read(load_global(&raw const CONFIG.layout.sk_daddr) + tuple_block::STATE as u32);
-    let net: u64 = sock.read(load_global(&raw const ADOPT.sk_net));
+    let state: u8 = sock.read(global!(CONFIG.layout.sk_daddr) + tuple_block::STATE as u32);
+    let net: u64 = sock.read(global!(ADOPT.sk_net));
     let pass = ADOPT_PASS.get(0).copied().unwrap_or(0);
     if pass == adopt_pass::LISTENERS {
         if state == tcp_state::LISTEN {
-            let port =
-                u16::from_be(sock.read::<u16>(load_global(&raw const CONFIG.layout.inet_sport)));
+            let port = u16::from_be(sock.read::<u16>(global!(CONFIG.layout.inet_sport)));
             let key = ListenerKey {
                 net,
                 port: u64::from(port),
@@ -169,21 +170,20 @@ fn adopt(sk: u64, sock: ProbeRead, state: u8, net: u64, task: u64) {
 #[inline(always)]
 fn take_task(flow: &mut FlowState, task: *const u8) {
     unsafe {
-        flow.pid = read_at::<u32>(task, load_global(&raw const ADOPT.task_tgid));
+        flow.pid = read_at::<u32>(task, global!(ADOPT.task_tgid));
         let comm = &raw mut flow.comm;
         if helper::bpf_probe_read_kernel(
             comm as *mut c_void,
             16,
-            task.add(load_global(&raw const ADOPT.task_comm) as usize) as *const c_void,
+            task.add(global!(ADOPT.task_comm) as usize) as *const c_void,
         ) != 0
         {
             zero16(comm);
         }
-        let css_set = read_at::<u64>(task, load_global(&raw const ADOPT.task_cgroups)) as *const u8;
-        let cgroup =
-            read_at::<u64>(css_set, load_global(&raw const ADOPT.css_set_dfl_cgrp)) as *const u8;
-        let kn = read_at::<u64>(cgroup, load_global(&raw const ADOPT.cgroup_kn)) as *const u8;
-        let id = read_at::<u64>(kn, load_global(&raw const ADOPT.kernfs_node_id));
+        let css_set = read_at::<u64>(task, global!(ADOPT.task_cgroups)) as *const u8;
+        let cgroup = read_at::<u64>(css_set, global!(ADOPT.css_set_dfl_cgrp)) as *const u8;
+        let kn = read_at::<u64>(cgroup, global!(ADOPT.cgroup_kn)) as *const u8;
+        let id = read_at::<u64>(kn, global!(ADOPT.kernfs_node_id));
         write_volatile(&raw mut flow.cgroup_id, id);
     }
     flow.flags |= flow_flag::PROCESS_KNOWN;
