@@ -759,7 +759,7 @@ fn full_spool_drops_the_newest_counts_them_logs_once_and_delivers_the_rest() {
     };
     let body = len(&records[0]);
     assert!(records.iter().all(|r| len(r) == body), "one size for all");
-    // The spool's format (spool.rs): a segment starts with a 16-byte header and rolls at an
+    // The spool's format (spool/format.rs): a segment starts with a 16-byte header and rolls at an
     // eighth of the limit; a record takes a 12-byte header plus key and value. With the limit at
     // 8 × (16 + 4 × (12 + body)), 8 segments of exactly 4 records fill it: 32 records fit.
     let max = 8 * (16 + 4 * (12 + body));

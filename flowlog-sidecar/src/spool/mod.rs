@@ -1,32 +1,8 @@
 //! The durable disk spool behind the Kafka sink: when the broker is unreachable or slow, encoded
 //! records wait here, survive a crash or restart of the agent, and are replayed in order; a record
 //! leaves the spool only once its delivery was acknowledged ([`Spool::ack`]). Records are opaque
-//! `(key, payload)` byte strings: the spool neither knows nor cares that they are Avro.
-//!
-//! # On-disk format (version 1, all integers little-endian)
-//!
-//! A spool directory holds numbered segment files, an acknowledgement file and a lock file:
-//!
-//! - `NNNNNNNNNNNNNNNNNNNN.seg` (20 decimal digits, the segment number; numbers only grow, so
-//!   name order is append order). A 16-byte header — magic `FLSPSG`, version `u16`, segment number
-//!   `u64` (must match the name) — then records back to back, each a 12-byte header — CRC-32
-//!   (`crc32fast`, IEEE) `u32` over the next 8 bytes *and* the key and payload, key length `u32`,
-//!   payload length `u32` — followed by the key and the payload. The CRC covers the lengths so
-//!   that a run of zeros (what a file system may leave after a power loss) never parses as a valid
-//!   empty record. Segments are append-only: a record is never rewritten in place.
-//! - `acks`: which records of the remaining segments were acknowledged. Magic `FLSPAK`, version
-//!   `u16`, next segment number `u64`, entry count `u32`, then per entry segment `u64`, start
-//!   offset `u64`, end offset `u64` (a half-open byte range of whole acknowledged records), then a
-//!   CRC-32 of everything before it. It is rewritten whole to `acks.tmp`, fsynced and renamed over
-//!   `acks` ([`Spool::sync`]), so a crash leaves either the old or the new file, never a mix.
-//!   Ranges rather than a per-segment "acknowledged up to" mark because Kafka delivery reports
-//!   arrive out of order: a mark alone would re-deliver every record acknowledged past a gap.
-//!   Ranges rather than one entry per record because reports are nearly in order, so the set
-//!   stays a handful of ranges however many records it covers. The next segment number is kept so
-//!   that a number is never reused while an old entry could still name it.
-//! - `lock`: held with an exclusive file lock (`flock`) while a [`Spool`] is open, so two agents
-//!   never share a directory. A child process forked meanwhile shares the lock until its exec
-//!   closes the (close-on-exec) descriptor: a reopen in that instant sees [`SpoolError::Locked`].
+//! `(key, payload)` byte strings: the spool neither knows nor cares that they are Avro. Their
+//! on-disk format is in [`format`]; this module is what runs on it.
 //!
 //! # Durability and what a crash can lose
 //!
@@ -56,6 +32,8 @@
 //! counts it. Records already spooled are older and were accepted first; keeping them keeps the
 //! replayed stream a gap-free prefix of what was produced. Space comes back when every record of a
 //! segment is acknowledged and the segment file is deleted.
+mod format;
+
 use std::{
     collections::BTreeMap,
     fmt,
@@ -65,28 +43,20 @@ use std::{
     path::{Path, PathBuf},
 };
 
-const SEGMENT_MAGIC: &[u8; 6] = b"FLSPSG";
-const ACKS_MAGIC: &[u8; 6] = b"FLSPAK";
-const FORMAT_VERSION: u16 = 1;
-/// Magic (6) + version (2) + segment number (8).
-const SEGMENT_HEADER_LEN: u64 = 16;
-/// CRC (4) + key length (4) + payload length (4).
-const RECORD_HEADER_LEN: u64 = 12;
+pub use format::MAX_RECORD_BYTES;
+use format::{
+    ACKS_FILE, ACKS_TMP_FILE, LOCK_FILE, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, covered,
+    encode_acks, encode_record, parse_acks, parse_record_header, record_crc, scan_segment,
+    segment_header, segment_number, segment_path,
+};
+
 /// Largest segment file. Space is reclaimed a whole segment at a time, so a segment should be a
 /// small part of the spool (see [`segment_target`]); 8 MiB keeps recovery's per-segment read and
 /// the number of files reasonable for spools of a few GiB.
 pub const MAX_SEGMENT_BYTES: u64 = 8 << 20;
-/// Largest key + payload of one record. Flow records are ~100 bytes; anything near this is a bug,
-/// and a length field above it is how recovery recognises a garbled header.
-pub const MAX_RECORD_BYTES: u64 = 16 << 20;
 /// Appends are gathered in memory up to this size before a write system call.
 const WRITE_BUFFER_BYTES: usize = 256 << 10;
 const READ_BUFFER_BYTES: usize = 256 << 10;
-const ACKS_FILE: &str = "acks";
-const ACKS_TMP_FILE: &str = "acks.tmp";
-const LOCK_FILE: &str = "lock";
-const SEGMENT_SUFFIX: &str = ".seg";
-
 /// Size at which the spool rolls to a new segment: [`MAX_SEGMENT_BYTES`] or an eighth of the
 /// spool, whichever is smaller. Space is only freed a whole segment at a time, so with eighths at
 /// most about one eighth of `max_bytes` is held by acknowledged records waiting for the rest of
@@ -368,14 +338,7 @@ impl Spool {
         let mut numbers = Vec::new();
         for entry in fs::read_dir(dir).map_err(io_err("listing spool directory", dir))? {
             let entry = entry.map_err(io_err("listing spool directory", dir))?;
-            let name = entry.file_name();
-            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(SEGMENT_SUFFIX)) else {
-                continue;
-            };
-            if stem.len() == 20
-                && stem.bytes().all(|b| b.is_ascii_digit())
-                && let Ok(n) = stem.parse::<u64>()
-            {
+            if let Some(n) = entry.file_name().to_str().and_then(segment_number) {
                 numbers.push(n);
             }
         }
@@ -502,26 +465,7 @@ impl Spool {
             // roll() always leaves a writer.
             return Ok(());
         };
-        let (Ok(key_len), Ok(payload_len)) =
-            (u32::try_from(key.len()), u32::try_from(payload.len()))
-        else {
-            return Err(SpoolError::RecordTooLarge {
-                dir: self.dir.clone(),
-                len: body,
-                max: MAX_RECORD_BYTES,
-            });
-        };
-        let mut lens = [0u8; 8];
-        lens[..4].copy_from_slice(&key_len.to_le_bytes());
-        lens[4..].copy_from_slice(&payload_len.to_le_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&lens);
-        crc.update(key);
-        crc.update(payload);
-        writer.buf.extend_from_slice(&crc.finalize().to_le_bytes());
-        writer.buf.extend_from_slice(&lens);
-        writer.buf.extend_from_slice(key);
-        writer.buf.extend_from_slice(payload);
+        encode_record(&mut writer.buf, key, payload);
         if let Some(segment) = self.segments.get_mut(&writer.segment) {
             segment.end += len;
             segment.disk_bytes += len;
@@ -701,11 +645,7 @@ impl Spool {
             .write(true)
             .open(&path)
             .map_err(io_err("creating segment", &path))?;
-        let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
-        header[..6].copy_from_slice(SEGMENT_MAGIC);
-        header[6..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        header[8..].copy_from_slice(&number.to_le_bytes());
-        file.write_all_at(&header, 0)
+        file.write_all_at(&segment_header(number), 0)
             .map_err(io_err("writing header of segment", &path))?;
         // The new name must survive a power loss along with the records synced into it.
         sync_dir(&self.dir)?;
@@ -840,11 +780,7 @@ impl Spool {
             .and_then(|()| reader.file.read_exact(&mut payload))
             .map_err(|e| corrupt(format!("reading record: {e}")))?;
         reader.pos = offset + len;
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&header[4..]);
-        hasher.update(&key);
-        hasher.update(&payload);
-        if hasher.finalize() != crc {
+        if record_crc(&header[4..], &key, &payload) != crc {
             return Err(corrupt("record checksum mismatch".to_string()));
         }
         Ok(SpoolRecord {
@@ -859,21 +795,14 @@ impl Spool {
     }
 
     fn persist_acks(&mut self) -> Result<(), SpoolError> {
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(ACKS_MAGIC);
-        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        bytes.extend_from_slice(&self.next_segment.to_le_bytes());
-        let count: usize = self.segments.values().map(|s| s.acked.len()).sum();
-        bytes.extend_from_slice(&(count as u32).to_le_bytes());
-        for (&number, segment) in &self.segments {
-            for (&start, &end) in &segment.acked {
-                bytes.extend_from_slice(&number.to_le_bytes());
-                bytes.extend_from_slice(&start.to_le_bytes());
-                bytes.extend_from_slice(&end.to_le_bytes());
-            }
-        }
-        let crc = crc32fast::hash(&bytes);
-        bytes.extend_from_slice(&crc.to_le_bytes());
+        let count = self.segments.values().map(|s| s.acked.len()).sum();
+        let ranges = self.segments.iter().flat_map(|(&number, segment)| {
+            segment
+                .acked
+                .iter()
+                .map(move |(&start, &end)| (number, start, end))
+        });
+        let bytes = encode_acks(self.next_segment, count, ranges);
         let tmp = self.dir.join(ACKS_TMP_FILE);
         let path = self.dir.join(ACKS_FILE);
         let mut file = File::create(&tmp).map_err(io_err("creating", &tmp))?;
@@ -899,10 +828,6 @@ impl Drop for Spool {
     }
 }
 
-fn segment_path(dir: &Path, number: u64) -> PathBuf {
-    dir.join(format!("{number:020}{SEGMENT_SUFFIX}"))
-}
-
 fn remove_file(path: &Path) -> Result<(), SpoolError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -915,159 +840,6 @@ fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("syncing directory", dir))
-}
-
-fn le_u32(bytes: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&bytes[..4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(bytes: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&bytes[..8]);
-    u64::from_le_bytes(a)
-}
-
-/// (crc, key length, payload length).
-fn parse_record_header(header: &[u8; RECORD_HEADER_LEN as usize]) -> (u32, u64, u64) {
-    (
-        le_u32(&header[0..]),
-        u64::from(le_u32(&header[4..])),
-        u64::from(le_u32(&header[8..])),
-    )
-}
-
-struct Scan {
-    /// (start, end) of each valid record, in order.
-    records: Vec<(u64, u64)>,
-    /// End of the last valid record (the header's end if none).
-    end: u64,
-    /// First problem: offset and reason.
-    bad: Option<(u64, String)>,
-    /// The problem is that the file ends inside a record (or its header): what a crash leaves.
-    incomplete: bool,
-}
-
-/// Frames and checks every record of a segment file's bytes.
-fn scan_segment(number: u64, bytes: &[u8]) -> Scan {
-    let mut scan = Scan {
-        records: Vec::new(),
-        end: SEGMENT_HEADER_LEN,
-        bad: None,
-        incomplete: false,
-    };
-    let total = bytes.len() as u64;
-    if total < SEGMENT_HEADER_LEN {
-        scan.end = 0;
-        scan.bad = Some((0, format!("segment header incomplete ({total} bytes)")));
-        scan.incomplete = true;
-        return scan;
-    }
-    if &bytes[..6] != SEGMENT_MAGIC {
-        scan.bad = Some((0, "bad segment magic".to_string()));
-        return scan;
-    }
-    let version = u16::from_le_bytes([bytes[6], bytes[7]]);
-    if version != FORMAT_VERSION {
-        scan.bad = Some((0, format!("unsupported segment version {version}")));
-        return scan;
-    }
-    let header_number = le_u64(&bytes[8..]);
-    if header_number != number {
-        scan.bad = Some((
-            0,
-            format!("header names segment {header_number}, file name says {number}"),
-        ));
-        return scan;
-    }
-    let mut offset = SEGMENT_HEADER_LEN;
-    while offset < total {
-        let rest = &bytes[offset as usize..];
-        if (rest.len() as u64) < RECORD_HEADER_LEN {
-            scan.bad = Some((
-                offset,
-                format!("record header cut short ({} bytes)", rest.len()),
-            ));
-            scan.incomplete = true;
-            break;
-        }
-        let mut header = [0u8; RECORD_HEADER_LEN as usize];
-        header.copy_from_slice(&rest[..RECORD_HEADER_LEN as usize]);
-        let (crc, key_len, payload_len) = parse_record_header(&header);
-        if key_len + payload_len > MAX_RECORD_BYTES {
-            scan.bad = Some((
-                offset,
-                format!("record lengths {key_len}+{payload_len} exceed the record limit"),
-            ));
-            break;
-        }
-        let len = RECORD_HEADER_LEN + key_len + payload_len;
-        if offset + len > total {
-            scan.bad = Some((
-                offset,
-                format!(
-                    "record of {len} bytes cut short by the end of the file ({} bytes left)",
-                    total - offset
-                ),
-            ));
-            scan.incomplete = true;
-            break;
-        }
-        let record = &rest[..len as usize];
-        if crc32fast::hash(&record[4..]) != crc {
-            scan.bad = Some((offset, "record checksum mismatch".to_string()));
-            break;
-        }
-        scan.records.push((offset, offset + len));
-        offset += len;
-    }
-    scan.end = offset.min(total);
-    if scan.bad.is_some() {
-        scan.end = scan.records.last().map_or(SEGMENT_HEADER_LEN, |&(_, e)| e);
-    }
-    scan
-}
-
-/// Whether `start..end` lies inside one of `ranges` (sorted, disjoint).
-fn covered(ranges: &[(u64, u64)], start: u64, end: u64) -> bool {
-    let i = ranges.partition_point(|&(s, _)| s <= start);
-    i > 0 && ranges[i - 1].1 >= end
-}
-
-type AckSets = BTreeMap<u64, Vec<(u64, u64)>>;
-
-/// Parses the `acks` file: (next segment number, ranges per segment), or (offset, reason).
-fn parse_acks(bytes: &[u8]) -> Result<(u64, AckSets), (u64, String)> {
-    const FIXED: usize = 6 + 2 + 8 + 4;
-    if bytes.len() < FIXED + 4 {
-        return Err((0, format!("file too short ({} bytes)", bytes.len())));
-    }
-    if &bytes[..6] != ACKS_MAGIC {
-        return Err((0, "bad magic".to_string()));
-    }
-    let version = u16::from_le_bytes([bytes[6], bytes[7]]);
-    if version != FORMAT_VERSION {
-        return Err((6, format!("unsupported version {version}")));
-    }
-    let body = bytes.len() - 4;
-    if crc32fast::hash(&bytes[..body]) != le_u32(&bytes[body..]) {
-        return Err((body as u64, "checksum mismatch".to_string()));
-    }
-    let next_segment = le_u64(&bytes[8..]);
-    let count = le_u32(&bytes[16..]) as usize;
-    if count.checked_mul(24).and_then(|n| n.checked_add(FIXED)) != Some(body) {
-        return Err((16, format!("{count} entries do not fill {body} bytes")));
-    }
-    let mut sets: AckSets = BTreeMap::new();
-    for entry in bytes[FIXED..body].chunks_exact(24) {
-        let range = (le_u64(&entry[8..]), le_u64(&entry[16..]));
-        sets.entry(le_u64(entry)).or_default().push(range);
-    }
-    for ranges in sets.values_mut() {
-        ranges.sort_unstable();
-    }
-    Ok((next_segment, sets))
 }
 
 #[cfg(test)]
@@ -1123,42 +895,5 @@ mod tests {
                 assert_eq!(seg.acked.len(), runs);
             }
         }
-    }
-
-    #[test]
-    fn acks_file_round_trip_and_damage() {
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(ACKS_MAGIC);
-        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        bytes.extend_from_slice(&9u64.to_le_bytes());
-        bytes.extend_from_slice(&2u32.to_le_bytes());
-        for (seg, s, e) in [(4u64, 16u64, 100u64), (4, 200, 300)] {
-            bytes.extend_from_slice(&seg.to_le_bytes());
-            bytes.extend_from_slice(&s.to_le_bytes());
-            bytes.extend_from_slice(&e.to_le_bytes());
-        }
-        let crc = crc32fast::hash(&bytes);
-        bytes.extend_from_slice(&crc.to_le_bytes());
-        let (next, sets) = parse_acks(&bytes).unwrap();
-        assert_eq!(next, 9);
-        assert_eq!(sets.get(&4), Some(&vec![(16, 100), (200, 300)]));
-        assert!(covered(&sets[&4], 200, 250) && !covered(&sets[&4], 100, 120));
-        for i in 0..bytes.len() {
-            let mut bad = bytes.clone();
-            bad[i] ^= 0x10;
-            assert!(parse_acks(&bad).is_err(), "flip at {i} accepted");
-        }
-        assert!(parse_acks(&bytes[..bytes.len() - 1]).is_err());
-    }
-
-    #[test]
-    fn zeros_never_parse_as_a_record() {
-        // What a file system may leave after a power loss: the CRC covers the lengths.
-        let mut bytes = vec![0u8; 64];
-        bytes[..6].copy_from_slice(SEGMENT_MAGIC);
-        bytes[6..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        let scan = scan_segment(0, &bytes);
-        assert!(scan.records.is_empty());
-        assert_eq!(scan.bad.map(|(offset, _)| offset), Some(SEGMENT_HEADER_LEN));
     }
 }
