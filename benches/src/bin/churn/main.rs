@@ -11,6 +11,9 @@
 //! 2. Cost at a fixed rate: the churn paced at `--rate` connections/s (two flows each) with each
 //!    tracer attached: its CPU time from `/proc/<pid>/stat`, peak RSS, the kernel-side run time of
 //!    its BPF programs, its drop counters, and whether every flow made it into its output.
+//! 3. Kernel cost per connection: the sidecar's programs one by one (runs, ns per run, ns per
+//!    connection, recursion misses), in one more full-speed trial with BPF run-time stats on and
+//!    in the fixed-rate phase, against the capture issue's ≤ 1 µs per connection.
 mod attach;
 mod load;
 mod procfs;
@@ -36,6 +39,8 @@ use watch::Interference;
 const MAX_THROUGHPUT_LOSS_PCT: f64 = 3.0;
 /// Target from DESIGN.md: the sidecar uses at most this share of one core at 1,000 conn/s.
 const MAX_CORE_PCT: f64 = 1.0;
+/// Target of the capture issue: the kernel programs' run time per connection (both ends), in ns.
+const MAX_KERNEL_NS_PER_CONN: f64 = 1000.0;
 
 /// Connect/close churn benchmark of flowlog-sidecar (with bpftrace's tcplife as a reference).
 #[derive(Debug, Parser)]
@@ -139,6 +144,15 @@ struct Paced {
     prog_runs: Option<procfs::ProgRuns>,
     records: RecordCount,
     kernel_drops: Option<(u64, String)>,
+}
+
+/// The sidecar's kernel programs, accounted per program, during one full-speed trial with
+/// BPF run-time stats on (the throughput trials run without them: accounting costs two clock
+/// reads per program run).
+struct FullChurnCost {
+    load: ChurnResult,
+    interference: Interference,
+    runs: procfs::ProgRuns,
 }
 
 /// The work directory; removed on drop unless the user chose it.
@@ -277,6 +291,15 @@ impl Bench {
             }
         }
 
+        let full = self
+            .full_churn_cost()
+            .context("full-speed trial with BPF run-time stats")?;
+        progress(format_args!(
+            "full speed with BPF stats: {:.0} conn/s, {:.0} ns of BPF time per connection",
+            full.load.per_second(),
+            full.runs.run_time_ns() as f64 / full.load.connections.max(1) as f64
+        ));
+
         let mut paced = Vec::new();
         for tracer in [Tracer::Sidecar, Tracer::Bpftrace] {
             let result = self
@@ -290,6 +313,7 @@ impl Bench {
             paced.push(result);
         }
         print!("{}", self.report(&trials, &paced));
+        print!("{}", kernel_cost_report(&full, paced.first()));
         Ok(())
     }
 
@@ -376,6 +400,26 @@ impl Bench {
         })
     }
 
+    /// One more full-speed trial with the sidecar, with BPF run-time stats on: its programs'
+    /// cost per connection at full speed (not a throughput figure: the stats slow the programs).
+    fn full_churn_cost(&self) -> anyhow::Result<FullChurnCost> {
+        self.quiet()?;
+        let attached = self.attach(Tracer::Sidecar, "full-stats")?;
+        let pid = attached.pid();
+        let stats = procfs::BpfStats::enable()?;
+        let before = procfs::bpf_prog_runs(pid)?;
+        let (load, _, interference) = self.flat_churn(Some(pid))?;
+        let runs = procfs::bpf_prog_runs(pid)?.since(&before);
+        drop(stats);
+        let output = attached.stop()?;
+        fs::remove_file(&output).with_context(|| format!("removing {}", output.display()))?;
+        Ok(FullChurnCost {
+            load,
+            interference,
+            runs,
+        })
+    }
+
     /// The fixed-rate phase for one tracer.
     fn paced(&self, tracer: Tracer) -> anyhow::Result<Paced> {
         let a = &self.args;
@@ -409,7 +453,7 @@ impl Bench {
             cpu_seconds: (ticks_after - ticks_before) as f64 / self.ticks_per_second,
             window,
             peak_rss_kib,
-            prog_runs: (runs_after.programs > 0).then(|| runs_after.since(runs_before)),
+            prog_runs: (!runs_after.programs.is_empty()).then(|| runs_after.since(&runs_before)),
             records: self.count(tracer, &output)?,
             kernel_drops,
         })
@@ -659,12 +703,12 @@ impl Bench {
         row(
             w,
             "kernel BPF time per flow (program runs per flow)",
-            &|p| match p.prog_runs {
-                Some(r) if r.run_count > 0 => format!(
+            &|p| match &p.prog_runs {
+                Some(r) if r.run_count() > 0 => format!(
                     "{:.0} ns ({:.1} runs of {} programs)",
-                    r.run_time_ns as f64 / flows(p),
-                    r.run_count as f64 / flows(p),
-                    r.programs
+                    r.run_time_ns() as f64 / flows(p),
+                    r.run_count() as f64 / flows(p),
+                    r.ran().len()
                 ),
                 _ => "n/a".to_string(),
             },
@@ -717,6 +761,80 @@ impl Bench {
         );
         out
     }
+}
+
+/// The sidecar's kernel cost per connection (both ends), program by program, at full speed and
+/// at the fixed rate, against the capture issue's target.
+fn kernel_cost_report(full: &FullChurnCost, paced: Option<&Paced>) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(
+        w,
+        "\n## Kernel BPF time per connection, by program (flowlog-sidecar)\n\n\
+         Run time and runs from the kernel's accounting (BPF_ENABLE_STATS, two clock reads per \
+         run included) over completed connections; each connection is two flows (its client and \
+         server ends). Full speed: one more sidecar trial with the stats on ({:.0} conn/s{}). \
+         Fixed rate: the phase below. Recursion misses are runs the kernel skipped because the \
+         program was already running on that CPU.\n",
+        full.load.per_second(),
+        if full.interference.is_clean() {
+            String::new()
+        } else {
+            format!(", overlapped other work: {}", full.interference.describe())
+        }
+    );
+    let loads: Vec<(&str, &procfs::ProgRuns, u64)> =
+        std::iter::once(("full speed", &full.runs, full.load.connections))
+            .chain(paced.and_then(|p| {
+                p.prog_runs
+                    .as_ref()
+                    .map(|r| ("fixed rate", r, p.load.connections))
+            }))
+            .collect();
+    let _ = writeln!(
+        w,
+        "| load | program | runs per connection | ns per run | ns per connection | recursion misses |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|---|");
+    for (label, runs, connections) in &loads {
+        let conns = (*connections).max(1) as f64;
+        for p in runs.ran() {
+            let _ = writeln!(
+                w,
+                "| {label} | `{}` | {:.2} | {:.0} | {:.0} | {} |",
+                p.name,
+                p.run_count as f64 / conns,
+                p.run_time_ns as f64 / p.run_count.max(1) as f64,
+                p.run_time_ns as f64 / conns,
+                p.recursion_misses
+            );
+        }
+        let total = runs.run_time_ns() as f64 / conns;
+        let _ = writeln!(
+            w,
+            "| {label} | **all** | {:.2} | {:.0} | **{total:.0}** | {} |",
+            runs.run_count() as f64 / conns,
+            runs.run_time_ns() as f64 / runs.run_count().max(1) as f64,
+            runs.ran().iter().map(|p| p.recursion_misses).sum::<u64>()
+        );
+    }
+    let _ = writeln!(w);
+    for (label, runs, connections) in &loads {
+        let total = runs.run_time_ns() as f64 / (*connections).max(1) as f64;
+        let _ = writeln!(
+            w,
+            "- {label}: {}",
+            verdict(
+                total <= MAX_KERNEL_NS_PER_CONN,
+                format!(
+                    "{:.2} µs per connection against ≤ {:.1} µs",
+                    total / 1e3,
+                    MAX_KERNEL_NS_PER_CONN / 1e3
+                )
+            )
+        );
+    }
+    out
 }
 
 fn join(items: impl Iterator<Item = String>) -> String {

@@ -1,6 +1,11 @@
 //! What the kernel says about a process we started: CPU time, peak memory, and the run time of
 //! the BPF programs it holds.
-use std::{collections::HashMap, fs, os::fd::FromRawFd as _, os::fd::OwnedFd};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    os::fd::{FromRawFd as _, OwnedFd},
+    process::Command,
+};
 
 use anyhow::{Context as _, anyhow, bail};
 
@@ -116,30 +121,66 @@ impl BpfStats {
     }
 }
 
-/// Run time and run count summed over the BPF programs a process holds open.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ProgRuns {
-    pub programs: usize,
+/// The kernel's accounting of one BPF program (from its descriptor's fdinfo).
+#[derive(Debug, Clone, Default)]
+pub struct ProgRun {
+    /// The program's name as bpftool shows it (full, from its BTF), or `prog <id>` without
+    /// bpftool (the kernel's own copy of a name is cut at 15 characters).
+    pub name: String,
     pub run_time_ns: u64,
     pub run_count: u64,
+    /// Runs the kernel skipped because the program was already running on that CPU (a softirq
+    /// interrupting it): what flowlog's catching programs exist for.
+    pub recursion_misses: u64,
+}
+
+/// The BPF programs a process holds open, by program id.
+#[derive(Debug, Clone, Default)]
+pub struct ProgRuns {
+    pub programs: BTreeMap<u64, ProgRun>,
 }
 
 impl ProgRuns {
-    /// Counts since `before`.
-    pub fn since(self, before: ProgRuns) -> ProgRuns {
-        ProgRuns {
-            programs: self.programs,
-            run_time_ns: self.run_time_ns.saturating_sub(before.run_time_ns),
-            run_count: self.run_count.saturating_sub(before.run_count),
-        }
+    /// Counts since `before`, per program (a program not in `before` counts from zero).
+    pub fn since(&self, before: &ProgRuns) -> ProgRuns {
+        let programs = self
+            .programs
+            .iter()
+            .map(|(id, now)| {
+                let then = before.programs.get(id).cloned().unwrap_or_default();
+                let run = ProgRun {
+                    name: now.name.clone(),
+                    run_time_ns: now.run_time_ns.saturating_sub(then.run_time_ns),
+                    run_count: now.run_count.saturating_sub(then.run_count),
+                    recursion_misses: now.recursion_misses.saturating_sub(then.recursion_misses),
+                };
+                (*id, run)
+            })
+            .collect();
+        ProgRuns { programs }
+    }
+
+    pub fn run_time_ns(&self) -> u64 {
+        self.programs.values().map(|p| p.run_time_ns).sum()
+    }
+
+    pub fn run_count(&self) -> u64 {
+        self.programs.values().map(|p| p.run_count).sum()
+    }
+
+    /// The programs that ran, most run time first.
+    pub fn ran(&self) -> Vec<&ProgRun> {
+        let mut ran: Vec<&ProgRun> = self.programs.values().filter(|p| p.run_count > 0).collect();
+        ran.sort_by(|a, b| b.run_time_ns.cmp(&a.run_time_ns).then(a.name.cmp(&b.name)));
+        ran
     }
 }
 
 /// Reads `/proc/<pid>/fdinfo/*` for BPF program descriptors (those with `prog_type:`), counting
-/// each program once however many descriptors point at it.
+/// each program once however many descriptors point at it, and names them with bpftool.
 pub fn bpf_prog_runs(pid: u32) -> anyhow::Result<ProgRuns> {
     let dir = format!("/proc/{pid}/fdinfo");
-    let mut programs: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut programs = BTreeMap::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
         let entry = entry.with_context(|| format!("listing {dir}"))?;
         // A descriptor can close between listing and reading: skip it.
@@ -154,17 +195,41 @@ pub fn bpf_prog_runs(pid: u32) -> anyhow::Result<ProgRuns> {
                 .find_map(|l| l.strip_prefix(key))
                 .and_then(|v| v.trim().parse().ok())
         };
-        if let (Some(id), Some(time), Some(count)) =
+        if let (Some(id), Some(run_time_ns), Some(run_count)) =
             (value("prog_id:"), value("run_time_ns:"), value("run_cnt:"))
         {
-            programs.insert(id, (time, count));
+            let run = ProgRun {
+                name: format!("prog {id}"),
+                run_time_ns,
+                run_count,
+                recursion_misses: value("recursion_misses:").unwrap_or(0),
+            };
+            programs.insert(id, run);
         }
     }
-    Ok(ProgRuns {
-        programs: programs.len(),
-        run_time_ns: programs.values().map(|p| p.0).sum(),
-        run_count: programs.values().map(|p| p.1).sum(),
-    })
+    for (id, name) in prog_names() {
+        if let Some(run) = programs.get_mut(&id) {
+            run.name = name;
+        }
+    }
+    Ok(ProgRuns { programs })
+}
+
+/// Program id → name, from `bpftool prog show --json`; empty if bpftool is missing or fails.
+fn prog_names() -> HashMap<u64, String> {
+    let Ok(out) = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+    else {
+        return HashMap::new();
+    };
+    let Ok(serde_json::Value::Array(progs)) = serde_json::from_slice(&out.stdout) else {
+        return HashMap::new();
+    };
+    progs
+        .iter()
+        .filter_map(|p| Some((p.get("id")?.as_u64()?, p.get("name")?.as_str()?.to_string())))
+        .collect()
 }
 
 /// Host-wide CPU time from the first line of `/proc/stat`, in clock ticks: what the whole
