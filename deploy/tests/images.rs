@@ -398,29 +398,23 @@ fn the_enricher_and_inventory_images_unprivileged_enrich_a_record_end_to_end() {
     let record = FlowRecord {
         flow_id: 0x0123_4567_89ab_cdef,
         host: "host-a".to_owned(),
-        seq: 0,
         start_ns,
         end_ns: start_ns + 1_500_000,
-        family: Family::Ipv4,
         local_addr: "192.0.2.10".parse().unwrap(),
         local_port: 43_210,
         remote_addr: "10.5.0.1".parse().unwrap(),
         remote_port: 5432,
-        direction: Direction::Outbound,
-        outcome: Outcome::Closed,
         bytes_sent: 1_234,
         bytes_received: 56_789,
         segs_sent: 12,
         segs_received: 45,
         retransmits: 1,
-        resets_sent: 0,
-        resets_received: 0,
         srtt_us: 250,
         min_rtt_us: 180,
         pid: Some(4242),
         comm: Some("psql".to_owned()),
         cgroup_id: Some(77),
-        adopted: false,
+        ..FlowRecord::default()
     };
     let produced_ns = now_ns();
     produce(&raw, &record);

@@ -22,9 +22,7 @@ use flowlog_enricher::{
     storage::{ParquetSettings, ParquetSink},
 };
 use flowlog_identity::{IdentityIndex, OwnershipChange};
-use flowlog_record::{
-    Direction, Family, FlowRecord, Identity, IdentityKind, Outcome, avro, enriched_avro,
-};
+use flowlog_record::{FlowRecord, Identity, IdentityKind, avro, enriched_avro};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 
 const S: u64 = 1_000_000_000;
@@ -99,29 +97,22 @@ fn raw_messages(n: usize, rng: &mut SmallRng) -> Vec<Vec<u8>> {
             let record = FlowRecord {
                 flow_id: 0x5eed_0000_0000 + i as u64,
                 host: format!("ip-10-1-0-{}.ec2.internal", i % 20),
-                seq: 0,
                 start_ns: start,
                 end_ns: start + rng.random_range(1_000_000..5 * S),
-                family: Family::Ipv4,
                 local_addr: IpAddr::V4(Ipv4Addr::new(10, 1, 0, (i % 20) as u8)),
                 local_port: rng.random_range(32_768..61_000),
                 remote_addr: pod_addr(rng.random_range(0..PODS)),
                 remote_port: 8080,
-                direction: Direction::Outbound,
-                outcome: Outcome::Closed,
                 bytes_sent: rng.random_range(0..100_000),
                 bytes_received: rng.random_range(0..1_000_000),
                 segs_sent: rng.random_range(2..200),
                 segs_received: rng.random_range(2..900),
-                retransmits: 0,
-                resets_sent: 0,
-                resets_received: 0,
                 srtt_us: rng.random_range(50..5_000),
                 min_rtt_us: 40,
                 pid: Some(rng.random_range(1..60_000)),
                 comm: Some("java".into()),
                 cgroup_id: Some(rng.random_range(1..500)),
-                adopted: false,
+                ..FlowRecord::default()
             };
             let mut out = Vec::new();
             avro::encode(&record, avro::DEFAULT_SCHEMA_ID, &mut out);

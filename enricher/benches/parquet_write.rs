@@ -17,7 +17,7 @@ use std::{
 use flowlog_enricher::storage::{ParquetSettings, ParquetSink};
 use flowlog_record::{
     enriched::{Endpoint, EnrichedFlow, Identity, IdentityKind, Workload},
-    record::{Direction, Family, FlowRecord, Outcome},
+    record::{FlowRecord, Outcome},
 };
 
 /// Flows written by `cargo bench`; `cargo test --benches` runs the target without `--bench`,
@@ -91,10 +91,8 @@ fn main() {
                 flow: FlowRecord {
                     flow_id: rng.next(),
                     host: format!("ip-10-0-{}-{}", host / 250, host % 250),
-                    seq: 0,
                     start_ns: end_ns - rng.below(5_000_000_000),
                     end_ns,
-                    family: Family::Ipv4,
                     local_addr: IpAddr::V4(Ipv4Addr::new(10, 0, (host / 250) as u8, host as u8)),
                     local_port: 32_768 + rng.below(28_000) as u16,
                     remote_addr: IpAddr::V4(Ipv4Addr::new(
@@ -104,21 +102,19 @@ fn main() {
                         (remote % 250) as u8,
                     )),
                     remote_port: [443, 80, 5432, 6379, 9092][rng.below(5) as usize],
-                    direction: Direction::Outbound,
                     outcome: Outcome::ALL[(rng.below(20) / 17) as usize],
                     bytes_sent: rng.below(100_000),
                     bytes_received: rng.below(1_000_000),
                     segs_sent: rng.below(200),
                     segs_received: rng.below(800),
                     retransmits: rng.below(20) / 18,
-                    resets_sent: 0,
                     resets_received: rng.below(20) / 19,
                     srtt_us: 100 + rng.below(5_000) as u32,
                     min_rtt_us: 50 + rng.below(1_000) as u32,
                     pid: Some(1_000 + rng.below(30_000) as u32),
                     comm: Some(format!("svc{}", host % 40)),
                     cgroup_id: Some(10_000 + host),
-                    adopted: false,
+                    ..FlowRecord::default()
                 },
                 local: Endpoint::exact(pods[host as usize].clone()),
                 remote: remote_end,

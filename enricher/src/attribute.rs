@@ -548,7 +548,7 @@ mod tests {
     use std::net::IpAddr;
 
     use flowlog_identity::OwnershipChange;
-    use flowlog_record::{Attribution, Direction, Family, Identity, Outcome};
+    use flowlog_record::{Attribution, Identity, Outcome};
     use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
     use super::*;
@@ -559,29 +559,13 @@ mod tests {
         FlowRecord {
             flow_id: id,
             host: "h".into(),
-            seq: 0,
             start_ns,
             end_ns: start_ns + 1,
-            family: Family::Ipv4,
             local_addr: "192.0.2.1".parse().unwrap(),
             local_port: 40_000,
             remote_addr: "10.0.0.1".parse().unwrap(),
             remote_port: 443,
-            direction: Direction::Outbound,
-            outcome: Outcome::Closed,
-            bytes_sent: 0,
-            bytes_received: 0,
-            segs_sent: 0,
-            segs_received: 0,
-            retransmits: 0,
-            resets_sent: 0,
-            resets_received: 0,
-            srtt_us: 0,
-            min_rtt_us: 0,
-            pid: None,
-            comm: None,
-            cgroup_id: None,
-            adopted: false,
+            ..FlowRecord::default()
         }
     }
 

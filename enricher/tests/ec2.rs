@@ -20,9 +20,7 @@ use std::{
 mod ec2;
 
 use ec2::{Fixture, REGION, endpoint};
-use flowlog_record::{
-    Attribution, Direction, EnrichedFlow, Family, FlowRecord, Outcome, avro, enriched_avro,
-};
+use flowlog_record::{Attribution, EnrichedFlow, FlowRecord, avro, enriched_avro};
 use flowlog_testkit::{
     ChildGuard, PATIENCE, Topic, free_port, http_get, now_ns, runtime, spawn_ready, temp_dir,
     unique_name,
@@ -47,29 +45,19 @@ fn record(flow_id: u64, remote: &str, start_ns: u64) -> FlowRecord {
     FlowRecord {
         flow_id,
         host: "host-a".to_owned(),
-        seq: 0,
         start_ns,
         end_ns: start_ns + 1_000_000,
-        family: Family::Ipv4,
         local_addr: "192.0.2.10".parse().unwrap(),
         local_port: 40_000 + flow_id as u16,
         remote_addr: remote.parse().unwrap(),
         remote_port: 443,
-        direction: Direction::Outbound,
-        outcome: Outcome::Closed,
         bytes_sent: 1,
         bytes_received: 1,
         segs_sent: 2,
         segs_received: 2,
-        retransmits: 0,
-        resets_sent: 0,
-        resets_received: 0,
         srtt_us: 100,
         min_rtt_us: 100,
-        pid: None,
-        comm: None,
-        cgroup_id: None,
-        adopted: false,
+        ..FlowRecord::default()
     }
 }
 

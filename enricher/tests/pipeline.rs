@@ -19,8 +19,7 @@ use std::{
 };
 
 use flowlog_record::{
-    Attribution, Direction, EnrichedFlow, Family, FlowRecord, IdentityKind, Outcome, avro,
-    enriched_avro,
+    Attribution, EnrichedFlow, FlowRecord, IdentityKind, Outcome, avro, enriched_avro,
 };
 use flowlog_testkit::{
     ChildGuard, PATIENCE, Topic,
@@ -54,29 +53,22 @@ fn record(flow_id: u64, remote: &str, start_ns: u64) -> FlowRecord {
     FlowRecord {
         flow_id,
         host: "host-a".to_owned(),
-        seq: 0,
         start_ns,
         end_ns: start_ns + 1_000_000,
-        family: Family::Ipv4,
         local_addr: "192.0.2.10".parse().unwrap(),
         local_port: 40_000 + (flow_id % 20_000) as u16,
         remote_addr,
         remote_port: 443,
-        direction: Direction::Outbound,
-        outcome: Outcome::Closed,
         bytes_sent: flow_id * 3,
         bytes_received: flow_id * 7,
         segs_sent: 4,
         segs_received: 5,
-        retransmits: 0,
-        resets_sent: 0,
-        resets_received: 0,
         srtt_us: 250,
         min_rtt_us: 200,
         pid: Some(4242),
         comm: Some("curl".to_owned()),
         cgroup_id: Some(1),
-        adopted: false,
+        ..FlowRecord::default()
     }
 }
 

@@ -128,7 +128,7 @@ fn records(n: usize) -> Vec<FlowRecord> {
                 comm: with_process
                     .then(|| ["curl", "postgres", "envoy", "java"][(r % 4) as usize].to_owned()),
                 cgroup_id: with_process.then_some(4_000 + r % 10_000),
-                adopted: false,
+                ..FlowRecord::default()
             }
         })
         .collect()

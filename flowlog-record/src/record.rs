@@ -1,7 +1,7 @@
 //! The flow record: what the agent emits for each flow end and each interim report. Field names
 //! are part of the product's interface (JSON lines, and the Avro schema `schemas/flow_record.v1.avsc`,
 //! which has one field per struct field with the same name); keep them.
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +111,42 @@ pub struct FlowRecord {
     /// inferred (inbound when a listener holds the local port in the socket's network namespace).
     #[serde(default)]
     pub adopted: bool,
+}
+
+/// An all-zero record: IPv4, outbound, closed, unspecified addresses, no process. It is the base
+/// that tests and benchmarks override with struct update syntax (`FlowRecord { flow_id: 7,
+/// ..FlowRecord::default() }`), so that a new field is added to them in one place. The agent and
+/// the decoders build records field by field instead, so that a new field must be decided there.
+impl Default for FlowRecord {
+    fn default() -> Self {
+        FlowRecord {
+            flow_id: 0,
+            host: String::new(),
+            seq: 0,
+            start_ns: 0,
+            end_ns: 0,
+            family: Family::Ipv4,
+            local_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            local_port: 0,
+            remote_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            remote_port: 0,
+            direction: Direction::Outbound,
+            outcome: Outcome::Closed,
+            bytes_sent: 0,
+            bytes_received: 0,
+            segs_sent: 0,
+            segs_received: 0,
+            retransmits: 0,
+            resets_sent: 0,
+            resets_received: 0,
+            srtt_us: 0,
+            min_rtt_us: 0,
+            pid: None,
+            comm: None,
+            cgroup_id: None,
+            adopted: false,
+        }
+    }
 }
 
 impl FlowRecord {

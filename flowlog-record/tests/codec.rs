@@ -40,29 +40,22 @@ fn ipv4_record() -> FlowRecord {
     FlowRecord {
         flow_id: 0x1234_5678_9abc_def0,
         host: "ip-10-0-1-23.ec2.internal".to_owned(),
-        seq: 0,
         start_ns: 1_767_225_600_123_456_789,
         end_ns: 1_767_225_600_456_789_012,
-        family: Family::Ipv4,
         local_addr: "10.0.1.23".parse().unwrap(),
         local_port: 43_512,
         remote_addr: "10.0.7.200".parse().unwrap(),
         remote_port: 443,
-        direction: Direction::Outbound,
-        outcome: Outcome::Closed,
         bytes_sent: 517,
         bytes_received: 4_321,
         segs_sent: 9,
         segs_received: 8,
-        retransmits: 0,
-        resets_sent: 0,
-        resets_received: 0,
         srtt_us: 312,
         min_rtt_us: 201,
         pid: Some(2_817),
         comm: Some("curl".to_owned()),
         cgroup_id: Some(8_714),
-        adopted: false,
+        ..FlowRecord::default()
     }
 }
 

@@ -323,26 +323,21 @@ mod tests {
             seq: 3,
             start_ns: 1_764_000_000_123_456_789,
             end_ns: 1_764_000_001_000_000_000,
-            family: Family::Ipv4,
             local_addr: "198.51.100.1".parse().unwrap(),
             local_port: 40_000,
             remote_addr: "198.51.100.2".parse().unwrap(),
             remote_port: 443,
-            direction: Direction::Outbound,
-            outcome: Outcome::Closed,
-            bytes_sent: 0,
             bytes_received: 1,
             segs_sent: 10,
             segs_received: 9,
             retransmits: 2,
-            resets_sent: 0,
             resets_received: 1,
             srtt_us: 51,
             min_rtt_us: 12,
             pid: Some(4242),
             comm: Some("curl".to_string()),
             cgroup_id: Some(9876),
-            adopted: false,
+            ..FlowRecord::default()
         }
     }
 

@@ -666,29 +666,22 @@ fn synthetic_records(host: &str, n: usize) -> Vec<FlowRecord> {
             FlowRecord {
                 flow_id: (1 << 40) + i as u64,
                 host: host.to_string(),
-                seq: 0,
                 start_ns,
                 end_ns: start_ns + 250_000,
-                family: Family::Ipv4,
                 local_addr: IpAddr::from([198, 51, 100, 1]),
                 local_port: 40_000 + i as u16,
                 remote_addr: IpAddr::from([198, 51, 100, 2]),
                 remote_port: 443,
-                direction: Direction::Outbound,
-                outcome: Outcome::Closed,
                 bytes_sent: 100,
                 bytes_received: 200,
                 segs_sent: 5,
                 segs_received: 6,
-                retransmits: 0,
-                resets_sent: 0,
-                resets_received: 0,
                 srtt_us: 100,
                 min_rtt_us: 90,
                 pid: Some(1234),
                 comm: Some("synthetic".to_string()),
                 cgroup_id: Some(1),
-                adopted: false,
+                ..FlowRecord::default()
             }
         })
         .collect()

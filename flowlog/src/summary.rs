@@ -261,7 +261,7 @@ impl Summary {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use flowlog_record::{Family, Identity, IdentityKind};
+    use flowlog_record::{Identity, IdentityKind};
 
     use super::*;
 
@@ -293,10 +293,8 @@ mod tests {
             flow: FlowRecord {
                 flow_id: 1,
                 host: "h".into(),
-                seq: 0,
                 start_ns: 1,
                 end_ns: 2,
-                family: Family::Ipv4,
                 local_addr: local.ip(),
                 local_port: local.port(),
                 remote_addr: remote.ip(),
@@ -305,17 +303,9 @@ mod tests {
                 outcome,
                 bytes_sent: bytes.0,
                 bytes_received: bytes.1,
-                segs_sent: 0,
-                segs_received: 0,
-                retransmits: 0,
-                resets_sent: 0,
-                resets_received: 0,
-                srtt_us: 0,
-                min_rtt_us: 0,
                 pid: Some(7),
                 comm: Some(comm.into()),
-                cgroup_id: None,
-                adopted: false,
+                ..FlowRecord::default()
             },
             local: Endpoint::unknown(),
             remote: Endpoint::unknown(),

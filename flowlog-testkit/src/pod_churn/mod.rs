@@ -23,7 +23,7 @@ use std::{
 
 pub mod score;
 
-use flowlog_record::{Direction, Family, FlowRecord, Outcome};
+use flowlog_record::{FlowRecord, Outcome};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::{
@@ -252,29 +252,19 @@ impl<'a> Scenario<'a> {
         let record = Box::new(FlowRecord {
             flow_id,
             host: "node-1".into(),
-            seq: 0,
             start_ns,
             end_ns,
-            family: Family::Ipv4,
             local_addr: Ipv4Addr::new(192, 0, 2, 7).into(),
             local_port: 32_768 + (flow_id % 28_000) as u16,
             remote_addr: self::address(address).into(),
             remote_port: 8080,
-            direction: Direction::Outbound,
-            outcome: Outcome::Closed,
             bytes_sent: 100,
             bytes_received: 1_000,
             segs_sent: 3,
             segs_received: 4,
-            retransmits: 0,
-            resets_sent: 0,
-            resets_received: 0,
             srtt_us: 50,
             min_rtt_us: 40,
-            pid: None,
-            comm: None,
-            cgroup_id: None,
-            adopted: false,
+            ..FlowRecord::default()
         });
         self.out.flows.insert(
             flow_id,

@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use flowlog_record::{Direction, Family, FlowRecord, Outcome};
+use flowlog_record::{Direction, FlowRecord, Outcome};
 
 /// The fleet's shape.
 #[derive(Debug, Clone, Copy)]
@@ -140,10 +140,8 @@ impl Fleet {
             // A base per host plus a counter, as the agent draws them.
             flow_id: (u64::from(host) << 40) ^ 0x7f3a_0000_0000_0000 ^ i,
             host: Self::host_name(host),
-            seq: 0,
             start_ns: end_ns - duration,
             end_ns,
-            family: Family::Ipv4,
             local_addr: IpAddr::V4(local),
             local_port: if inbound {
                 remote_port
@@ -176,7 +174,7 @@ impl Fleet {
                 ["java", "envoy", "node", "python3", "kubelet"][(rng.next() % 5) as usize].into(),
             ),
             cgroup_id: Some(4_000 + rng.next() % 300),
-            adopted: false,
+            ..FlowRecord::default()
         }
     }
 }
