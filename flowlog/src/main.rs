@@ -3,7 +3,7 @@
 //! (its addresses, its cgroups, optional static CIDR files), writes Parquet files under
 //! `./flowlogs/` (hive partitions `dt=YYYY-MM-DD/hour=HH/`), and prints a live summary.
 //! Ctrl-C (or SIGTERM) reports the flows still open, attributes what is held and closes the
-//! files.
+//! files. `flowlog report …` (feature `report`, on by default) answers from those files.
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
@@ -21,6 +21,8 @@ use flowlog_sidecar::{
 use tokio_util::sync::CancellationToken;
 
 mod enriching_sink;
+#[cfg(feature = "report")]
+mod report;
 mod summary;
 
 /// How often the host's addresses and the static files are checked. Each check is also the
@@ -32,6 +34,10 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Records every TCP connection of this host with who was on each end, into Parquet files.
 #[derive(Debug, Parser)]
 #[command(version, about)]
+#[cfg_attr(
+    feature = "report",
+    command(after_help = "Reports over the files written: flowlog report --help")
+)]
 struct Args {
     /// Where Parquet files go: a directory, `file:///dir` or `s3://bucket/prefix`.
     #[arg(long, env = "FLOWLOG_OUT", default_value = "flowlogs")]
@@ -128,6 +134,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    #[cfg(feature = "report")]
+    if std::env::args_os().nth(1).is_some_and(|a| a == "report") {
+        return report::main();
+    }
     let args = Args::parse();
     flowlog_cli::main(flowlog_cli::Runtime::Workers(1), run(args))
 }

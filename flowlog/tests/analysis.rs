@@ -7,13 +7,15 @@
 //! data segment it receives (nftables), so there are retransmits while the bytes stay exact. The
 //! one-host `flowlog` sees both ends of each connection (both namespaces are on this host), so
 //! every connection has two flows that the reports must count once. The ClickHouse reports
-//! (`analysis/clickhouse/`, run in chDB) must give the same rows. Needs root (eBPF, namespaces),
-//! like the agent's tests.
+//! (`analysis/clickhouse/`, run in chDB) and `flowlog report` (DataFusion, reading only the
+//! window's partitions) must give the same rows. Needs root (eBPF, namespaces), like the
+//! agent's tests.
 mod support;
 
 use std::{
     io::{ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::Command,
     sync::mpsc,
     thread,
     time::Duration,
@@ -356,6 +358,84 @@ fn the_shipped_reports_answer_from_a_real_capture() {
             normalized(duck),
             "{report}: ClickHouse and DuckDB differ"
         );
+        // And `flowlog report` (DataFusion, flowlog-report/sql/) gives them too.
+        let ours = flowlog_report(report, &out_arg, vars, "json");
+        assert_eq!(
+            normalized(&serde_json::from_str(&ours).unwrap()),
+            normalized(duck),
+            "{report} {vars:?}: flowlog report and DuckDB differ"
+        );
     }
+
+    // The other formats carry the same rows: CSV's header is the JSON's keys, the table names
+    // the workloads and shows times as RFC 3339.
+    let csv = flowlog_report("audit", &out_arg, &vars, "csv");
+    let keys: Vec<&String> = audit.as_array().unwrap()[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    assert_eq!(header.len(), keys.len(), "{csv}");
+    assert!(keys.iter().all(|k| header.contains(&k.as_str())), "{csv}");
+    assert_eq!(
+        csv.lines().count(),
+        audit.as_array().unwrap().len() + 1,
+        "{csv}"
+    );
+    let table = flowlog_report("availability", &out_arg, &vars, "table");
+    assert!(
+        table.contains("| shop/web") && table.contains("| shop/db"),
+        "{table}"
+    );
+
+    // Only the window's partitions are read: a file that is not Parquet, in an hour far from
+    // the capture, leaves the windowed reports as they were, and breaks a report over all time.
+    let stray = out.join("dt=2001-01-01/hour=00");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("garbage.parquet"), b"not parquet").unwrap();
+    for (report, duck) in [("availability", &worse), ("audit", &new_edges)] {
+        let ours = flowlog_report(report, &out_arg, &windowed, "json");
+        assert_eq!(
+            normalized(&serde_json::from_str(&ours).unwrap()),
+            normalized(duck),
+            "{report}, second window, with a stray file outside it"
+        );
+    }
+    let everything = report_command("audit", &out_arg, &vars, "json")
+        .output()
+        .unwrap();
+    assert!(
+        !everything.status.success()
+            && String::from_utf8_lossy(&everything.stderr).contains("garbage.parquet"),
+        "a window over all time reads the stray file: {everything:?}"
+    );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `flowlog report REPORT --data DATA` with the shipped SQL's variables (`NAME=VALUE`) as flags.
+fn report_command(report: &str, data: &str, vars: &[&str], format: &str) -> Command {
+    let var = |name: &str| {
+        vars.iter()
+            .find_map(|v| v.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {vars:?}"))
+            .to_string()
+    };
+    let mut command = Command::new(env!("CARGO_BIN_EXE_flowlog"));
+    command.args(["report", report, "--data", data, "--format", format]);
+    command.args(["--from", &var("from_ns"), "--to", &var("to_ns")]);
+    command.args(["--skew", &format!("{}ns", var("skew_ns"))]);
+    command.args(["--price-per-gb", &var("price_per_gb")]);
+    command
+}
+
+/// What `flowlog report` prints (it must succeed).
+fn flowlog_report(report: &str, data: &str, vars: &[&str], format: &str) -> String {
+    let out = report_command(report, data, vars, format).output().unwrap();
+    assert!(
+        out.status.success(),
+        "flowlog report {report} {vars:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
