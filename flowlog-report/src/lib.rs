@@ -9,7 +9,9 @@
 //! counted whole ([`partitions`]).
 //!
 //! Modules: [`time`] (the window's bounds from the command line), [`partitions`] (which files
-//! a window reads), [`sql`] (the report's statements), [`output`] (table, CSV, JSON).
+//! a window reads), [`sql`] (the report's statements), [`output`] (table, CSV, JSON), [`html`]
+//! (the page: a service map, bytes by hour and the three reports' tables).
+pub mod html;
 pub mod output;
 pub mod partitions;
 pub mod sql;

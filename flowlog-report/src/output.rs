@@ -24,10 +24,14 @@ pub enum Format {
     Csv,
     /// One JSON array of objects, one object per row keyed by column name, nulls included.
     Json,
+    /// One self-contained page of the availability, audit and capacity reports with a service
+    /// map and bytes by hour ([`crate::html`]): written by [`crate::html::page`], which runs
+    /// the three reports, not from one report's rows.
+    Html,
 }
 
 impl Format {
-    pub const NAMES: [&'static str; 3] = ["table", "csv", "json"];
+    pub const NAMES: [&'static str; 4] = ["table", "csv", "json", "html"];
 }
 
 impl fmt::Display for Format {
@@ -36,6 +40,7 @@ impl fmt::Display for Format {
             Format::Table => "table",
             Format::Csv => "csv",
             Format::Json => "json",
+            Format::Html => "html",
         })
     }
 }
@@ -48,6 +53,7 @@ impl FromStr for Format {
             "table" => Ok(Format::Table),
             "csv" => Ok(Format::Csv),
             "json" => Ok(Format::Json),
+            "html" => Ok(Format::Html),
             other => Err(format!(
                 "unknown format {other:?} (expected one of {})",
                 Format::NAMES.join(", ")
@@ -115,6 +121,12 @@ pub fn write(rows: &Rows, format: Format, out: &mut dyn Write) -> Result<(), Rep
             writer.finish().map_err(arrow)?;
             drop(writer);
             writeln!(out).map_err(|e| error(Box::new(e)))?;
+        }
+        Format::Html => {
+            return Err(error(
+                "a page holds three reports: write it with `html::page`, not from one report's rows"
+                    .into(),
+            ));
         }
     }
     Ok(())

@@ -2,9 +2,11 @@
 //! a test's own on the real broker (`FLOWLOG_TEST_KAFKA`, started by `scripts/kafka start`),
 //! reading a topic back, pyarrow's view of Parquet output, fresh temp directories, child
 //! processes killed on drop, a Kubernetes list/watch API server ([`kubernetes`]), pod address
-//! churn with its ground truth ([`pod_churn`]) and a private broker behind TLS and SASL
-//! ([`tls::TlsBroker`]). The benchmarks under `benches/` use it too.
+//! churn with its ground truth ([`pod_churn`]), a private broker behind TLS and SASL
+//! ([`tls::TlsBroker`]) and pages rendered by headless Chromium ([`chromium`]). The benchmarks
+//! under `benches/` use it too.
 pub mod broker;
+pub mod chromium;
 pub mod kubernetes;
 pub mod netns;
 pub mod pod_churn;

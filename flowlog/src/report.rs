@@ -31,8 +31,10 @@ struct ReportArgs {
     /// End of the window (excluded), in the same forms.
     #[arg(long, default_value = "now", allow_hyphen_values = true)]
     to: String,
-    /// Output: `table` (aligned, times as RFC 3339), `csv`, or `json` (an array of objects,
-    /// one per row; times as ns since the epoch).
+    /// Output: `table` (aligned, times as RFC 3339), `csv`, `json` (an array of objects, one
+    /// per row; times as ns since the epoch), or `html`: one self-contained page with a
+    /// service map, bytes by hour and the availability, audit and capacity tables (and the
+    /// connections table when that is the report named), whichever report is named.
     #[arg(long, default_value = "table", value_parser = Format::NAMES)]
     format: String,
     /// How far two hosts' clocks may disagree: the two ends of a connection must overlap
@@ -93,9 +95,15 @@ async fn run(args: ReportArgs) -> anyhow::Result<()> {
         },
     };
     let format: Format = args.format.parse().map_err(anyhow::Error::msg)?;
-    let rows = flowlog_report::run(&request).await?;
     let mut out = std::io::stdout().lock();
-    flowlog_report::output::write(&rows, format, &mut out)?;
+    if format == Format::Html {
+        let page = flowlog_report::html::page(&request).await?;
+        out.write_all(page.as_bytes())
+            .context("writing to stdout")?;
+    } else {
+        let rows = flowlog_report::run(&request).await?;
+        flowlog_report::output::write(&rows, format, &mut out)?;
+    }
     out.flush().context("writing to stdout")?;
     Ok(())
 }

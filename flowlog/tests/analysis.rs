@@ -15,6 +15,7 @@ mod support;
 use std::{
     io::{ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::Path,
     process::Command,
     sync::mpsc,
     thread,
@@ -387,6 +388,71 @@ fn the_shipped_reports_answer_from_a_real_capture() {
     assert!(
         table.contains("| shop/web") && table.contains("| shop/db"),
         "{table}"
+    );
+
+    // The page (`--format html`), rendered by headless Chromium: no console message, and its
+    // service map and chart hold what the reports say. The screenshot stays in the target
+    // directory's tmp/ for a reader.
+    let page = flowlog_report("availability", &out_arg, &vars, "html");
+    let page_path = dir.join("report.html");
+    std::fs::write(&page_path, &page).unwrap();
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("flowlog-report-page.png");
+    let rendered = flowlog_testkit::chromium::render(&page_path, &shot);
+    assert_eq!(rendered.console, Vec::<String>::new(), "console messages");
+    assert!(
+        !page.contains(" src=") && !page.contains("href=\"http"),
+        "fetches nothing"
+    );
+    let dom = &rendered.dom;
+    for node in ["shop/web", "shop/db"] {
+        assert!(
+            dom.contains(&format!("data-name=\"{node}\"")),
+            "node {node}: {dom}"
+        );
+    }
+    // One edge web → db over both ports: every connection, its bytes, the refused connect
+    // and the reset, so it is marked failing.
+    let edge = dom
+        .split("<path ")
+        .find(|p| p.contains("data-client=\"shop/web\"") && p.contains("data-server=\"shop/db\""))
+        .unwrap_or_else(|| panic!("no edge shop/web → shop/db: {dom}"));
+    for (attribute, value) in [
+        ("class", "edge failing".to_string()),
+        ("data-ports", format!("{port},{closed_port}")),
+        ("data-connections", rows.len().to_string()),
+        ("data-bytes", (up + down).to_string()),
+        ("data-failed", "1".to_string()),
+        ("data-resets", "1".to_string()),
+    ] {
+        assert!(
+            edge.contains(&format!("{attribute}=\"{value}\"")),
+            "edge {attribute} should be {value}: {edge}"
+        );
+    }
+    // Bytes by hour: the capacity report's bytes each way, all of them.
+    let hour_bytes = |attribute: &str| -> u64 {
+        dom.split("<g class=\"hour\"")
+            .skip(1)
+            .map(|g| {
+                let at = g.find(&format!("{attribute}=\"")).unwrap() + attribute.len() + 2;
+                g[at..].split('"').next().unwrap().parse::<u64>().unwrap()
+            })
+            .sum()
+    };
+    let capacity_bytes = |column: &str| -> u64 {
+        capacity
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[column].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(hour_bytes("data-bytes-up"), capacity_bytes("bytes_up"));
+    assert_eq!(hour_bytes("data-bytes-down"), capacity_bytes("bytes_down"));
+    let png = std::fs::read(&rendered.screenshot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a screenshot of the page"
     );
 
     // Only the window's partitions are read: a file that is not Parquet, in an hour far from
