@@ -25,7 +25,7 @@ use datafusion::{
         listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl},
     },
     error::DataFusionError,
-    prelude::{SessionConfig, SessionContext},
+    prelude::SessionContext,
 };
 use tracing::{debug, info};
 
@@ -79,8 +79,15 @@ impl fmt::Display for Report {
 /// What went wrong, and with which input.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("the data location {location:?} cannot be read: {reason}")]
-    Location { location: String, reason: String },
+    #[error(
+        "the data location {location:?} cannot be read (expected flowlog's output directory, \
+         file:///dir or s3://bucket/prefix)"
+    )]
+    Location {
+        location: String,
+        #[source]
+        source: BoxError,
+    },
     #[error("listing the partitions under {location}")]
     List {
         location: String,
@@ -103,11 +110,15 @@ pub enum ReportError {
         #[source]
         source: DataFusionError,
     },
-    #[error("{what} {input:?} is not a time: {reason}")]
+    #[error(
+        "{what} {input:?} is not a time (expected RFC 3339 such as 2026-12-07T22:00:00Z, a time \
+         relative to now such as -1h, `now`, or ns since the epoch)"
+    )]
     Time {
         what: &'static str,
         input: String,
-        reason: String,
+        #[source]
+        source: BoxError,
     },
     #[error("the window is empty: --from {from} is not before --to {to}")]
     EmptyWindow { from: String, to: String },
@@ -121,9 +132,12 @@ pub enum ReportError {
     Write {
         format: Format,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: BoxError,
     },
 }
+
+/// The cause of an error, kept as itself (a chain prints it) rather than as text.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One report over one window.
 #[derive(Debug, Clone)]
@@ -158,9 +172,7 @@ pub async fn run(request: &Request) -> Result<Rows, ReportError> {
         report: request.report,
         source,
     };
-    // One partition per core would be the default; the files of a window are few and the
-    // join's both sides must meet, so DataFusion's defaults are kept but for the batch size.
-    let ctx = SessionContext::new_with_config(SessionConfig::new().with_batch_size(8192));
+    let ctx = SessionContext::new();
     let location = partitions::Location::open(&ctx, &request.data)?;
     let span = partitions::span(request);
     let dirs = location.hour_dirs(&span).await?;

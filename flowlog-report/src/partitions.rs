@@ -20,7 +20,7 @@ use futures::TryStreamExt as _;
 use object_store::{ObjectMeta, ObjectStore, path::Path};
 use url::Url;
 
-use crate::{ReportError, Request, sql::previous_from_ns};
+use crate::{BoxError, ReportError, Request, sql::previous_from_ns};
 
 const HOUR_NS: u64 = 3_600_000_000_000;
 
@@ -65,9 +65,9 @@ pub struct Location {
 impl Location {
     /// Opens `data`: a local directory (must exist), `file:///dir` or `s3://bucket/prefix`.
     pub fn open(ctx: &SessionContext, data: &str) -> Result<Self, ReportError> {
-        let error = |reason: String| ReportError::Location {
+        let error = |source: BoxError| ReportError::Location {
             location: data.to_string(),
-            reason,
+            source,
         };
         let base = if data.starts_with("s3://") {
             register_s3(ctx, data).map_err(error)?
@@ -76,20 +76,18 @@ impl Location {
                 Some(path) => std::path::PathBuf::from(path),
                 None => std::path::PathBuf::from(data),
             };
-            let dir = dir
-                .canonicalize()
-                .map_err(|e| error(format!("{e} (expected flowlog's output directory)")))?;
+            let dir = dir.canonicalize().map_err(|e| error(Box::new(e)))?;
             if !dir.is_dir() {
                 return Err(error("not a directory".into()));
             }
             let url = Url::from_directory_path(&dir)
                 .map_err(|()| error("not an absolute path".into()))?;
-            ListingTableUrl::parse(url.as_str()).map_err(|e| error(e.to_string()))?
+            ListingTableUrl::parse(url.as_str()).map_err(|e| error(Box::new(e)))?
         };
         let store = ctx
             .runtime_env()
             .object_store(base.object_store())
-            .map_err(|e| error(e.to_string()))?;
+            .map_err(|e| error(Box::new(e)))?;
         Ok(Self {
             store,
             base,
@@ -191,21 +189,20 @@ fn partition_value<'a>(dir: &'a Path, name: &str) -> Option<&'a str> {
 /// the standard `AWS_*` environment variables (`AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP=true`
 /// for an S3-compatible store), and returns the prefix as a directory URL.
 #[cfg(feature = "s3")]
-fn register_s3(ctx: &SessionContext, data: &str) -> Result<ListingTableUrl, String> {
-    let url = Url::parse(data).map_err(|e| e.to_string())?;
+fn register_s3(ctx: &SessionContext, data: &str) -> Result<ListingTableUrl, BoxError> {
+    let url = Url::parse(data)?;
     let bucket = url.host_str().ok_or("no bucket in the URL")?;
     let store = object_store::aws::AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let bucket_url = Url::parse(&format!("s3://{bucket}")).map_err(|e| e.to_string())?;
+        .build()?;
+    let bucket_url = Url::parse(&format!("s3://{bucket}"))?;
     ctx.register_object_store(&bucket_url, Arc::new(store));
     let dir = format!("{}/", data.trim_end_matches('/'));
-    ListingTableUrl::parse(dir).map_err(|e| e.to_string())
+    Ok(ListingTableUrl::parse(dir)?)
 }
 
 #[cfg(not(feature = "s3"))]
-fn register_s3(_: &SessionContext, _: &str) -> Result<ListingTableUrl, String> {
+fn register_s3(_: &SessionContext, _: &str) -> Result<ListingTableUrl, BoxError> {
     Err("this build of flowlog-report has no S3 support (feature `s3`)".into())
 }
 

@@ -3,35 +3,30 @@
 //! shipped SQL's variables use).
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use crate::ReportError;
+use crate::{BoxError, ReportError};
 
 /// `input` as ns since the epoch; `now_ns` is what `now` and relative times count from.
 pub fn parse_time(what: &'static str, input: &str, now_ns: u64) -> Result<u64, ReportError> {
-    let error = |reason: String| ReportError::Time {
+    let error = |source: BoxError| ReportError::Time {
         what,
         input: input.to_string(),
-        reason,
+        source,
     };
     let text = input.trim();
     if text == "now" {
         return Ok(now_ns);
     }
     if let Some(ago) = text.strip_prefix('-') {
-        let ago = humantime::parse_duration(ago).map_err(|e| error(e.to_string()))?;
+        let ago = humantime::parse_duration(ago).map_err(|e| error(Box::new(e)))?;
         let ago = u64::try_from(ago.as_nanos()).unwrap_or(u64::MAX);
         return now_ns
             .checked_sub(ago)
             .ok_or_else(|| error("before 1970".into()));
     }
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        return text.parse::<u64>().map_err(|e| error(e.to_string()));
+        return text.parse::<u64>().map_err(|e| error(Box::new(e)));
     }
-    let time = DateTime::parse_from_rfc3339(text).map_err(|e| {
-        error(format!(
-            "{e} (expected RFC 3339 such as 2026-12-07T22:00:00Z, a time relative to now such \
-             as -1h, `now`, or ns since the epoch)"
-        ))
-    })?;
+    let time = DateTime::parse_from_rfc3339(text).map_err(|e| error(Box::new(e)))?;
     let ns = time
         .timestamp_nanos_opt()
         .ok_or_else(|| error("out of range (1677..2262)".into()))?;
