@@ -111,12 +111,12 @@ struct Args {
 }
 
 /// The output of `--output`, opened. The agent's loop is generic over its sink (no dynamic
-/// dispatch per batch), so each kind is its own variant.
+/// dispatch per batch), so each kind is its own variant (the Kafka sink, large, boxed).
 enum Sink {
     Stdout(JsonLines<std::io::Stdout>),
     File(JsonLines<std::fs::File>),
     #[cfg(feature = "kafka")]
-    Kafka(flowlog_sidecar::kafka::KafkaSink),
+    Kafka(Box<flowlog_sidecar::kafka::KafkaSink>),
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -150,7 +150,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Output::Jsonl => Sink::Stdout(JsonLines::stdout()),
         Output::File(path) => Sink::File(JsonLines::file(path)?),
         #[cfg(feature = "kafka")]
-        Output::Kafka => Sink::Kafka(args.kafka.sink()?),
+        Output::Kafka => Sink::Kafka(Box::new(args.kafka.sink()?)),
     };
     let probe = Probe::start_with(
         &ProbeSettings {
@@ -177,7 +177,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Sink::Stdout(sink) => agent::run(probe, sink, settings, shutdown).await,
         Sink::File(sink) => agent::run(probe, sink, settings, shutdown).await,
         #[cfg(feature = "kafka")]
-        Sink::Kafka(sink) => agent::run(probe, sink, settings, shutdown).await,
+        Sink::Kafka(sink) => agent::run(probe, *sink, settings, shutdown).await,
     }
 }
 
