@@ -56,7 +56,7 @@ fn parse_ring_bytes(s: &str) -> Result<u32, String> {
 #[command(version, about)]
 struct Args {
     /// Where flow records go: `jsonl` (stdout), `file:PATH` (JSON lines appended to PATH) or
-    /// `kafka` (Avro messages to `--kafka-topic`).
+    /// `kafka` (Avro messages to `--kafka-topic`; builds with the cargo feature `kafka`).
     #[arg(long, env = "FLOWLOG_OUTPUT", default_value = "jsonl")]
     output: Output,
     /// A flow open this long gets an interim record (with deltas) each interval.

@@ -6,8 +6,8 @@ use anyhow::Context as _;
 use flowlog_identity::InventorySource;
 use flowlog_kubernetes::{KubernetesSettings, KubernetesSource};
 
-/// Whether and how to watch Kubernetes. The ids are the flags' own names, as before they moved
-/// here.
+/// Whether and how to watch Kubernetes. Ids and value names are spelled out: those of the flags
+/// before they moved here (the derived ones would be the field names).
 #[derive(Debug, Clone, clap::Args)]
 pub struct KubernetesFlags {
     /// Watch Kubernetes pods, services, nodes and endpoint slices (in-cluster service account,
@@ -18,6 +18,7 @@ pub struct KubernetesFlags {
     /// instead of the default configuration; implies `--kubernetes`.
     #[arg(
         id = "kubernetes_url",
+        value_name = "KUBERNETES_URL",
         long = "kubernetes-url",
         env = "FLOWLOG_KUBERNETES_URL"
     )]
@@ -26,6 +27,7 @@ pub struct KubernetesFlags {
     /// app.kubernetes.io/name, app.kubernetes.io/component, team.
     #[arg(
         id = "kubernetes_labels",
+        value_name = "KUBERNETES_LABELS",
         long = "kubernetes-label",
         env = "FLOWLOG_KUBERNETES_LABELS",
         value_delimiter = ','
@@ -39,11 +41,11 @@ pub struct KubernetesFlags {
     /// answered connects were told apart, 1 s left 62% of flows 10–500 ms from a change
     /// ambiguous and 100 ms 4.3% (benches/RESULTS.md), for 10 one-object lists per kind per
     /// second from the one publishing replica.
-    #[arg(id = "kubernetes_probe_interval", long = "kubernetes-probe-interval", env = "FLOWLOG_KUBERNETES_PROBE_INTERVAL", default_value = "100ms", value_parser = flowlog_cli::parse_duration)]
+    #[arg(id = "kubernetes_probe_interval", value_name = "KUBERNETES_PROBE_INTERVAL", long = "kubernetes-probe-interval", env = "FLOWLOG_KUBERNETES_PROBE_INTERVAL", default_value = "100ms", value_parser = flowlog_cli::parse_duration)]
     pub probe_interval: Duration,
     /// How long each watch request lasts before it is resumed (at least 3 s: kube-apiserver
     /// sends the bookmark that proves a quiet kind complete 2 s before this ends).
-    #[arg(id = "kubernetes_watch_timeout", long = "kubernetes-watch-timeout", env = "FLOWLOG_KUBERNETES_WATCH_TIMEOUT", default_value = "3s", value_parser = flowlog_cli::parse_duration)]
+    #[arg(id = "kubernetes_watch_timeout", value_name = "KUBERNETES_WATCH_TIMEOUT", long = "kubernetes-watch-timeout", env = "FLOWLOG_KUBERNETES_WATCH_TIMEOUT", default_value = "3s", value_parser = flowlog_cli::parse_duration)]
     pub watch_timeout: Duration,
 }
 
