@@ -8,12 +8,21 @@
 //! wires them), [`inventory`] (starting the identity sources that feed the index), [`ownership`]
 //! (the `flows.ownership` topic: one inventory process publishes, every replica follows),
 //! [`metrics`].
+//!
+//! Cargo features (all on by default, as the enricher's binaries need them): `kafka` ([`kafka`],
+//! [`pipeline`], [`ownership`]: librdkafka), `ec2` and `kubernetes` (those inventory sources in
+//! [`source_flags`]: the AWS SDK, kube). Attribution, storage and the inventory's start need
+//! none, which is what the one-host `flowlog` uses: it builds without librdkafka, the AWS SDK
+//! and kube.
 pub mod attribute;
 pub mod inventory;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod metrics;
 pub mod offsets;
+#[cfg(feature = "kafka")]
 pub mod ownership;
+#[cfg(feature = "kafka")]
 pub mod pipeline;
 pub mod source_flags;
 pub mod storage;

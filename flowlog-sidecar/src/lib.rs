@@ -6,10 +6,14 @@
 //! [`flows`] (snapshots → records), [`record`] (the record),
 //! [`sink`] (outputs: JSON lines; [`kafka`] through the disk [`spool`]), [`agent`] (the event
 //! loop) and [`metrics`]. Error chains and rate-limited warnings come from `flowlog-diag`.
+//!
+//! Cargo feature `kafka` (default): the Kafka output and its spool. Without it the crate has no
+//! librdkafka in its tree: the one-host `flowlog` reuses the capture and writes its own outputs.
 pub mod adoption;
 pub mod agent;
 pub mod btf;
 pub mod flows;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod layout;
 pub mod metrics;
@@ -20,4 +24,5 @@ pub mod probe;
 /// `flowlog_sidecar::record::FlowRecord` keeps working.
 pub use flowlog_record::record;
 pub mod sink;
+#[cfg(feature = "kafka")]
 pub mod spool;

@@ -3,10 +3,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, str::FromStr, time:
 
 use anyhow::Context as _;
 use clap::Parser;
-use flowlog_kafka::ClientSettings;
 use flowlog_sidecar::{
     agent::{self, AgentSettings},
-    kafka::{KafkaSettings, KafkaSink, KafkaSinkError},
     metrics,
     probe::{Probe, ProbeSettings},
     sink::JsonLines,
@@ -20,6 +18,7 @@ enum Output {
     /// JSON lines appended to a file.
     File(PathBuf),
     /// Confluent-framed Avro messages to a Kafka topic.
+    #[cfg(feature = "kafka")]
     Kafka,
 }
 
@@ -28,7 +27,12 @@ impl FromStr for Output {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "jsonl" => Ok(Output::Jsonl),
+            #[cfg(feature = "kafka")]
             "kafka" => Ok(Output::Kafka),
+            #[cfg(not(feature = "kafka"))]
+            "kafka" => Err("this flowlog-sidecar was built without the Kafka output \
+                 (cargo feature `kafka`)"
+                .to_string()),
             _ => match s.strip_prefix("file:") {
                 Some(path) if !path.is_empty() => Ok(Output::File(PathBuf::from(path))),
                 _ => Err(format!(
@@ -52,7 +56,7 @@ fn parse_ring_bytes(s: &str) -> Result<u32, String> {
 #[command(version, about)]
 struct Args {
     /// Where flow records go: `jsonl` (stdout), `file:PATH` (JSON lines appended to PATH) or
-    /// `kafka` (Avro messages to `--kafka-topic`).
+    /// `kafka` (Avro messages to `--kafka-topic`; builds with the cargo feature `kafka`).
     #[arg(long, env = "FLOWLOG_OUTPUT", default_value = "jsonl")]
     output: Output,
     /// A flow open this long gets an interim record (with deltas) each interval.
@@ -91,38 +95,9 @@ struct Args {
     /// How often the ring buffer is drained when the kernel has not woken the agent.
     #[arg(long, env = "FLOWLOG_DRAIN_INTERVAL", default_value = "100ms", value_parser = flowlog_cli::parse_duration)]
     drain_interval: Duration,
-    /// Kafka bootstrap servers (`--output kafka`) [default: `bootstrap.servers` of
-    /// `--kafka-config`, else 127.0.0.1:9092].
-    #[arg(long, env = "FLOWLOG_KAFKA_BROKERS")]
-    kafka_brokers: Option<String>,
-    /// A client.properties file of librdkafka options (`key=value` lines, `#` comments) for
-    /// every Kafka client of the agent: TLS, SASL, ... `--kafka-option` wins over it.
-    #[arg(long, env = "FLOWLOG_KAFKA_CONFIG")]
-    kafka_config: Option<PathBuf>,
-    /// Kafka topic for flow records; it must exist.
-    #[arg(long, env = "FLOWLOG_KAFKA_TOPIC", default_value = "flows.raw")]
-    kafka_topic: String,
-    /// A librdkafka producer option, KEY=VALUE, overriding flowlog's defaults; repeatable (the
-    /// environment variable takes a comma-separated list).
-    #[arg(long = "kafka-option", env = "FLOWLOG_KAFKA_OPTIONS", value_delimiter = ',', value_parser = flowlog_kafka::parse_option)]
-    kafka_options: Vec<(String, String)>,
-    /// How records are spread over the topic's partitions: `host` (all of this host's records
-    /// to the partition Kafka's default partitioner gives the host name: bigger batches, fewer
-    /// bytes per record) or `flow` (by flow id and host, over every partition). Either way a
-    /// flow's records stay in one partition, in order.
-    #[arg(long, env = "FLOWLOG_KAFKA_PARTITIONING", default_value = "host")]
-    kafka_partitioning: flowlog_sidecar::kafka::Partitioning,
-    /// Directory of the Kafka spool: every record is written there first and removed once the
-    /// broker acknowledged it, so broker outages and agent restarts lose nothing.
-    #[arg(long, env = "FLOWLOG_SPOOL_DIR", default_value = flowlog_sidecar::kafka::DEFAULT_SPOOL_DIR)]
-    spool_dir: PathBuf,
-    /// Largest size of the Kafka spool in bytes; when full, the newest records are dropped
-    /// (counted in flowlog_sidecar_spool_dropped_total).
-    #[arg(long, env = "FLOWLOG_SPOOL_MAX_BYTES", default_value_t = flowlog_sidecar::kafka::DEFAULT_SPOOL_MAX_BYTES)]
-    spool_max_bytes: u64,
-    /// Schema-registry id of schemas/flow_record.v2.avsc, written in every Kafka message.
-    #[arg(long, env = "FLOWLOG_SCHEMA_ID", default_value_t = flowlog_record::avro::DEFAULT_SCHEMA_ID)]
-    schema_id: u32,
+    #[cfg(feature = "kafka")]
+    #[command(flatten)]
+    kafka: kafka_output::KafkaFlags,
     /// Directory on bpffs where the kernel state is pinned, so that the programs keep tracking
     /// while no agent runs and the next agent takes over every open flow (its flow_id, seq and
     /// exact sums). Empty: run unpinned (a stop reports open flows as `open`, and a restart
@@ -135,26 +110,13 @@ struct Args {
     unpin: bool,
 }
 
-/// The Kafka sink, or the process exits: a `--kafka-config` file that cannot be used and a
-/// rejected librdkafka option are usage errors (exit 2).
-fn kafka_sink(args: &Args) -> anyhow::Result<KafkaSink> {
-    let client = flowlog_cli::usage_checked::<Args, _, _>(
-        "'--kafka-config' (FLOWLOG_KAFKA_CONFIG)",
-        ClientSettings::load(args.kafka_brokers.as_deref(), args.kafka_config.as_deref()),
-    );
-    let mut settings = KafkaSettings::new(client, &args.kafka_topic);
-    settings.schema_id = args.schema_id;
-    settings.options = args.kafka_options.clone();
-    settings.spool_dir = args.spool_dir.clone();
-    settings.spool_max_bytes = args.spool_max_bytes;
-    settings.partitioning = args.kafka_partitioning;
-    match KafkaSink::connect(settings) {
-        Ok(sink) => Ok(sink),
-        Err(e @ KafkaSinkError::Option(_)) => flowlog_cli::usage_error::<Args>(format!(
-            "invalid value for '--kafka-option' (FLOWLOG_KAFKA_OPTIONS): {e}"
-        )),
-        Err(e) => Err(e).context("starting the Kafka output"),
-    }
+/// The output of `--output`, opened. The agent's loop is generic over its sink (no dynamic
+/// dispatch per batch), so each kind is its own variant (the Kafka sink, large, boxed).
+enum Sink {
+    Stdout(JsonLines<std::io::Stdout>),
+    File(JsonLines<std::fs::File>),
+    #[cfg(feature = "kafka")]
+    Kafka(Box<flowlog_sidecar::kafka::KafkaSink>),
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -183,10 +145,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "starting: loading the kernel programs",
     );
     metrics::serve(args.metrics_addr, health.clone()).await?;
-    // Checked before the kernel probe starts: a configuration error should cost nothing.
-    let kafka = match args.output {
-        Output::Kafka => Some(kafka_sink(&args)?),
-        _ => None,
+    // Opened before the kernel probe starts: a configuration error should cost nothing.
+    let sink = match &args.output {
+        Output::Jsonl => Sink::Stdout(JsonLines::stdout()),
+        Output::File(path) => Sink::File(JsonLines::file(path)?),
+        #[cfg(feature = "kafka")]
+        Output::Kafka => Sink::Kafka(Box::new(args.kafka.sink()?)),
     };
     let probe = Probe::start_with(
         &ProbeSettings {
@@ -209,20 +173,89 @@ async fn run(args: Args) -> anyhow::Result<()> {
         health,
         unpin: args.unpin,
     };
-    match args.output {
-        Output::Jsonl => agent::run(probe, JsonLines::stdout(), settings, shutdown).await,
-        Output::File(path) => {
-            let sink = JsonLines::file(&path)?;
-            agent::run(probe, sink, settings, shutdown).await
-        }
-        Output::Kafka => {
-            let sink = kafka.expect("created above for --output kafka");
-            agent::run(probe, sink, settings, shutdown).await
-        }
+    match sink {
+        Sink::Stdout(sink) => agent::run(probe, sink, settings, shutdown).await,
+        Sink::File(sink) => agent::run(probe, sink, settings, shutdown).await,
+        #[cfg(feature = "kafka")]
+        Sink::Kafka(sink) => agent::run(probe, *sink, settings, shutdown).await,
     }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     flowlog_cli::main(flowlog_cli::Runtime::CurrentThread, run(args))
+}
+
+/// The Kafka output's flags and the sink they make: only in a build with the `kafka` feature,
+/// so that a build without it has neither the flags nor librdkafka.
+#[cfg(feature = "kafka")]
+mod kafka_output {
+    use std::path::PathBuf;
+
+    use anyhow::Context as _;
+    use flowlog_kafka::ClientSettings;
+    use flowlog_sidecar::kafka::{self, KafkaSettings, KafkaSink, KafkaSinkError};
+
+    use super::Args;
+
+    /// The `--output kafka` flags.
+    #[derive(Debug, clap::Args)]
+    pub struct KafkaFlags {
+        /// Kafka bootstrap servers (`--output kafka`) [default: `bootstrap.servers` of
+        /// `--kafka-config`, else 127.0.0.1:9092].
+        #[arg(long, env = "FLOWLOG_KAFKA_BROKERS")]
+        pub kafka_brokers: Option<String>,
+        /// A client.properties file of librdkafka options (`key=value` lines, `#` comments) for
+        /// every Kafka client of the agent: TLS, SASL, ... `--kafka-option` wins over it.
+        #[arg(long, env = "FLOWLOG_KAFKA_CONFIG")]
+        pub kafka_config: Option<PathBuf>,
+        /// Kafka topic for flow records; it must exist.
+        #[arg(long, env = "FLOWLOG_KAFKA_TOPIC", default_value = "flows.raw")]
+        pub kafka_topic: String,
+        /// A librdkafka producer option, KEY=VALUE, overriding flowlog's defaults; repeatable (the
+        /// environment variable takes a comma-separated list).
+        #[arg(long = "kafka-option", env = "FLOWLOG_KAFKA_OPTIONS", value_delimiter = ',', value_parser = flowlog_kafka::parse_option)]
+        pub kafka_options: Vec<(String, String)>,
+        /// How records are spread over the topic's partitions: `host` (all of this host's records
+        /// to the partition Kafka's default partitioner gives the host name: bigger batches, fewer
+        /// bytes per record) or `flow` (by flow id and host, over every partition). Either way a
+        /// flow's records stay in one partition, in order.
+        #[arg(long, env = "FLOWLOG_KAFKA_PARTITIONING", default_value = "host")]
+        pub kafka_partitioning: kafka::Partitioning,
+        /// Directory of the Kafka spool: every record is written there first and removed once the
+        /// broker acknowledged it, so broker outages and agent restarts lose nothing.
+        #[arg(long, env = "FLOWLOG_SPOOL_DIR", default_value = kafka::DEFAULT_SPOOL_DIR)]
+        pub spool_dir: PathBuf,
+        /// Largest size of the Kafka spool in bytes; when full, the newest records are dropped
+        /// (counted in flowlog_sidecar_spool_dropped_total).
+        #[arg(long, env = "FLOWLOG_SPOOL_MAX_BYTES", default_value_t = kafka::DEFAULT_SPOOL_MAX_BYTES)]
+        pub spool_max_bytes: u64,
+        /// Schema-registry id of schemas/flow_record.v2.avsc, written in every Kafka message.
+        #[arg(long, env = "FLOWLOG_SCHEMA_ID", default_value_t = flowlog_record::avro::DEFAULT_SCHEMA_ID)]
+        pub schema_id: u32,
+    }
+
+    impl KafkaFlags {
+        /// The Kafka sink, or the process exits: a `--kafka-config` file that cannot be used and
+        /// a rejected librdkafka option are usage errors (exit 2).
+        pub fn sink(&self) -> anyhow::Result<KafkaSink> {
+            let client = flowlog_cli::usage_checked::<Args, _, _>(
+                "'--kafka-config' (FLOWLOG_KAFKA_CONFIG)",
+                ClientSettings::load(self.kafka_brokers.as_deref(), self.kafka_config.as_deref()),
+            );
+            let mut settings = KafkaSettings::new(client, &self.kafka_topic);
+            settings.schema_id = self.schema_id;
+            settings.options = self.kafka_options.clone();
+            settings.spool_dir = self.spool_dir.clone();
+            settings.spool_max_bytes = self.spool_max_bytes;
+            settings.partitioning = self.kafka_partitioning;
+            match KafkaSink::connect(settings) {
+                Ok(sink) => Ok(sink),
+                Err(e @ KafkaSinkError::Option(_)) => flowlog_cli::usage_error::<Args>(format!(
+                    "invalid value for '--kafka-option' (FLOWLOG_KAFKA_OPTIONS): {e}"
+                )),
+                Err(e) => Err(e).context("starting the Kafka output"),
+            }
+        }
+    }
 }

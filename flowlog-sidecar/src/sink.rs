@@ -23,6 +23,7 @@ pub enum SinkError {
         source: std::io::Error,
     },
     /// The Kafka output's spool (its write-ahead log) could not take or keep the records.
+    #[cfg(feature = "kafka")]
     #[error("writing flow records to spool {}", dir.display())]
     Spool {
         dir: PathBuf,

@@ -142,14 +142,7 @@ fn hostname() -> anyhow::Result<String> {
 /// sources' longest watermark periods (each source sends a watermark at least that often, and
 /// each is published), and at least a minute.
 fn publish_window(flags: &SourceFlags) -> Duration {
-    let mut longest = Duration::from_secs(1); // the host and Kubernetes sources
-    if !flags.static_files.is_empty() {
-        longest = longest.max(flags.static_interval);
-    }
-    if flags.ec2 {
-        longest = longest.max(flags.ec2_interval);
-    }
-    (longest * 3).max(MIN_PUBLISH_WINDOW)
+    (flags.watermark_period() * 3).max(MIN_PUBLISH_WINDOW)
 }
 
 /// Runs `work` while beating `health` every second: the main loop's liveness.
@@ -250,11 +243,12 @@ async fn run(args: Args, kafka: ClientSettings) -> anyhow::Result<()> {
         true => Some(args.election.config()?),
         false => None,
     };
-    let client = match election.is_some() || args.sources.kubernetes_wanted() {
-        true => Some(args.sources.kubernetes_client().await?),
+    let client = match election.is_some() || args.sources.kubernetes.wanted() {
+        true => Some(args.sources.kubernetes.client().await?),
         false => None,
     };
-    let sources = args.sources.sources_with(client.clone()).await?;
+    let mut sources = args.sources.sources_but_kubernetes().await?;
+    sources.extend(args.sources.kubernetes.source(client.clone()).await?);
     anyhow::ensure!(
         !sources.is_empty(),
         "no inventory source: give --static, --host-source, --ec2 or --kubernetes"
