@@ -3,6 +3,7 @@ own COPY, for benches/src/bin/report (the DuckDB side of the comparison).
 
     duckdb_copy.py VIEWS_SQL REPORT_SQL OUT_CSV NAME=VALUE ...
 """
+import os
 import sys
 
 import duckdb
@@ -20,6 +21,8 @@ def number(value: str):
 def main() -> None:
     views, report, out, *assignments = sys.argv[1:]
     con = duckdb.connect()
+    # As many threads as CPUs this process may run on (the harness pins it with taskset).
+    con.execute(f"SET threads = {len(os.sched_getaffinity(0))}")
     for name, value in (a.split("=", 1) for a in assignments):
         con.execute(f"SET VARIABLE {name} = ?", [number(value)])
     with open(views, encoding="utf-8") as f:

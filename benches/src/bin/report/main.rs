@@ -8,7 +8,8 @@
 //! mirrored), one end of a failed connect and of egress to outside addresses. Each report is
 //! run over the whole six hours and over one hour in the middle (the window a dashboard asks
 //! for, where `flowlog report` reads only that hour's partitions and their margin), by each
-//! engine writing its rows to a CSV file, `--rounds` times, interleaved; the medians of wall
+//! engine pinned to one core (`--cpu`) writing its rows to a CSV file, `--rounds` times,
+//! interleaved; the medians of wall
 //! time and of CPU time (the child's user + system) are reported with their ratio, and the row
 //! counts, which must agree.
 use std::{
@@ -45,6 +46,10 @@ struct Args {
     /// Runs of each (report, window, engine).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// The CPU both engines are pinned to (`taskset`): one core each, as the issue asks; both
+    /// size their thread pools from the affinity mask.
+    #[arg(long, default_value_t = 1)]
+    cpu: usize,
     /// Where the data set and outputs go (default: a new directory under the temp dir, removed
     /// at the end).
     #[arg(long)]
@@ -310,8 +315,10 @@ fn main() -> anyhow::Result<()> {
         for (w, (wname, from, to)) in windows.iter().enumerate() {
             for (r, report) in reports.iter().enumerate() {
                 let out = work.join(format!("{report}.csv"));
-                let mut flowlog = Command::new(&args.flowlog);
+                let mut flowlog = Command::new("taskset");
                 flowlog
+                    .args(["-c", &args.cpu.to_string()])
+                    .arg(&args.flowlog)
                     .args([
                         "report",
                         report,
@@ -326,8 +333,9 @@ fn main() -> anyhow::Result<()> {
                     .args(["--from", &from.to_string(), "--to", &to.to_string()])
                     .stdout(fs::File::create(&out)?);
                 let ours = timed(flowlog, &out)?;
-                let mut duckdb = Command::new("python3");
+                let mut duckdb = Command::new("taskset");
                 duckdb
+                    .args(["-c", &args.cpu.to_string(), "python3"])
                     .arg(&script)
                     .arg(root.join("analysis/duckdb/views.sql"))
                     .arg(root.join(format!("analysis/duckdb/{report}.sql")))
@@ -362,13 +370,14 @@ fn main() -> anyhow::Result<()> {
     println!(
         "\n## `flowlog report` against DuckDB on the same Parquet files\n\n\
          flowlog {}; {} connections → {records} flow records in {files} files ({bytes} bytes), \
-         six hourly partitions; {} rounds, medians. Wall time and CPU time (user + system of \
+         six hourly partitions; {} rounds, medians; both engines pinned to CPU {}. Wall time and CPU time (user + system of \
          the process) per report, each engine writing its rows to a CSV file; DuckDB runs the \
          shipped `analysis/duckdb/` SQL from Python (`duckdb` {}). Ratios below 1 mean \
          `flowlog report` is faster.\n",
         args.revision,
         args.connections,
         args.rounds,
+        args.cpu,
         duckdb_version()
     );
     println!(
