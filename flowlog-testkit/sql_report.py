@@ -1,13 +1,17 @@
 """Runs one of flowlog's shipped SQL reports on Parquet files, after the views they are built on
 (views.sql), and prints its rows as JSON: a list of objects, one per row, keyed by column name.
 
-    sql_report.py ENGINE VIEWS_SQL REPORT_SQL DATA_GLOB [NAME=VALUE ...]
+    sql_report.py [--csv OUT] ENGINE VIEWS_SQL REPORT_SQL DATA_GLOB [NAME=VALUE ...]
 
 ENGINE is `duckdb` (analysis/duckdb/, DuckDB variables) or `chdb` (analysis/clickhouse/, in
 chDB, an embedded ClickHouse; query parameters). DATA_GLOB becomes the `data` variable or
 parameter; each NAME=VALUE sets another. scripts/bootstrap installs both.
+
+With `--csv OUT` (DuckDB only; benches/src/bin/report), the rows go to the CSV file OUT through
+DuckDB's own COPY instead, with as many threads as CPUs this process may run on.
 """
 import json
+import os
 import sys
 import tempfile
 
@@ -34,7 +38,8 @@ def statements(path: str) -> list[str]:
     ]
 
 
-def duckdb_rows(views: str, report: str, variables: dict) -> list[dict]:
+def duckdb_connection(views: str, variables: dict):
+    """A DuckDB connection with the variables set and the views created."""
     import duckdb
 
     con = duckdb.connect()
@@ -42,10 +47,23 @@ def duckdb_rows(views: str, report: str, variables: dict) -> list[dict]:
         con.execute(f"SET VARIABLE {name} = ?", [number(value)])
     with open(views, encoding="utf-8") as f:
         con.execute(f.read())
+    return con
+
+
+def duckdb_rows(views: str, report: str, variables: dict) -> list[dict]:
+    con = duckdb_connection(views, variables)
     with open(report, encoding="utf-8") as f:
         result = con.execute(f.read())
     columns = [d[0] for d in result.description]
     return [dict(zip(columns, row)) for row in result.fetchall()]
+
+
+def duckdb_csv(views: str, report: str, variables: dict, out: str) -> None:
+    con = duckdb_connection(views, variables)
+    con.execute(f"SET threads = {len(os.sched_getaffinity(0))}")
+    with open(report, encoding="utf-8") as f:
+        query = f.read().strip().rstrip(";")
+    con.execute(f"COPY ({query}) TO '{out}' (HEADER, DELIMITER ',')")
 
 
 def chdb_rows(views: str, report: str, variables: dict) -> list[dict]:
@@ -64,9 +82,18 @@ def chdb_rows(views: str, report: str, variables: dict) -> list[dict]:
 
 
 def main() -> None:
-    engine, views, report, data, *assignments = sys.argv[1:]
+    args = sys.argv[1:]
+    csv = None
+    if args[:1] == ["--csv"]:
+        csv, args = args[1], args[2:]
+    engine, views, report, data, *assignments = args
     variables = {"data": data}
     variables.update(a.split("=", 1) for a in assignments)
+    if csv is not None:
+        if engine != "duckdb":
+            sys.exit("sql_report.py: --csv is for duckdb only")
+        duckdb_csv(views, report, variables, csv)
+        return
     run = {"duckdb": duckdb_rows, "chdb": chdb_rows}[engine]
     json.dump(run(views, report, variables), sys.stdout, default=str)
 

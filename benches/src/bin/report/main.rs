@@ -30,10 +30,6 @@ use flowlog_record::{
     record::{Direction, FlowRecord, Outcome},
 };
 
-/// Runs the shipped DuckDB report with `COPY … TO` a CSV file: DuckDB's own fastest way to
-/// write rows, as `flowlog report --format csv` writes them.
-const DUCKDB_COPY: &str = include_str!("duckdb_copy.py");
-
 /// `flowlog report` against DuckDB on the same files.
 #[derive(Debug, Parser)]
 struct Args {
@@ -295,8 +291,9 @@ fn main() -> anyhow::Result<()> {
     };
     let data = work.join("flowlogs");
     fs::create_dir_all(&work)?;
-    let script = work.join("duckdb_copy.py");
-    fs::write(&script, DUCKDB_COPY)?;
+    // The shipped DuckDB report, its rows written with DuckDB's own COPY to a CSV file (as
+    // `flowlog report --format csv` writes them).
+    let script = root.join("flowlog-testkit/sql_report.py");
 
     eprintln!("[report] generating {} connections", args.connections);
     let flows = flows(args.connections);
@@ -337,11 +334,13 @@ fn main() -> anyhow::Result<()> {
                 duckdb
                     .args(["-c", &args.cpu.to_string(), "python3"])
                     .arg(&script)
+                    .arg("--csv")
+                    .arg(&out)
+                    .arg("duckdb")
                     .arg(root.join("analysis/duckdb/views.sql"))
                     .arg(root.join(format!("analysis/duckdb/{report}.sql")))
-                    .arg(&out)
+                    .arg(&glob)
                     .args([
-                        format!("data={glob}"),
                         "skew_ns=1000000000".to_string(),
                         format!("from_ns={from}"),
                         format!("to_ns={to}"),
