@@ -53,7 +53,9 @@ pub mod event_kind {
 pub mod flow_flag {
     /// The handshake completed (the snapshot's state is past `SYN_SENT`/`SYN_RECV`).
     pub const ESTABLISHED: u8 = 1 << 0;
-    /// This side queued its FIN (the snapshot's state is one that follows it).
+    /// This side queued its FIN (the snapshot's state is one that follows it). Also kept in a
+    /// flow's state from its `FIN_WAIT1`/`LAST_ACK` change on, so that an end written without
+    /// the state it left (at the socket's destruction, by the sweep) still knows it.
     pub const FIN_SENT: u8 = 1 << 1;
     /// This side's FIN was acknowledged (`snd_una == write_seq` after a FIN was queued).
     pub const FIN_ACKED: u8 = 1 << 2;
@@ -78,25 +80,28 @@ pub mod counter {
     pub const RINGBUF_FULL: u32 = 0;
     /// A new socket could not be inserted in the flow map: its flow is not tracked.
     pub const MAP_FULL: u32 = 1;
-    /// A socket closed that the flow map did not know (opened before the agent started, or evicted
-    /// from the LRU map): no record.
+    /// A socket closed that the flow map did not know (opened before the agent started, evicted
+    /// from the LRU map, or its start missed and not taken late): no record.
     pub const UNTRACKED_CLOSE: u32 = 2;
-    /// The sweep found a tracked flow whose socket is closed, or was re-used for a socket not
-    /// yet connected: its end never reached the programs. Removed from the map without an end
-    /// record (unless it is a `RECOVERED_END`).
+    /// The sweep found a tracked flow whose socket was re-used for another socket, or was
+    /// destroyed with its end unseen: removed from the map without an end record.
     pub const MISSED_END: u32 = 3;
-    /// Flow ends the catching program recorded because the kernel skipped the main program for
-    /// them (the only work of that program that a test can count: nothing else is lost to it).
+    /// Flow ends written when the socket was destroyed (`tcp:tcp_destroy_sock`) because the
+    /// kernel did not run the state-change program for its close (a softirq interrupting that
+    /// program on its CPU): their `end_ns` is the destruction's time.
     pub const CAUGHT_END: u32 = 4;
-    /// The sweep found a tracked outbound flow whose socket closed unseen before its handshake
-    /// completed (a failed connect) and wrote its end record itself (see `MISSED_END` for the
-    /// ends it cannot write).
+    /// Flow ends the sweep wrote for a socket it found closed with its end unseen and not yet
+    /// destroyed (its process still holds it): `end_ns` is the sweep's time.
     pub const RECOVERED_END: u32 = 5;
     /// Connections open before the programs were attached that the adoption at start began to
     /// track (`flowlog_adopt`).
     pub const ADOPTED: u32 = 6;
+    /// Inbound flows whose start the kernel did not hand to the state-change program (a softirq
+    /// interrupting it), started when their process accepted them instead: `start_ns` is the
+    /// accept's time.
+    pub const LATE_START: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Indexes of the `PIN_STATE` array: what an agent that takes over pinned kernel state (see
@@ -121,7 +126,7 @@ pub mod pin_state {
 /// per-CPU flow-id counter, the counter and `PIN_STATE` indexes) and what their fields mean.
 /// **Bump it on any change to them**: an agent finding pins of another version does not reuse
 /// them (it removes them and starts afresh, and says so).
-pub const PIN_LAYOUT_VERSION: u64 = 2;
+pub const PIN_LAYOUT_VERSION: u64 = 3;
 
 /// [`PIN_LAYOUT_VERSION`] with the sizes of the shared types mixed in, so that a layout change
 /// that forgot the bump still changes the id when a size changes.

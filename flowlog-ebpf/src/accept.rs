@@ -1,21 +1,23 @@
-//! The owner of an inbound flow: the process that accepts it (`syscalls:sys_exit_accept{,4}`).
+//! The owner of an inbound flow: the process that accepts it (`syscalls:sys_exit_accept{,4}`);
+//! and the start of an inbound flow whose handshake the state-change program did not see.
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, generated as helper},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use flowlog_common::flow_flag;
+use flowlog_common::{counter, direction, flow_flag, tuple_block};
 
 use crate::{
-    ACCEPT,
-    lifecycle::take_process,
-    maps::FLOWS,
-    sock::{Direct, SockRead, read_field},
+    ACCEPT, CONFIG,
+    lifecycle::{start_flow, take_process, tracked_state},
+    maps::{FLOWS, count},
+    sock::{Direct, ProbeRead, SockRead, read_field},
 };
 
 /// On return from `accept()`/`accept4()` (in the accepting process): finds the socket of the new
-/// descriptor and records this process as the inbound flow's owner.
+/// descriptor and records this process as the inbound flow's owner, or starts the flow if the
+/// state-change program was skipped for its start ([`start_late`]).
 #[tracepoint]
 pub fn accept_exit(ctx: TracePointContext) -> u32 {
     let _ = on_accept_exit::<false>(&ctx);
@@ -67,7 +69,29 @@ pub(crate) fn on_accept_exit<const DIRECT: bool>(ctx: &TracePointContext) -> Res
             if state.flags & flow_flag::PROCESS_KNOWN == 0 {
                 take_process(state);
             }
+        } else {
+            start_late(sk);
         }
     }
     Ok(())
+}
+
+/// Starts the inbound flow of an accepted socket the flow map does not know: its handshake
+/// completed in a softirq that interrupted the state-change program on its CPU, which the
+/// kernel then skipped (see [`on_set_state`](crate::lifecycle::on_set_state)). Its `start_ns`
+/// is the accept's time; its counters, which the kernel keeps from the socket's creation, make
+/// its records exact all the same. Not for a socket already closed: its end was written (or
+/// will be, at its destruction), and a second flow would count its bytes twice. Nor for
+/// another protocol's socket (`accept()` on a Unix socket).
+#[inline(always)]
+fn start_late(sk: u64) {
+    let Some(sock) = ProbeRead::tcp(sk, true) else {
+        return;
+    };
+    let state: u8 = sock.read(global!(CONFIG.layout.sk_daddr) + tuple_block::STATE as u32);
+    if !tracked_state(state) {
+        return;
+    }
+    start_flow::<ProbeRead>(sk, direction::INBOUND, true);
+    count(counter::LATE_START, 1);
 }

@@ -1,12 +1,8 @@
 //! A flow's life from the socket's state changes (`sock:inet_sock_set_state`): its start
-//! (connect, or a handshake on a listener), its owner, and its end record; the flow id it gets;
-//! and the catching programs that handle the changes the kernel did not hand to the main ones.
+//! (connect, or a handshake on a listener), its owner, and its end record; and the flow id it
+//! gets.
 
-use core::{
-    ffi::c_void,
-    mem::MaybeUninit,
-    ptr::{read_volatile, write_volatile},
-};
+use core::{ffi::c_void, mem::MaybeUninit, ptr::write_volatile};
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated as helper},
@@ -18,7 +14,7 @@ use flowlog_common::{AF_INET6, FlowState, counter, direction, event_kind, flow_f
 use crate::{
     CONFIG,
     emit::{Emit, emit_snapshot},
-    maps::{CLOSED, FLOW_SEQ, FLOWS, HANDLED, count},
+    maps::{CLOSED, FLOW_SEQ, FLOWS, count},
     mem::{zero_words, zero16},
     sock::{Direct, ProbeRead, SockRead},
 };
@@ -28,17 +24,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let sk: u64 = ctx.arg(0);
     let (old, new) = (ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
-    handle_set_state::<ProbeRead>(sk, old, new);
-    0
-}
-
-/// Attached after [`inet_sock_set_state`]: handles the state changes the kernel did not hand to
-/// it (see [`HANDLED`](crate::maps::HANDLED)).
-#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
-pub fn inet_sock_set_state_catch(ctx: RawTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let (old, new) = (ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
-    catch_set_state::<ProbeRead>(sk, old, new);
+    on_set_state::<ProbeRead>(sk, old, new);
     0
 }
 
@@ -47,97 +33,36 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     // The same arguments, with `sk` typed (`struct sock *`) for the verifier.
     let sk: u64 = ctx.arg(0);
     let (old, new) = (ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
-    handle_set_state::<Direct>(sk, old, new);
+    on_set_state::<Direct>(sk, old, new);
     0
 }
 
-/// Attached after [`inet_sock_set_state_btf`]: handles the state changes the kernel did not
-/// hand to it (see [`HANDLED`](crate::maps::HANDLED)).
-#[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn inet_sock_set_state_btf_catch(ctx: BtfTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let (old, new) = (ctx.arg::<u64>(1) as u8, ctx.arg::<u64>(2) as u8);
-    catch_set_state::<Direct>(sk, old, new);
-    0
-}
-
-/// The main state-change programs' work: the change, then its mark (see
-/// [`HANDLED`](crate::maps::HANDLED)).
+/// One state change of socket `sk`. Four of the ten changes of a typical connection need no
+/// work (`ESTABLISHED`, `CLOSE_WAIT`, `FIN_WAIT2`, `TIME_WAIT`) and return at the `match`.
+///
+/// The kernel does not re-enter a program already running on a CPU: a change made by a softirq
+/// that interrupts this program in process context (a SYN timeout, a received FIN or reset, a
+/// handshake completing) is skipped for it. Of the changes that matter, a skipped end is written
+/// when the socket is destroyed ([`crate::destroy`]) or by the sweep, and a skipped inbound start
+/// is taken when the process accepts the connection ([`crate::accept`]); an outbound start and
+/// the closing changes happen in the process's own context, which nothing interrupts.
 #[inline(always)]
-pub(crate) fn handle_set_state<S: SockRead>(sk: u64, oldstate: u8, newstate: u8) {
-    on_set_state::<S>(sk, oldstate, newstate);
-    mark_handled(sk, oldstate, newstate);
-}
-
-/// The catching programs' work: a change the main program did not mark as finished on this CPU.
-#[inline(always)]
-pub(crate) fn catch_set_state<S: SockRead>(sk: u64, oldstate: u8, newstate: u8) {
-    if !was_handled(sk, oldstate, newstate) && on_set_state::<S>(sk, oldstate, newstate) {
-        count(counter::CAUGHT_END, 1);
-    }
-}
-
-/// Whether [`on_set_state`] has anything to do for this change; the others are not marked
-/// handled nor caught.
-#[inline(always)]
-pub(crate) fn needs_work(oldstate: u8, newstate: u8) -> bool {
-    !matches!(classify(oldstate, newstate), Change::Nothing)
-}
-
-/// Records, on this CPU, that the main state-change program has finished with this change.
-#[inline(always)]
-pub(crate) fn mark_handled(sk: u64, oldstate: u8, newstate: u8) {
-    if !needs_work(oldstate, newstate) {
-        return;
-    }
-    if let Some(last) = HANDLED.get_ptr_mut(0) {
-        unsafe {
-            write_volatile(&raw mut (*last).sk, sk);
-            write_volatile(
-                &raw mut (*last).states,
-                u64::from(oldstate) << 8 | u64::from(newstate),
-            );
-        }
-    }
-}
-
-/// Whether the main program handled this change: it marks every change it finishes, and the
-/// catching program runs right after it for the same change, unless the main one was skipped.
-#[inline(always)]
-pub(crate) fn was_handled(sk: u64, oldstate: u8, newstate: u8) -> bool {
-    if !needs_work(oldstate, newstate) {
-        return true;
-    }
-    match HANDLED.get_ptr(0) {
-        Some(last) => unsafe {
-            read_volatile(&raw const (*last).sk) == sk
-                && read_volatile(&raw const (*last).states)
-                    == u64::from(oldstate) << 8 | u64::from(newstate)
-        },
-        // Cannot happen (a per-CPU array of one); handling twice would be worse than missing.
-        None => true,
-    }
-}
-
-/// One state change of socket `sk`; true if it ended a tracked flow (its end record written).
-/// Four of the ten changes of a typical connection need no work (`ESTABLISHED`, `CLOSE_WAIT`,
-/// `FIN_WAIT2`, `TIME_WAIT`) and return at the `match`.
-#[inline(always)]
-pub(crate) fn on_set_state<S: SockRead>(sk: u64, oldstate: u8, newstate: u8) -> bool {
+pub(crate) fn on_set_state<S: SockRead>(sk: u64, oldstate: u8, newstate: u8) {
     match classify(oldstate, newstate) {
-        Change::Start(dir) => start_flow::<S>(sk, dir),
+        Change::Start(dir) => start_flow::<S>(sk, dir, dir == direction::OUTBOUND),
         Change::Closing => {
             if let Some(state) = FLOWS.get_ptr_mut(sk) {
                 let state = unsafe { &mut *state };
+                // Kept for an end written without the state it left (see `FIN_SENT`).
+                state.flags |= flow_flag::FIN_SENT;
                 if state.flags & flow_flag::PROCESS_KNOWN == 0 {
                     take_process(state);
                 }
             }
         }
-        Change::End => return end_flow::<S>(sk, oldstate),
+        Change::End => end_flow::<S>(sk, oldstate),
         Change::Nothing => {}
     }
-    false
 }
 
 /// What a socket state change means for its flow.
@@ -156,7 +81,7 @@ pub(crate) enum Change {
     Nothing,
 }
 
-/// The one place that decides which changes [`on_set_state`] acts on ([`needs_work`] too).
+/// The one place that decides which changes [`on_set_state`] acts on.
 #[inline(always)]
 pub(crate) fn classify(oldstate: u8, newstate: u8) -> Change {
     match newstate {
@@ -186,8 +111,10 @@ pub(crate) fn tracked_state(tcp_state: u8) -> bool {
     )
 }
 
+/// Starts tracking the flow of `sk` now; `in_owner` when the task on the CPU is the socket's
+/// process (a connect, an accept), whose pid, comm and cgroup the flow then gets.
 #[inline(always)]
-pub(crate) fn start_flow<S: SockRead>(sk: u64, dir: u8) {
+pub(crate) fn start_flow<S: SockRead>(sk: u64, dir: u8, in_owner: bool) {
     if S::tcp(sk, true).is_none() {
         return;
     }
@@ -201,7 +128,7 @@ pub(crate) fn start_flow<S: SockRead>(sk: u64, dir: u8) {
     state.start_ns = now;
     state.last_report_ns = now;
     state.direction = dir;
-    if dir == direction::OUTBOUND {
+    if in_owner {
         take_process(state);
     }
     // By reference: a copy of the value would be a `memcpy` call.
@@ -213,18 +140,18 @@ pub(crate) fn start_flow<S: SockRead>(sk: u64, dir: u8) {
     // to the live flow first, and a reset of this socket after its own close replaces the entry.
 }
 
-/// Writes the end record of the flow of `sk`, if tracked; true if it did.
+/// Writes the end record of the flow of `sk`, if tracked.
 #[inline(always)]
-pub(crate) fn end_flow<S: SockRead>(sk: u64, oldstate: u8) -> bool {
+pub(crate) fn end_flow<S: SockRead>(sk: u64, oldstate: u8) {
     let Some(state) = FLOWS.get_ptr_mut(sk) else {
         count(counter::UNTRACKED_CLOSE, 1);
-        return false;
+        return;
     };
     let state = unsafe { &mut *state };
     let Some(sock) = S::tcp(sk, false) else {
         // Tracked, so a TCP socket: cannot happen. Dropped from the map, not reported.
         let _ = FLOWS.remove(sk);
-        return false;
+        return;
     };
     // The tuple is read here, once, unless a sweep needed it earlier: by now the kernel has
     // bound the local port, and it clears the addresses only after this state change.
@@ -238,7 +165,6 @@ pub(crate) fn end_flow<S: SockRead>(sk: u64, oldstate: u8) -> bool {
     if flags & flow_flag::MAY_RESET != 0 {
         let _ = CLOSED.insert(sk, flow_id, 0);
     }
-    true
 }
 
 /// Records the task on the CPU as the flow's process. Only called where the kernel runs in the

@@ -14,10 +14,11 @@
 //!   plain raw tracepoint that reads fields with `bpf_probe_read_kernel`
 //!   ([`ProbeRead`](sock::ProbeRead)), for kernels that refuse the first. Both run the same code
 //!   ([`on_set_state`](lifecycle::on_set_state)), generic over how fields are read ([`sock`]).
-//!   A catching program runs after each (see [`HANDLED`](maps::HANDLED)).
+//! - [`destroy`]: `tcp:tcp_destroy_sock` writes the ends the state-change program was skipped
+//!   for (a softirq interrupting it on its CPU), in the same two variants.
 //! - [`resets`]: `tcp:tcp_send_reset` / `tcp:tcp_receive_reset` (raw) count resets per flow.
 //! - [`accept`]: `syscalls:sys_exit_accept{,4}` give an inbound flow its owning process (the
-//!   accepting one); `accept_exit_btf` walks from the task to the socket with direct loads where
+//!   accepting one), and start it if its start was skipped; `accept_exit_btf` walks from the task to the socket with direct loads where
 //!   it can, `accept_exit` with probe reads.
 //! - [`sweep`]: `flowlog_sweep` is never attached: user space runs it with `BPF_PROG_TEST_RUN` to
 //!   emit interim snapshots of long-lived flows (and of all open flows at shutdown).
@@ -50,6 +51,7 @@ macro_rules! global {
 
 mod accept;
 mod adopt;
+mod destroy;
 mod emit;
 mod lifecycle;
 mod maps;

@@ -1,6 +1,5 @@
 //! The maps the programs share: open flows, recently closed ones, the ring buffer and its
-//! per-CPU batches, counters and statistics for the agent, and the per-CPU marks that keep a
-//! state change from being handled twice or lost when a softirq interrupts a program.
+//! per-CPU batches, counters and statistics for the agent.
 
 use aya_ebpf::{
     macros::map,
@@ -35,47 +34,13 @@ pub(crate) struct FlowSeq {
     pub(crate) next: u64,
 }
 
-/// Only `inet_sock_set_state` touches it. Kernels since about 6.1 never nest a raw tracepoint
+/// Touched by `inet_sock_set_state` and, for a late start, by the accept program. Kernels since about 6.1 never nest a raw tracepoint
 /// program within itself on one CPU (a nested hit is skipped and counted as a miss of the
 /// program); older ones can, when a softirq's state change interrupts a process-context one,
 /// hence the `busy` mark (per-CPU data, no atomics needed: an interrupt runs to completion before
 /// the code it interrupted resumes).
 #[map]
 pub(crate) static FLOW_SEQ: PerCpuArray<FlowSeq> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per CPU: the last socket state change the main state-change program finished.
-///
-/// The kernel does not re-enter a program already running on a CPU: a state change made by a
-/// softirq that interrupts the program in process context (a SYN timeout, a received FIN) is
-/// skipped for it, and was lost. A second program on the same tracepoint, attached after the
-/// first and so run right after it for every change, finds its change marked here when the first
-/// ran, and handles it itself when not. An interrupted first program's change is marked only
-/// once it finishes, so the interrupting change is not mistaken for it. Left: an interrupt in
-/// the few instructions between the second program's start and its read of the mark sees the
-/// interrupting change's mark, and handles a change twice (a second start replaces the first's
-/// fresh entry; a second end finds no entry and counts an untracked close).
-///
-/// Neither program can see a change the kernel runs no program for. On this project's VMs
-/// (kernel 6.18, Firecracker) that happens to every change made by a softirq that interrupts one
-/// thread of the VM's init process (`process_api`, a thread that stays in the kernel): in
-/// `flowlog-sidecar/tests/nested.rs`, about one run in four loses a whole timer softirq's batch
-/// of SYN timeouts (11–26) that way. tracefs records each of those changes; the programs' entry
-/// counts (a temporary counter at the top of each) fall short by exactly that batch; no
-/// `recursion_misses` is counted for either program; and an ftrace `stacktrace` trigger records
-/// no stack for those events while it does for every other. What the kernel does on that thread
-/// could not be inspected here (lockdown denies its stack, `/proc/kcore` and KVM statistics).
-/// The sweep finds such flows' sockets closed: it writes a failed connect's end record itself
-/// ([`recover_failed_connect`](crate::sweep::recover_failed_connect)), and counts and drops any
-/// other (`missed_ends`).
-#[repr(C)]
-pub(crate) struct Handled {
-    pub(crate) sk: u64,
-    /// `oldstate << 8 | newstate`.
-    pub(crate) states: u64,
-}
-
-#[map]
-pub(crate) static HANDLED: PerCpuArray<Handled> = PerCpuArray::with_max_entries(1, 0);
 
 /// Single values reported by the sweep (indexes in `flowlog_common::stat`).
 #[map]

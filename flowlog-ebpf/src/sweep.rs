@@ -1,5 +1,6 @@
 //! The sweep, run by the agent: interim records of long-lived flows (all open flows at
-//! shutdown), and the flows whose end never reached the programs.
+//! shutdown), and the flows whose end never reached the state-change program while their
+//! process still holds the closed socket.
 
 use core::ffi::c_void;
 
@@ -9,11 +10,12 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use flowlog_common::{
-    FlowState, counter, direction, event_kind, flow_flag, pin_state, stat, tcp_state, tuple_block,
+    FlowState, counter, event_kind, flow_flag, pin_state, stat, tcp_state, tuple_block,
 };
 
 use crate::{
     CONFIG,
+    destroy::end_unseen,
     emit::{Emit, emit_snapshot},
     lifecycle::{read_tuple, tracked_state},
     maps::{FLOWS, PIN_STATE, STATS, count},
@@ -76,24 +78,20 @@ extern "C" fn sweep_one(
     let sock = ProbeRead(unsafe { *key } as *const u8);
     let tcp_state: u8 = sock.read(global!(CONFIG.layout.sk_daddr) + tuple_block::STATE as u32);
     // A tracked socket is never seen closed or listening: its move to `TCP_CLOSE` ends the flow
-    // (and the state is stored only after the programs have run). Seen so, its end never reached
-    // them (see `HANDLED`), or its memory now holds a new socket. A failed connect's end is
-    // written from the socket as it is (`recover_failed_connect`); any other is dropped without
-    // a record and counted. Checked for every flow at every sweep, so such a flow is dealt with
-    // within a sweep period, not only once it is due for an interim record. A flow younger than
-    // a second may be a socket whose state is stored just after its start was recorded.
+    // (and the state is stored only after the programs have run). Seen closed, its close never
+    // reached the state-change program and its process still holds it (not destroyed yet): its
+    // end is written now, from its final counters (see `crate::destroy`). Seen in any other
+    // untracked state, its memory now holds another socket: dropped without a record and
+    // counted. Checked for every flow at every sweep, so such a flow is dealt with within a sweep
+    // period, not only once it is due for an interim record. A flow younger than a second may be
+    // a socket whose state is stored just after its start was recorded.
     if !tracked_state(tcp_state) && sweep.now.saturating_sub(state.start_ns) >= 1_000_000_000 {
-        let recovered =
-            tcp_state == tcp_state::CLOSE && recover_failed_connect(sock, state, sweep.now);
-        if FLOWS.remove(unsafe { *key }).is_ok() {
-            count(
-                if recovered {
-                    counter::RECOVERED_END
-                } else {
-                    counter::MISSED_END
-                },
-                1,
-            );
+        if tcp_state == tcp_state::CLOSE {
+            if end_unseen(sock, unsafe { *key }, state, sweep.now, Emit::Direct) {
+                count(counter::RECOVERED_END, 1);
+            }
+        } else if FLOWS.remove(unsafe { *key }).is_ok() {
+            count(counter::MISSED_END, 1);
         }
         return 0;
     }
@@ -113,40 +111,4 @@ extern "C" fn sweep_one(
         state.last_report_ns = sweep.now;
     }
     0
-}
-
-/// Writes the end record of an outbound flow whose socket closed unseen before the handshake
-/// completed (`bytes_acked` counts the SYN once acknowledged: 0 means it never was), so that a
-/// failed connect is reported even when its end never reached the programs. Such a flow has no
-/// payload and its counters are final, so the record is exact but for `end_ns` (the sweep's
-/// time, at most a sweep period late). Only if the socket still holds the flow's ports: memory
-/// re-used for a socket not yet bound reads 0, and one that connected would have replaced the
-/// flow at its start. Returns whether it wrote the record.
-#[inline(always)]
-pub(crate) fn recover_failed_connect(sock: ProbeRead, state: &mut FlowState, now: u64) -> bool {
-    if state.direction != direction::OUTBOUND
-        || sock.read::<u64>(global!(CONFIG.layout.bytes_acked)) != 0
-    {
-        return false;
-    }
-    let known = state.flags & flow_flag::TUPLE_KNOWN != 0;
-    let (local_port, remote_port) = (state.local_port, state.remote_port);
-    read_tuple(sock, state);
-    let same = if known {
-        state.local_port == local_port && state.remote_port == remote_port
-    } else {
-        state.local_port != 0 && state.remote_port != 0
-    };
-    if !same {
-        return false;
-    }
-    emit_snapshot(
-        sock,
-        state,
-        event_kind::END,
-        tcp_state::SYN_SENT,
-        now,
-        Emit::Direct,
-    );
-    true
 }

@@ -345,6 +345,7 @@ impl Reporter {
                 counter!(m::KERNEL_DROPS, "reason" => "map_full").absolute(map_full);
                 counter!(m::UNTRACKED_CLOSES).absolute(c[counter::UNTRACKED_CLOSE as usize]);
                 counter!(m::ADOPTED_FLOWS).absolute(c[counter::ADOPTED as usize]);
+                counter!(m::LATE_STARTS).absolute(c[counter::LATE_START as usize]);
                 counter!(m::CAUGHT_ENDS).absolute(c[counter::CAUGHT_END as usize]);
                 counter!(m::RECOVERED_ENDS).absolute(c[counter::RECOVERED_END as usize]);
                 let missed_ends = c[counter::MISSED_END as usize];
@@ -352,8 +353,8 @@ impl Reporter {
                 if missed_ends > self.missed_ends && self.missed_end_log.due() {
                     warn!(
                         missed_ends,
-                        "flows whose socket closed unseen were dropped from the kernel flow map \
-                         without an end record (the kernel ran no program for their close)"
+                        "flows whose socket was destroyed unseen were dropped from the kernel flow \
+                         map without an end record (the kernel ran no program for their close)"
                     );
                 }
                 self.missed_ends = missed_ends;

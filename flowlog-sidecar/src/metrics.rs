@@ -10,6 +10,7 @@ pub const EVENTS: &str = "flowlog_sidecar_events_total";
 pub const KERNEL_DROPS: &str = "flowlog_sidecar_kernel_drops_total";
 pub const UNTRACKED_CLOSES: &str = "flowlog_sidecar_untracked_closes_total";
 pub const ADOPTED_FLOWS: &str = "flowlog_sidecar_adopted_flows_total";
+pub const LATE_STARTS: &str = "flowlog_sidecar_late_starts_total";
 pub const SOCKETS_TRACKED: &str = "flowlog_sidecar_sockets_tracked";
 pub const READ_PATH: &str = "flowlog_sidecar_read_path";
 pub const PINNED: &str = "flowlog_sidecar_pinned";
@@ -56,6 +57,10 @@ pub async fn serve(
         "Sockets that closed without having been tracked (opened before the agent started, or evicted)."
     );
     describe_counter!(
+        LATE_STARTS,
+        "Inbound flows whose start the kernel skipped the state-change program for, started when their process accepted them (start_ns is the accept's time)."
+    );
+    describe_counter!(
         ADOPTED_FLOWS,
         "Connections open before the programs were attached that the agent adopted at start (their records have adopted=true)."
     );
@@ -94,19 +99,19 @@ pub async fn serve(
     );
     describe_counter!(
         CAUGHT_STATE_CHANGES,
-        "Socket state changes the kernel skipped the main program for (a softirq interrupting it) and the second program handled: nothing lost."
+        "Socket state changes the kernel skipped the state-change program for (a softirq interrupting it on its CPU) whose work was done later: an end at the socket's destruction or by the sweep, an inbound start at its accept."
     );
     describe_counter!(
         CAUGHT_ENDS,
-        "Flow ends among the caught state changes: end records the second program wrote."
+        "Flow ends the state-change program was skipped for, written when the socket was destroyed (end_ns is the destruction's time)."
     );
     describe_counter!(
         RECOVERED_ENDS,
-        "Failed connects whose close never reached the programs: the sweep found the socket closed and wrote the end record itself (end_ns at most one sweep period late)."
+        "Flow ends the state-change program never saw while the process still held the closed socket: the sweep wrote the end record from its final counters (end_ns at most one sweep period late)."
     );
     describe_counter!(
         MISSED_ENDS,
-        "Tracked flows the sweep found with their socket closed or re-used: their end never reached the programs (a softirq the kernel ran no program for, or a skipped run), and it was not a failed connect (see recovered_ends); dropped without an end record."
+        "Tracked flows found with their socket re-used for another one: their end reached no program (destroyed unseen); dropped without an end record."
     );
     describe_counter!(
         VANISHED_FLOWS,

@@ -36,7 +36,7 @@ use flowlog_common::{PIN_LAYOUT_ID, pin_state};
 use tracing::{info, warn};
 
 /// Maps pinned by name in the pin directory (see the module docs); the others (the read-only
-/// globals, the catching programs' marks, the sweep's statistics) belong to one agent's programs.
+/// globals, the sweep's statistics) belong to one agent's programs.
 pub const PINNED_MAPS: [&str; 7] = [
     "FLOWS",
     "CLOSED",

@@ -201,10 +201,12 @@ const RAW_PROGRAMS: [&str; 2] = ["tcp_send_reset", "tcp_receive_reset"];
 /// the tracepoint's name).
 const SET_STATE: &str = "inet_sock_set_state";
 const SET_STATE_BTF: &str = "inet_sock_set_state_btf";
-/// Attached after each of those: handles the changes the kernel skipped them for (the kernel
-/// does not re-enter a program that a softirq interrupts on its CPU).
-const SET_STATE_CATCH: &str = "inet_sock_set_state_catch";
-const SET_STATE_BTF_CATCH: &str = "inet_sock_set_state_btf_catch";
+/// Writes, when a socket is destroyed, the end of a flow the state-change program was skipped
+/// for (the kernel does not re-enter a program that a softirq interrupts on its CPU): the raw
+/// tracepoint program (named as the tracepoint), and the BTF-typed one beside
+/// [`SET_STATE_BTF`].
+const DESTROY: &str = "tcp_destroy_sock";
+const DESTROY_BTF: &str = "tcp_destroy_sock_btf";
 const SWEEP: &str = "flowlog_sweep";
 const FLUSH: &str = "flowlog_flush";
 const ACCEPT_PROGRAM: &str = "accept_exit";
@@ -245,8 +247,9 @@ pub struct Probe {
     cpus: Vec<u32>,
     /// A batch this old is moved by [`Probe::flush_batches`] (`Config::batch_age_ns`).
     batch_age: Duration,
-    /// Whether the catching state-change program is attached: the main one's skipped runs are
-    /// then caught, not lost.
+    /// Whether the destruction program is attached: the state-change program's skipped runs are
+    /// then caught (ends at the destruction or by the sweep, inbound starts at the accept), not
+    /// lost.
     catching: bool,
     /// The pin directory, when the kernel state is pinned.
     pins: Option<PinDir>,
@@ -259,7 +262,8 @@ pub struct Probe {
 /// Runs of the attached programs that the kernel skipped ([`Probe::skipped_runs`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SkippedRuns {
-    /// State changes the main program was skipped for and the catching program handled.
+    /// State changes the state-change program was skipped for, whose work was done later
+    /// (an end at the socket's destruction or by the sweep, an inbound start at its accept).
     pub caught: u64,
     /// Events no program saw.
     pub lost: u64,
@@ -405,10 +409,10 @@ impl Probe {
                     SET_STATE.into(),
                     attach_raw_link(prog, SET_STATE, SET_STATE, &kernel)?,
                 ));
-                let catching = load_program::<RawTracePoint>(&mut ebpf, SET_STATE_CATCH, &kernel)
-                    .and_then(|prog| {
-                        let link = attach_raw_link(prog, SET_STATE_CATCH, SET_STATE, &kernel)?;
-                        links.push((SET_STATE_CATCH.into(), link));
+                let catching =
+                    load_program::<RawTracePoint>(&mut ebpf, DESTROY, &kernel).and_then(|prog| {
+                        let link = attach_raw_link(prog, DESTROY, DESTROY, &kernel)?;
+                        links.push((DESTROY.into(), link));
                         Ok(())
                     });
                 (SockAccess::ProbeRead, caught_or_warn(catching))
@@ -682,11 +686,11 @@ impl Probe {
 
     /// Runs of the attached programs that the kernel skipped: a program is not re-entered on a
     /// CPU where it is already running, so an event raised by a softirq that interrupted it goes
-    /// unseen by it. The main state-change program's are caught by the catching one when it is
-    /// attached, and the catching one's were seen by the main one; any other is lost (a missed
-    /// start leaves the flow untracked; a missed end is found by the sweep and counted). The
-    /// kernel counts them per program (`recursion_misses` in `/proc/<pid>/fdinfo/<program fd>`,
-    /// Linux 5.12+; `None` before).
+    /// unseen by it. The state-change program's are caught when the destruction program is
+    /// attached (its ends are written at the destruction or by the sweep, its inbound starts at
+    /// the accept); any other is lost (a missed start of a flow nobody accepts leaves it
+    /// untracked; a missed reset is not counted). The kernel counts them per program
+    /// (`recursion_misses` in `/proc/<pid>/fdinfo/<program fd>`, Linux 5.12+; `None` before).
     pub fn skipped_runs(&self) -> Result<Option<SkippedRuns>, ProbeError> {
         let mut total: Option<SkippedRuns> = None;
         for (name, program) in self.ebpf.programs() {
@@ -701,9 +705,10 @@ impl Probe {
                 let total = total.get_or_insert_default();
                 match name {
                     SET_STATE | SET_STATE_BTF if self.catching => total.caught += misses,
-                    // Skipped only while it runs itself, in which case the change that
-                    // interrupted it reached the main program, which is not running then.
-                    SET_STATE_CATCH | SET_STATE_BTF_CATCH => {}
+                    // A skipped destruction matters only for a flow whose end was skipped too,
+                    // and the sweep finds that one's socket: it writes the end, or counts a
+                    // missed end if the memory holds another socket by then.
+                    DESTROY | DESTROY_BTF => {}
                     _ => total.lost += misses,
                 }
             }
@@ -738,11 +743,10 @@ fn attach_btf_set_state(
 ) -> Result<bool, ProbeError> {
     links.push((
         SET_STATE_BTF.into(),
-        attach_btf(ebpf, SET_STATE_BTF, vmlinux, kernel)?,
+        attach_btf(ebpf, SET_STATE_BTF, SET_STATE, vmlinux, kernel)?,
     ));
-    // After the main program, so that it runs after it for each change.
-    let catching = attach_btf(ebpf, SET_STATE_BTF_CATCH, vmlinux, kernel)
-        .map(|link| links.push((SET_STATE_BTF_CATCH.into(), link)));
+    let catching = attach_btf(ebpf, DESTROY_BTF, DESTROY, vmlinux, kernel)
+        .map(|link| links.push((DESTROY_BTF.into(), link)));
     Ok(caught_or_warn(catching))
 }
 
@@ -779,10 +783,11 @@ fn log_found(pins: &PinDir, found: Option<&Found>, replaced: usize) {
     }
 }
 
-/// Loads `program` as a BTF-typed tracepoint on the state-change tracepoint and attaches it.
+/// Loads `program` as a BTF-typed tracepoint on `tracepoint` and attaches it.
 fn attach_btf(
     ebpf: &mut Ebpf,
     program: &'static str,
+    tracepoint: &'static str,
     vmlinux: &Btf,
     kernel: &str,
 ) -> Result<FdLink, ProbeError> {
@@ -792,21 +797,22 @@ fn attach_btf(
         .ok_or(ProbeError::MissingProgram(program))?
         .try_into()
         .map_err(&load_error)?;
-    prog.load(SET_STATE, vmlinux).map_err(&load_error)?;
-    let err = program_error(attach_raw(program, SET_STATE), kernel);
+    prog.load(tracepoint, vmlinux).map_err(&load_error)?;
+    let err = program_error(attach_raw(program, tracepoint), kernel);
     let id = prog.attach().map_err(&err)?;
     Ok(prog.take_link(id).map_err(&err)?.into())
 }
 
-/// Whether the catching program is attached; if not, says once what that costs.
+/// Whether the destruction program is attached; if not, says once what that costs.
 fn caught_or_warn<T>(attached: Result<T, ProbeError>) -> bool {
     match attached {
         Ok(_) => true,
         Err(e) => {
             warn!(
                 error = flowlog_diag::error_chain(&e),
-                "the second state-change program cannot be attached: state changes made by a \
-                 softirq that interrupts the first one are missed (counted as skipped_run)"
+                "the socket destruction program (tcp:tcp_destroy_sock) cannot be attached: \
+                 state changes made by a softirq that interrupts the state-change program are \
+                 missed (counted as skipped_run), except ends the sweep finds"
             );
             false
         }

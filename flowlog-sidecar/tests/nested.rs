@@ -1,14 +1,14 @@
 //! State changes made by a softirq that interrupts the state-change program on its CPU. The
-//! kernel does not re-enter a program that is already running there, so without the second,
-//! catching program such a change was lost: 60 of 2,000 SYN timeouts under a connect/close
-//! churn, when this was first measured. Here the timeouts (timer softirq) fire while both CPUs
-//! churn loopback connections (the program in process context). The agent must show that the
-//! second program wrote end records for interrupted changes, and every timed-out connect must
-//! have its exact `failed` record. Some ends reach no program at all: in about one run in four,
-//! the kernel runs neither program for a whole softirq's batch of timeouts (11–26 of them) and
-//! counts no skipped run either, while tracefs records every one of those changes, each in a
-//! softirq that interrupted one thread of this VM's init process (see `flowlog-ebpf`'s
-//! `HANDLED`). The sweep finds those sockets closed and writes their records itself.
+//! kernel does not re-enter a program that is already running there, so such a change is skipped
+//! for it: 60 of 2,000 SYN timeouts under a connect/close churn were lost that way when this was
+//! first measured. Here the timeouts (timer softirq) fire while both CPUs churn loopback
+//! connections (the program in process context), and each failed connect is closed at once. The
+//! agent must show that ends were written at the socket's destruction (`tcp:tcp_destroy_sock`)
+//! for interrupted changes, and every timed-out connect must have its exact `failed` record,
+//! whichever of the state-change program, the destruction program or the sweep wrote it. Some
+//! ends reach no state-change program at all: in about one run in four, the kernel runs it for
+//! none of a whole softirq's batch of timeouts (11–26 of them) and counts no skipped run either
+//! (see `flowlog-ebpf`'s `destroy` module); those are written at the destruction too.
 //! A test binary of its own: the churn would slow every test running beside it.
 mod support;
 
@@ -32,10 +32,12 @@ const TIMEOUTS: usize = 1_000;
 const SPACING: Duration = Duration::from_millis(2);
 /// A connect with `TCP_SYNCNT` 1 gives up after about 3 s (SYN at 0 s, retransmit at 1 s).
 const SYN_TIMEOUT: Duration = Duration::from_secs(3);
-/// Rounds tried until the second program has written an end record. The timers expire in
+/// How often the connecting thread looks for failed connects to close.
+const CLOSE_POLL: Duration = Duration::from_millis(5);
+/// Rounds tried until the destruction program has written an end record. The timers expire in
 /// batches (about 15 at a time), so a round offers a few dozen chances for a softirq to land in
-/// the main program, and about one round in three has none: 4 rounds failed about once in 60
-/// runs, 8 should fail about once in 5,000.
+/// the state-change program, and about one round in three has none: 4 rounds failed about once
+/// in 60 runs, 8 should fail about once in 5,000.
 const MAX_ROUNDS: usize = 8;
 
 /// Connect/close churn on 127.0.0.1, one client and one server thread pinned to each CPU, until
@@ -91,22 +93,35 @@ fn pin_to(cpu: usize) {
 }
 
 /// Starts [`TIMEOUTS`] non-blocking connects from the client namespace to `addr`, whose SYNs the
-/// server drops, one every [`SPACING`]; the thread returns their sockets (kept open until the
-/// caller drops them) and local ports.
-fn unanswered_connects(
-    net: &NetnsPair,
-    addr: SocketAddr,
-) -> thread::JoinHandle<(Vec<TcpStream>, Vec<u16>)> {
+/// server drops, one every [`SPACING`], and closes each one as soon as its connect has failed
+/// (within [`CLOSE_POLL`]), so that its socket is destroyed then: an end the state-change
+/// program was skipped for is written at that destruction, or by the sweep if it comes first.
+/// The thread returns the connects' local ports once all of them are closed.
+fn unanswered_connects(net: &NetnsPair, addr: SocketAddr) -> thread::JoinHandle<Vec<u16>> {
     net.client("flt-nested", move || {
-        let mut sockets = Vec::with_capacity(TIMEOUTS);
+        let mut open: Vec<TcpStream> = Vec::with_capacity(TIMEOUTS);
         let mut ports = Vec::with_capacity(TIMEOUTS);
+        let close_failed = |open: &mut Vec<TcpStream>| {
+            open.retain(|socket| matches!(socket.take_error(), Ok(None)));
+        };
         for _ in 0..TIMEOUTS {
             let socket = start_syn_limited_connect(addr);
             ports.push(socket.local_addr().unwrap().port());
-            sockets.push(socket);
+            open.push(socket);
             thread::sleep(SPACING);
         }
-        (sockets, ports)
+        let deadline = Instant::now() + SYN_TIMEOUT + PATIENCE;
+        while !open.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{} connects still pending {:?} after the last",
+                open.len(),
+                SYN_TIMEOUT + PATIENCE
+            );
+            close_failed(&mut open);
+            thread::sleep(CLOSE_POLL);
+        }
+        ports
     })
 }
 
@@ -141,14 +156,13 @@ fn state_changes_interrupting_the_program_are_caught() {
         until(SYN_TIMEOUT - Duration::from_millis(300));
         let stop = Arc::new(AtomicBool::new(false));
         let (load, listeners) = churn(&stop);
-        let (sockets, round_ports) = join(connects);
         until(SPACING * TIMEOUTS as u32 + SYN_TIMEOUT + Duration::from_millis(500));
+        let round_ports = join(connects);
         stop.store(true, Ordering::Relaxed);
         for addr in listeners {
             let _ = TcpStream::connect(addr);
         }
         churned += load.into_iter().map(join).sum::<u64>() / 2;
-        drop(sockets);
         ports.extend(round_ports);
         // The agent exports its counters once a second.
         thread::sleep(Duration::from_millis(1_200));
@@ -160,8 +174,8 @@ fn state_changes_interrupting_the_program_are_caught() {
     let caught_ends = metric("flowlog_sidecar_caught_ends_total");
     assert!(
         caught_ends > 0.0,
-        "the second program wrote no end record in {rounds} rounds of {TIMEOUTS} timeouts under \
-         a churn of {churned} connections ({caught} interrupted state changes caught)"
+        "the destruction program wrote no end record in {rounds} rounds of {TIMEOUTS} timeouts \
+         under a churn of {churned} connections ({caught} interrupted state changes caught)"
     );
 
     let flows = net.flows(port);
@@ -190,8 +204,8 @@ fn state_changes_interrupting_the_program_are_caught() {
     let records: Vec<FlowRecord> = agent.stop().into_iter().filter(&flows).collect();
     eprintln!(
         "{rounds} rounds: {} timed-out connects under a churn of {churned} connections; \
-         {caught} interrupted state changes caught ({caught_ends} ends), {recovered} failed \
-         connects recovered by the sweep, {missed} other missed ends, {lost} skipped runs lost",
+         {caught} interrupted state changes caught, {caught_ends} ends written at the socket's \
+         destruction, {recovered} by the sweep, {missed} missed ends, {lost} skipped runs lost",
         ports.len()
     );
     // A local port can come back in a later round: counted per port.

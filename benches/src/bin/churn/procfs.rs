@@ -130,7 +130,7 @@ pub struct ProgRun {
     pub run_time_ns: u64,
     pub run_count: u64,
     /// Runs the kernel skipped because the program was already running on that CPU (a softirq
-    /// interrupting it): what flowlog's catching programs exist for.
+    /// interrupting it): what flowlog's destruction program and sweep catch.
     pub recursion_misses: u64,
 }
 
