@@ -720,3 +720,95 @@ fn unpin_reports_open_flows_and_removes_the_pins() {
     }
     drop(conn);
 }
+
+/// A connection whose handshake completed before the agent started but that its server had not
+/// accepted yet: no file holds the server's socket then, so adoption cannot see it, and the
+/// accept, once the agent runs, is the first the programs see of it. The accept starts its
+/// inbound flow (the path of a start the state-change program was skipped for, counted in
+/// `late_starts`): one flow id, `seq` 0..n, not marked adopted, starting no earlier than the
+/// agent, owned by the accepting process, its sums counting the bytes that waited in the
+/// receive queue since before the agent started. The client's socket, held by a file, is
+/// adopted as usual.
+#[test]
+fn a_connection_accepted_after_the_agent_started_is_started_at_its_accept() {
+    let test = "late-start";
+    let net = NetnsPair::new(55);
+    let port = server_port();
+    let addr = SocketAddr::new(net.server_v4, port);
+    let listener = net.listen(addr);
+    let ours = net.flows(port);
+
+    let client = join(net.client("flt-connect", move || connect(addr)));
+    let early = 30_000;
+    (&client)
+        .write_all(&vec![0x5a_u8; early])
+        .expect("writing before the accept");
+    wait_acked(&client);
+    let before_start = epoch_ns();
+    let agent = Agent::start_with(test, &["--interim", INTERIM]);
+    let (server, peer) = accept(&listener);
+    let mut conn = Conn {
+        port: peer.port(),
+        client,
+        server,
+        client_wrote: early as u64,
+        server_wrote: 0,
+    };
+    assert_eq!(
+        read_exact(&mut conn.server, early).len(),
+        early,
+        "the bytes written before the accept"
+    );
+    conn.transfer(4_321, 8_765);
+    let totals = conn.close();
+    agent.wait_for(&ours, |records| {
+        records
+            .iter()
+            .filter(|r| r.outcome != Outcome::Open)
+            .count()
+            >= 2
+    });
+    // The kernel counters are exported once a second.
+    let late_starts = || Agent::metric(&agent.metrics(), "flowlog_sidecar_late_starts_total");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while late_starts() < Some(1.0) && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let late = late_starts();
+    let records: Vec<FlowRecord> = agent.stop().into_iter().filter(&ours).collect();
+
+    assert_unique_flow_seq(&records);
+    let server = side(&records, totals.port, false);
+    check_side(
+        "server side, started at its accept",
+        &server,
+        totals.server_wrote,
+        totals.client_wrote,
+    );
+    let first = &server[0];
+    assert_eq!(first.direction, Direction::Inbound, "{first:#?}");
+    assert!(server.iter().all(|r| !r.adopted), "{server:#?}");
+    assert!(
+        first.start_ns >= before_start && first.start_ns <= first.end_ns,
+        "starts at the accept, after {before_start}: {first:#?}"
+    );
+    let me = std::process::id();
+    assert_eq!(
+        first.pid,
+        Some(me),
+        "owned by the accepting process: {first:#?}"
+    );
+    let client = side(&records, totals.port, true);
+    check_side(
+        "client side, adopted",
+        &client,
+        totals.client_wrote,
+        totals.server_wrote,
+    );
+    assert!(client.iter().all(|r| r.adopted), "{client:#?}");
+    // At least: the agent sees the whole host, where other tests accept connections too.
+    assert!(
+        late >= Some(1.0),
+        "flowlog_sidecar_late_starts_total counts this test's accept: {late:?}"
+    );
+}
