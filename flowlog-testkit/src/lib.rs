@@ -1,6 +1,7 @@
 //! Scaffolding shared by flowlog's integration tests (a dev-dependency only): a Kafka topic of
 //! a test's own on the real broker (`FLOWLOG_TEST_KAFKA`, started by `scripts/kafka start`),
-//! reading a topic back, pyarrow's view of Parquet output, fresh temp directories, child
+//! reading a topic back, pyarrow's view of Parquet output, the shipped SQL reports in DuckDB and
+//! chDB (on Parquet, and through ClickHouse's Kafka engine), fresh temp directories, child
 //! processes killed on drop, a Kubernetes list/watch API server ([`kubernetes`]), pod address
 //! churn with its ground truth ([`pod_churn`]), a private broker behind TLS and SASL
 //! ([`tls::TlsBroker`]) and pages rendered by headless Chromium ([`chromium`]). The benchmarks
@@ -345,6 +346,39 @@ fn shipped_report(
     assert!(
         out.status.success(),
         "{sql} on {data} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the rows as JSON")
+}
+
+/// The Python with the chDB whose Kafka engine works (`FLOWLOG_CHDB_KAFKA_PYTHON`; by default
+/// that of the virtualenv `scripts/bootstrap` makes, `$FLOWLOG_CACHE/chdb-kafka`, the cache being
+/// `$HOME/.cache/flowlog` unless set).
+pub fn chdb_kafka_python() -> String {
+    std::env::var("FLOWLOG_CHDB_KAFKA_PYTHON").unwrap_or_else(|_| {
+        let cache = std::env::var("FLOWLOG_CACHE").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/flowlog",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        format!("{cache}/chdb-kafka/bin/python3")
+    })
+}
+
+/// Runs `flowlog-testkit/clickhouse_kafka.py` with `spec` (see its docstring): the shipped
+/// ClickHouse reports on Parquet files, then on what `analysis/clickhouse/kafka.sql`'s Kafka
+/// engine read from a topic, in one chDB session; returns its JSON.
+pub fn clickhouse_kafka(spec: &serde_json::Value) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clickhouse_kafka.py");
+    let python = chdb_kafka_python();
+    let out = std::process::Command::new(&python)
+        .args([script, &spec.to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("running {python} (scripts/bootstrap makes it): {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("the rows as JSON")
