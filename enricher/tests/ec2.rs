@@ -35,7 +35,7 @@ const ENRICHER: &str = env!("CARGO_BIN_EXE_flowlog-enricher");
 /// `flowlog-inventory`, a binary of another package: cargo gives a test only its own package's
 /// binaries, so the testkit builds it (once per test process, up to date, this test's profile).
 fn inventory_bin() -> PathBuf {
-    cargo_bin("flowlog-inventory", "flowlog-inventory")
+    cargo_bin("flowlog-inventory")
 }
 const OUT_ID: u32 = 7;
 const INTERVAL: Duration = Duration::from_secs(5);

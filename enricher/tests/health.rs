@@ -11,7 +11,7 @@ use flowlog_testkit::{
 #[test]
 fn readiness_follows_the_assignment_and_the_inventory() {
     // Another package's binary: built now rather than while the enricher waits.
-    let inventory_bin = cargo_bin("flowlog-inventory", "flowlog-inventory");
+    let inventory_bin = cargo_bin("flowlog-inventory");
     let (raw, enriched, dlq, ownership) = (
         Topic::create("health-raw", 2),
         Topic::create("health-enriched", 1),

@@ -38,7 +38,7 @@ const OUTPUT_SCHEMA_ID: u32 = 2;
 #[test]
 fn reused_pod_addresses_are_attributed_to_their_owner_at_the_flow_start() {
     // Another package's binary (cargo gives a test only its own package's): built by the testkit.
-    let inventory = cargo_bin("flowlog-inventory", "flowlog-inventory");
+    let inventory = cargo_bin("flowlog-inventory");
     let (raw, enriched, dlq, ownership) = (
         Topic::create("k8s-raw", 2),
         Topic::create("k8s-enriched", 2),

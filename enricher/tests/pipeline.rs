@@ -662,7 +662,7 @@ fn a_consumer_group_member_killed_mid_stream_loses_nothing() {
 /// `flowlog-inventory`, a binary of another package: cargo gives a test only its own package's
 /// binaries, so the testkit builds it (once per test process, up to date, this test's profile).
 fn inventory_bin() -> PathBuf {
-    cargo_bin("flowlog-inventory", "flowlog-inventory")
+    cargo_bin("flowlog-inventory")
 }
 
 /// `flowlog-inventory` as a child process with `extra` flags, killed on drop.

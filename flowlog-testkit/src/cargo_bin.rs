@@ -1,11 +1,19 @@
 //! A binary of another package of the workspace, for the integration tests that run two
 //! programs together (`flowlog-enricher`'s tests start `flowlog-inventory` too). Cargo gives a
 //! test only its own package's binaries (`CARGO_BIN_EXE_<name>`), so the other one is built
-//! here: `cargo build -p <package> --bin <name>` once per test process, with the running test's
-//! profile, into the same target directory (`CARGO_TARGET_DIR` and cargo's configuration are
-//! the nested cargo's as well as the outer one's). Cargo decides what is stale, so the binary
-//! is never an old one left in the target directory: under `cargo test --all-targets` at the
-//! root it is already up to date, and under `cargo test -p <one package>` it is built then.
+//! here, once per test process, by the cargo that runs the tests, with the running test's
+//! profile, into the same target directory (`CARGO_TARGET_DIR` and cargo's configuration reach
+//! the nested cargo as they reached the outer one). Cargo decides what is stale, so the binary is
+//! never an old one left in the target directory.
+//!
+//! The nested build is `cargo build --bin <name> --examples` at the workspace's root: the
+//! default members, as `cargo test --all-targets` there (`scripts/test`, CI) selects them, and
+//! `--examples` (the workspace has none) because it makes cargo resolve features as for a test
+//! run, dev-dependencies included. Resolved any other way, the features of shared dependencies
+//! differ (e.g. rustls's TLS providers), and cargo would build the binary's dependencies a
+//! second time beside the ones the test run just built; resolved this way, under
+//! `cargo test --all-targets` at the root the binary is already up to date, and under
+//! `cargo test -p <one package>` it is built (or found up to date from a whole-suite run).
 //!
 //! The nested build runs after the outer cargo has finished compiling (tests run without its
 //! build lock). Its output is shown only when it fails.
@@ -17,21 +25,20 @@ use std::{
     sync::Mutex,
 };
 
-/// The binaries built by this process: (package, binary) → path.
-static BUILT: Mutex<BTreeMap<(String, String), PathBuf>> = Mutex::new(BTreeMap::new());
+/// The binaries built by this process: name → path.
+static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
 
-/// The path of binary `bin` of workspace package `package`, built (or found up to date) by
-/// cargo with the running test's profile and the package's default features. Panics with
-/// cargo's output when the build fails. Tests of one process that ask for the same binary
-/// wait for the first build and share it.
-pub fn cargo_bin(package: &str, bin: &str) -> PathBuf {
+/// The path of binary `bin` of the workspace's default members (e.g. `flowlog-inventory`),
+/// built (or found up to date) by cargo with the running test's profile. Panics with cargo's
+/// output when the build fails. Tests of one process that ask for the same binary wait for the
+/// first build and share it.
+pub fn cargo_bin(bin: &str) -> PathBuf {
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    let key = (package.to_string(), bin.to_string());
-    if let Some(path) = built.get(&key) {
+    if let Some(path) = built.get(bin) {
         return path.clone();
     }
-    let path = build(package, bin).unwrap_or_else(|e| panic!("{e}"));
-    built.insert(key, path.clone());
+    let path = build(bin).unwrap_or_else(|e| panic!("{e}"));
+    built.insert(bin.to_string(), path.clone());
     path
 }
 
@@ -58,8 +65,8 @@ fn profile() -> Result<String, String> {
     })
 }
 
-/// Runs `cargo build` for `package`'s binary `bin` and returns the executable cargo reports.
-fn build(package: &str, bin: &str) -> Result<PathBuf, String> {
+/// Runs `cargo build` for the binary `bin` and returns the executable cargo reports.
+fn build(bin: &str) -> Result<PathBuf, String> {
     let profile = profile()?;
     // The workspace's manifest: this crate is one of its members.
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -69,15 +76,17 @@ fn build(package: &str, bin: &str) -> Result<PathBuf, String> {
     // The cargo that runs the tests (cargo sets CARGO for them), so the same toolchain.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let mut command = Command::new(&cargo);
+    // From the root, as `cargo test` there: cargo reads its configuration from where it runs.
     command
+        .current_dir(manifest.parent().expect("the manifest is in the root"))
         .arg("build")
         .arg("--manifest-path")
         .arg(&manifest)
-        .args(["--package", package, "--bin", bin, "--profile", &profile])
+        .args(["--bin", bin, "--examples", "--profile", &profile])
         // Artifacts as JSON on stdout (the executable's path); diagnostics rendered on stderr.
         .args(["--message-format", "json-render-diagnostics"]);
     let shown = format!(
-        "{} build --package {package} --bin {bin} --profile {profile}",
+        "{} build --bin {bin} --examples --profile {profile}",
         Path::new(&cargo).display()
     );
     let out = command
@@ -87,8 +96,8 @@ fn build(package: &str, bin: &str) -> Result<PathBuf, String> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         return Err(format!(
-            "`{shown}` failed ({}): this test runs {bin} of package {package}, which did not \
-             build:\n{stderr}",
+            "`{shown}` failed ({}): this test runs {bin}, another package's binary, which did \
+             not build:\n{stderr}",
             out.status
         ));
     }
