@@ -7,9 +7,11 @@
 //! [`offsets`] (which input offsets are durable in every output), [`pipeline`] (the loop that
 //! wires them), [`inventory`] (starting the identity sources that feed the index), [`ownership`]
 //! (the `flows.ownership` topic: one inventory process publishes, every replica follows),
-//! [`metrics`].
+//! [`metrics`]. The publishing process, `flowlog-inventory`, is a package of its own that uses
+//! this library: the topic's two sides stay in one place, and so do the source flags, metric
+//! names and signal handling the two binaries share.
 //!
-//! Cargo features (all on by default, as the enricher's binaries need them): `kafka` ([`kafka`],
+//! Cargo features (all on by default, as the enricher's binary needs them): `kafka` ([`kafka`],
 //! [`pipeline`], [`ownership`]: librdkafka), `ec2` and `kubernetes` (those inventory sources in
 //! [`source_flags`]: the AWS SDK, kube). Attribution, storage and the inventory's start need
 //! none, which is what the one-host `flowlog` uses: it builds without librdkafka, the AWS SDK

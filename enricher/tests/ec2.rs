@@ -9,6 +9,7 @@
 //! `enriched_ns` against the flows' start.
 use std::{
     net::SocketAddr,
+    path::PathBuf,
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -22,8 +23,8 @@ mod ec2;
 use ec2::{Fixture, REGION, endpoint};
 use flowlog_record::{Attribution, EnrichedFlow, FlowRecord, avro, enriched_avro};
 use flowlog_testkit::{
-    ChildGuard, PATIENCE, Topic, free_port, http_get, now_ns, runtime, spawn_ready, temp_dir,
-    unique_name,
+    ChildGuard, PATIENCE, Topic, cargo_bin, free_port, http_get, now_ns, runtime, spawn_ready,
+    temp_dir, unique_name,
 };
 use rdkafka::{
     Message,
@@ -31,7 +32,11 @@ use rdkafka::{
 };
 
 const ENRICHER: &str = env!("CARGO_BIN_EXE_flowlog-enricher");
-const INVENTORY: &str = env!("CARGO_BIN_EXE_flowlog-inventory");
+/// `flowlog-inventory`, a binary of another package: cargo gives a test only its own package's
+/// binaries, so the testkit builds it (once per test process, up to date, this test's profile).
+fn inventory_bin() -> PathBuf {
+    cargo_bin("flowlog-inventory")
+}
 const OUT_ID: u32 = 7;
 const INTERVAL: Duration = Duration::from_secs(5);
 const HOLD: Duration = Duration::from_secs(1);
@@ -144,6 +149,7 @@ fn remote(flow: &EnrichedFlow) -> (Attribution, String) {
 /// `flowlog-inventory` and the ownership topic (`via_topic`).
 fn ec2_flows_wait_for_the_next_poll_and_others_do_not(via_topic: bool, net: u8) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let inventory = via_topic.then(inventory_bin);
     let endpoint = endpoint();
     let rt = runtime();
     let mut fx = rt.block_on(Fixture::new(
@@ -193,17 +199,21 @@ fn ec2_flows_wait_for_the_next_poll_and_others_do_not(via_topic: bool, net: u8) 
         Topic::create("ec2-dlq", 1),
     );
     let ownership = via_topic.then(|| Topic::create("ec2-ownership", 1));
-    let _inventory: Option<ChildGuard> = ownership.as_ref().map(|ownership| {
-        spawn_ready(
-            with_aws(&mut Command::new(INVENTORY))
-                .args(["--brokers", &ownership.brokers])
-                .args(["--ownership-topic", &ownership.name])
-                .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-                .args(source_flags),
-            "inventory",
-            "publishing ownership",
-        )
-    });
+    let _inventory: Option<ChildGuard> =
+        ownership
+            .as_ref()
+            .zip(inventory)
+            .map(|(ownership, inventory)| {
+                spawn_ready(
+                    with_aws(&mut Command::new(inventory))
+                        .args(["--brokers", &ownership.brokers])
+                        .args(["--ownership-topic", &ownership.name])
+                        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+                        .args(source_flags),
+                    "inventory",
+                    "publishing ownership",
+                )
+            });
     let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let mut enricher = Command::new(ENRICHER);
     with_aws(&mut enricher)

@@ -5,11 +5,13 @@
 use std::{net::SocketAddr, process::Command};
 
 use flowlog_testkit::{
-    Topic, free_port, http_get, spawn_ready, temp_dir, unique_name, wait_for_http,
+    Topic, cargo_bin, free_port, http_get, spawn_ready, temp_dir, unique_name, wait_for_http,
 };
 
 #[test]
 fn readiness_follows_the_assignment_and_the_inventory() {
+    // Another package's binary: built now rather than while the enricher waits.
+    let inventory_bin = cargo_bin("flowlog-inventory");
     let (raw, enriched, dlq, ownership) = (
         Topic::create("health-raw", 2),
         Topic::create("health-enriched", 1),
@@ -59,7 +61,7 @@ fn readiness_follows_the_assignment_and_the_inventory() {
     )
     .unwrap();
     let mut inventory = spawn_ready(
-        Command::new(env!("CARGO_BIN_EXE_flowlog-inventory")).args([
+        Command::new(&inventory_bin).args([
             "--brokers",
             &ownership.brokers,
             "--ownership-topic",

@@ -20,7 +20,7 @@ use std::{
 
 use flowlog_record::{avro, enriched_avro};
 use flowlog_testkit::{
-    PATIENCE, Topic, free_port,
+    PATIENCE, Topic, cargo_bin, free_port,
     kubernetes::{ApiServer, Kind, node},
     pod_churn::{
         Placement, Scenario, Shape,
@@ -37,6 +37,8 @@ const OUTPUT_SCHEMA_ID: u32 = 2;
 
 #[test]
 fn reused_pod_addresses_are_attributed_to_their_owner_at_the_flow_start() {
+    // Another package's binary (cargo gives a test only its own package's): built by the testkit.
+    let inventory = cargo_bin("flowlog-inventory");
     let (raw, enriched, dlq, ownership) = (
         Topic::create("k8s-raw", 2),
         Topic::create("k8s-enriched", 2),
@@ -55,7 +57,7 @@ fn reused_pod_addresses_are_attributed_to_their_owner_at_the_flow_start() {
         node("node-1", "node-uid", "192.0.2.1", None, "zone-a"),
     );
     let _inventory = spawn_ready(
-        Command::new(env!("CARGO_BIN_EXE_flowlog-inventory")).args([
+        Command::new(&inventory).args([
             "--brokers",
             &ownership.brokers,
             "--ownership-topic",

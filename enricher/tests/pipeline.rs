@@ -24,7 +24,7 @@ use flowlog_record::{
 use flowlog_testkit::{
     ChildGuard, PATIENCE, Topic,
     broker::{PortBlock, PrivateBroker},
-    free_port, http_get, now_ns, pyarrow, spawn_ready, temp_dir,
+    cargo_bin, free_port, http_get, now_ns, pyarrow, spawn_ready, temp_dir,
     tls::{TlsBroker, with_option},
     unique_name, wait_for_http,
 };
@@ -659,12 +659,16 @@ fn a_consumer_group_member_killed_mid_stream_loses_nothing() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-const INVENTORY: &str = env!("CARGO_BIN_EXE_flowlog-inventory");
+/// `flowlog-inventory`, a binary of another package: cargo gives a test only its own package's
+/// binaries, so the testkit builds it (once per test process, up to date, this test's profile).
+fn inventory_bin() -> PathBuf {
+    cargo_bin("flowlog-inventory")
+}
 
 /// `flowlog-inventory` as a child process with `extra` flags, killed on drop.
 fn start_inventory(ownership: &Topic, inventory: &str, extra: &[&str]) -> ChildGuard {
     spawn_ready(
-        Command::new(INVENTORY)
+        Command::new(inventory_bin())
             .args(["--brokers", &ownership.brokers])
             .args(["--ownership-topic", &ownership.name])
             .args(["--static", inventory, "--static-interval", "200ms"])
@@ -966,6 +970,7 @@ fn every_kafka_client_works_over_tls_and_scram() {
 
 #[test]
 fn tls_and_sasl_refusals_stop_the_enricher_and_the_inventory_at_start() {
+    let inventory_exe = inventory_bin();
     let broker = TlsBroker::start("enricher-refused", true);
     let (raw, enriched, dlq, ownership) = (
         broker.topic("refused-raw", 1),
@@ -1000,7 +1005,7 @@ fn tls_and_sasl_refusals_stop_the_enricher_and_the_inventory_at_start() {
         command
     };
     let inventory_process = |brokers: &str, config: &Path| {
-        let mut command = Command::new(INVENTORY);
+        let mut command = Command::new(&inventory_exe);
         command
             .args(["--brokers", brokers, "--ownership-topic", &ownership.name])
             .args(["--static", &inventory])
@@ -1085,13 +1090,14 @@ fn a_kafka_config_or_option_librdkafka_refuses_is_a_usage_error() {
         "{} line 2: librdkafka option `ssl.ca.locaton`",
         file.display()
     );
-    for program in [ENRICHER, INVENTORY] {
-        let out = Command::new(program)
+    for program in [PathBuf::from(ENRICHER), inventory_bin()] {
+        let out = Command::new(&program)
             .arg("--kafka-config")
             .arg(&file)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
+        let program = program.display();
         assert_eq!(out.status.code(), Some(2), "{program}: {stderr}");
         assert!(stderr.contains("'--kafka-config'"), "{program}: {stderr}");
         assert!(stderr.contains(&expected), "{program}: {stderr}");

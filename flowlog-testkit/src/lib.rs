@@ -4,9 +4,10 @@
 //! chDB (on Parquet, and through ClickHouse's Kafka engine), fresh temp directories, child
 //! processes killed on drop, a Kubernetes list/watch API server ([`kubernetes`]), pod address
 //! churn with its ground truth ([`pod_churn`]), a private broker behind TLS and SASL
-//! ([`tls::TlsBroker`]) and pages rendered by headless Chromium ([`chromium`]). The benchmarks
-//! under `benches/` use it too.
+//! ([`tls::TlsBroker`]), pages rendered by headless Chromium ([`chromium`]) and the binaries of
+//! other packages of the workspace ([`cargo_bin()`]). The benchmarks under `benches/` use it too.
 pub mod broker;
+mod cargo_bin;
 pub mod chromium;
 pub mod kubernetes;
 pub mod netns;
@@ -72,6 +73,7 @@ pub fn client_config(brokers: &str, options: &[(String, String)]) -> ClientConfi
     config
 }
 
+pub use cargo_bin::cargo_bin;
 /// Now, in ns since the Unix epoch (the clock flow records and ownership intervals use).
 pub use flowlog_identity::now_ns;
 
