@@ -11,10 +11,7 @@ use flowlog_record::{Direction, Family, FlowRecord, Outcome, avro, enriched_avro
 use flowlog_testkit::{
     PATIENCE, Topic, clickhouse_kafka, free_port, now_ns, spawn_ready, temp_dir, unique_name,
 };
-use rdkafka::{
-    Message,
-    producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
-};
+use rdkafka::Message;
 use serde_json::{Value, json};
 
 const ENRICHER: &str = env!("CARGO_BIN_EXE_flowlog-enricher");
@@ -24,23 +21,6 @@ const SECOND: u64 = 1_000_000_000;
 /// The client host (`shop/web`, zone-a) and the server host (`shop/db`, zone-b).
 const WEB: &str = "10.9.0.1";
 const DB: &str = "10.9.0.2";
-
-/// Produces `(key, payload)` messages to `topic`, in order, and waits until all are delivered.
-fn produce(topic: &Topic, messages: &[(Vec<u8>, Vec<u8>)]) {
-    let producer: ThreadedProducer<DefaultProducerContext> = topic
-        .client_config()
-        .create()
-        .expect("creating the test producer");
-    for (key, payload) in messages {
-        producer
-            .send(BaseRecord::to(&topic.name).key(key).payload(payload))
-            .map_err(|(e, _)| e)
-            .expect("queueing a test message");
-    }
-    producer
-        .flush(PATIENCE)
-        .expect("delivering the test messages");
-}
 
 /// One record of a flow: `host`'s end `local` ↔ `remote`, from `start` to `end` (ns).
 #[allow(clippy::too_many_arguments)]
@@ -289,7 +269,7 @@ fn clickhouse_fed_from_flows_enriched_gives_the_rows_of_the_parquet_files() {
             (avro::key(r), payload)
         })
         .collect();
-    produce(&raw, &messages);
+    raw.produce(&messages);
 
     let mut enricher = spawn_ready(
         Command::new(ENRICHER)
@@ -322,7 +302,7 @@ fn clickhouse_fed_from_flows_enriched_gives_the_rows_of_the_parquet_files() {
     let mut v1 = vec![avro::MAGIC_BYTE];
     v1.extend_from_slice(&2u32.to_be_bytes());
     v1.extend_from_slice(&datum[..datum.len() - 1]);
-    produce(&enriched, &[(again.key().unwrap().to_vec(), v1)]);
+    enriched.produce(&[(again.key().unwrap().to_vec(), v1)]);
 
     let from = (t + 60 * SECOND).to_string();
     let to = (t + 120 * SECOND).to_string();

@@ -26,10 +26,7 @@ use flowlog_testkit::{
     ChildGuard, PATIENCE, Topic, cargo_bin, free_port, http_get, now_ns, runtime, spawn_ready,
     temp_dir, unique_name,
 };
-use rdkafka::{
-    Message,
-    producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
-};
+use rdkafka::Message;
 
 const ENRICHER: &str = env!("CARGO_BIN_EXE_flowlog-enricher");
 /// `flowlog-inventory`, a binary of another package: cargo gives a test only its own package's
@@ -67,26 +64,15 @@ fn record(flow_id: u64, remote: &str, start_ns: u64) -> FlowRecord {
 }
 
 fn produce(topic: &Topic, records: &[FlowRecord]) {
-    let producer: ThreadedProducer<DefaultProducerContext> = topic
-        .client_config()
-        .set("linger.ms", "0")
-        .create()
-        .expect("creating the test producer");
-    for r in records {
-        let mut value = Vec::new();
-        avro::encode(r, avro::DEFAULT_SCHEMA_ID, &mut value);
-        producer
-            .send(
-                BaseRecord::to(&topic.name)
-                    .key(&avro::key(r))
-                    .payload(&value),
-            )
-            .map_err(|(e, _)| e)
-            .expect("queueing a test message");
-    }
-    producer
-        .flush(PATIENCE)
-        .expect("delivering the test messages");
+    let messages: Vec<(Vec<u8>, Vec<u8>)> = records
+        .iter()
+        .map(|r| {
+            let mut value = Vec::new();
+            avro::encode(r, avro::DEFAULT_SCHEMA_ID, &mut value);
+            (avro::key(r), value)
+        })
+        .collect();
+    topic.produce(&messages);
 }
 
 /// A command with moto's credentials and region, and nothing of the machine's AWS set-up.

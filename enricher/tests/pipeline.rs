@@ -31,7 +31,6 @@ use flowlog_testkit::{
 use rdkafka::{
     Message,
     message::{Headers, OwnedMessage},
-    producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
 };
 
 const ENRICHER: &str = env!("CARGO_BIN_EXE_flowlog-enricher");
@@ -76,24 +75,6 @@ fn encoded(r: &FlowRecord) -> Vec<u8> {
     let mut out = Vec::new();
     avro::encode(r, avro::DEFAULT_SCHEMA_ID, &mut out);
     out
-}
-
-/// Produces `(key, payload)` messages to `topic`, in order, and waits until all are delivered.
-fn produce(topic: &Topic, messages: &[(Vec<u8>, Vec<u8>)]) {
-    let producer: ThreadedProducer<DefaultProducerContext> = topic
-        .client_config()
-        .set("linger.ms", "5")
-        .create()
-        .expect("creating the test producer");
-    for (key, payload) in messages {
-        producer
-            .send(BaseRecord::to(&topic.name).key(key).payload(payload))
-            .map_err(|(e, _)| e)
-            .expect("queueing a test message");
-    }
-    producer
-        .flush(PATIENCE)
-        .expect("delivering the test messages");
 }
 
 /// An enricher child process, killed on drop.
@@ -225,17 +206,14 @@ fn undecodable_messages_go_to_the_dead_letter_topic_and_the_rest_is_enriched() {
     let mut unknown_id = encoded(&good1);
     unknown_id[1..5].copy_from_slice(&77u32.to_be_bytes());
     let key = avro::key(&good1);
-    produce(
-        &raw,
-        &[
-            (key.clone(), encoded(&good1)),
-            (key.clone(), truncated.clone()),
-            (key.clone(), wrong_magic.clone()),
-            (key.clone(), unknown_id.clone()),
-            (avro::key(&good2), encoded(&good2)),
-            (avro::key(&old), v1),
-        ],
-    );
+    raw.produce(&[
+        (key.clone(), encoded(&good1)),
+        (key.clone(), truncated.clone()),
+        (key.clone(), wrong_magic.clone()),
+        (key.clone(), unknown_id.clone()),
+        (avro::key(&good2), encoded(&good2)),
+        (avro::key(&old), v1),
+    ]);
     let group = unique_name("dlq-group");
     // The static inventory comes through the configuration file (flags' defaults).
     let config = dir.join("enricher.toml");
@@ -377,7 +355,7 @@ instance_id = "i-0abc"
         .collect();
     let nobody = record(19, "198.51.100.1", ns(60.0));
     messages.push((avro::key(&nobody), encoded(&nobody)));
-    produce(&raw, &messages);
+    raw.produce(&messages);
     let enricher = Enricher::start(
         &raw,
         &enriched,
@@ -511,7 +489,7 @@ from = "{t101}"
             (avro::key(&r), encoded(&r))
         })
         .collect();
-    produce(&raw, &messages);
+    raw.produce(&messages);
     let enricher = Enricher::start(
         &raw,
         &enriched,
@@ -614,11 +592,11 @@ fn a_consumer_group_member_killed_mid_stream_loses_nothing() {
     let a = Enricher::start(&raw, &enriched, &dlq, &group, &flags);
     let b = Enricher::start(&raw, &enriched, &dlq, &group, &flags);
     let half = messages.len() / 2;
-    produce(&raw, &messages[..half]);
+    raw.produce(&messages[..half]);
     // Some of it is through before the kill: the killed enricher had work in flight.
     enriched.read_until(|m| m.len() as u64 >= N / 4);
     a.kill();
-    produce(&raw, &messages[half..]);
+    raw.produce(&messages[half..]);
     let a = Enricher::start(&raw, &enriched, &dlq, &group, &flags);
 
     let key = |f: &FlowRecord| (f.host.clone(), f.flow_id, f.seq);
@@ -715,13 +693,10 @@ fn enrichers_follow_the_ownership_topic_of_one_inventory_process() {
     let mut publisher = start_inventory(&ownership, &inventory, &[]);
     let f1 = record(31, "10.5.0.1", t0);
     let f2 = record(32, "10.5.0.2", t0);
-    produce(
-        &raw,
-        &[
-            (avro::key(&f1), encoded(&f1)),
-            (avro::key(&f2), encoded(&f2)),
-        ],
-    );
+    raw.produce(&[
+        (avro::key(&f1), encoded(&f1)),
+        (avro::key(&f2), encoded(&f2)),
+    ]);
     let flags = ["--ownership-topic", ownership.name.as_str()];
     let first = Enricher::start(&raw, &enriched, &dlq, &unique_name("own-a"), &flags);
     let out = enriched_flows(&enriched.read_until(|m| m.len() >= 2));
@@ -753,7 +728,7 @@ fn enrichers_follow_the_ownership_topic_of_one_inventory_process() {
     let _publisher = start_inventory(&ownership, &inventory, &[]);
     let released = closed_at(&ownership, "gone");
     let f3 = record(33, "10.5.0.2", released + 1);
-    produce(&raw, &[(avro::key(&f3), encoded(&f3))]);
+    raw.produce(&[(avro::key(&f3), encoded(&f3))]);
     let out = enriched_flows(&enriched.read_until(|m| m.len() >= 3));
     assert_eq!(out[2].flow, f3);
     assert_eq!(
@@ -852,7 +827,7 @@ fn a_full_window_of_pending_records_rolls_parquet_early() {
         .map(|i| record(5_000 + i, "10.9.0.1", t + i))
         .collect();
     let messages: Vec<_> = records.iter().map(|r| (avro::key(r), encoded(r))).collect();
-    produce(&raw, &messages);
+    raw.produce(&messages);
     let parquet_flag = parquet.display().to_string();
     let enricher = Enricher::start(
         &raw,
@@ -927,13 +902,10 @@ fn every_kafka_client_works_over_tls_and_scram() {
     );
     let _publisher = start_inventory(&ownership, &inventory, &["--kafka-config", config]);
     let flow = record(51, "10.7.0.1", now_ns() - 600_000_000_000);
-    produce(
-        &raw,
-        &[
-            (avro::key(&flow), encoded(&flow)),
-            (b"k".to_vec(), b"not avro".to_vec()),
-        ],
-    );
+    raw.produce(&[
+        (avro::key(&flow), encoded(&flow)),
+        (b"k".to_vec(), b"not avro".to_vec()),
+    ]);
     let group = unique_name("tls-group");
     let enricher = Enricher::start(
         &raw,
@@ -1146,7 +1118,7 @@ fn attribution_resumes_after_a_broker_outage() {
         )
     };
     let before = record(41, "10.7.0.1", now_ns());
-    produce(&raw, &[(avro::key(&before), encoded(&before))]);
+    raw.produce(&[(avro::key(&before), encoded(&before))]);
     let out = enriched_flows(&enriched.read_until(|m| !m.is_empty()));
     assert_eq!(
         remote_of(&out, 41),
@@ -1176,7 +1148,7 @@ fn attribution_resumes_after_a_broker_outage() {
     // the producer carry on by themselves.
     wait_for_http(enricher.metrics, "/readyz", |status, _| status == 200);
     let after = record(42, "10.7.0.2", now_ns());
-    produce(&raw, &[(avro::key(&after), encoded(&after))]);
+    raw.produce(&[(avro::key(&after), encoded(&after))]);
     let out = enriched_flows(
         &enriched.read_until(|m| enriched_flows(m).iter().any(|e| e.flow.flow_id == 42)),
     );
@@ -1217,10 +1189,7 @@ fn a_malformed_ownership_record_is_skipped_and_counted() {
     let dir = temp_dir("malformed");
     let inventory_file = static_file(&dir, "[[entry]]\ncidr = \"10.8.0.0/16\"\nname = \"svc\"\n");
     // Something that is not an ownership record lands in the topic before the publisher's.
-    produce(
-        &ownership,
-        &[(b"not-a-key".to_vec(), b"{\"type\": \"nonsense\"}".to_vec())],
-    );
+    ownership.produce(&[(b"not-a-key".to_vec(), b"{\"type\": \"nonsense\"}".to_vec())]);
     let _inventory = start_inventory(&ownership, &inventory_file, &[]);
     let enricher = Enricher::start(
         &raw,
@@ -1230,7 +1199,7 @@ fn a_malformed_ownership_record_is_skipped_and_counted() {
         &["--ownership-topic", &ownership.name, "--hold", "30s"],
     );
     let flow = record(51, "10.8.0.1", now_ns());
-    produce(&raw, &[(avro::key(&flow), encoded(&flow))]);
+    raw.produce(&[(avro::key(&flow), encoded(&flow))]);
     let out = enriched_flows(&enriched.read_until(|m| !m.is_empty()));
     assert_eq!(
         (

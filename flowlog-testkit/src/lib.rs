@@ -30,6 +30,7 @@ use rdkafka::{
     client::DefaultClientContext,
     consumer::{BaseConsumer, Consumer},
     message::OwnedMessage,
+    producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
 };
 
 /// How long tests wait for anything that should happen (records arriving, a process starting).
@@ -172,6 +173,25 @@ impl Topic {
     /// topic's options.
     pub fn client_config(&self) -> ClientConfig {
         client_config(&self.brokers, &self.options)
+    }
+
+    /// Produces `(key, payload)` messages to the topic, in order, and waits until all are
+    /// delivered (panics after [`PATIENCE`]).
+    pub fn produce(&self, messages: &[(Vec<u8>, Vec<u8>)]) {
+        let producer: ThreadedProducer<DefaultProducerContext> = self
+            .client_config()
+            .set("linger.ms", "5")
+            .create()
+            .expect("creating the test producer");
+        for (key, payload) in messages {
+            producer
+                .send(BaseRecord::to(&self.name).key(key).payload(payload))
+                .map_err(|(e, _)| e)
+                .expect("queueing a test message");
+        }
+        producer
+            .flush(PATIENCE)
+            .expect("delivering the test messages");
     }
 
     /// Reads the topic from the beginning (every partition) until `done` says the messages
