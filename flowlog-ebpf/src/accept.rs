@@ -85,13 +85,11 @@ pub(crate) fn on_accept_exit<const DIRECT: bool>(ctx: &TracePointContext) -> Res
 /// another protocol's socket (`accept()` on a Unix socket).
 #[inline(always)]
 fn start_late(sk: u64) {
-    let Some(sock) = ProbeRead::tcp(sk, true) else {
-        return;
-    };
+    // Read before the protocol is known: any socket has its state there, and `start_flow`
+    // checks the protocol.
+    let sock = ProbeRead(sk as *const u8);
     let state: u8 = sock.read(global!(CONFIG.layout.sk_daddr) + tuple_block::STATE as u32);
-    if !tracked_state(state) {
-        return;
+    if tracked_state(state) && start_flow::<ProbeRead>(sk, direction::INBOUND, true) {
+        count(counter::LATE_START, 1);
     }
-    start_flow::<ProbeRead>(sk, direction::INBOUND, true);
-    count(counter::LATE_START, 1);
 }

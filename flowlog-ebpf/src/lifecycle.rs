@@ -49,7 +49,9 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 pub(crate) fn on_set_state<S: SockRead>(sk: u64, oldstate: u8, newstate: u8) {
     match classify(oldstate, newstate) {
-        Change::Start(dir) => start_flow::<S>(sk, dir, dir == direction::OUTBOUND),
+        Change::Start(dir) => {
+            start_flow::<S>(sk, dir, dir == direction::OUTBOUND);
+        }
         Change::Closing => {
             if let Some(state) = FLOWS.get_ptr_mut(sk) {
                 let state = unsafe { &mut *state };
@@ -111,12 +113,13 @@ pub(crate) fn tracked_state(tcp_state: u8) -> bool {
     )
 }
 
-/// Starts tracking the flow of `sk` now; `in_owner` when the task on the CPU is the socket's
-/// process (a connect, an accept), whose pid, comm and cgroup the flow then gets.
+/// Starts tracking the flow of `sk` now, if it is a TCP socket; `in_owner` when the task on the
+/// CPU is the socket's process (a connect, an accept), whose pid, comm and cgroup the flow then
+/// gets. Returns whether the flow is in the map.
 #[inline(always)]
-pub(crate) fn start_flow<S: SockRead>(sk: u64, dir: u8, in_owner: bool) {
+pub(crate) fn start_flow<S: SockRead>(sk: u64, dir: u8, in_owner: bool) -> bool {
     if S::tcp(sk, true).is_none() {
-        return;
+        return false;
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let mut slot = MaybeUninit::<FlowState>::uninit();
@@ -133,11 +136,13 @@ pub(crate) fn start_flow<S: SockRead>(sk: u64, dir: u8, in_owner: bool) {
     }
     // By reference: a copy of the value would be a `memcpy` call.
     let value = unsafe { slot.assume_init_ref() };
-    if FLOWS.insert(sk, value, 0).is_err() {
-        count(counter::MAP_FULL, 1);
-    }
     // A CLOSED entry left by an earlier socket at this address is harmless: resets are charged
     // to the live flow first, and a reset of this socket after its own close replaces the entry.
+    if FLOWS.insert(sk, value, 0).is_err() {
+        count(counter::MAP_FULL, 1);
+        return false;
+    }
+    true
 }
 
 /// Writes the end record of the flow of `sk`, if tracked.
